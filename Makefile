@@ -1,0 +1,34 @@
+# Every target creates the virtual environment it needs; a fresh machine needs only python3 and make.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint proto check-proto bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=25.1"
+	$(BIN)/python -m pip install --quiet -e . --group dev
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/gpuplugin demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy gpuplugin backends tests benchmarks
+
+# Regenerates gpuplugin/api from proto/; tests/test_proto.py fails when the committed code is stale.
+proto: $(STAMP)
+	$(BIN)/python -m gpuplugin.protogen gpuplugin/api
+
+bench: $(STAMP)
+	$(BIN)/gpuplugin bench --quick
+
+clean:
+	rm -rf $(VENV) build dist

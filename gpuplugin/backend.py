@@ -1,0 +1,104 @@
+"""The backend interface: how the core learns which devices exist and how healthy they are.
+
+A backend is a small object with a life cycle (``start``/``aclose``), a ``discover`` that returns the whole
+device tree, and ``events``, a stream of inventory and health changes. Everything else a backend may offer is an
+optional capability, a protocol of its own; the resource servers advertise ``DevicePluginOptions`` from the
+capabilities a backend has.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from gpuplugin.model import ContainerSpec, DeviceTree, Health
+
+
+@dataclass(frozen=True, slots=True)
+class InventoryChanged:
+    """The set of devices changed (a GPU appeared or vanished, a layout changed): here is the new tree."""
+
+    tree: DeviceTree
+
+
+@dataclass(frozen=True, slots=True)
+class HealthChanged:
+    """A physical GPU, or one partition on it, turned unhealthy or recovered.
+
+    The core fans it out: with ``instance`` None it reaches every device living on ``gpu`` (the GPU itself, its
+    replicas and its partitions); with ``instance`` set it reaches only the partition with that instance pair.
+    """
+
+    gpu: str
+    health: Health
+    reason: str
+    """Why, in words an operator can act on (``XID 79: GPU has fallen off the bus``)."""
+    xid: int | None = None
+    instance: tuple[int, int] | None = None
+
+
+BackendEvent = InventoryChanged | HealthChanged
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A source of devices. Blocking work (NVML, sysfs) happens in threads, never on the event loop."""
+
+    name: str
+
+    async def start(self) -> None:
+        """Acquire what the backend needs (a library, a control socket). Raises BackendUnavailable."""
+
+    async def discover(self) -> DeviceTree:
+        """Return every device the backend serves now."""
+
+    def events(self) -> AsyncIterator[BackendEvent]:
+        """Yield inventory and health changes until cancelled."""
+
+    async def aclose(self) -> None:
+        """Release everything ``start`` acquired; safe to call twice."""
+
+
+class AllocationPolicyKind(enum.StrEnum):
+    """How GetPreferredAllocation chooses among available devices; the core implements each."""
+
+    TOPOLOGY = "topology"
+    """Best-connected set: NVLink first, then a shared PCIe switch, then one NUMA node."""
+    DISTRIBUTED = "distributed"
+    """Replicas and partitions: spread over the least-loaded physical GPUs."""
+    PACKED = "packed"
+    """Replicas and partitions: fill the most-loaded physical GPUs first."""
+
+
+@runtime_checkable
+class PreferredAllocation(Protocol):
+    """A backend that wants GetPreferredAllocation advertised, and with which policy per resource."""
+
+    def allocation_policy(self, resource: str) -> AllocationPolicyKind: ...
+
+
+@runtime_checkable
+class CustomAllocate(Protocol):
+    """A backend that builds the container spec of a device set itself.
+
+    Called on the Allocate path: it must not block, do I/O or await. Returning None falls back to the default
+    merge of the devices' own specs.
+    """
+
+    def container_spec(self, resource: str, device_ids: Sequence[str]) -> ContainerSpec | None: ...
+
+
+@runtime_checkable
+class PreStart(Protocol):
+    """A backend that prepares devices before each container starts (the kubelet gives it 30 s)."""
+
+    async def pre_start_container(self, resource: str, device_ids: Sequence[str]) -> None: ...
+
+
+class BackendUnavailable(Exception):
+    """The backend cannot reach its devices (a library is missing, a driver does not answer).
+
+    Retrying helps only once the cause named in the message is fixed; the message says what to do.
+    """

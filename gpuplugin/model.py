@@ -1,0 +1,160 @@
+"""The device model: what a backend discovers and what the core serves.
+
+Everything here is immutable, so a tree can be shared between the manager, the resource servers and the
+allocation policies without copies or locks, and anything derived from it can be precomputed once.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+#: The kubelet rejects longer device IDs.
+MAX_DEVICE_ID_LENGTH = 63
+
+_RESOURCE_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+
+
+class Health(enum.StrEnum):
+    """A device's health, spelled as the kubelet expects it."""
+
+    HEALTHY = "Healthy"
+    UNHEALTHY = "Unhealthy"
+
+
+class PCIeLevel(enum.IntEnum):
+    """How close two GPUs sit on the PCIe tree, closest first (NVML's topology levels)."""
+
+    INTERNAL = 0
+    """Same board (multi-GPU boards)."""
+    SINGLE = 10
+    """Behind one PCIe switch."""
+    MULTIPLE = 20
+    """Behind several PCIe switches, without crossing a host bridge."""
+    HOSTBRIDGE = 30
+    """Under the same host bridge."""
+    NODE = 40
+    """Same NUMA node, different host bridges."""
+    SYSTEM = 50
+    """Across NUMA nodes (SMP interconnect)."""
+
+
+def frozen_mapping(items: Mapping[str, str] | Iterable[tuple[str, str]] = ()) -> Mapping[str, str]:
+    """A read-only copy, so that frozen dataclasses stay immutable all the way down."""
+    return MappingProxyType(dict(items))
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceNode:
+    """A device node the container runtime creates in the container."""
+
+    host_path: str
+    container_path: str
+    permissions: str = "rw"
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """A host path mounted into the container."""
+
+    host_path: str
+    container_path: str
+    read_only: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """What a container needs to use one device; the Allocate response is the merge of its devices' specs."""
+
+    env: Mapping[str, str] = field(default_factory=frozen_mapping)
+    """Variables set as they are; devices that set the same one must agree."""
+    list_env: Mapping[str, str] = field(default_factory=frozen_mapping)
+    """Variables whose values from several devices are joined with commas (``NVIDIA_VISIBLE_DEVICES``)."""
+    device_nodes: tuple[DeviceNode, ...] = ()
+    mounts: tuple[Mount, ...] = ()
+    annotations: Mapping[str, str] = field(default_factory=frozen_mapping)
+    cdi_devices: tuple[str, ...] = ()
+    """Fully qualified CDI device names (``vendor.com/class=name``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    """One allocatable unit served under one resource name: a whole GPU, a partition or a replica."""
+
+    id: str
+    resource: str
+    """The extended resource name it is served as, e.g. ``nvidia.com/gpu``."""
+    gpu: str
+    """The ID of the physical GPU it lives on; equal to ``id`` for a whole GPU."""
+    spec: ContainerSpec
+    numa_node: int | None = None
+    """The NUMA node of its PCIe device; None where the platform reports none."""
+    health: Health = Health.HEALTHY
+    """Health as discovered; the core folds health events on top of it."""
+    instance: tuple[int, int] | None = None
+    """(GPU instance ID, compute instance ID) for a partition, so that an event naming it reaches it alone."""
+    attributes: Mapping[str, str] = field(default_factory=frozen_mapping)
+    """What an operator wants to see (model, memory, bus id); never read on the RPC paths."""
+
+    def __post_init__(self) -> None:
+        if not self.id or len(self.id) > MAX_DEVICE_ID_LENGTH:
+            raise ValueError(f"device ID {self.id!r} must have 1 to {MAX_DEVICE_ID_LENGTH} characters")
+        if not _RESOURCE_NAME.match(self.resource) or self.resource.split("/")[0].endswith("kubernetes.io"):
+            raise ValueError(f"resource name {self.resource!r} is not an extended resource (domain/name)")
+
+
+@dataclass(frozen=True, slots=True)
+class Link:
+    """How two physical GPUs are connected."""
+
+    nvlinks: int = 0
+    """Active NVLink links between them."""
+    pcie: PCIeLevel = PCIeLevel.SYSTEM
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTree:
+    """Everything a backend serves at one moment: devices of every resource, and the links between GPUs."""
+
+    devices: tuple[Device, ...] = ()
+    links: Mapping[frozenset[str], Link] = field(default_factory=lambda: MappingProxyType({}))
+    """Keyed by the pair of physical GPU IDs; a missing pair means no known link (``Link()``)."""
+
+    def __post_init__(self) -> None:
+        seen: set[tuple[str, str]] = set()
+        for device in self.devices:
+            key = (device.resource, device.id)
+            if key in seen:
+                raise ValueError(f"device {device.id!r} appears twice under {device.resource}")
+            seen.add(key)
+
+    @property
+    def resources(self) -> tuple[str, ...]:
+        """Resource names in first-seen order."""
+        return tuple(dict.fromkeys(d.resource for d in self.devices))
+
+    def of(self, resource: str) -> tuple[Device, ...]:
+        """The devices served under one resource name."""
+        return tuple(d for d in self.devices if d.resource == resource)
+
+    def by_resource(self) -> Mapping[str, tuple[Device, ...]]:
+        grouped: dict[str, list[Device]] = {}
+        for device in self.devices:
+            grouped.setdefault(device.resource, []).append(device)
+        return {name: tuple(devices) for name, devices in grouped.items()}
+
+    def link(self, a: str, b: str) -> Link:
+        return self.links.get(frozenset((a, b)), Link())
+
+    def gpus(self) -> tuple[str, ...]:
+        """Physical GPU IDs in first-seen order."""
+        return tuple(dict.fromkeys(d.gpu for d in self.devices))
+
+
+def links_from_pairs(pairs: Iterable[tuple[str, str, Link]]) -> Mapping[frozenset[str], Link]:
+    """Build the read-only link table of a tree from (gpu, gpu, link) triples."""
+    return MappingProxyType({frozenset((a, b)): link for a, b, link in pairs if a != b})
+

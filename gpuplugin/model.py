@@ -157,4 +157,3 @@ class DeviceTree:
 def links_from_pairs(pairs: Iterable[tuple[str, str, Link]]) -> Mapping[frozenset[str], Link]:
     """Build the read-only link table of a tree from (gpu, gpu, link) triples."""
     return MappingProxyType({frozenset((a, b)): link for a, b, link in pairs if a != b})
-

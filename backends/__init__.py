@@ -1,0 +1,1 @@
+"""Backends: where devices come from (mock, NVML, partitioned)."""

@@ -1,0 +1,1 @@
+"""gpuplugin: a Kubernetes device plugin for GPUs on asyncio, with pluggable backends."""

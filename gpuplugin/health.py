@@ -1,0 +1,175 @@
+"""Health policy: which XIDs count, which ones a GPU recovers from, and the tracker that applies it.
+
+Every backend feeds raw faults (an XID, a lost GPU) to a ``HealthTracker``; the tracker emits ``HealthChanged``
+events, including the recovery to Healthy that NVIDIA's plugin never sends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import structlog
+
+from gpuplugin.backend import HealthChanged
+from gpuplugin.model import Health
+from gpuplugin.tasks import TaskSet
+
+log = structlog.get_logger("gpuplugin.health")
+
+#: Application errors (NVIDIA's defaults): the GPU is fine, a program misbehaved.
+DEFAULT_IGNORED_XIDS = frozenset({13, 31, 43, 45, 68, 109})
+#: The GPU needs a reset or the node a reboot: no quiet period brings it back.
+DEFAULT_FATAL_XIDS = frozenset({48, 79, 92, 94, 95, 119, 120})
+
+
+class XidAction(enum.StrEnum):
+    """What an XID does to the device it names."""
+
+    IGNORE = "ignore"
+    """Counted and logged, health unchanged."""
+    RECOVER = "recover"
+    """Unhealthy now; Healthy again after the quiet period, once a probe answers."""
+    FATAL = "fatal"
+    """Unhealthy until the GPU is reset or the node rebooted (or an operator recovers it)."""
+
+
+class HealthPolicyError(ValueError):
+    """A health setting could not be read; the message names it. Retrying does not help."""
+
+
+@dataclass(frozen=True, slots=True)
+class HealthPolicy:
+    """How faults turn into health changes."""
+
+    ignored_xids: frozenset[int] = DEFAULT_IGNORED_XIDS
+    """XIDs that leave health unchanged (application errors)."""
+    fatal_xids: frozenset[int] = DEFAULT_FATAL_XIDS
+    """XIDs after which a GPU stays Unhealthy; every other XID is recoverable."""
+    forced_xids: frozenset[int] = frozenset()
+    """XIDs that always count, even if ignored above (``DP_ENABLE_HEALTHCHECKS``)."""
+    recovery_quiet_period_s: float = 30.0
+    """Seconds without a new XID before a recoverable GPU is probed and returned to Healthy."""
+    checks_enabled: bool = True
+    """False turns health checking off altogether (``DP_DISABLE_HEALTHCHECKS=all``)."""
+    xids_enabled: bool = True
+    """False ignores every XID but still reports lost GPUs (``DP_DISABLE_HEALTHCHECKS=xids``)."""
+
+    def classify(self, xid: int) -> XidAction:
+        if not self.checks_enabled:
+            return XidAction.IGNORE
+        if xid in self.forced_xids:
+            return XidAction.FATAL if xid in self.fatal_xids else XidAction.RECOVER
+        if not self.xids_enabled or xid in self.ignored_xids:
+            return XidAction.IGNORE
+        return XidAction.FATAL if xid in self.fatal_xids else XidAction.RECOVER
+
+    def with_env(self, env: Mapping[str, str]) -> HealthPolicy:
+        """Apply NVIDIA's ``DP_DISABLE_HEALTHCHECKS`` and ``DP_ENABLE_HEALTHCHECKS`` on top of this policy."""
+        policy = self
+        disable = env.get("DP_DISABLE_HEALTHCHECKS", "").strip().lower()
+        for word in filter(None, (w.strip() for w in disable.split(","))):
+            if word == "all":
+                policy = replace(policy, checks_enabled=False)
+            elif word == "xids":
+                policy = replace(policy, xids_enabled=False)
+            else:
+                policy = replace(policy, ignored_xids=policy.ignored_xids | {_xid("DP_DISABLE_HEALTHCHECKS", word)})
+        enable = env.get("DP_ENABLE_HEALTHCHECKS", "").strip().lower()
+        forced = {_xid("DP_ENABLE_HEALTHCHECKS", w.strip()) for w in enable.split(",") if w.strip()}
+        if forced:
+            policy = replace(policy, forced_xids=policy.forced_xids | frozenset(forced))
+        return policy
+
+
+def _xid(variable: str, word: str) -> int:
+    try:
+        return int(word)
+    except ValueError:
+        raise HealthPolicyError(f"{variable}: {word!r} is not an XID number, 'xids' or 'all'") from None
+
+
+Probe = Callable[[str], Awaitable[bool]]
+"""Asks the backend whether a GPU answers again (True) before it is returned to Healthy."""
+
+
+@dataclass(slots=True)
+class _Fault:
+    action: XidAction
+    reason: str
+    xid: int | None
+
+
+@dataclass
+class HealthTracker:
+    """Applies a ``HealthPolicy`` to raw faults and emits ``HealthChanged`` events through ``emit``."""
+
+    policy: HealthPolicy
+    emit: Callable[[HealthChanged], None]
+    probe: Probe
+    _faults: dict[tuple[str, tuple[int, int] | None], _Fault] = field(default_factory=dict)
+    _timers: dict[tuple[str, tuple[int, int] | None], asyncio.Task[None]] = field(default_factory=dict)
+    _tasks: TaskSet = field(default_factory=lambda: TaskSet("health-tracker"))
+
+    def xid(self, gpu: str, xid: int, instance: tuple[int, int] | None = None) -> XidAction:
+        """Record an XID on a GPU (or one partition of it) and act on it by policy."""
+        action = self.policy.classify(xid)
+        log.info("xid", gpu=gpu, xid=xid, instance=instance, action=str(action))
+        if action is not XidAction.IGNORE:
+            self._fail((gpu, instance), _Fault(action, f"XID {xid}", xid))
+        return action
+
+    def lost(self, gpu: str, reason: str) -> None:
+        """A GPU stopped answering (fallen off the bus): Unhealthy until it is recovered explicitly."""
+        if self.policy.checks_enabled:
+            self._fail((gpu, None), _Fault(XidAction.FATAL, reason, None))
+
+    def recovered(self, gpu: str, instance: tuple[int, int] | None = None) -> None:
+        """An operator or the backend says the GPU is fine again (after a reset, say): Healthy now."""
+        key = (gpu, instance)
+        self._cancel_timer(key)
+        if self._faults.pop(key, None) is not None:
+            self._emit(key, Health.HEALTHY, "recovered", None)
+
+    def is_faulted(self, gpu: str, instance: tuple[int, int] | None = None) -> bool:
+        return (gpu, instance) in self._faults
+
+    def _fail(self, key: tuple[str, tuple[int, int] | None], fault: _Fault) -> None:
+        previous = self._faults.get(key)
+        # A fatal fault is never softened by a later recoverable one.
+        if previous is not None and previous.action is XidAction.FATAL:
+            return
+        self._faults[key] = fault
+        self._cancel_timer(key)
+        if previous is None:
+            self._emit(key, Health.UNHEALTHY, fault.reason, fault.xid)
+        if fault.action is XidAction.RECOVER:
+            self._timers[key] = self._tasks.spawn(self._recover_later(key), f"recover {key[0]}", expect_end=True)
+
+    async def _recover_later(self, key: tuple[str, tuple[int, int] | None]) -> None:
+        await asyncio.sleep(self.policy.recovery_quiet_period_s)
+        backoff_s = 1.0
+        while not await self.probe(key[0]):
+            log.info("probe failed; still unhealthy", gpu=key[0], retry_in_s=backoff_s)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, 60.0)
+        self._timers.pop(key, None)
+        fault = self._faults.pop(key, None)
+        if fault is not None:
+            self._emit(
+                key, Health.HEALTHY, f"quiet for {self.policy.recovery_quiet_period_s:g} s after {fault.reason}", None
+            )
+
+    def _cancel_timer(self, key: tuple[str, tuple[int, int] | None]) -> None:
+        timer = self._timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _emit(self, key: tuple[str, tuple[int, int] | None], health: Health, reason: str, xid: int | None) -> None:
+        self.emit(HealthChanged(gpu=key[0], health=health, reason=reason, xid=xid, instance=key[1]))
+
+    async def aclose(self) -> None:
+        self._timers.clear()
+        await self._tasks.aclose()

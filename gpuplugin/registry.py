@@ -1,0 +1,44 @@
+"""Finding backends by name: built-in ones and third-party ones, through the ``gpuplugin.backends`` entry point."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+from gpuplugin.backend import Backend
+from gpuplugin.health import HealthPolicy
+
+ENTRY_POINT_GROUP = "gpuplugin.backends"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendContext:
+    """What the core hands a backend factory."""
+
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """The backend's own settings: its section of the config file, overridden by its command-line flags."""
+    health_policy: HealthPolicy = field(default_factory=HealthPolicy)
+    state_dir: Path = Path("/run/gpuplugin")
+    """Where the backend may keep sockets and files that live as long as the process (the mock's control socket)."""
+
+
+BackendFactory = Callable[[BackendContext], Backend]
+
+
+class UnknownBackend(LookupError):
+    """No backend has that name; retrying does not help."""
+
+
+def backend_names() -> list[str]:
+    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+def load_factory(name: str) -> BackendFactory:
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            factory: BackendFactory = ep.load()
+            return factory
+    raise UnknownBackend(f"no backend named {name!r}; installed: {', '.join(backend_names()) or 'none'}")

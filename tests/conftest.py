@@ -1,0 +1,22 @@
+"""Fixtures shared by every test, and the checks that hold for all of them (no leaked asyncio tasks)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+async def _no_leaked_tasks() -> AsyncIterator[None]:
+    """Fail any test that leaves an asyncio task running behind it."""
+    before = set(asyncio.all_tasks())
+    yield
+    # Give tasks that are finishing a few loop turns to do so.
+    for _ in range(5):
+        await asyncio.sleep(0)
+    leaked = [t for t in asyncio.all_tasks() - before if not t.done() and t is not asyncio.current_task()]
+    for task in leaked:
+        task.cancel()
+    assert not leaked, f"leaked tasks: {[t.get_name() for t in leaked]}"

@@ -1,8 +1,207 @@
-"""The command line: serve, devices, demo, mock."""
+"""The command line: ``serve`` (the daemon), ``devices``, ``demo``, and the backends' own commands (``mock``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NoReturn
 
 import click
+import structlog
+
+from gpuplugin import logs
+from gpuplugin.backend import Backend, BackendUnavailable
+from gpuplugin.manager import Manager
+from gpuplugin.registry import BackendContext, UnknownBackend, backend_names, load_factory
+from gpuplugin.settings import LOG_FORMATS, ConfigError, Overrides, PluginSettings, parse_config, resolve
+
+log = structlog.get_logger("gpuplugin")
 
 
-@click.group()
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One line on stderr and a non-zero exit: what went wrong and, where we know, what to do."""
+    click.echo(f"gpuplugin: {message}", err=True)
+    sys.exit(code)
+
+
+def load_settings(config: Path | None, overrides: Overrides) -> PluginSettings:
+    source = str(config) if config else "config"
+    data: dict[str, Any] = {}
+    if config is not None:
+        try:
+            # Read before the event loop starts: nothing is blocked by it.
+            text = config.read_text(encoding="utf-8")
+        except OSError as exc:
+            fail(f"cannot read config file {config}: {exc.strerror}", 2)
+        data = parse_config(text, source)
+    return resolve(overrides, data, os.environ, source)
+
+
+def make_backend(settings: PluginSettings) -> Backend:
+    factory = load_factory(settings.backend)
+    return factory(
+        BackendContext(options=settings.backend_options, health_policy=settings.health, state_dir=settings.state_dir)
+    )
+
+
+_common = [
+    click.option(
+        "--backend",
+        envvar="GPUPLUGIN_BACKEND",
+        help="Where devices come from (installed: " + ", ".join(backend_names()) + "). Default: mock.",
+    ),
+    click.option(
+        "--config",
+        "config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="GPUPLUGIN_CONFIG",
+        help="YAML config file (version: v1).",
+    ),
+    click.option("--log-format", type=click.Choice(LOG_FORMATS), envvar="GPUPLUGIN_LOG_FORMAT", help="Default: auto."),
+    click.option("--log-level", envvar="GPUPLUGIN_LOG_LEVEL", help="debug, info, warning, error. Default: info."),
+    click.option(
+        "--state-dir",
+        type=click.Path(file_okay=False, path_type=Path),
+        envvar="GPUPLUGIN_STATE_DIR",
+        help="Directory for the process's own sockets. Default: /run/gpuplugin.",
+    ),
+    click.option("--mock-gpus", type=int, help="Mock backend: number of fake GPUs."),
+    click.option(
+        "--mock-config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Mock backend: YAML file describing the fake GPUs.",
+    ),
+]
+
+
+def common_options(fn: Any) -> Any:
+    for option in reversed(_common):
+        fn = option(fn)
+    return fn
+
+
+def overrides_from(params: Mapping[str, Any], **extra: Any) -> Overrides:
+    backend_options = {
+        key: value
+        for key, value in (("gpus", params.get("mock_gpus")), ("config", params.get("mock_config")))
+        if value is not None
+    }
+    return Overrides(
+        backend=params.get("backend"),
+        log_format=params.get("log_format"),
+        log_level=params.get("log_level"),
+        state_dir=params.get("state_dir"),
+        backend_options=backend_options,
+        **extra,
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main() -> None:
-    """A Kubernetes device plugin for GPUs."""
+    """A Kubernetes device plugin for GPUs, with NVML, mock and partitioned backends."""
+
+
+@main.command()
+@common_options
+@click.option(
+    "--kubelet-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="GPUPLUGIN_KUBELET_DIR",
+    help="The kubelet's device-plugins directory. Default: /var/lib/kubelet/device-plugins.",
+)
+def serve(**params: Any) -> None:
+    """Serve the backend's devices to the kubelet until SIGTERM or SIGINT; SIGHUP rediscovers."""
+    settings = _settings_or_exit(params, kubelet_dir=params.get("kubelet_dir"))
+    logs.configure(settings.log_format, settings.log_level)
+    try:
+        asyncio.run(_serve(settings))
+    except BackendUnavailable as exc:
+        fail(str(exc))
+
+
+def _settings_or_exit(params: Mapping[str, Any], **extra: Any) -> PluginSettings:
+    try:
+        settings = load_settings(params.get("config"), overrides_from(params, **extra))
+        load_factory(settings.backend)
+    except (ConfigError, UnknownBackend) as exc:
+        fail(str(exc), 2)
+    return settings
+
+
+async def _serve(settings: PluginSettings) -> None:
+    try:
+        backend = make_backend(settings)
+    except ValueError as exc:
+        fail(f"backend {settings.backend}: {exc}", 2)
+    manager = Manager(backend, settings.manager)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    rediscover = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, rediscover.set)
+    log.info("starting", backend=settings.backend, kubelet_dir=str(settings.manager.server.kubelet_dir))
+    try:
+        await manager.start()
+        while not stop.is_set():
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(rediscover.wait())]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in waiters:
+                waiter.cancel()
+            if rediscover.is_set() and not stop.is_set():
+                rediscover.clear()
+                log.info("SIGHUP: rediscovering")
+                await manager.rediscover()
+    finally:
+        log.info("stopping")
+        await manager.aclose()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+
+
+@main.command()
+@common_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def devices(as_json: bool, **params: Any) -> None:
+    """List the devices the backend sees, as it would serve them."""
+    settings = _settings_or_exit(params)
+    logs.configure(settings.log_format, settings.log_level or "warning")
+    try:
+        rows = asyncio.run(_devices(settings))
+    except BackendUnavailable as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    columns = ["resource", "id", "health", "numa", "gpu", *sorted({k for r in rows for k in r["attributes"]})]
+    table = [[str(r.get(c, r["attributes"].get(c, ""))) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in table)) if table else len(c) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for row in table:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+async def _devices(settings: PluginSettings) -> list[dict[str, Any]]:
+    backend = make_backend(settings)
+    await backend.start()
+    try:
+        tree = await backend.discover()
+    finally:
+        await backend.aclose()
+    return [
+        {
+            "resource": d.resource,
+            "id": d.id,
+            "health": str(d.health),
+            "numa": "" if d.numa_node is None else d.numa_node,
+            "gpu": d.gpu if d.gpu != d.id else "",
+            "attributes": dict(d.attributes),
+        }
+        for d in tree.devices
+    ]

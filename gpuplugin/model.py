@@ -157,3 +157,41 @@ class DeviceTree:
 def links_from_pairs(pairs: Iterable[tuple[str, str, Link]]) -> Mapping[frozenset[str], Link]:
     """Build the read-only link table of a tree from (gpu, gpu, link) triples."""
     return MappingProxyType({frozenset((a, b)): link for a, b, link in pairs if a != b})
+
+
+class SpecConflict(ValueError):
+    """Devices of one request ask for different values of the same variable; a backend bug, not a user error."""
+
+
+def merge_specs(specs: Iterable[ContainerSpec]) -> ContainerSpec:
+    """The spec of a container given several devices: lists joined in order, shared nodes and mounts once."""
+    env: dict[str, str] = {}
+    list_env: dict[str, list[str]] = {}
+    nodes: dict[str, DeviceNode] = {}
+    mounts: dict[str, Mount] = {}
+    annotations: dict[str, str] = {}
+    cdi: dict[str, None] = {}
+    for spec in specs:
+        for key, value in spec.env.items():
+            if env.setdefault(key, value) != value:
+                raise SpecConflict(f"devices set {key} to both {env[key]!r} and {value!r}")
+        for key, value in spec.list_env.items():
+            values = list_env.setdefault(key, [])
+            if value not in values:
+                values.append(value)
+        for node in spec.device_nodes:
+            nodes.setdefault(node.container_path, node)
+        for mount in spec.mounts:
+            mounts.setdefault(mount.container_path, mount)
+        for key, value in spec.annotations.items():
+            if annotations.setdefault(key, value) != value:
+                raise SpecConflict(f"devices set annotation {key} to both {annotations[key]!r} and {value!r}")
+        cdi.update(dict.fromkeys(spec.cdi_devices))
+    return ContainerSpec(
+        env=frozen_mapping(env),
+        list_env=frozen_mapping((k, ",".join(v)) for k, v in list_env.items()),
+        device_nodes=tuple(nodes.values()),
+        mounts=tuple(mounts.values()),
+        annotations=frozen_mapping(annotations),
+        cdi_devices=tuple(cdi),
+    )

@@ -109,79 +109,55 @@ default_message_pool.register_message("v1beta1", "CDIDevice", CdiDevice)
 
 @dataclass(eq=False, repr=False)
 class ContainerAllocateRequest(betterproto2.Message):
-    devices_ids: "list[str]" = betterproto2.field(
-        1, betterproto2.TYPE_STRING, repeated=True
-    )
+    devices_ids: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
 
 
-default_message_pool.register_message(
-    "v1beta1", "ContainerAllocateRequest", ContainerAllocateRequest
-)
+default_message_pool.register_message("v1beta1", "ContainerAllocateRequest", ContainerAllocateRequest)
 
 
 @dataclass(eq=False, repr=False)
 class ContainerAllocateResponse(betterproto2.Message):
     envs: "dict[str, str]" = betterproto2.field(
-        1,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(
-            betterproto2.TYPE_STRING, betterproto2.TYPE_STRING
-        ),
+        1, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     List of environment variable to be set in the container to access one of more devices.
     """
 
-    mounts: "list[Mount]" = betterproto2.field(
-        2, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    mounts: "list[Mount]" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, repeated=True)
     """
     Mounts for the container.
     """
 
-    devices: "list[DeviceSpec]" = betterproto2.field(
-        3, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    devices: "list[DeviceSpec]" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, repeated=True)
     """
     Devices for the container.
     """
 
     annotations: "dict[str, str]" = betterproto2.field(
-        4,
-        betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(
-            betterproto2.TYPE_STRING, betterproto2.TYPE_STRING
-        ),
+        4, betterproto2.TYPE_MAP, map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING)
     )
     """
     Container annotations to pass to the container runtime
     """
 
-    cdi_devices: "list[CdiDevice]" = betterproto2.field(
-        5, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    cdi_devices: "list[CdiDevice]" = betterproto2.field(5, betterproto2.TYPE_MESSAGE, repeated=True)
     """
     CDI devices for the container.
     """
 
 
-default_message_pool.register_message(
-    "v1beta1", "ContainerAllocateResponse", ContainerAllocateResponse
-)
+default_message_pool.register_message("v1beta1", "ContainerAllocateResponse", ContainerAllocateResponse)
 
 
 @dataclass(eq=False, repr=False)
 class ContainerPreferredAllocationRequest(betterproto2.Message):
-    available_deviceIDs: "list[str]" = betterproto2.field(
-        1, betterproto2.TYPE_STRING, repeated=True
-    )
+    available_deviceIDs: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
     """
     List of available deviceIDs from which to choose a preferred allocation
     """
 
-    must_include_deviceIDs: "list[str]" = betterproto2.field(
-        2, betterproto2.TYPE_STRING, repeated=True
-    )
+    must_include_deviceIDs: "list[str]" = betterproto2.field(2, betterproto2.TYPE_STRING, repeated=True)
     """
     List of deviceIDs that must be included in the preferred allocation
     """
@@ -193,23 +169,17 @@ class ContainerPreferredAllocationRequest(betterproto2.Message):
 
 
 default_message_pool.register_message(
-    "v1beta1",
-    "ContainerPreferredAllocationRequest",
-    ContainerPreferredAllocationRequest,
+    "v1beta1", "ContainerPreferredAllocationRequest", ContainerPreferredAllocationRequest
 )
 
 
 @dataclass(eq=False, repr=False)
 class ContainerPreferredAllocationResponse(betterproto2.Message):
-    device_i_ds: "list[str]" = betterproto2.field(
-        1, betterproto2.TYPE_STRING, repeated=True
-    )
+    device_i_ds: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
 
 
 default_message_pool.register_message(
-    "v1beta1",
-    "ContainerPreferredAllocationResponse",
-    ContainerPreferredAllocationResponse,
+    "v1beta1", "ContainerPreferredAllocationResponse", ContainerPreferredAllocationResponse
 )
 
 
@@ -227,9 +197,7 @@ class Device(betterproto2.Message):
     Health of the device, can be healthy or unhealthy, see constants.go
     """
 
-    topology: "TopologyInfo | None" = betterproto2.field(
-        3, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    topology: "TopologyInfo | None" = betterproto2.field(3, betterproto2.TYPE_MESSAGE, optional=True)
     """
     Topology for device
     """
@@ -245,17 +213,13 @@ class DevicePluginOptions(betterproto2.Message):
     Indicates if PreStartContainer call is required before each container start
     """
 
-    get_preferred_allocation_available: "bool" = betterproto2.field(
-        2, betterproto2.TYPE_BOOL
-    )
+    get_preferred_allocation_available: "bool" = betterproto2.field(2, betterproto2.TYPE_BOOL)
     """
     Indicates if GetPreferredAllocation is implemented and available for calling
     """
 
 
-default_message_pool.register_message(
-    "v1beta1", "DevicePluginOptions", DevicePluginOptions
-)
+default_message_pool.register_message("v1beta1", "DevicePluginOptions", DevicePluginOptions)
 
 
 @dataclass(eq=False, repr=False)
@@ -302,14 +266,10 @@ class ListAndWatchResponse(betterproto2.Message):
     returns the new list
     """
 
-    devices: "list[Device]" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    devices: "list[Device]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 
-default_message_pool.register_message(
-    "v1beta1", "ListAndWatchResponse", ListAndWatchResponse
-)
+default_message_pool.register_message("v1beta1", "ListAndWatchResponse", ListAndWatchResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -353,14 +313,12 @@ class PreferredAllocationRequest(betterproto2.Message):
     at pod admission time.
     """
 
-    container_requests: "list[ContainerPreferredAllocationRequest]" = (
-        betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+    container_requests: "list[ContainerPreferredAllocationRequest]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
     )
 
 
-default_message_pool.register_message(
-    "v1beta1", "PreferredAllocationRequest", PreferredAllocationRequest
-)
+default_message_pool.register_message("v1beta1", "PreferredAllocationRequest", PreferredAllocationRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -370,14 +328,12 @@ class PreferredAllocationResponse(betterproto2.Message):
     resulting from a PreferredAllocationRequest.
     """
 
-    container_responses: "list[ContainerPreferredAllocationResponse]" = (
-        betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+    container_responses: "list[ContainerPreferredAllocationResponse]" = betterproto2.field(
+        1, betterproto2.TYPE_MESSAGE, repeated=True
     )
 
 
-default_message_pool.register_message(
-    "v1beta1", "PreferredAllocationResponse", PreferredAllocationResponse
-)
+default_message_pool.register_message("v1beta1", "PreferredAllocationResponse", PreferredAllocationResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -389,14 +345,10 @@ class PreStartContainerRequest(betterproto2.Message):
       the Devices requested
     """
 
-    devices_ids: "list[str]" = betterproto2.field(
-        1, betterproto2.TYPE_STRING, repeated=True
-    )
+    devices_ids: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
 
 
-default_message_pool.register_message(
-    "v1beta1", "PreStartContainerRequest", PreStartContainerRequest
-)
+default_message_pool.register_message("v1beta1", "PreStartContainerRequest", PreStartContainerRequest)
 
 
 @dataclass(eq=False, repr=False)
@@ -408,9 +360,7 @@ class PreStartContainerResponse(betterproto2.Message):
     pass
 
 
-default_message_pool.register_message(
-    "v1beta1", "PreStartContainerResponse", PreStartContainerResponse
-)
+default_message_pool.register_message("v1beta1", "PreStartContainerResponse", PreStartContainerResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -431,9 +381,7 @@ class RegisterRequest(betterproto2.Message):
     Schedulable resource name. As of now it's expected to be a DNS Label
     """
 
-    options: "DevicePluginOptions | None" = betterproto2.field(
-        4, betterproto2.TYPE_MESSAGE, optional=True
-    )
+    options: "DevicePluginOptions | None" = betterproto2.field(4, betterproto2.TYPE_MESSAGE, optional=True)
     """
     Options to be communicated with Device Manager
     """
@@ -444,9 +392,7 @@ default_message_pool.register_message("v1beta1", "RegisterRequest", RegisterRequ
 
 @dataclass(eq=False, repr=False)
 class TopologyInfo(betterproto2.Message):
-    nodes: "list[NumaNode]" = betterproto2.field(
-        1, betterproto2.TYPE_MESSAGE, repeated=True
-    )
+    nodes: "list[NumaNode]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 
 default_message_pool.register_message("v1beta1", "TopologyInfo", TopologyInfo)
@@ -584,22 +530,16 @@ class DevicePluginBase(betterproto2_grpclib.ServiceBase):
     DevicePlugin is the service advertised by Device Plugins
     """
 
-    async def get_device_plugin_options(
-        self, message: "Empty"
-    ) -> "DevicePluginOptions":
+    async def get_device_plugin_options(self, message: "Empty") -> "DevicePluginOptions":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def list_and_watch(
-        self, message: "Empty"
-    ) -> "AsyncIterator[ListAndWatchResponse]":
+    async def list_and_watch(self, message: "Empty") -> "AsyncIterator[ListAndWatchResponse]":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
         yield ListAndWatchResponse()
 
-    async def get_preferred_allocation(
-        self, message: "PreferredAllocationRequest"
-    ) -> "PreferredAllocationResponse":
+    async def get_preferred_allocation(self, message: "PreferredAllocationRequest") -> "PreferredAllocationResponse":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
@@ -607,9 +547,7 @@ class DevicePluginBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def pre_start_container(
-        self, message: "PreStartContainerRequest"
-    ) -> "PreStartContainerResponse":
+    async def pre_start_container(self, message: "PreStartContainerRequest") -> "PreStartContainerResponse":
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
@@ -621,9 +559,7 @@ class DevicePluginBase(betterproto2_grpclib.ServiceBase):
         response = await self.get_device_plugin_options(request)
         await stream.send_message(response)
 
-    async def __rpc_list_and_watch(
-        self, stream: "grpclib.server.Stream[Empty, ListAndWatchResponse]"
-    ) -> None:
+    async def __rpc_list_and_watch(self, stream: "grpclib.server.Stream[Empty, ListAndWatchResponse]") -> None:
         request = await stream.recv_message()
         assert request is not None
         await self._call_rpc_handler_server_stream(
@@ -633,25 +569,21 @@ class DevicePluginBase(betterproto2_grpclib.ServiceBase):
         )
 
     async def __rpc_get_preferred_allocation(
-        self,
-        stream: "grpclib.server.Stream[PreferredAllocationRequest, PreferredAllocationResponse]",
+        self, stream: "grpclib.server.Stream[PreferredAllocationRequest, PreferredAllocationResponse]"
     ) -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.get_preferred_allocation(request)
         await stream.send_message(response)
 
-    async def __rpc_allocate(
-        self, stream: "grpclib.server.Stream[AllocateRequest, AllocateResponse]"
-    ) -> None:
+    async def __rpc_allocate(self, stream: "grpclib.server.Stream[AllocateRequest, AllocateResponse]") -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.allocate(request)
         await stream.send_message(response)
 
     async def __rpc_pre_start_container(
-        self,
-        stream: "grpclib.server.Stream[PreStartContainerRequest, PreStartContainerResponse]",
+        self, stream: "grpclib.server.Stream[PreStartContainerRequest, PreStartContainerResponse]"
     ) -> None:
         request = await stream.recv_message()
         assert request is not None
@@ -702,9 +634,7 @@ class RegistrationBase(betterproto2_grpclib.ServiceBase):
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
-    async def __rpc_register(
-        self, stream: "grpclib.server.Stream[RegisterRequest, Empty]"
-    ) -> None:
+    async def __rpc_register(self, stream: "grpclib.server.Stream[RegisterRequest, Empty]") -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.register(request)

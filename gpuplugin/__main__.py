@@ -1,0 +1,3 @@
+from gpuplugin.cli import main
+
+main()

@@ -1,0 +1,65 @@
+"""Request errors, and the one place where they, and every unexpected exception, become gRPC statuses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import structlog
+from grpclib import GRPCError
+from grpclib.const import Status
+
+from gpuplugin.allocation import AllocationImpossible
+
+log = structlog.get_logger("gpuplugin.rpc")
+
+#: Enough IDs to find the culprit without echoing a huge request back.
+_IDS_SHOWN = 10
+
+
+class RequestError(Exception):
+    """A request the plugin refuses; the same request will be refused again."""
+
+    status = Status.INVALID_ARGUMENT
+
+
+class InvalidRequest(RequestError):
+    """The request is malformed: empty, duplicated IDs, impossible sizes."""
+
+
+class UnknownDevices(InvalidRequest):
+    """The request names devices this resource does not have."""
+
+    def __init__(self, resource: str, ids: Iterable[str]) -> None:
+        super().__init__(f"unknown device IDs for {resource}: {show_ids(ids)}")
+
+
+class UnhealthyDevices(RequestError):
+    """The request names devices that are unhealthy now; it may succeed once they recover."""
+
+    status = Status.FAILED_PRECONDITION
+
+    def __init__(self, resource: str, ids: Iterable[str]) -> None:
+        super().__init__(f"unhealthy devices for {resource}: {show_ids(ids)}")
+
+
+def show_ids(ids: Iterable[str]) -> str:
+    listed = sorted(set(ids))
+    shown = ", ".join(repr(i[:80]) for i in listed[:_IDS_SHOWN])
+    return shown + (f" and {len(listed) - _IDS_SHOWN} more" if len(listed) > _IDS_SHOWN else "")
+
+
+@contextmanager
+def grpc_status(method: str) -> Iterator[None]:
+    """Turn what a handler raises into a gRPC status; internals of unexpected errors never reach the caller."""
+    try:
+        yield
+    except GRPCError:
+        raise
+    except RequestError as exc:
+        raise GRPCError(exc.status, str(exc)) from None
+    except AllocationImpossible as exc:
+        raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
+    except Exception:
+        log.exception("rpc failed", method=method)
+        raise GRPCError(Status.UNKNOWN, f"{method} failed inside the plugin; its log has the details") from None

@@ -1,0 +1,161 @@
+"""The manager: holds the current device tree, serves one resource server per resource name, folds health in.
+
+It diffs every new tree against the served one and starts, updates or stops servers; it fans a physical GPU's
+health events out to every replica and partition living on it, so every backend gets that for free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from gpuplugin.backend import Backend, HealthChanged, InventoryChanged
+from gpuplugin.model import Device, DeviceTree, Health
+from gpuplugin.server import ResourceServer, ServerSettings
+from gpuplugin.tasks import TaskSet
+from gpuplugin.watcher import SocketWatcher, WatcherSettings
+
+log = structlog.get_logger("gpuplugin.manager")
+
+ServerFactory = Callable[[str, Backend, ServerSettings], ResourceServer]
+HealthKey = tuple[str, tuple[int, int] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerSettings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    watcher: WatcherSettings = field(default_factory=WatcherSettings)
+
+
+class Manager:
+    """Runs a backend and the resource servers for what it discovers."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        settings: ManagerSettings = ManagerSettings(),
+        *,
+        server_factory: ServerFactory = ResourceServer,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self._server_factory = server_factory
+        self.servers: dict[str, ResourceServer] = {}
+        self.tree = DeviceTree()
+        self._faults: dict[HealthKey, HealthChanged] = {}
+        self._tasks = TaskSet("manager")
+        self._lock = asyncio.Lock()
+        self.health_changes: Counter[tuple[str, int | None]] = Counter()
+        """Health events seen, by (health, XID)."""
+
+    async def start(self) -> None:
+        """Start the backend, serve what it discovers, and follow its events and the kubelet's restarts."""
+        await self.backend.start()
+        await self.apply(await self.backend.discover())
+        self._tasks.spawn(self._follow_backend(), "backend events")
+        watcher = SocketWatcher(
+            self.settings.server.kubelet_dir,
+            self._kubelet_socket_created,
+            self._socket_deleted,
+            self.settings.watcher,
+        )
+        self._tasks.spawn(watcher.run(), "socket watcher")
+
+    async def rediscover(self) -> None:
+        """Ask the backend for its devices again and serve the result (SIGHUP)."""
+        await self.apply(await self.backend.discover())
+
+    async def aclose(self) -> None:
+        """Stop following events, tell the kubelet every resource is gone, remove our sockets, close the backend."""
+        await self._tasks.aclose()
+        async with self._lock:
+            await asyncio.gather(*(server.stop() for server in self.servers.values()))
+            self.servers.clear()
+        await self.backend.aclose()
+
+    @property
+    def ready(self) -> bool:
+        """Every resource is served, registered, and has a ListAndWatch stream open."""
+        return bool(self.servers) and all(s.registered and s.open_streams > 0 for s in self.servers.values())
+
+    async def apply(self, tree: DeviceTree) -> None:
+        """Serve ``tree``: new resources start, changed ones update, vanished ones stop."""
+        async with self._lock:
+            links_changed = tree.links != self.tree.links
+            self.tree = tree
+            grouped = tree.by_resource()
+            for name in [n for n in self.servers if n not in grouped]:
+                log.info("resource removed", resource=name)
+                await self.servers.pop(name).stop()
+            for name, devices in grouped.items():
+                served = self._with_health(devices)
+                server = self.servers.get(name)
+                if server is None:
+                    log.info("resource added", resource=name, devices=len(served))
+                    server = self._server_factory(name, self.backend, self.settings.server)
+                    self.servers[name] = server
+                    await server.start(served, tree)
+                elif links_changed or server.view is None or tuple(server.view.devices.values()) != served:
+                    await server.update(served, tree)
+
+    def _with_health(self, devices: Sequence[Device]) -> tuple[Device, ...]:
+        if not self._faults:
+            return tuple(devices)
+        return tuple(
+            dataclasses.replace(d, health=Health.UNHEALTHY)
+            if d.health is Health.HEALTHY and ((d.gpu, None) in self._faults or (d.gpu, d.instance) in self._faults)
+            else d
+            for d in devices
+        )
+
+    async def on_health(self, event: HealthChanged) -> None:
+        """Fold a health event in: every device on that GPU (or that one partition) changes with it."""
+        key: HealthKey = (event.gpu, event.instance)
+        if event.health is Health.HEALTHY:
+            if self._faults.pop(key, None) is None:
+                return
+        else:
+            self._faults[key] = event
+        self.health_changes[(str(event.health), event.xid)] += 1
+        affected = [
+            d.id
+            for d in self.tree.devices
+            if d.gpu == event.gpu and (event.instance is None or d.instance == event.instance)
+        ]
+        log.info(
+            "health changed",
+            gpu=event.gpu,
+            instance=event.instance,
+            health=str(event.health),
+            xid=event.xid,
+            reason=event.reason,
+            devices=affected,
+        )
+        await self.apply(self.tree)
+
+    async def _follow_backend(self) -> None:
+        async for event in self.backend.events():
+            if isinstance(event, InventoryChanged):
+                log.info("inventory changed", devices=len(event.tree.devices))
+                await self.apply(event.tree)
+            else:
+                await self.on_health(event)
+
+    async def _kubelet_socket_created(self) -> None:
+        log.info("kubelet socket created; registering again")
+        for server in list(self.servers.values()):
+            if await asyncio.to_thread(server.socket_missing):
+                await server.reserve()
+            else:
+                server.register_again()
+
+    async def _socket_deleted(self, name: str) -> None:
+        for server in list(self.servers.values()):
+            if server.socket_path is not None and server.socket_path.name == name:
+                log.info("our socket was deleted; serving again", resource=server.resource, socket=name)
+                await server.reserve()

@@ -1,0 +1,47 @@
+"""Regenerates the Python code of proto/ with betterproto2's compiler (``make proto``)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_DIR = ROOT / "proto"
+PROTO_FILES = ("v1beta1/api.proto",)
+OPTIONS = "client_generation=async,server_generation=async"
+
+
+def generate(out_dir: Path) -> None:
+    """Write the generated package into ``out_dir`` (replacing what is there)."""
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ)
+    # The compiler formats its output with ruff, which it finds on PATH.
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
+                f"-I{PROTO_DIR}",
+                f"--plugin=protoc-gen-python_betterproto2={bin_dir / 'protoc-gen-python_betterproto2'}",
+                f"--python_betterproto2_out={tmp}",
+                f"--python_betterproto2_opt={OPTIONS}",
+                *PROTO_FILES,
+            ],
+            check=True,
+            cwd=PROTO_DIR,
+            env=env,
+            capture_output=True,
+        )
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        shutil.copytree(tmp, out_dir)
+
+
+if __name__ == "__main__":
+    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "gpuplugin" / "api")

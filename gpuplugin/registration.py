@@ -1,0 +1,75 @@
+"""Registering a resource with the kubelet, retried with backoff while the kubelet is absent."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from grpclib import GRPCError
+from grpclib.client import Channel
+
+from gpuplugin.api import v1beta1 as api
+
+log = structlog.get_logger("gpuplugin.registration")
+
+API_VERSION = "v1beta1"
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationSettings:
+    """How hard we try to reach the kubelet."""
+
+    first_retry_s: float = 0.01
+    """The kubelet creates its socket a moment before it listens: retry fast at first."""
+    max_retry_s: float = 5.0
+    """Backoff ceiling while the kubelet is away (restarting, or not started yet)."""
+    call_timeout_s: float = 15.0
+    """The kubelet dials us (for up to about 10 s) before it answers Register."""
+
+
+class RegistrationRejected(Exception):
+    """The kubelet answered Register with an error (bad version or resource name); retrying does not help."""
+
+
+async def register_until_done(
+    kubelet_socket: Path,
+    *,
+    endpoint: str,
+    resource: str,
+    options: api.DevicePluginOptions,
+    settings: RegistrationSettings,
+) -> int:
+    """Register ``resource`` served at ``endpoint``; returns the number of attempts it took.
+
+    Logs one line when the kubelet cannot be reached, not one per attempt.
+    """
+    request = api.RegisterRequest(version=API_VERSION, endpoint=endpoint, resource_name=resource, options=options)
+    delay = settings.first_retry_s
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            await _register_once(kubelet_socket, request, settings.call_timeout_s)
+            return attempts
+        except GRPCError as exc:
+            raise RegistrationRejected(f"kubelet refused {resource}: {exc.status.name}: {exc.message}") from None
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            if attempts == 1:
+                log.warning(
+                    "kubelet not reachable; retrying with backoff",
+                    resource=resource,
+                    socket=str(kubelet_socket),
+                    error=str(exc) or type(exc).__name__,
+                )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, settings.max_retry_s)
+
+
+async def _register_once(kubelet_socket: Path, request: api.RegisterRequest, timeout_s: float) -> None:
+    channel = Channel(path=str(kubelet_socket))
+    try:
+        await api.RegistrationStub(channel).register(request, timeout=timeout_s)
+    finally:
+        channel.close()

@@ -1,0 +1,390 @@
+"""One resource served to the kubelet: the DevicePlugin service on its own unix socket, and its registration.
+
+The RPC paths touch no backend and do no I/O: a ``ResourceView`` holds everything they need, precomputed when
+the inventory or health changes, and Allocate answers from a cache of encoded responses per device set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from grpclib.const import Cardinality, Handler
+from grpclib.server import Server, Stream
+
+from gpuplugin.allocation import AllocationPolicy, build_policy
+from gpuplugin.api import v1beta1 as api
+from gpuplugin.backend import AllocationPolicyKind, Backend, CustomAllocate, PreferredAllocation, PreStart
+from gpuplugin.codec import PrecodedCodec, repeated_field
+from gpuplugin.errors import InvalidRequest, RequestError, UnhealthyDevices, UnknownDevices, grpc_status
+from gpuplugin.model import ContainerSpec, Device, DeviceTree, Health, SpecConflict, merge_specs
+from gpuplugin.registration import RegistrationSettings, register_until_done
+from gpuplugin.tasks import TaskSet
+
+log = structlog.get_logger("gpuplugin.server")
+
+_SOCKET_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_socket_counter = itertools.count()
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """How resource servers are named, registered and bounded."""
+
+    kubelet_dir: Path = Path("/var/lib/kubelet/device-plugins")
+    """The kubelet's device-plugins directory: its ``kubelet.sock`` and our sockets live there."""
+    socket_prefix: str = "gpuplugin"
+    allocate_cache_entries: int = 4096
+    """Encoded Allocate responses kept per resource; a device set seen once costs one encode, later ones none."""
+    registration: RegistrationSettings = field(default_factory=RegistrationSettings)
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceView:
+    """A resource's devices at one moment, with what the RPCs need precomputed."""
+
+    resource: str
+    devices: Mapping[str, Device]
+    """By ID, in tree order, health as served (discovered health with health events folded in)."""
+    unhealthy: frozenset[str]
+    list_message: bytes
+    """The encoded ListAndWatchResponse."""
+    policy: AllocationPolicy
+    version: int
+
+    @classmethod
+    def build(
+        cls,
+        resource: str,
+        devices: Sequence[Device],
+        tree: DeviceTree,
+        policy_kind: AllocationPolicyKind,
+        version: int,
+    ) -> ResourceView:
+        listed = api.ListAndWatchResponse(
+            devices=[
+                api.Device(
+                    id=d.id,
+                    health=str(d.health),
+                    topology=None if d.numa_node is None else api.TopologyInfo(nodes=[api.NumaNode(id=d.numa_node)]),
+                )
+                for d in devices
+            ]
+        )
+        return cls(
+            resource=resource,
+            devices={d.id: d for d in devices},
+            unhealthy=frozenset(d.id for d in devices if d.health is not Health.HEALTHY),
+            list_message=bytes(listed),
+            policy=build_policy(policy_kind, devices, tree),
+            version=version,
+        )
+
+
+def spec_to_proto(spec: ContainerSpec) -> api.ContainerAllocateResponse:
+    return api.ContainerAllocateResponse(
+        envs={**spec.env, **spec.list_env},
+        mounts=[
+            api.Mount(container_path=m.container_path, host_path=m.host_path, read_only=m.read_only)
+            for m in spec.mounts
+        ],
+        devices=[
+            api.DeviceSpec(container_path=n.container_path, host_path=n.host_path, permissions=n.permissions)
+            for n in spec.device_nodes
+        ],
+        annotations=dict(spec.annotations),
+        cdi_devices=[api.CdiDevice(name=name) for name in spec.cdi_devices],
+    )
+
+
+def socket_name(prefix: str, resource: str) -> str:
+    """A fresh socket name per serve: a stale socket of an earlier run can never collide with it."""
+    return f"{prefix}-{_SOCKET_SAFE.sub('_', resource)}-{os.getpid()}-{next(_socket_counter)}.sock"
+
+
+class ResourceServer:
+    """Serves one resource name to the kubelet and keeps it registered."""
+
+    def __init__(
+        self,
+        resource: str,
+        backend: Backend,
+        settings: ServerSettings,
+        *,
+        on_rpc: Callable[[str, str, float, str], None] | None = None,
+    ) -> None:
+        self.resource = resource
+        self._backend = backend
+        self._settings = settings
+        self._on_rpc = on_rpc
+        self._log = log.bind(resource=resource)
+        self._policy_kind = (
+            backend.allocation_policy(resource)
+            if isinstance(backend, PreferredAllocation)
+            else AllocationPolicyKind.TOPOLOGY
+        )
+        self.options = api.DevicePluginOptions(
+            pre_start_required=isinstance(backend, PreStart),
+            get_preferred_allocation_available=isinstance(backend, PreferredAllocation),
+        )
+        self._options_message = bytes(self.options)
+        self._custom = backend if isinstance(backend, CustomAllocate) else None
+        self._view: ResourceView | None = None
+        self._changed = asyncio.Condition()
+        self._stopping = False
+        self._cache: dict[tuple[str, ...], bytes] = {}
+        self._server: Server | None = None
+        self.socket_path: Path | None = None
+        self._tasks = TaskSet(f"server {resource}")
+        self._registration: asyncio.Task[None] | None = None
+        self.registrations = 0
+        self.open_streams = 0
+
+    @property
+    def view(self) -> ResourceView | None:
+        return self._view
+
+    @property
+    def registered(self) -> bool:
+        return self.registrations > 0 and self._registration is not None and self._registration.done()
+
+    async def start(self, devices: Sequence[Device], tree: DeviceTree) -> None:
+        """Serve on a fresh socket, then register with the kubelet (retried in the background until it answers)."""
+        await self.update(devices, tree)
+        await self.reserve()
+
+    async def update(self, devices: Sequence[Device], tree: DeviceTree) -> None:
+        """Serve a new device list (inventory or health changed); every ListAndWatch stream gets it."""
+        old = self._view
+        if (
+            old is None
+            or [d.spec for d in old.devices.values()] != [d.spec for d in devices]
+            or list(old.devices) != [d.id for d in devices]
+        ):
+            self._cache = {}
+        async with self._changed:
+            self._view = ResourceView.build(
+                self.resource, devices, tree, self._policy_kind, 0 if old is None else old.version + 1
+            )
+            self._changed.notify_all()
+
+    async def reserve(self) -> None:
+        """Serve on a new socket and register again; the old socket is closed only once the new one serves."""
+        path = self._settings.kubelet_dir / socket_name(self._settings.socket_prefix, self.resource)
+        server = Server([self], codec=PrecodedCodec())
+        await server.start(path=str(path))
+        old_server, self._server, self.socket_path = self._server, server, path
+        self._log.debug("serving", socket=str(path))
+        self.register_again()
+        if old_server is not None:
+            old_server.close()
+            await old_server.wait_closed()
+
+    def register_again(self) -> None:
+        """Register now (the kubelet restarted), replacing any registration still retrying."""
+        if self._registration is not None:
+            self._registration.cancel()
+        assert self.socket_path is not None
+        self._registration = self._tasks.spawn(self._register(self.socket_path), "register", expect_end=True)
+
+    async def _register(self, path: Path) -> None:
+        attempts = await register_until_done(
+            self._settings.kubelet_dir / "kubelet.sock",
+            endpoint=path.name,
+            resource=self.resource,
+            options=self.options,
+            settings=self._settings.registration,
+        )
+        self.registrations += 1
+        self._log.info("registered", endpoint=path.name, attempts=attempts, registrations=self.registrations)
+
+    def socket_missing(self) -> bool:
+        return self.socket_path is not None and not self.socket_path.exists()
+
+    async def stop(self) -> None:
+        """Tell every stream the list is empty (allocatable drops to zero at once), stop serving, remove the socket."""
+        async with self._changed:
+            self._stopping = True
+            self._changed.notify_all()
+        await self._tasks.aclose()
+        if self._server is not None:
+            # Let streams send their last (empty) message before their connections are closed.
+            await asyncio.sleep(0)
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        if self.socket_path is not None:
+            self.socket_path.unlink(missing_ok=True)
+        self._log.info("stopped")
+
+    # The RPCs. grpclib calls the handlers from __mapping__; each goes through grpc_status exactly once.
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {
+            "/v1beta1.DevicePlugin/GetDevicePluginOptions": Handler(
+                self._unary("GetDevicePluginOptions", lambda _: self._options_message),
+                Cardinality.UNARY_UNARY,
+                api.Empty,
+                api.DevicePluginOptions,
+            ),
+            "/v1beta1.DevicePlugin/ListAndWatch": Handler(
+                self._list_and_watch, Cardinality.UNARY_STREAM, api.Empty, api.ListAndWatchResponse
+            ),
+            "/v1beta1.DevicePlugin/GetPreferredAllocation": Handler(
+                self._unary("GetPreferredAllocation", self.preferred_allocation),
+                Cardinality.UNARY_UNARY,
+                api.PreferredAllocationRequest,
+                api.PreferredAllocationResponse,
+            ),
+            "/v1beta1.DevicePlugin/Allocate": Handler(
+                self._unary("Allocate", self.allocate),
+                Cardinality.UNARY_UNARY,
+                api.AllocateRequest,
+                api.AllocateResponse,
+            ),
+            "/v1beta1.DevicePlugin/PreStartContainer": Handler(
+                self._pre_start_container,
+                Cardinality.UNARY_UNARY,
+                api.PreStartContainerRequest,
+                api.PreStartContainerResponse,
+            ),
+        }
+
+    def _unary(self, method: str, answer: Callable[[Any], bytes]) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
+        async def handle(stream: Stream[Any, Any]) -> None:
+            started = time.perf_counter()
+            outcome = "OK"
+            try:
+                request = await stream.recv_message()
+                with grpc_status(method):
+                    response = answer(request)
+                await stream.send_message(response)
+            except BaseException as exc:
+                outcome = type(exc).__name__
+                raise
+            finally:
+                self._observe(method, started, outcome)
+
+        return handle
+
+    def _observe(self, method: str, started: float, outcome: str) -> None:
+        elapsed = time.perf_counter() - started
+        self._log.debug("rpc", method=method, latency_ms=round(elapsed * 1000, 3), outcome=outcome)
+        if self._on_rpc is not None:
+            self._on_rpc(self.resource, method, elapsed, outcome)
+
+    def _current(self) -> ResourceView:
+        view = self._view
+        if view is None or self._stopping:
+            raise RequestError("not serving")
+        return view
+
+    def allocate(self, request: api.AllocateRequest) -> bytes:
+        """Answer Allocate from precomputed specs: the encoded AllocateResponse."""
+        view = self._current()
+        if not request.container_requests:
+            raise InvalidRequest("Allocate request has no container requests")
+        containers = [self._container_response(view, tuple(c.devices_ids)) for c in request.container_requests]
+        return repeated_field(1, containers)
+
+    def _container_response(self, view: ResourceView, ids: tuple[str, ...]) -> bytes:
+        cached = self._cache.get(ids)
+        if cached is None:
+            cached = self._encode_container(view, ids)
+        if view.unhealthy and not view.unhealthy.isdisjoint(ids):
+            raise UnhealthyDevices(self.resource, view.unhealthy.intersection(ids))
+        return cached
+
+    def _encode_container(self, view: ResourceView, ids: tuple[str, ...]) -> bytes:
+        if not ids:
+            raise InvalidRequest("a container request names no devices")
+        if len(set(ids)) != len(ids):
+            raise InvalidRequest(
+                f"a container request names a device twice: {sorted({i for i in ids if ids.count(i) > 1})}"
+            )
+        unknown = [i for i in ids if i not in view.devices]
+        if unknown:
+            raise UnknownDevices(self.resource, unknown)
+        spec = self._custom.container_spec(self.resource, ids) if self._custom is not None else None
+        if spec is None:
+            try:
+                spec = merge_specs(view.devices[i].spec for i in ids)
+            except SpecConflict as exc:
+                raise RequestError(str(exc)) from None
+        encoded = bytes(spec_to_proto(spec))
+        if len(self._cache) >= self._settings.allocate_cache_entries:
+            self._cache.clear()
+        self._cache[ids] = encoded
+        return encoded
+
+    def preferred_allocation(self, request: api.PreferredAllocationRequest) -> bytes:
+        """Answer GetPreferredAllocation with the resource's policy, precomputed for the current inventory."""
+        view = self._current()
+        if not request.container_requests:
+            raise InvalidRequest("GetPreferredAllocation request has no container requests")
+        responses = []
+        for container in request.container_requests:
+            unknown = [
+                i for i in (*container.available_deviceIDs, *container.must_include_deviceIDs) if i not in view.devices
+            ]
+            if unknown:
+                raise UnknownDevices(self.resource, unknown)
+            chosen = view.policy.choose(
+                container.available_deviceIDs, container.must_include_deviceIDs, container.allocation_size
+            )
+            responses.append(api.ContainerPreferredAllocationResponse(device_i_ds=chosen))
+        return bytes(api.PreferredAllocationResponse(container_responses=responses))
+
+    async def _pre_start_container(self, stream: Stream[Any, Any]) -> None:
+        started = time.perf_counter()
+        outcome = "OK"
+        try:
+            request = await stream.recv_message()
+            assert request is not None
+            with grpc_status("PreStartContainer"):
+                view = self._current()
+                unknown = [i for i in request.devices_ids if i not in view.devices]
+                if unknown:
+                    raise UnknownDevices(self.resource, unknown)
+                if isinstance(self._backend, PreStart):
+                    await self._backend.pre_start_container(self.resource, list(request.devices_ids))
+            await stream.send_message(b"")
+        except BaseException as exc:
+            outcome = type(exc).__name__
+            raise
+        finally:
+            self._observe("PreStartContainer", started, outcome)
+
+    def _has_news(self, sent: int) -> bool:
+        return self._stopping or (self._view is not None and self._view.version != sent)
+
+    async def _list_and_watch(self, stream: Stream[Any, Any]) -> None:
+        # The template is grpclib's health Watch: send the current state, wait for a change, send again.
+        await stream.recv_message()
+        self.open_streams += 1
+        self._log.info("ListAndWatch stream opened", streams=self.open_streams)
+        sent = -1
+        try:
+            while True:
+                async with self._changed:
+                    await self._changed.wait_for(functools.partial(self._has_news, sent))
+                    if self._stopping:
+                        message = b""
+                    else:
+                        assert self._view is not None
+                        message, sent = self._view.list_message, self._view.version
+                await stream.send_message(message)
+                if self._stopping:
+                    return
+        finally:
+            self.open_streams -= 1
+            self._log.info("ListAndWatch stream closed", streams=self.open_streams)

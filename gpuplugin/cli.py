@@ -205,3 +205,29 @@ async def _devices(settings: PluginSettings) -> list[dict[str, Any]]:
         }
         for d in tree.devices
     ]
+
+
+@main.command()
+@click.option("--quiet-period", type=float, default=1.0, show_default=True, help="Seconds before a GPU recovers.")
+@click.option("--gpus", type=int, default=8, show_default=True, help="Fake GPUs on the demo node.")
+@click.option("--log-level", default="error", show_default=True, help="Plugin log level during the demo.")
+def demo(quiet_period: float, gpus: int, log_level: str) -> None:
+    """Run the mock backend against the kubelet simulator, in a temporary directory, and report what happens."""
+    from gpuplugin.demo import run_demo
+
+    logs.configure("console", log_level)
+    click.echo(f"gpuplugin demo: {gpus} mock GPUs, kubelet simulator, all in one process")
+    report = asyncio.run(run_demo(quiet_period_s=quiet_period, gpus=gpus, say=click.echo))
+    click.echo(
+        f"done: registration {report.registration_ms:.1f} ms, unhealthy {report.unhealthy_ms:.1f} ms after the XID, "
+        f"recovery {report.recovery_s:.1f} s, re-registration {report.reregistration_ms:.1f} ms"
+    )
+
+
+def _add_backend_commands() -> None:
+    from backends.mock.cli import mock_cli
+
+    main.add_command(mock_cli, name="mock")
+
+
+_add_backend_commands()

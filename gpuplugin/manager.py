@@ -119,14 +119,18 @@ class Manager:
         if event.health is Health.HEALTHY:
             if self._faults.pop(key, None) is None:
                 return
+            # The recovery also outdates an Unhealthy that a rediscovery during the fault put into the tree.
+            self.tree = dataclasses.replace(
+                self.tree,
+                devices=tuple(
+                    dataclasses.replace(d, health=Health.HEALTHY) if self._names(d, event) else d
+                    for d in self.tree.devices
+                ),
+            )
         else:
             self._faults[key] = event
         self.health_changes[(str(event.health), event.xid)] += 1
-        affected = [
-            d.id
-            for d in self.tree.devices
-            if d.gpu == event.gpu and (event.instance is None or d.instance == event.instance)
-        ]
+        affected = [d.id for d in self.tree.devices if self._names(d, event)]
         log.info(
             "health changed",
             gpu=event.gpu,
@@ -137,6 +141,10 @@ class Manager:
             devices=affected,
         )
         await self.apply(self.tree)
+
+    @staticmethod
+    def _names(device: Device, event: HealthChanged) -> bool:
+        return device.gpu == event.gpu and (event.instance is None or device.instance == event.instance)
 
     async def _follow_backend(self) -> None:
         async for event in self.backend.events():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +41,12 @@ async def register_until_done(
     resource: str,
     options: api.DevicePluginOptions,
     settings: RegistrationSettings,
+    wake: asyncio.Event | None = None,
 ) -> int:
     """Register ``resource`` served at ``endpoint``; returns the number of attempts it took.
 
-    Logs one line when the kubelet cannot be reached, not one per attempt.
+    Logs one line when the kubelet cannot be reached, not one per attempt. Setting ``wake`` cuts a backoff
+    wait short (the kubelet socket just appeared).
     """
     request = api.RegisterRequest(version=API_VERSION, endpoint=endpoint, resource_name=resource, options=options)
     delay = settings.first_retry_s
@@ -63,7 +66,12 @@ async def register_until_done(
                     socket=str(kubelet_socket),
                     error=str(exc) or type(exc).__name__,
                 )
-        await asyncio.sleep(delay)
+        if wake is None:
+            await asyncio.sleep(delay)
+        else:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), delay)
+            wake.clear()
         delay = min(delay * 2, settings.max_retry_s)
 
 

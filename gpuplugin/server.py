@@ -146,6 +146,7 @@ class ResourceServer:
         self.socket_path: Path | None = None
         self._tasks = TaskSet(f"server {resource}")
         self._registration: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
         self.registrations = 0
         self.open_streams = 0
 
@@ -184,16 +185,23 @@ class ResourceServer:
         await server.start(path=str(path))
         old_server, self._server, self.socket_path = self._server, server, path
         self._log.debug("serving", socket=str(path))
-        self.register_again()
+        self._start_registration()
         if old_server is not None:
             old_server.close()
             await old_server.wait_closed()
 
     def register_again(self) -> None:
-        """Register now (the kubelet restarted), replacing any registration still retrying."""
+        """Register now (the kubelet restarted): a registration still retrying retries at once, else a new one."""
+        if self._registration is not None and not self._registration.done():
+            self._wake.set()
+            return
+        self._start_registration()
+
+    def _start_registration(self) -> None:
         if self._registration is not None:
             self._registration.cancel()
         assert self.socket_path is not None
+        self._wake.clear()
         self._registration = self._tasks.spawn(self._register(self.socket_path), "register", expect_end=True)
 
     async def _register(self, path: Path) -> None:
@@ -203,6 +211,7 @@ class ResourceServer:
             resource=self.resource,
             options=self.options,
             settings=self._settings.registration,
+            wake=self._wake,
         )
         self.registrations += 1
         self._log.info("registered", endpoint=path.name, attempts=attempts, registrations=self.registrations)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import signal
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -171,9 +173,14 @@ async def _serve(settings: PluginSettings) -> None:
 def devices(as_json: bool, **params: Any) -> None:
     """List the devices the backend sees, as it would serve them."""
     settings = _settings_or_exit(params)
-    logs.configure(settings.log_format, settings.log_level or "warning")
+    logs.configure(settings.log_format, params.get("log_level") or "warning")
     try:
-        rows = asyncio.run(_devices(settings))
+        if params.get("state_dir") is None:
+            # Keep clear of a daemon's sockets in the default state directory.
+            with tempfile.TemporaryDirectory(prefix="gpuplugin-", dir="/tmp") as state_dir:
+                rows = asyncio.run(_devices(dataclasses.replace(settings, state_dir=Path(state_dir))))
+        else:
+            rows = asyncio.run(_devices(settings))
     except BackendUnavailable as exc:
         fail(str(exc))
     if as_json:

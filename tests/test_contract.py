@@ -67,7 +67,9 @@ def make_manager(directory: Path, options: Mapping[str, Any] | None = None, *, i
 
 
 @asynccontextmanager
-async def node(directory: Path, options: Mapping[str, Any] | None = None, *, inotify: bool = True) -> AsyncIterator[Node]:
+async def node(
+    directory: Path, options: Mapping[str, Any] | None = None, *, inotify: bool = True
+) -> AsyncIterator[Node]:
     async with KubeletSimulator(directory) as kubelet:
         manager = make_manager(directory, options, inotify=inotify)
         await manager.start()

@@ -64,8 +64,8 @@ async def test_serve_registers_reloads_on_sighup_and_exits_cleanly_on_sigterm(wo
         finally:
             if process.returncode is None:
                 process.kill()
-                await process.wait()
-        assert process.returncode == 0
+            returncode = await process.wait()
+        assert returncode == 0
         await kubelet.wait_for(lambda: kubelet.allocatable(GPU) == 0, timeout=5)
     events = [json.loads(line) for line in stderr.decode().splitlines() if line.strip()]
     names = [e["event"] for e in events]
@@ -84,8 +84,8 @@ async def test_sigint_also_stops_cleanly(workdir: Path) -> None:
     finally:
         if process.returncode is None:
             process.kill()
-            await process.wait()
-    assert process.returncode == 0
+        returncode = await process.wait()
+    assert returncode == 0
     assert not [p for p in workdir.iterdir() if p.suffix == ".sock"]
 
 

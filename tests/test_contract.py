@@ -6,11 +6,11 @@ import asyncio
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import structlog
@@ -118,7 +118,7 @@ async def test_kubelet_absent_at_start_registers_when_it_appears(workdir: Path) 
 async def test_list_and_watch_full_list_with_numa(workdir: Path) -> None:
     """The first ListAndWatch message is the full list, each device Healthy with its NUMA node."""
     async with node(workdir) as n:
-        stream = n.kubelet.stub(GPU).list_and_watch(api.Empty())
+        stream = cast(AsyncGenerator[api.ListAndWatchResponse], n.kubelet.stub(GPU).list_and_watch(api.Empty()))
         first = await anext(aiter(stream))
         await stream.aclose()
         assert [d.id for d in first.devices] == n.ids()
@@ -138,7 +138,10 @@ async def test_xid_marks_unhealthy_then_recovers(workdir: Path) -> None:
 async def test_many_concurrent_streams_all_see_changes(workdir: Path) -> None:
     """Several ListAndWatch streams at once each get the full list and every change."""
     async with node(workdir) as n:
-        streams = [n.kubelet.stub(GPU).list_and_watch(api.Empty()) for _ in range(5)]
+        streams = [
+            cast(AsyncGenerator[api.ListAndWatchResponse], n.kubelet.stub(GPU).list_and_watch(api.Empty()))
+            for _ in range(5)
+        ]
         firsts = [await anext(aiter(s)) for s in streams]
         assert all(len(f.devices) == 8 for f in firsts)
         n.backend.xid(0, 48)

@@ -1,0 +1,247 @@
+"""The mock backend: fake GPUs whose faults a test or a CI script injects at run time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import structlog
+
+from backends.mock.control import (
+    DEFAULT_LOST_REASON,
+    ControlRequest,
+    ControlRequestError,
+    ControlServer,
+    LoseRequest,
+    PlugRequest,
+    RecoverRequest,
+    StatusRequest,
+    UnplugRequest,
+    XidRequest,
+)
+from backends.mock.inventory import Inventory
+from backends.mock.settings import MockSettings, load_settings
+from gpuplugin.backend import (
+    AllocationPolicyKind,
+    BackendEvent,
+    BackendUnavailable,
+    HealthChanged,
+    InventoryChanged,
+)
+from gpuplugin.health import HealthTracker, XidAction
+from gpuplugin.model import DeviceTree, Health
+from gpuplugin.registry import BackendContext
+
+log = structlog.get_logger("gpuplugin.mock")
+
+_FaultKey = tuple[int, tuple[int, int] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """A fault a GPU (or one partition of it) is Unhealthy for, as last emitted."""
+
+    reason: str
+    xid: int | None = None
+    instance: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GpuStatus:
+    """One mock GPU as the control ``status`` reports it."""
+
+    index: int
+    uuid: str
+    present: bool
+    """False while unplugged."""
+    lost: bool
+    """True from ``lose`` until ``recover``: its probe fails."""
+    health: Health
+    """Of the whole GPU; faults of single partitions do not change it."""
+    faults: tuple[Fault, ...]
+
+
+class MockBackend:
+    """Serves fake GPUs; faults arrive through its methods or its control socket and go through a HealthTracker."""
+
+    name = "mock"
+
+    def __init__(self, ctx: BackendContext, *, settings: MockSettings | None = None) -> None:
+        """``settings`` given: used as they are; otherwise ``start`` loads them from ``ctx.options``."""
+        self._ctx = ctx
+        self._settings: MockSettings | None = None
+        self._inventory: Inventory | None = None
+        self._events: asyncio.Queue[BackendEvent] = asyncio.Queue()
+        self._tracker = HealthTracker(policy=ctx.health_policy, emit=self._on_health, probe=self._probe)
+        self._present: set[int] = set()
+        self._lost: set[int] = set()
+        self._faults: dict[_FaultKey, Fault] = {}
+        self._index_of: dict[str, int] = {}
+        self._server: ControlServer | None = None
+        self._state = "new"
+        if settings is not None:
+            self._use(settings)
+
+    def allocation_policy(self, resource: str) -> AllocationPolicyKind:
+        """Whole fake GPUs with a real-looking topology: the core's topology-aware policy."""
+        return AllocationPolicyKind.TOPOLOGY
+
+    @property
+    def settings(self) -> MockSettings:
+        if self._settings is None:
+            raise RuntimeError("the mock backend has no settings before start()")
+        return self._settings
+
+    async def start(self) -> None:
+        """Load settings (the ``config`` YAML file too) and listen on the control socket."""
+        if self._state != "new":
+            raise RuntimeError(f"the mock backend cannot start when {self._state}")
+        self._state = "started"
+        if self._settings is None:
+            self._use(await load_settings(self._ctx.options, state_dir=self._ctx.state_dir))
+        settings = self.settings
+        server = ControlServer(settings.control_socket, self.handle)
+        try:
+            await server.start()
+        except OSError as e:
+            raise BackendUnavailable(
+                f"mock: cannot listen on control socket {settings.control_socket}: {e.strerror or e}; "
+                "set mock.control_socket or the state directory to a writable place"
+            ) from None
+        self._server = server
+        log.info("mock backend started", gpus=settings.gpus, model=settings.model, socket=str(server.path))
+
+    def _use(self, settings: MockSettings) -> None:
+        self._settings = settings
+        self._inventory = Inventory.build(settings)
+        self._present = set(range(settings.gpus))
+        self._index_of = {d.id: i for i, d in enumerate(self._inventory.devices)}
+
+    async def discover(self) -> DeviceTree:
+        """The present GPUs; those with a GPU-wide fault are Unhealthy."""
+        return self._tree()
+
+    async def events(self) -> AsyncIterator[BackendEvent]:
+        """Health and inventory changes, in the order they happened, until cancelled."""
+        while True:
+            yield await self._events.get()
+
+    async def aclose(self) -> None:
+        """Close the control server (removing its socket) and the health tracker; safe to call twice."""
+        if self._state == "closed":
+            return
+        self._state = "closed"
+        server, self._server = self._server, None
+        if server is not None:
+            await server.aclose()
+        await self._tracker.aclose()
+
+    def xid(self, gpu: int, xid: int, instance: tuple[int, int] | None = None) -> XidAction:
+        """Raise an XID on a present GPU (or one partition of it); the health policy decides what it does."""
+        uuid = self._uuid(gpu, present=True)
+        return self._tracker.xid(uuid, xid, instance)
+
+    def lose(self, gpu: int, reason: str = DEFAULT_LOST_REASON) -> None:
+        """The GPU falls off the bus: Unhealthy, and its probe fails, until ``recover``."""
+        uuid = self._uuid(gpu, present=True)
+        self._lost.add(gpu)
+        self._tracker.lost(uuid, reason)
+
+    def recover(self, gpu: int, instance: tuple[int, int] | None = None) -> None:
+        """An operator reset the GPU (or a partition): Healthy now; the whole GPU is no longer lost."""
+        uuid = self._uuid(gpu)
+        if instance is None:
+            self._lost.discard(gpu)
+        self._tracker.recovered(uuid, instance)
+
+    def unplug(self, gpu: int) -> bool:
+        """Take a GPU out of the inventory; False if it was out already (no event then)."""
+        self._uuid(gpu)
+        if gpu not in self._present:
+            return False
+        self._present.discard(gpu)
+        self._events.put_nowait(InventoryChanged(self._tree()))
+        return True
+
+    def plug(self, gpu: int) -> bool:
+        """Return an unplugged GPU, with the faults it had; False if it was present already (no event then)."""
+        self._uuid(gpu)
+        if gpu in self._present:
+            return False
+        self._present.add(gpu)
+        self._events.put_nowait(InventoryChanged(self._tree()))
+        return True
+
+    def status(self) -> tuple[GpuStatus, ...]:
+        statuses = []
+        for index, device in enumerate(self._require_inventory().devices):
+            faults = tuple(fault for (i, _), fault in self._faults.items() if i == index)
+            whole = (index, None) in self._faults
+            statuses.append(
+                GpuStatus(
+                    index=index,
+                    uuid=device.id,
+                    present=index in self._present,
+                    lost=index in self._lost,
+                    health=Health.UNHEALTHY if whole else Health.HEALTHY,
+                    faults=faults,
+                )
+            )
+        return tuple(statuses)
+
+    def handle(self, request: ControlRequest) -> dict[str, Any]:
+        """Apply one control request; the answer's fields, without ``ok``."""
+        # CI scripts poll status; only faults are worth a line at info.
+        (log.debug if isinstance(request, StatusRequest) else log.info)("mock control", request=request)
+        match request:
+            case XidRequest(gpu, xid, instance):
+                action = self.xid(gpu, xid, instance)
+                return {**self._named(gpu), "xid": xid, "instance": instance, "action": str(action)}
+            case LoseRequest(gpu, reason):
+                self.lose(gpu, reason)
+                return {**self._named(gpu), "lost": True}
+            case RecoverRequest(gpu, instance):
+                self.recover(gpu, instance)
+                return {**self._named(gpu), "instance": instance}
+            case UnplugRequest(gpu):
+                return {**self._named(gpu), "present": False, "changed": self.unplug(gpu)}
+            case PlugRequest(gpu):
+                return {**self._named(gpu), "present": True, "changed": self.plug(gpu)}
+            case StatusRequest():
+                return {"gpus": [asdict(s) for s in self.status()]}
+
+    def _named(self, gpu: int) -> dict[str, Any]:
+        return {"gpu": gpu, "uuid": self._uuid(gpu)}
+
+    def _uuid(self, gpu: int, *, present: bool = False) -> str:
+        devices = self._require_inventory().devices
+        if not 0 <= gpu < len(devices):
+            raise ControlRequestError(f"gpu: index {gpu} out of range 0..{len(devices) - 1}")
+        if present and gpu not in self._present:
+            raise ControlRequestError(f"gpu: GPU {gpu} is unplugged; plug it first")
+        return devices[gpu].id
+
+    def _require_inventory(self) -> Inventory:
+        if self._inventory is None:
+            raise RuntimeError("the mock backend has no GPUs before start()")
+        return self._inventory
+
+    def _tree(self) -> DeviceTree:
+        unhealthy = {i for i, instance in self._faults if instance is None}
+        return self._require_inventory().tree(self._present, unhealthy)
+
+    def _on_health(self, event: HealthChanged) -> None:
+        index = self._index_of.get(event.gpu)
+        if index is not None:
+            key = (index, event.instance)
+            if event.health is Health.UNHEALTHY:
+                self._faults[key] = Fault(reason=event.reason, xid=event.xid, instance=event.instance)
+            else:
+                self._faults.pop(key, None)
+        self._events.put_nowait(event)
+
+    async def _probe(self, gpu: str) -> bool:
+        """A mock GPU answers unless it was lost."""
+        return self._index_of.get(gpu) not in self._lost

@@ -1,0 +1,17 @@
+"""The NVML backend: whole NVIDIA GPUs through NVIDIA's management library (``pynvml``).
+
+Registered under the ``gpuplugin.backends`` entry point as ``nvml = "backends.nvml:create"``.
+"""
+
+from __future__ import annotations
+
+from backends.nvml.backend import NvmlBackend
+from backends.nvml.settings import DeviceIdStrategy, NvmlSettings, NvmlSettingsError
+from gpuplugin.registry import BackendContext
+
+__all__ = ["DeviceIdStrategy", "NvmlBackend", "NvmlSettings", "NvmlSettingsError", "create"]
+
+
+def create(ctx: BackendContext) -> NvmlBackend:
+    """The entry point's factory: settings from ``ctx.options`` (raises NvmlSettingsError), the real pynvml."""
+    return NvmlBackend(NvmlSettings.from_options(ctx.options), ctx.health_policy)

@@ -1,0 +1,265 @@
+"""Finding whole GPUs through NVML and sysfs: blocking calls, run in a worker thread at start and on rediscovery."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import structlog
+
+from backends.nvml.settings import DeviceIdStrategy, NvmlSettings
+from backends.nvml.spec import gpu_spec, present_control_nodes
+from gpuplugin.model import Device, DeviceNode, DeviceTree, Health, Link, PCIeLevel, frozen_mapping, links_from_pairs
+
+log = structlog.get_logger("gpuplugin.nvml")
+
+_MIB = 1024 * 1024
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class GpuRecord:
+    """What NVML and sysfs said about one GPU; ``error`` set means it did not answer and is served Unhealthy."""
+
+    index: int
+    handle: Any = None
+    uuid: str | None = None
+    minor: int | None = None
+    bus_id: str | None = None
+    """As NVML spells it: ``00000000:00:06.0``."""
+    name: str | None = None
+    memory_mib: int | None = None
+    compute_capability: str | None = None
+    mig_enabled: bool = False
+    numa_node: int | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Inventory:
+    """One discovery's result: the tree to serve and what the health thread and the probe need to find GPUs."""
+
+    tree: DeviceTree = field(default_factory=DeviceTree)
+    gpu_by_uuid: Mapping[str, str] = field(default_factory=frozen_mapping)
+    """NVML UUID → the ``gpu`` ID events carry (the UUID itself, or the index under the index strategy)."""
+    uuid_by_gpu: Mapping[str, str] = field(default_factory=frozen_mapping)
+    watched: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    """UUID → handle of every GPU served Healthy: all health events are registered on them."""
+    mig_watched: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    """UUID → handle of MIG-enabled GPUs, skipped for now: only their MIG configuration changes are watched."""
+    incomplete: bool = False
+    """Some GPU failed discovery; rediscovering later may bring it back."""
+
+
+def sysfs_bus_id(bus_id: str) -> str:
+    """NVML's ``00000000:00:06.0`` as sysfs names the device: ``0000:00:06.0``, lower case."""
+    domain, sep, rest = bus_id.strip().partition(":")
+    try:
+        return f"{int(domain, 16):04x}{sep}{rest.lower()}"
+    except ValueError:
+        return bus_id.strip().lower()
+
+
+def read_numa_node(sysfs_root: str, bus_id: str) -> int | None:
+    """The NUMA node sysfs gives a PCI device; None where it has none (``-1``) or the file is missing."""
+    path = Path(sysfs_root, "bus", "pci", "devices", sysfs_bus_id(bus_id), "numa_node")
+    try:
+        node = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return node if node >= 0 else None
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _optional(nvml: Any, call: Callable[[], _T]) -> _T | None:
+    """A query some GPUs do not support: NotSupported reads as None, any other error is raised."""
+    try:
+        return call()
+    except nvml.NVMLError_NotSupported:
+        return None
+
+
+def read_gpu(nvml: Any, settings: NvmlSettings, index: int) -> GpuRecord:
+    """Everything about GPU ``index``; an NVML error ends the reading with what was learnt so far and the error."""
+    handle: Any = None
+    uuid = bus_id = None
+    minor = None
+    try:
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+        minor = int(nvml.nvmlDeviceGetMinorNumber(handle))
+        bus_id = _text(nvml.nvmlDeviceGetPciInfo(handle).busId)
+        name = _optional(nvml, lambda: _text(nvml.nvmlDeviceGetName(handle)))
+        memory = _optional(nvml, lambda: int(nvml.nvmlDeviceGetMemoryInfo(handle).total) // _MIB)
+        capability = _optional(nvml, lambda: "{}.{}".format(*nvml.nvmlDeviceGetCudaComputeCapability(handle)))
+        mig_mode = _optional(nvml, lambda: nvml.nvmlDeviceGetMigMode(handle)[0])
+    except nvml.NVMLError as error:
+        log.warning("gpu did not answer discovery; serving it unhealthy", index=index, uuid=uuid, error=str(error))
+        return GpuRecord(index=index, handle=handle, uuid=uuid, minor=minor, bus_id=bus_id, error=str(error))
+    return GpuRecord(
+        index=index,
+        handle=handle,
+        uuid=uuid,
+        minor=minor,
+        bus_id=bus_id,
+        name=name,
+        memory_mib=memory,
+        compute_capability=capability,
+        mig_enabled=mig_mode == nvml.NVML_DEVICE_MIG_ENABLE,
+        numa_node=read_numa_node(settings.sysfs_root, bus_id),
+    )
+
+
+#: The key under which ``nvlink_peers`` counts links to an NVSwitch rather than to one GPU.
+NVSWITCH = "nvswitch"
+
+
+def nvlink_peers(nvml: Any, handle: Any) -> Counter[str]:
+    """Active NVLink links of one GPU, counted by the sysfs bus id of the GPU at their other end, or as NVSWITCH."""
+    peers: Counter[str] = Counter()
+    for link in range(nvml.NVML_NVLINK_MAX_LINKS):
+        try:
+            active = nvml.nvmlDeviceGetNvLinkState(handle, link)
+        except nvml.NVMLError_NotSupported:
+            if link == 0:
+                return peers  # No NVLink on this GPU at all.
+            continue
+        except nvml.NVMLError_InvalidArgument:
+            continue  # Past this GPU's number of links.
+        if active != nvml.NVML_FEATURE_ENABLED:
+            continue
+        try:
+            kind = nvml.nvmlDeviceGetNvLinkRemoteDeviceType(handle, link)
+        except (nvml.NVMLError_NotSupported, nvml.NVMLError_FunctionNotFound):
+            kind = None  # Older drivers: the remote bus id alone tells a GPU.
+        if kind == nvml.NVML_NVLINK_DEVICE_TYPE_SWITCH:
+            peers[NVSWITCH] += 1
+            continue
+        remote = _text(nvml.nvmlDeviceGetNvLinkRemotePciInfo(handle, link).busId)
+        peers[sysfs_bus_id(remote)] += 1
+    return peers
+
+
+def pcie_level(nvml: Any, a: Any, b: Any) -> PCIeLevel:
+    try:
+        level = int(nvml.nvmlDeviceGetTopologyCommonAncestor(a, b))
+    except nvml.NVMLError_NotSupported:
+        return PCIeLevel.SYSTEM
+    try:
+        return PCIeLevel(level)
+    except ValueError:
+        return PCIeLevel.SYSTEM
+
+
+def read_links(nvml: Any, gpus: Mapping[str, GpuRecord]) -> list[tuple[str, str, Link]]:
+    """The link between every pair of GPUs (keyed by their ``gpu`` IDs); an NVML error leaves a pair unknown."""
+    peers: dict[str, Counter[str]] = {}
+    for gpu, record in gpus.items():
+        try:
+            peers[gpu] = nvlink_peers(nvml, record.handle)
+        except nvml.NVMLError as error:
+            log.warning("nvlink state unreadable; assuming none", gpu=gpu, error=str(error))
+            peers[gpu] = Counter()
+    links = []
+    for (a, ra), (b, rb) in itertools.combinations(gpus.items(), 2):
+        assert ra.bus_id is not None
+        assert rb.bus_id is not None
+        # Count direct links from both ends (either GPU's report joins them); GPUs on NVSwitches (HGX boards)
+        # reach each other over as many links as the less connected one has, as nvidia-smi's NV18 shows.
+        direct = max(peers[a][sysfs_bus_id(rb.bus_id)], peers[b][sysfs_bus_id(ra.bus_id)])
+        nvlinks = direct + min(peers[a][NVSWITCH], peers[b][NVSWITCH])
+        try:
+            pcie = pcie_level(nvml, ra.handle, rb.handle)
+        except nvml.NVMLError as error:
+            log.warning("pcie topology unreadable; assuming across CPUs", gpus=(a, b), error=str(error))
+            pcie = PCIeLevel.SYSTEM
+        links.append((a, b, Link(nvlinks=nvlinks, pcie=pcie)))
+    return links
+
+
+def device_id(settings: NvmlSettings, record: GpuRecord) -> str:
+    if settings.device_id_strategy is DeviceIdStrategy.UUID and record.uuid is not None:
+        return record.uuid
+    # Under the UUID strategy too when the UUID could not be read: the index still names the right GPU.
+    return str(record.index)
+
+
+def _attributes(record: GpuRecord) -> Mapping[str, str]:
+    values = {
+        "index": record.index,
+        "uuid": record.uuid,
+        "minor": record.minor,
+        "pci_bus_id": record.bus_id,
+        "model": record.name,
+        "memory_mib": record.memory_mib,
+        "compute_capability": record.compute_capability,
+        "error": record.error,
+    }
+    return frozen_mapping((key, str(value)) for key, value in values.items() if value is not None)
+
+
+def build_device(settings: NvmlSettings, record: GpuRecord, control: tuple[DeviceNode, ...]) -> Device:
+    gpu = device_id(settings, record)
+    return Device(
+        id=gpu,
+        resource=settings.resource,
+        gpu=gpu,
+        spec=gpu_spec(settings, gpu, record.minor, control),
+        numa_node=record.numa_node,
+        health=Health.UNHEALTHY if record.error is not None else Health.HEALTHY,
+        attributes=_attributes(record),
+    )
+
+
+def discover(nvml: Any, settings: NvmlSettings) -> Inventory:
+    """Read every GPU; one that fails is served Unhealthy, a MIG-enabled one is skipped. Raises NVMLError only
+    when the GPUs cannot be counted."""
+    count = int(nvml.nvmlDeviceGetCount())
+    control = present_control_nodes(settings)
+    devices: list[Device] = []
+    healthy: dict[str, GpuRecord] = {}
+    gpu_by_uuid: dict[str, str] = {}
+    watched: dict[str, Any] = {}
+    mig_watched: dict[str, Any] = {}
+    incomplete = False
+    for index in range(count):
+        record = read_gpu(nvml, settings, index)
+        if record.mig_enabled and record.uuid is not None:
+            # Partitions are served by a later backend; serving the whole GPU under MIG would not work.
+            log.info("mig enabled; gpu skipped", index=index, uuid=record.uuid)
+            mig_watched[record.uuid] = record.handle
+            continue
+        device = build_device(settings, record, control)
+        devices.append(device)
+        if record.uuid is not None:
+            gpu_by_uuid[record.uuid] = device.gpu
+        if record.error is not None:
+            incomplete = True
+            continue
+        assert record.uuid is not None
+        healthy[device.gpu] = record
+        watched[record.uuid] = record.handle
+    tree = DeviceTree(devices=tuple(devices), links=links_from_pairs(read_links(nvml, healthy)))
+    log.info(
+        "gpus discovered",
+        count=count,
+        served=len(devices),
+        unhealthy=sum(d.health is Health.UNHEALTHY for d in devices),
+        mig_skipped=len(mig_watched),
+    )
+    return Inventory(
+        tree=tree,
+        gpu_by_uuid=frozen_mapping(gpu_by_uuid),
+        uuid_by_gpu=frozen_mapping((gpu, uuid) for uuid, gpu in gpu_by_uuid.items()),
+        watched=MappingProxyType(watched),
+        mig_watched=MappingProxyType(mig_watched),
+        incomplete=incomplete,
+    )

@@ -1,0 +1,282 @@
+"""The NVML backend's health thread and what the loop makes of its events, against the fake NVML."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from backends.nvml import NvmlBackend, NvmlSettings
+from backends.nvml.events import THREAD_NAME, XidObserved
+from backends.nvml.fake import FakeGpu, FakeNvml, h200_node
+from gpuplugin.backend import BackendEvent, HealthChanged, InventoryChanged
+from gpuplugin.health import HealthPolicy, XidAction
+from gpuplugin.model import Health
+
+XID = FakeNvml.nvmlEventTypeXidCriticalError
+SBE = FakeNvml.nvmlEventTypeSingleBitEccError
+DBE = FakeNvml.nvmlEventTypeDoubleBitEccError
+#: An XID neither ignored nor fatal by default: recoverable.
+RECOVERABLE_XID = 62
+
+
+def health_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == THREAD_NAME]
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_threads() -> Any:
+    """Fail any test that leaves a health thread running."""
+    yield
+    assert not health_threads(), "health thread left running"
+
+
+async def until(predicate: Callable[[], object], timeout_s: float = 2.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
+async def next_event(backend: NvmlBackend, timeout_s: float = 2.0) -> BackendEvent:
+    stream = backend.events()
+    try:
+        return await asyncio.wait_for(anext(stream), timeout_s)
+    finally:
+        await stream.aclose()
+
+
+async def no_event(backend: NvmlBackend, within_s: float = 0.2) -> None:
+    with pytest.raises(TimeoutError):
+        await next_event(backend, within_s)
+
+
+def settings(**overrides: Any) -> NvmlSettings:
+    values: dict[str, Any] = {
+        "event_wait_timeout_ms": 50,
+        "retry_backoff_initial_s": 0.01,
+        "rediscover_backoff_max_s": 0.02,
+    }
+    return NvmlSettings(**{**values, **overrides})
+
+
+@asynccontextmanager
+async def running(fake: FakeNvml, policy: HealthPolicy | None = None, **overrides: Any) -> AsyncIterator[NvmlBackend]:
+    backend = NvmlBackend(settings(**overrides), policy or HealthPolicy(recovery_quiet_period_s=0.05), fake)
+    await backend.start()
+    try:
+        # Events reach only GPUs registered on the thread's set, as with NVML.
+        await until(lambda: all(fake.registered(gpu.uuid) for gpu in fake.gpus if not gpu.lost))
+        yield backend
+    finally:
+        await backend.aclose()
+
+
+def uuids(fake: FakeNvml) -> list[str]:
+    return [gpu.uuid for gpu in fake.gpus]
+
+
+async def test_xid_marks_only_its_gpu_unhealthy() -> None:
+    """A fatal XID on one GPU yields one Unhealthy event for that GPU, for the whole GPU, and nothing for others."""
+    fake = h200_node(2)
+    _, b = uuids(fake)
+    async with running(fake) as backend:
+        assert fake.emit_xid(b, 79) == 1
+        event = await next_event(backend)
+        assert event == HealthChanged(gpu=b, health=Health.UNHEALTHY, reason="XID 79", xid=79, instance=None)
+        await no_event(backend)
+        assert backend.xid_counts == {(79, XidAction.FATAL): 1}
+
+
+async def test_ignored_xid_changes_nothing() -> None:
+    """An application XID (13) is counted but yields no health event."""
+    fake = h200_node(2)
+    async with running(fake) as backend:
+        fake.emit_xid(uuids(fake)[0], 13)
+        await until(lambda: backend.xid_counts[(13, XidAction.IGNORE)] == 1)
+        await no_event(backend)
+
+
+async def test_recoverable_xid_recovers_after_quiet_period() -> None:
+    """A recoverable XID turns the GPU Unhealthy, then Healthy once the quiet period passed and the probe answers."""
+    fake = h200_node(2)
+    a = uuids(fake)[0]
+    async with running(fake) as backend:
+        fake.emit_xid(a, RECOVERABLE_XID)
+        down = await next_event(backend)
+        assert isinstance(down, HealthChanged)
+        assert (down.gpu, down.health, down.xid) == (a, Health.UNHEALTHY, RECOVERABLE_XID)
+        up = await next_event(backend)
+        assert isinstance(up, HealthChanged)
+        assert (up.gpu, up.health) == (a, Health.HEALTHY)
+        assert fake.calls["nvmlDeviceGetHandleByUUID"] >= 1
+
+
+async def test_recovery_waits_for_the_probe() -> None:
+    """After a recoverable XID the GPU stays Unhealthy while the probe fails, and recovers when it succeeds."""
+    fake = h200_node(2)
+    a = uuids(fake)[0]
+    async with running(fake) as backend:
+        with fake.lock:
+            fake.gpu(a).errors["nvmlDeviceGetMemoryInfo"] = FakeNvml.NVML_ERROR_UNKNOWN
+        fake.emit_xid(a, RECOVERABLE_XID)
+        down = await next_event(backend)
+        assert isinstance(down, HealthChanged)
+        assert down.health is Health.UNHEALTHY
+        await no_event(backend, 0.3)
+        with fake.lock:
+            fake.gpu(a).errors.clear()
+        # The tracker probes again after a second.
+        up = await next_event(backend, 3.0)
+        assert isinstance(up, HealthChanged)
+        assert (up.gpu, up.health) == (a, Health.HEALTHY)
+
+
+async def test_mig_instance_ids_pass_through() -> None:
+    """An XID naming a GPU and compute instance reaches the tracker with that instance pair."""
+    fake = h200_node(1)
+    a = uuids(fake)[0]
+    async with running(fake) as backend:
+        fake.emit_xid(a, 79, instance=(3, 0))
+        event = await next_event(backend)
+        assert isinstance(event, HealthChanged)
+        assert (event.gpu, event.instance, event.xid) == (a, (3, 0), 79)
+
+
+async def test_lost_gpu_unhealthy_others_still_watched() -> None:
+    """A GPU that falls off the bus turns Unhealthy alone, and events of the other GPUs still arrive."""
+    fake = h200_node(2)
+    a, b = uuids(fake)
+    async with running(fake) as backend:
+        fake.lose(a)
+        event = await next_event(backend)
+        assert isinstance(event, HealthChanged)
+        assert (event.gpu, event.health) == (a, Health.UNHEALTHY)
+        assert "lost" in event.reason
+        await until(lambda: fake.registered(b) and not fake.registered(a))
+        fake.emit_xid(b, 79)
+        other = await next_event(backend)
+        assert isinstance(other, HealthChanged)
+        assert (other.gpu, other.health) == (b, Health.UNHEALTHY)
+        assert backend.fault_counts["gpu-lost"] == 1
+
+
+async def test_ecc_double_bit_is_fatal_single_bit_is_counted() -> None:
+    """A single-bit ECC error is only counted; a double-bit one turns the GPU Unhealthy."""
+    fake = h200_node(1)
+    a = uuids(fake)[0]
+    async with running(fake) as backend:
+        fake.emit_ecc(a, double_bit=False)
+        await until(lambda: backend.fault_counts["ecc-single-bit"] == 1)
+        await no_event(backend)
+        fake.emit_ecc(a, double_bit=True)
+        event = await next_event(backend)
+        assert isinstance(event, HealthChanged)
+        assert (event.gpu, event.health) == (a, Health.UNHEALTHY)
+        assert "ECC" in event.reason
+
+
+async def test_only_supported_event_types_are_registered() -> None:
+    """A GPU that does not support XID events is registered for the ECC types alone."""
+    fake = FakeNvml([FakeGpu("GPU-a", 0, "00000000:00:06.0", supported_events=SBE | DBE)])
+    async with running(fake):
+        assert fake.registered("GPU-a") == SBE | DBE
+        assert fake.emit_xid("GPU-a", 79) == 0
+
+
+async def test_persistent_wait_errors_mark_all_unhealthy_once_then_recover() -> None:
+    """Failing waits mark every GPU Unhealthy once the threshold is reached, log it once, and recover them after;
+    a GPU already down for a fatal XID stays down."""
+    fake = h200_node(3, nvlinks_per_pair=4)
+    a, b, c = uuids(fake)
+    async with running(fake, wait_error_threshold=3) as backend:
+        fake.emit_xid(a, 79)
+        assert (await next_event(backend)) == HealthChanged(a, Health.UNHEALTHY, "XID 79", 79)
+        with capture_logs() as logs:
+            fake.fail_waits(FakeNvml.NVML_ERROR_UNKNOWN)
+            down = [await next_event(backend), await next_event(backend)]
+            await asyncio.sleep(0.1)  # Many more failed waits.
+            fake.clear_wait_failures()
+            up = [await next_event(backend), await next_event(backend)]
+        assert all(isinstance(e, HealthChanged) and e.health is Health.UNHEALTHY for e in down)
+        assert {e.gpu for e in down if isinstance(e, HealthChanged)} == {b, c}
+        assert all(isinstance(e, HealthChanged) and e.health is Health.HEALTHY for e in up)
+        assert {e.gpu for e in up if isinstance(e, HealthChanged)} == {b, c}
+        assert fake.calls["nvmlEventSetWait_v2"] > 3
+        errors = [entry for entry in logs if entry["log_level"] == "error"]
+        assert len(errors) == 1
+        assert "Unknown" in errors[0]["reason"]
+        await no_event(backend)
+
+
+async def test_wait_errors_below_threshold_change_nothing() -> None:
+    """A couple of failed waits, fewer than the threshold, leave health as it is."""
+    fake = h200_node(2)
+    async with running(fake, wait_error_threshold=3) as backend:
+        fake.fail_waits(FakeNvml.NVML_ERROR_UNKNOWN, times=2)
+        await no_event(backend, 0.3)
+        assert backend.fault_counts["wait-failing"] == 0
+
+
+async def test_mig_config_change_rediscovers() -> None:
+    """A MIG configuration change makes the backend discover again and emit the new inventory."""
+    fake = h200_node(2)
+    a, b = uuids(fake)
+    async with running(fake) as backend:
+        fake.set_mig_mode(b, FakeNvml.NVML_DEVICE_MIG_ENABLE)
+        fake.emit_mig_change(b)
+        event = await next_event(backend)
+        assert isinstance(event, InventoryChanged)
+        assert [d.id for d in event.tree.devices] == [a]
+        assert (await backend.discover()) == event.tree
+        # The MIG-enabled GPU is still watched for its next layout change, and only for that.
+        await until(lambda: fake.registered(b) == FakeNvml.nvmlEventMigConfigChange)
+        fake.set_mig_mode(b, FakeNvml.NVML_DEVICE_MIG_DISABLE)
+        fake.emit_mig_change(b)
+        again = await next_event(backend)
+        assert isinstance(again, InventoryChanged)
+        assert [d.id for d in again.tree.devices] == [a, b]
+
+
+async def test_observation_posted_at_thread_boundary_reaches_stream() -> None:
+    """An observation handed over by a thread through ``post_from_thread`` comes out of ``events()``."""
+    fake = h200_node(1)
+    a = uuids(fake)[0]
+    async with running(fake) as backend:
+        poster = threading.Thread(target=backend.post_from_thread, args=(XidObserved(a, 79),))
+        poster.start()
+        event = await next_event(backend)
+        poster.join()
+        assert event == HealthChanged(a, Health.UNHEALTHY, "XID 79", 79)
+
+
+async def test_event_for_unserved_gpu_is_ignored() -> None:
+    """An observation naming a UUID the backend does not serve yields no event."""
+    fake = h200_node(1)
+    async with running(fake) as backend:
+        backend.post_from_thread(XidObserved("GPU-unknown", 79))
+        await no_event(backend)
+
+
+async def test_shutdown_is_prompt_and_releases_everything() -> None:
+    """``aclose`` stops the health thread within the wait timeout, frees the event set, shuts NVML down, and is
+    safe to call twice."""
+    fake = h200_node(2)
+    backend = NvmlBackend(settings(event_wait_timeout_ms=300), HealthPolicy(), fake)
+    await backend.start()
+    await until(lambda: fake.live_event_sets() == 1)
+    assert len(health_threads()) == 1
+    started = time.monotonic()
+    await backend.aclose()
+    assert time.monotonic() - started < 1.0
+    assert not health_threads()
+    assert fake.live_event_sets() == 0
+    assert not fake.initialized
+    await backend.aclose()
+    assert fake.calls["nvmlShutdown"] == 1

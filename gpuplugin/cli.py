@@ -78,6 +78,30 @@ _common = [
         type=click.Path(dir_okay=False, path_type=Path),
         help="Mock backend: YAML file describing the fake GPUs.",
     ),
+    click.option(
+        "--device-id-strategy",
+        type=click.Choice(["uuid", "index"]),
+        envvar="DEVICE_ID_STRATEGY",
+        help="NVML backend: device IDs and NVIDIA_VISIBLE_DEVICES by GPU UUID or index. Default: uuid.",
+    ),
+    click.option(
+        "--pass-device-specs/--no-pass-device-specs",
+        default=None,
+        envvar="PASS_DEVICE_SPECS",
+        help="NVML backend: also hand /dev/nvidia* device nodes to the container. Default: no.",
+    ),
+    click.option(
+        "--nvidia-driver-root",
+        envvar="NVIDIA_DRIVER_ROOT",
+        help="NVML backend: where the driver's files are (e.g. /run/nvidia/driver). Default: /.",
+    ),
+    click.option("--dev-root", envvar="NVIDIA_DEV_ROOT", help="NVML backend: where /dev/nvidia* are. Default: /."),
+    click.option(
+        "--fail-on-init-error/--no-fail-on-init-error",
+        default=None,
+        envvar="FAIL_ON_INIT_ERROR",
+        help="NVML backend: exit if NVML cannot start (default), or serve nothing and retry with backoff.",
+    ),
 ]
 
 
@@ -87,12 +111,23 @@ def common_options(fn: Any) -> Any:
     return fn
 
 
+#: Backend flags: option name → (backend, its setting). NVIDIA's flag names and variables, so configs carry over.
+_BACKEND_FLAGS = {
+    "mock_gpus": ("mock", "gpus"),
+    "mock_config": ("mock", "config"),
+    "device_id_strategy": ("nvml", "device_id_strategy"),
+    "pass_device_specs": ("nvml", "pass_device_specs"),
+    "nvidia_driver_root": ("nvml", "driver_root"),
+    "dev_root": ("nvml", "device_root"),
+    "fail_on_init_error": ("nvml", "fail_on_init_error"),
+}
+
+
 def overrides_from(params: Mapping[str, Any], **extra: Any) -> Overrides:
-    backend_options = {
-        key: value
-        for key, value in (("gpus", params.get("mock_gpus")), ("config", params.get("mock_config")))
-        if value is not None
-    }
+    backend_options: dict[str, dict[str, Any]] = {}
+    for flag, (backend, key) in _BACKEND_FLAGS.items():
+        if params.get(flag) is not None:
+            backend_options.setdefault(backend, {})[key] = params[flag]
     return Overrides(
         backend=params.get("backend"),
         log_format=params.get("log_format"),

@@ -46,7 +46,8 @@ class Overrides:
     log_format: str | None = None
     log_level: str | None = None
     state_dir: Path | None = None
-    backend_options: Mapping[str, Any] = field(default_factory=dict)
+    backend_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Per backend name: the options its own flags set; only the chosen backend's apply."""
 
 
 def parse_config(text: str, source: str) -> dict[str, Any]:
@@ -70,7 +71,7 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
     plugin = _section(config, "plugin", source)
     backend_section = _section(config, "backend", source)
     backend = overrides.backend or _str(backend_section, "name", source, "backend", "mock")
-    options = {**_section(backend_section, backend, source, "backend"), **overrides.backend_options}
+    options = {**_section(backend_section, backend, source, "backend"), **overrides.backend_options.get(backend, {})}
     defaults = PluginSettings()
     kubelet_dir = overrides.kubelet_dir or Path(
         _str(plugin, "kubeletDir", source, "plugin", str(defaults.manager.server.kubelet_dir))

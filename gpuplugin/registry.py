@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +12,8 @@ from gpuplugin.backend import Backend
 from gpuplugin.health import HealthPolicy
 
 ENTRY_POINT_GROUP = "gpuplugin.backends"
+#: The backends that ship with gpuplugin, found even where the package metadata is not installed.
+BUILT_IN = {"mock": "backends.mock:create", "nvml": "backends.nvml:create"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,13 +34,19 @@ class UnknownBackend(LookupError):
     """No backend has that name; retrying does not help."""
 
 
+def _entry_points() -> dict[str, EntryPoint]:
+    found = {name: EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in BUILT_IN.items()}
+    found.update({ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    return found
+
+
 def backend_names() -> list[str]:
-    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(_entry_points())
 
 
 def load_factory(name: str) -> BackendFactory:
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name == name:
-            factory: BackendFactory = ep.load()
-            return factory
+    ep = _entry_points().get(name)
+    if ep is not None:
+        factory: BackendFactory = ep.load()
+        return factory
     raise UnknownBackend(f"no backend named {name!r}; installed: {', '.join(backend_names()) or 'none'}")

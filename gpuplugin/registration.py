@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
 from grpclib import GRPCError
 from grpclib.client import Channel
 
 from gpuplugin.api import v1beta1 as api
-
-log = structlog.get_logger("gpuplugin.registration")
 
 API_VERSION = "v1beta1"
 
@@ -42,10 +40,11 @@ async def register_until_done(
     options: api.DevicePluginOptions,
     settings: RegistrationSettings,
     wake: asyncio.Event | None = None,
+    on_unreachable: Callable[[str], None] | None = None,
 ) -> int:
     """Register ``resource`` served at ``endpoint``; returns the number of attempts it took.
 
-    Logs one line when the kubelet cannot be reached, not one per attempt. Setting ``wake`` cuts a backoff
+    ``on_unreachable`` hears of the first failed attempt, not of every retry. Setting ``wake`` cuts a backoff
     wait short (the kubelet socket just appeared).
     """
     request = api.RegisterRequest(version=API_VERSION, endpoint=endpoint, resource_name=resource, options=options)
@@ -59,13 +58,8 @@ async def register_until_done(
         except GRPCError as exc:
             raise RegistrationRejected(f"kubelet refused {resource}: {exc.status.name}: {exc.message}") from None
         except (TimeoutError, OSError, ConnectionError) as exc:
-            if attempts == 1:
-                log.warning(
-                    "kubelet not reachable; retrying with backoff",
-                    resource=resource,
-                    socket=str(kubelet_socket),
-                    error=str(exc) or type(exc).__name__,
-                )
+            if attempts == 1 and on_unreachable is not None:
+                on_unreachable(str(exc) or type(exc).__name__)
         if wake is None:
             await asyncio.sleep(delay)
         else:

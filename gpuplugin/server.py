@@ -147,6 +147,7 @@ class ResourceServer:
         self._tasks = TaskSet(f"server {resource}")
         self._registration: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._unreachable_logged = False
         self.registrations = 0
         self.open_streams = 0
 
@@ -212,9 +213,21 @@ class ResourceServer:
             options=self.options,
             settings=self._settings.registration,
             wake=self._wake,
+            on_unreachable=self._kubelet_unreachable,
         )
+        self._unreachable_logged = False
         self.registrations += 1
         self._log.info("registered", endpoint=path.name, attempts=attempts, registrations=self.registrations)
+
+    def _kubelet_unreachable(self, error: str) -> None:
+        # One line per outage, however many times we serve again and retry during it.
+        if not self._unreachable_logged:
+            self._unreachable_logged = True
+            self._log.warning(
+                "kubelet not reachable; retrying with backoff",
+                socket=str(self._settings.kubelet_dir / "kubelet.sock"),
+                error=error,
+            )
 
     def socket_missing(self) -> bool:
         return self.socket_path is not None and not self.socket_path.exists()

@@ -13,8 +13,7 @@ import time
 from collections.abc import Sequence
 
 from gpuplugin.allocation import AllocationPolicy, build_policy
-from gpuplugin.backend import AllocationPolicyKind
-from gpuplugin.model import ContainerSpec, Device, DeviceTree, Link, PCIeLevel, links_from_pairs
+from gpuplugin.model import AllocationPolicyKind, ContainerSpec, Device, DeviceTree, Link, PCIeLevel, links_from_pairs
 
 RESOURCE = "nvidia.com/gpu"
 

@@ -17,8 +17,7 @@ from operator import add, sub
 from types import MappingProxyType
 from typing import Protocol
 
-from gpuplugin.backend import AllocationPolicyKind
-from gpuplugin.model import Device, DeviceTree, Link, PCIeLevel
+from gpuplugin.model import AllocationPolicyKind, Device, DeviceTree, Link, PCIeLevel
 
 #: Score per active NVLink link between two GPUs, as NVIDIA's plugin counts it.
 NVLINK_SCORE = 100

@@ -8,12 +8,23 @@ capabilities a backend has.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from gpuplugin.model import ContainerSpec, DeviceTree, Health
+from gpuplugin.model import AllocationPolicyKind, ContainerSpec, DeviceTree, Health
+
+__all__ = [
+    "AllocationPolicyKind",
+    "Backend",
+    "BackendEvent",
+    "BackendUnavailable",
+    "CustomAllocate",
+    "HealthChanged",
+    "InventoryChanged",
+    "PreStart",
+    "PreferredAllocation",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,17 +70,6 @@ class Backend(Protocol):
 
     async def aclose(self) -> None:
         """Release everything ``start`` acquired; safe to call twice."""
-
-
-class AllocationPolicyKind(enum.StrEnum):
-    """How GetPreferredAllocation chooses among available devices; the core implements each."""
-
-    TOPOLOGY = "topology"
-    """Best-connected set: NVLink first, then a shared PCIe switch, then one NUMA node."""
-    DISTRIBUTED = "distributed"
-    """Replicas and partitions: spread over the least-loaded physical GPUs."""
-    PACKED = "packed"
-    """Replicas and partitions: fill the most-loaded physical GPUs first."""
 
 
 @runtime_checkable

@@ -86,7 +86,7 @@ class Manager:
     async def apply(self, tree: DeviceTree) -> None:
         """Serve ``tree``: new resources start, changed ones update, vanished ones stop."""
         async with self._lock:
-            links_changed = tree.links != self.tree.links
+            links_changed = tree.links != self.tree.links or tree.rules != self.tree.rules
             self.tree = tree
             grouped = tree.by_resource()
             for name in [n for n in self.servers if n not in grouped]:

@@ -25,6 +25,27 @@ class Health(enum.StrEnum):
     UNHEALTHY = "Unhealthy"
 
 
+class AllocationPolicyKind(enum.StrEnum):
+    """How GetPreferredAllocation chooses among available devices; the core implements each."""
+
+    TOPOLOGY = "topology"
+    """Best-connected set: NVLink first, then a shared PCIe switch, then one NUMA node."""
+    DISTRIBUTED = "distributed"
+    """Replicas and partitions: spread over the least-loaded physical GPUs."""
+    PACKED = "packed"
+    """Replicas and partitions: fill the most-loaded physical GPUs first."""
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceRules:
+    """How one resource is handed out, set by whatever produced its devices (a backend, time-slicing)."""
+
+    allocation_policy: AllocationPolicyKind | None = None
+    """None: the backend's choice (``PreferredAllocation``), else the topology policy."""
+    max_devices_per_container: int | None = None
+    """Allocate refuses containers asking for more (time-slicing's ``failRequestsGreaterThanOne`` sets 1)."""
+
+
 class PCIeLevel(enum.IntEnum):
     """How close two GPUs sit on the PCIe tree, closest first (NVML's topology levels)."""
 
@@ -76,6 +97,9 @@ class ContainerSpec:
     device_nodes: tuple[DeviceNode, ...] = ()
     mounts: tuple[Mount, ...] = ()
     annotations: Mapping[str, str] = field(default_factory=frozen_mapping)
+    """Annotations set as they are; devices that set the same one must agree."""
+    list_annotations: Mapping[str, str] = field(default_factory=frozen_mapping)
+    """Annotations whose values from several devices are joined with commas (CDI device names)."""
     cdi_devices: tuple[str, ...] = ()
     """Fully qualified CDI device names (``vendor.com/class=name``)."""
 
@@ -122,6 +146,8 @@ class DeviceTree:
     devices: tuple[Device, ...] = ()
     links: Mapping[frozenset[str], Link] = field(default_factory=lambda: MappingProxyType({}))
     """Keyed by the pair of physical GPU IDs; a missing pair means no known link (``Link()``)."""
+    rules: Mapping[str, ResourceRules] = field(default_factory=lambda: MappingProxyType({}))
+    """Per resource name; a resource without an entry gets ``ResourceRules()``."""
 
     def __post_init__(self) -> None:
         seen: set[tuple[str, str]] = set()
@@ -145,6 +171,9 @@ class DeviceTree:
         for device in self.devices:
             grouped.setdefault(device.resource, []).append(device)
         return {name: tuple(devices) for name, devices in grouped.items()}
+
+    def rules_of(self, resource: str) -> ResourceRules:
+        return self.rules.get(resource, ResourceRules())
 
     def link(self, a: str, b: str) -> Link:
         return self.links.get(frozenset((a, b)), Link())
@@ -170,15 +199,14 @@ def merge_specs(specs: Iterable[ContainerSpec]) -> ContainerSpec:
     nodes: dict[str, DeviceNode] = {}
     mounts: dict[str, Mount] = {}
     annotations: dict[str, str] = {}
+    list_annotations: dict[str, list[str]] = {}
     cdi: dict[str, None] = {}
     for spec in specs:
         for key, value in spec.env.items():
             if env.setdefault(key, value) != value:
                 raise SpecConflict(f"devices set {key} to both {env[key]!r} and {value!r}")
-        for key, value in spec.list_env.items():
-            values = list_env.setdefault(key, [])
-            if value not in values:
-                values.append(value)
+        _join(list_env, spec.list_env)
+        _join(list_annotations, spec.list_annotations)
         for node in spec.device_nodes:
             nodes.setdefault(node.container_path, node)
         for mount in spec.mounts:
@@ -193,5 +221,13 @@ def merge_specs(specs: Iterable[ContainerSpec]) -> ContainerSpec:
         device_nodes=tuple(nodes.values()),
         mounts=tuple(mounts.values()),
         annotations=frozen_mapping(annotations),
+        list_annotations=frozen_mapping((k, ",".join(v)) for k, v in list_annotations.items()),
         cdi_devices=tuple(cdi),
     )
+
+
+def _join(into: dict[str, list[str]], values: Mapping[str, str]) -> None:
+    for key, value in values.items():
+        joined = into.setdefault(key, [])
+        if value not in joined:
+            joined.append(value)

@@ -26,7 +26,15 @@ from gpuplugin.api import v1beta1 as api
 from gpuplugin.backend import AllocationPolicyKind, Backend, CustomAllocate, PreferredAllocation, PreStart
 from gpuplugin.codec import PrecodedCodec, repeated_field
 from gpuplugin.errors import InvalidRequest, RequestError, UnhealthyDevices, UnknownDevices, grpc_status
-from gpuplugin.model import ContainerSpec, Device, DeviceTree, Health, SpecConflict, merge_specs
+from gpuplugin.model import (
+    ContainerSpec,
+    Device,
+    DeviceTree,
+    Health,
+    ResourceRules,
+    SpecConflict,
+    merge_specs,
+)
 from gpuplugin.registration import RegistrationSettings, register_until_done
 from gpuplugin.tasks import TaskSet
 
@@ -59,6 +67,7 @@ class ResourceView:
     list_message: bytes
     """The encoded ListAndWatchResponse."""
     policy: AllocationPolicy
+    rules: ResourceRules
     version: int
 
     @classmethod
@@ -86,6 +95,7 @@ class ResourceView:
             unhealthy=frozenset(d.id for d in devices if d.health is not Health.HEALTHY),
             list_message=bytes(listed),
             policy=build_policy(policy_kind, devices, tree),
+            rules=tree.rules_of(resource),
             version=version,
         )
 
@@ -101,7 +111,7 @@ def spec_to_proto(spec: ContainerSpec) -> api.ContainerAllocateResponse:
             api.DeviceSpec(container_path=n.container_path, host_path=n.host_path, permissions=n.permissions)
             for n in spec.device_nodes
         ],
-        annotations=dict(spec.annotations),
+        annotations={**spec.annotations, **spec.list_annotations},
         cdi_devices=[api.CdiDevice(name=name) for name in spec.cdi_devices],
     )
 
@@ -127,11 +137,6 @@ class ResourceServer:
         self._settings = settings
         self._on_rpc = on_rpc
         self._log = log.bind(resource=resource)
-        self._policy_kind = (
-            backend.allocation_policy(resource)
-            if isinstance(backend, PreferredAllocation)
-            else AllocationPolicyKind.TOPOLOGY
-        )
         self.options = api.DevicePluginOptions(
             pre_start_required=isinstance(backend, PreStart),
             get_preferred_allocation_available=isinstance(backend, PreferredAllocation),
@@ -161,8 +166,22 @@ class ResourceServer:
 
     async def start(self, devices: Sequence[Device], tree: DeviceTree) -> None:
         """Serve on a fresh socket, then register with the kubelet (retried in the background until it answers)."""
+        if tree.rules_of(self.resource).allocation_policy is not None:
+            # Whatever made these devices (time-slicing, say) chose a policy: advertise preferred allocation.
+            self.options = api.DevicePluginOptions(
+                pre_start_required=self.options.pre_start_required, get_preferred_allocation_available=True
+            )
+            self._options_message = bytes(self.options)
         await self.update(devices, tree)
         await self.reserve()
+
+    def _policy_kind(self, tree: DeviceTree) -> AllocationPolicyKind:
+        chosen = tree.rules_of(self.resource).allocation_policy
+        if chosen is not None:
+            return chosen
+        if isinstance(self._backend, PreferredAllocation):
+            return self._backend.allocation_policy(self.resource)
+        return AllocationPolicyKind.TOPOLOGY
 
     async def update(self, devices: Sequence[Device], tree: DeviceTree) -> None:
         """Serve a new device list (inventory or health changed); every ListAndWatch stream gets it."""
@@ -171,11 +190,12 @@ class ResourceServer:
             old is None
             or [d.spec for d in old.devices.values()] != [d.spec for d in devices]
             or list(old.devices) != [d.id for d in devices]
+            or old.rules != tree.rules_of(self.resource)
         ):
             self._cache = {}
         async with self._changed:
             self._view = ResourceView.build(
-                self.resource, devices, tree, self._policy_kind, 0 if old is None else old.version + 1
+                self.resource, devices, tree, self._policy_kind(tree), 0 if old is None else old.version + 1
             )
             self._changed.notify_all()
 
@@ -336,6 +356,11 @@ class ResourceServer:
         unknown = [i for i in ids if i not in view.devices]
         if unknown:
             raise UnknownDevices(self.resource, unknown)
+        limit = view.rules.max_devices_per_container
+        if limit is not None and len(ids) > limit:
+            raise InvalidRequest(
+                f"{self.resource} allows at most {limit} device(s) per container, the request names {len(ids)}"
+            )
         spec = self._custom.container_spec(self.resource, ids) if self._custom is not None else None
         if spec is None:
             try:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import structlog
 
 
 @pytest.fixture(autouse=True)
@@ -20,3 +21,10 @@ async def _no_leaked_tasks() -> AsyncIterator[None]:
     for task in leaked:
         task.cancel()
     assert not leaked, f"leaked tasks: {[t.get_name() for t in leaked]}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """Undo any logging set-up a test made (the CLI configures a level filter), so capture_logs sees everything."""
+    yield
+    structlog.reset_defaults()

@@ -10,8 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpuplugin.allocation import PCIE_SCORES, AllocationImpossible, build_policy, link_score
-from gpuplugin.backend import AllocationPolicyKind
-from gpuplugin.model import ContainerSpec, Device, DeviceTree, Link, PCIeLevel, links_from_pairs
+from gpuplugin.model import AllocationPolicyKind, ContainerSpec, Device, DeviceTree, Link, PCIeLevel, links_from_pairs
 
 RESOURCE = "nvidia.com/gpu"
 TOPOLOGY = AllocationPolicyKind.TOPOLOGY

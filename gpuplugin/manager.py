@@ -11,6 +11,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
@@ -24,6 +25,16 @@ log = structlog.get_logger("gpuplugin.manager")
 
 ServerFactory = Callable[[str, Backend, ServerSettings], ResourceServer]
 HealthKey = tuple[str, tuple[int, int] | None]
+TreeTransform = Callable[[DeviceTree], DeviceTree]
+"""Rewrites what a backend discovered before it is served (time-slicing replicas, device-list strategies)."""
+
+
+class TreeSink(Protocol):
+    """Something that follows every served tree (the CDI spec writer) and cleans up on close."""
+
+    async def publish(self, tree: DeviceTree) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,12 +52,19 @@ class Manager:
         settings: ManagerSettings = ManagerSettings(),
         *,
         server_factory: ServerFactory = ResourceServer,
+        transforms: Sequence[TreeTransform] = (),
+        sinks: Sequence[TreeSink] = (),
     ) -> None:
         self.backend = backend
         self.settings = settings
         self._server_factory = server_factory
+        self.transforms = tuple(transforms)
+        self._sinks = tuple(sinks)
         self.servers: dict[str, ResourceServer] = {}
+        self.discovered = DeviceTree()
+        """What the backend reported last, before the transforms."""
         self.tree = DeviceTree()
+        """What is served: the discovered tree after the transforms."""
         self._faults: dict[HealthKey, HealthChanged] = {}
         self._tasks = TaskSet("manager")
         self._lock = asyncio.Lock()
@@ -70,12 +88,19 @@ class Manager:
         """Ask the backend for its devices again and serve the result (SIGHUP)."""
         await self.apply(await self.backend.discover())
 
+    async def set_transforms(self, transforms: Sequence[TreeTransform]) -> None:
+        """Serve the discovered tree through new transforms (a reloaded config); unchanged resources keep serving."""
+        self.transforms = tuple(transforms)
+        await self.apply(self.discovered)
+
     async def aclose(self) -> None:
         """Stop following events, tell the kubelet every resource is gone, remove our sockets, close the backend."""
         await self._tasks.aclose()
         async with self._lock:
             await asyncio.gather(*(server.stop() for server in self.servers.values()))
             self.servers.clear()
+            for sink in self._sinks:
+                await sink.aclose()
         await self.backend.aclose()
 
     @property
@@ -83,9 +108,13 @@ class Manager:
         """Every resource is served, registered, and has a ListAndWatch stream open."""
         return bool(self.servers) and all(s.registered and s.open_streams > 0 for s in self.servers.values())
 
-    async def apply(self, tree: DeviceTree) -> None:
-        """Serve ``tree``: new resources start, changed ones update, vanished ones stop."""
+    async def apply(self, discovered: DeviceTree) -> None:
+        """Serve ``discovered`` through the transforms: new resources start, changed ones update, vanished ones stop."""
         async with self._lock:
+            self.discovered = discovered
+            tree = discovered
+            for transform in self.transforms:
+                tree = transform(tree)
             links_changed = tree.links != self.tree.links or tree.rules != self.tree.rules
             self.tree = tree
             grouped = tree.by_resource()
@@ -102,6 +131,8 @@ class Manager:
                     await server.start(served, tree)
                 elif links_changed or server.view is None or tuple(server.view.devices.values()) != served:
                     await server.update(served, tree)
+            for sink in self._sinks:
+                await sink.publish(tree)
 
     def _with_health(self, devices: Sequence[Device]) -> tuple[Device, ...]:
         if not self._faults:
@@ -120,11 +151,11 @@ class Manager:
             if self._faults.pop(key, None) is None:
                 return
             # The recovery also outdates an Unhealthy that a rediscovery during the fault put into the tree.
-            self.tree = dataclasses.replace(
-                self.tree,
+            self.discovered = dataclasses.replace(
+                self.discovered,
                 devices=tuple(
                     dataclasses.replace(d, health=Health.HEALTHY) if self._names(d, event) else d
-                    for d in self.tree.devices
+                    for d in self.discovered.devices
                 ),
             )
         else:
@@ -140,7 +171,7 @@ class Manager:
             reason=event.reason,
             devices=affected,
         )
-        await self.apply(self.tree)
+        await self.apply(self.discovered)
 
     @staticmethod
     def _names(device: Device, event: HealthChanged) -> bool:

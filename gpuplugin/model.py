@@ -15,7 +15,25 @@ from types import MappingProxyType
 #: The kubelet rejects longer device IDs.
 MAX_DEVICE_ID_LENGTH = 63
 
-_RESOURCE_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?/[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+# IsQualifiedName's two halves, as the kubelet checks "requests." + name (apimachinery validation).
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
+
+
+def is_extended_resource_name(name: str) -> bool:
+    """Whether the kubelet accepts ``name`` from a device plugin (``v1helper.IsExtendedResourceName``)."""
+    # Native: no domain at all, or anything in the kubernetes.io namespace (a substring test upstream).
+    if "/" not in name or "kubernetes.io/" in name or name.startswith("requests."):
+        return False
+    prefix, _, short = f"requests.{name}".partition("/")
+    if "/" in short:
+        return False
+    return (
+        len(prefix) <= 253
+        and _DNS1123_SUBDOMAIN.match(prefix) is not None
+        and 0 < len(short) <= 63
+        and _QUALIFIED_NAME.match(short) is not None
+    )
 
 
 class Health(enum.StrEnum):
@@ -126,7 +144,7 @@ class Device:
     def __post_init__(self) -> None:
         if not self.id or len(self.id) > MAX_DEVICE_ID_LENGTH:
             raise ValueError(f"device ID {self.id!r} must have 1 to {MAX_DEVICE_ID_LENGTH} characters")
-        if not _RESOURCE_NAME.match(self.resource) or self.resource.split("/")[0].endswith("kubernetes.io"):
+        if not is_extended_resource_name(self.resource):
             raise ValueError(f"resource name {self.resource!r} is not an extended resource (domain/name)")
 
 

@@ -16,6 +16,7 @@ from gpuplugin.manager import ManagerSettings
 
 CONFIG_VERSION = "v1"
 LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
 
 class ConfigError(ValueError):
@@ -55,7 +56,12 @@ def parse_config(text: str, source: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -76,6 +82,9 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
     kubelet_dir = overrides.kubelet_dir or Path(
         _str(plugin, "kubeletDir", source, "plugin", str(defaults.manager.server.kubelet_dir))
     )
+    log_level = overrides.log_level or _str(plugin, "logLevel", source, "plugin", defaults.log_level)
+    if log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"{source}: plugin.logLevel: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     log_format = overrides.log_format or _str(plugin, "logFormat", source, "plugin", defaults.log_format)
     if log_format not in LOG_FORMATS:
         raise ConfigError(f"{source}: plugin.logFormat: must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
@@ -92,7 +101,7 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
         ),
         health=health,
         log_format=log_format,
-        log_level=overrides.log_level or _str(plugin, "logLevel", source, "plugin", defaults.log_level),
+        log_level=log_level.lower(),
         state_dir=state_dir,
     )
 

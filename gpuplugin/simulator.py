@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from grpclib.const import Cardinality, Status
 from grpclib.server import Server
 
 from gpuplugin.api import v1beta1
-from gpuplugin.model import MAX_DEVICE_ID_LENGTH, Health
+from gpuplugin.model import MAX_DEVICE_ID_LENGTH, Health, is_extended_resource_name
 from gpuplugin.tasks import TaskSet
 
 log = structlog.get_logger("gpuplugin.simulator")
@@ -39,26 +38,6 @@ CHECKPOINT_FILE = "kubelet_internal_checkpoint"
 _LIST_AND_WATCH = "/v1beta1.DevicePlugin/ListAndWatch"
 
 _T = TypeVar("_T")
-
-# IsQualifiedName's two halves, as the kubelet checks "requests." + name (apimachinery validation).
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_QUALIFIED_NAME = re.compile(r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$")
-
-
-def is_extended_resource_name(name: str) -> bool:
-    """Whether the kubelet accepts ``name`` from a device plugin (``v1helper.IsExtendedResourceName``)."""
-    # Native: no domain at all, or anything in the kubernetes.io namespace (a substring test upstream).
-    if "/" not in name or "kubernetes.io/" in name or name.startswith("requests."):
-        return False
-    prefix, _, short = f"requests.{name}".partition("/")
-    if "/" in short:
-        return False
-    return (
-        len(prefix) <= 253
-        and _DNS1123_SUBDOMAIN.match(prefix) is not None
-        and 0 < len(short) <= 63
-        and _QUALIFIED_NAME.match(short) is not None
-    )
 
 
 @dataclass(frozen=True, slots=True)

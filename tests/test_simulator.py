@@ -19,13 +19,13 @@ from grpclib.const import Status
 from grpclib.server import Server
 
 from gpuplugin.api import v1beta1
+from gpuplugin.model import is_extended_resource_name
 from gpuplugin.simulator import (
     CHECKPOINT_FILE,
     KUBELET_SOCKET,
     AdmissionError,
     KubeletSimulator,
     SimulatorSettings,
-    is_extended_resource_name,
 )
 
 RESOURCE = "example.com/gpu"

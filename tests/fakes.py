@@ -1,0 +1,192 @@
+"""Test doubles shared by the tests: a static backend, an N-GPU device tree, and a recording kubelet."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+from grpclib.server import Server
+
+from gpuplugin.api import v1beta1 as api
+from gpuplugin.backend import AllocationPolicyKind, BackendEvent, InventoryChanged
+from gpuplugin.model import (
+    ContainerSpec,
+    Device,
+    DeviceNode,
+    DeviceTree,
+    Health,
+    Link,
+    Mount,
+    PCIeLevel,
+    frozen_mapping,
+    links_from_pairs,
+)
+
+GPU_RESOURCE = "example.com/gpu"
+SHARED_RESOURCE = "example.com/gpu.shared"
+#: Device nodes and mounts every GPU's container needs; a merge must list them once.
+SHARED_NODES = (DeviceNode("/dev/null", "/dev/nvidiactl"), DeviceNode("/dev/null", "/dev/nvidia-uvm"))
+SHARED_MOUNT = Mount("/usr/lib/fake-nvidia", "/usr/local/nvidia")
+
+
+def gpu_spec(gpu: str, index: int) -> ContainerSpec:
+    """What a container needs for GPU number ``index`` (whose ID is ``gpu``)."""
+    return ContainerSpec(
+        env=frozen_mapping({"FAKE_DRIVER": "1"}),
+        list_env=frozen_mapping({"NVIDIA_VISIBLE_DEVICES": gpu}),
+        device_nodes=(DeviceNode("/dev/null", f"/dev/nvidia{index}", "rw"), *SHARED_NODES),
+        mounts=(SHARED_MOUNT,),
+        annotations=frozen_mapping({f"example.com/{gpu}": f"index={index}"}),
+        cdi_devices=(f"example.com/gpu={gpu}",),
+    )
+
+
+def gpu_tree(count: int, *, numa_nodes: int = 2, replicas: int = 0, unhealthy: Sequence[int] = ()) -> DeviceTree:
+    """``count`` GPUs ``GPU-<i>`` under GPU_RESOURCE, spread over ``numa_nodes`` NUMA nodes (0: none reported).
+
+    GPUs 2k and 2k+1 share two NVLinks; other GPUs on one NUMA node share a host bridge, the rest only the
+    SMP interconnect. With ``replicas`` > 0, each GPU is also served ``replicas`` times as ``GPU-<i>::<r>``
+    under SHARED_RESOURCE.
+    """
+    gpus = [f"GPU-{i}" for i in range(count)]
+
+    def numa(i: int) -> int | None:
+        return i * numa_nodes // count if numa_nodes else None
+
+    devices = [
+        Device(
+            id=gpu,
+            resource=GPU_RESOURCE,
+            gpu=gpu,
+            spec=gpu_spec(gpu, i),
+            numa_node=numa(i),
+            attributes=frozen_mapping({"index": str(i)}),
+        )
+        for i, gpu in enumerate(gpus)
+    ]
+    devices += [
+        Device(id=f"{gpu}::{r}", resource=SHARED_RESOURCE, gpu=gpu, spec=gpu_spec(gpu, i), numa_node=numa(i))
+        for i, gpu in enumerate(gpus)
+        for r in range(replicas)
+    ]
+    devices = [d if int(d.gpu.split("-")[1]) not in unhealthy else _unhealthy(d) for d in devices]
+    pairs = []
+    for i in range(count):
+        for j in range(i + 1, count):
+            if i // 2 == j // 2:
+                link = Link(nvlinks=2, pcie=PCIeLevel.HOSTBRIDGE)
+            elif numa(i) is not None and numa(i) == numa(j):
+                link = Link(pcie=PCIeLevel.HOSTBRIDGE)
+            else:
+                link = Link(pcie=PCIeLevel.SYSTEM)
+            pairs.append((gpus[i], gpus[j], link))
+    return DeviceTree(devices=tuple(devices), links=links_from_pairs(pairs))
+
+
+def _unhealthy(device: Device) -> Device:
+    return replace(device, health=Health.UNHEALTHY)
+
+
+class StaticBackend:
+    """A backend serving a fixed tree (replaceable with ``replace_tree``) and the events tests ``push``."""
+
+    name = "static"
+
+    def __init__(
+        self,
+        tree: DeviceTree,
+        policies: Mapping[str, AllocationPolicyKind] | None = None,
+    ) -> None:
+        self.tree = tree
+        self.policies = dict(policies or {SHARED_RESOURCE: AllocationPolicyKind.DISTRIBUTED})
+        self._events: asyncio.Queue[BackendEvent] = asyncio.Queue()
+        self.started = 0
+        self.closed = 0
+
+    async def start(self) -> None:
+        self.started += 1
+
+    async def discover(self) -> DeviceTree:
+        return self.tree
+
+    async def events(self) -> AsyncIterator[BackendEvent]:
+        while True:
+            yield await self._events.get()
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+    def allocation_policy(self, resource: str) -> AllocationPolicyKind:
+        return self.policies.get(resource, AllocationPolicyKind.TOPOLOGY)
+
+    def push(self, event: BackendEvent) -> None:
+        """Hand the manager an event, as a real backend's event stream would."""
+        self._events.put_nowait(event)
+
+    def replace_tree(self, tree: DeviceTree) -> None:
+        """Serve ``tree`` from now on, and tell the manager so."""
+        self.tree = tree
+        self.push(InventoryChanged(tree))
+
+
+class PreStartBackend(StaticBackend):
+    """A StaticBackend with the PreStart capability; it records every call."""
+
+    def __init__(self, tree: DeviceTree, policies: Mapping[str, AllocationPolicyKind] | None = None) -> None:
+        super().__init__(tree, policies)
+        self.pre_started: list[tuple[str, list[str]]] = []
+
+    async def pre_start_container(self, resource: str, device_ids: Sequence[str]) -> None:
+        self.pre_started.append((resource, list(device_ids)))
+
+
+class RecordingKubelet(api.RegistrationBase):
+    """The kubelet's Registration service, reduced to recording what it is sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[api.RegisterRequest] = []
+        self._arrived = asyncio.Condition()
+
+    async def register(self, message: api.RegisterRequest) -> api.Empty:
+        async with self._arrived:
+            self.requests.append(message)
+            self._arrived.notify_all()
+        return api.Empty()
+
+    async def wait_for(self, count: int, timeout_s: float = 5.0) -> list[api.RegisterRequest]:
+        """Wait until ``count`` registrations arrived in all; return them."""
+        async with asyncio.timeout(timeout_s), self._arrived:
+            await self._arrived.wait_for(lambda: len(self.requests) >= count)
+        return list(self.requests)
+
+    def endpoint(self, resource: str) -> str:
+        """The endpoint of the latest registration of ``resource``."""
+        return next(r.endpoint for r in reversed(self.requests) if r.resource_name == resource)
+
+
+@asynccontextmanager
+async def serve_kubelet(directory: Path) -> AsyncIterator[RecordingKubelet]:
+    """Serve a RecordingKubelet on ``<directory>/kubelet.sock`` while the block runs."""
+    kubelet = RecordingKubelet()
+    server = Server([kubelet])
+    await server.start(path=str(directory / "kubelet.sock"))
+    try:
+        yield kubelet
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@contextmanager
+def short_tmp_dir() -> Iterator[Path]:
+    """A fresh directory under /tmp whose path is short enough for unix sockets (107 bytes at most)."""
+    path = Path(tempfile.mkdtemp(prefix="gp-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

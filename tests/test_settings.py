@@ -1,0 +1,228 @@
+"""Settings: defaults, the config file, command-line and environment overrides, and errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from gpuplugin.cli import main
+from gpuplugin.health import DEFAULT_FATAL_XIDS, DEFAULT_IGNORED_XIDS, HealthPolicy, XidAction
+from gpuplugin.settings import ConfigError, Overrides, PluginSettings, parse_config, resolve
+
+SOURCE = "test.yaml"
+
+
+def settings_from(text: str, overrides: Overrides | None = None, env: dict[str, str] | None = None) -> PluginSettings:
+    return resolve(overrides or Overrides(), parse_config(text, SOURCE), env or {}, SOURCE)
+
+
+@pytest.mark.parametrize("text", ["", "# nothing\n", "version: v1\n"])
+def test_defaults(text: str) -> None:
+    """An empty file, or none at all, gives the defaults: mock backend, the kubelet's directory, NVIDIA's XIDs."""
+    settings = settings_from(text)
+    assert settings == resolve(Overrides(), {}, {}, SOURCE)
+    assert settings.backend == "mock"
+    assert dict(settings.backend_options) == {}
+    assert settings.manager.server.kubelet_dir == Path("/var/lib/kubelet/device-plugins")
+    assert settings.log_format == "auto"
+    assert settings.log_level == "info"
+    assert settings.state_dir == Path("/run/gpuplugin")
+    assert settings.health == HealthPolicy()
+    assert settings.health.ignored_xids == DEFAULT_IGNORED_XIDS
+    assert settings.health.fatal_xids == DEFAULT_FATAL_XIDS
+
+
+FULL = """
+version: v1
+plugin:
+  kubeletDir: /k/device-plugins
+  logFormat: json
+  logLevel: debug
+  stateDir: /s
+backend:
+  name: nvml
+  nvml:
+    migStrategy: mixed
+    replicas: 4
+  mock:
+    gpus: 99
+health:
+  ignoredXids: [13]
+  fatalXids: [79, 200]
+  enabledXids: [31]
+  recoveryQuietPeriodSeconds: 2.5
+  enabled: true
+"""
+
+
+def test_file_values() -> None:
+    """Every value in the file is used, and only the chosen backend's section becomes its options."""
+    settings = settings_from(FULL)
+    assert settings.backend == "nvml"
+    assert dict(settings.backend_options) == {"migStrategy": "mixed", "replicas": 4}
+    assert settings.manager.server.kubelet_dir == Path("/k/device-plugins")
+    assert settings.log_format == "json"
+    assert settings.log_level == "debug"
+    assert settings.state_dir == Path("/s")
+    assert settings.health.ignored_xids == {13}
+    assert settings.health.fatal_xids == {79, 200}
+    assert settings.health.forced_xids == {31}
+    assert settings.health.recovery_quiet_period_s == 2.5
+    assert settings.health.classify(200) is XidAction.FATAL
+    assert settings.health.classify(43) is XidAction.RECOVER
+
+
+def test_overrides_beat_the_file() -> None:
+    """Command-line / environment values beat the file; the chosen backend's flags merge over its section."""
+    overrides = Overrides(
+        backend="mock",
+        kubelet_dir=Path("/other"),
+        log_format="console",
+        log_level="warning",
+        state_dir=Path("/st"),
+        backend_options={"mock": {"gpus": 2, "config": Path("/m.yaml")}, "nvml": {"replicas": 1}},
+    )
+    settings = settings_from(FULL, overrides)
+    assert settings.backend == "mock"
+    assert dict(settings.backend_options) == {"gpus": 2, "config": Path("/m.yaml")}
+    assert settings.manager.server.kubelet_dir == Path("/other")
+    assert settings.log_format == "console"
+    assert settings.log_level == "warning"
+    assert settings.state_dir == Path("/st")
+    partial = settings_from(
+        "backend:\n  mock:\n    gpus: 8\n    seed: 1\n", Overrides(backend_options={"mock": {"gpus": 3}})
+    )
+    assert dict(partial.backend_options) == {"gpus": 3, "seed": 1}
+
+
+def test_other_backends_flags_do_not_apply() -> None:
+    """Flags of a backend that is not chosen leave the chosen backend's options alone."""
+    settings = settings_from(FULL, Overrides(backend_options={"mock": {"gpus": 3}}))
+    assert settings.backend == "nvml"
+    assert dict(settings.backend_options) == {"migStrategy": "mixed", "replicas": 4}
+
+
+def test_env_dp_variables_apply_on_top_of_the_file() -> None:
+    """DP_DISABLE_HEALTHCHECKS / DP_ENABLE_HEALTHCHECKS apply on top of the file's health section."""
+    env = {"DP_DISABLE_HEALTHCHECKS": "62", "DP_ENABLE_HEALTHCHECKS": "43"}
+    health = settings_from(FULL, env=env).health
+    assert health.classify(62) is XidAction.IGNORE
+    assert health.forced_xids == {31, 43}
+    assert not settings_from("", env={"DP_DISABLE_HEALTHCHECKS": "all"}).health.checks_enabled
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("version: v2\n", "version"),
+        ("version: 1\n", "version"),
+        ("plugin:\n  logFormat: xml\n", "plugin.logFormat"),
+        ("plugin:\n  logFormat: ''\n", "plugin.logFormat"),
+        ("plugin:\n  kubeletDir: 5\n", "plugin.kubeletDir"),
+        ("plugin:\n  stateDir: [a]\n", "plugin.stateDir"),
+        ("plugin:\n  logLevel: ''\n", "plugin.logLevel"),
+        ("backend:\n  name: 3\n", "backend.name"),
+        ("backend:\n  mock: 3\n", "backend.mock"),
+        ("health:\n  ignoredXids: 13\n", "health.ignoredXids"),
+        ("health:\n  ignoredXids: [13, x]\n", "health.ignoredXids"),
+        ("health:\n  ignoredXids: [true]\n", "health.ignoredXids"),
+        ("health:\n  fatalXids: [1.5]\n", "health.fatalXids"),
+        ("health:\n  enabledXids: {a: 1}\n", "health.enabledXids"),
+        ("health:\n  recoveryQuietPeriodSeconds: -1\n", "health.recoveryQuietPeriodSeconds"),
+        ("health:\n  recoveryQuietPeriodSeconds: soon\n", "health.recoveryQuietPeriodSeconds"),
+        ("health:\n  recoveryQuietPeriodSeconds: true\n", "health.recoveryQuietPeriodSeconds"),
+        ("health:\n  enabled: yes please\n", "health.enabled"),
+        ("health:\n  quietPeriod: 3\n", "health.quietPeriod"),
+        ("plugin: 3\n", "plugin"),
+        ("plugin: [a]\n", "plugin"),
+        ("backend: mock\n", "backend"),
+        ("health: []\n", "health"),
+    ],
+)
+def test_bad_field_names_the_field(text: str, field: str) -> None:
+    """Every bad field is a ConfigError naming the file and the field."""
+    with pytest.raises(ConfigError) as caught:
+        settings_from(text)
+    assert str(caught.value).startswith(f"{SOURCE}: {field}: ")
+
+
+def test_bad_log_level_names_the_field() -> None:
+    """An unknown log level is a ConfigError naming plugin.logLevel."""
+    with pytest.raises(ConfigError, match=r"plugin\.logLevel"):
+        settings_from("plugin:\n  logLevel: loud\n")
+
+
+@pytest.mark.parametrize("text", ["a: [1,\n", "- just\n- a list\n", "just a string\n", "plugin: {\n"])
+def test_not_a_mapping_or_not_yaml(text: str) -> None:
+    """A file that is not YAML, or not a mapping of sections, is a ConfigError naming the file."""
+    with pytest.raises(ConfigError, match=rf"^{SOURCE}: "):
+        parse_config(text, SOURCE)
+
+
+def run_cli(tmp_path: Path, *args: str, config: str | None = None, env: dict[str, str] | None = None) -> Any:
+    """Run ``gpuplugin serve`` with a kubelet directory that exists nowhere the plugin could reach."""
+    extra: list[str] = []
+    if config is not None:
+        path = tmp_path / "bad.yaml"
+        path.write_text(config, encoding="utf-8")
+        extra = ["--config", str(path)]
+    runner = CliRunner()
+    return runner.invoke(
+        main, ["serve", "--kubelet-dir", str(tmp_path / "kubelet"), *extra, *args], env=env, catch_exceptions=True
+    )
+
+
+def assert_one_line_error(result: Any, *needles: str) -> None:
+    assert result.exit_code not in (0, None), result.output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        ("version: v9\n", "version"),
+        ("plugin:\n  logFormat: xml\n", "plugin.logFormat"),
+        ("health:\n  ignoredXids: nope\n", "health.ignoredXids"),
+        ("health:\n  recoveryQuietPeriodSeconds: -3\n", "health.recoveryQuietPeriodSeconds"),
+        ("health:\n  bogus: 1\n", "health.bogus"),
+        ("backend: 7\n", "backend"),
+    ],
+)
+def test_cli_bad_config_is_one_line(tmp_path: Path, config: str, field: str) -> None:
+    """`gpuplugin serve --config bad.yaml` exits non-zero with one line naming the field, no traceback."""
+    assert_one_line_error(run_cli(tmp_path, config=config), "bad.yaml", f"{field}:")
+
+
+def test_cli_invalid_yaml_is_one_line(tmp_path: Path) -> None:
+    """`gpuplugin serve --config` with invalid YAML exits non-zero with one line naming the file."""
+    assert_one_line_error(run_cli(tmp_path, config="a: [1,\nb: 2\n"), "bad.yaml", "not valid YAML")
+
+
+def test_cli_unknown_backend_is_one_line(tmp_path: Path) -> None:
+    """`gpuplugin serve --backend nope` exits non-zero with one line naming the backend, no traceback."""
+    assert_one_line_error(run_cli(tmp_path, "--backend", "nope"), "'nope'", "mock")
+
+
+def test_cli_bad_dp_env_is_one_line(tmp_path: Path) -> None:
+    """A bad DP_DISABLE_HEALTHCHECKS exits non-zero with one line naming the variable."""
+    result = run_cli(tmp_path, env={"DP_DISABLE_HEALTHCHECKS": "sometimes"})
+    assert_one_line_error(result, "DP_DISABLE_HEALTHCHECKS", "sometimes")
+
+
+def test_cli_missing_config_file_is_one_line(tmp_path: Path) -> None:
+    """A config file that cannot be read exits non-zero with one line naming it."""
+    result = CliRunner().invoke(main, ["serve", "--config", str(tmp_path / "absent.yaml")])
+    assert_one_line_error(result, "absent.yaml")
+
+
+def test_cli_bad_log_level_is_one_line(tmp_path: Path) -> None:
+    """`gpuplugin serve --log-level loud` exits non-zero with one line naming the log level, no traceback."""
+    assert_one_line_error(run_cli(tmp_path, "--log-level", "loud"), "loud")

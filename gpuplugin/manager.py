@@ -67,6 +67,7 @@ class Manager:
         """What is served: the discovered tree after the transforms."""
         self._faults: dict[HealthKey, HealthChanged] = {}
         self._tasks = TaskSet("manager")
+        self._follower: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.health_changes: Counter[tuple[str, int | None]] = Counter()
         """Health events seen, by (health, XID)."""
@@ -75,7 +76,7 @@ class Manager:
         """Start the backend, serve what it discovers, and follow its events and the kubelet's restarts."""
         await self.backend.start()
         await self.apply(await self.backend.discover())
-        self._tasks.spawn(self._follow_backend(), "backend events")
+        self._follower = self._tasks.spawn(self._follow_backend(), "backend events")
         watcher = SocketWatcher(
             self.settings.server.kubelet_dir,
             self._kubelet_socket_created,
@@ -88,10 +89,39 @@ class Manager:
         """Ask the backend for its devices again and serve the result (SIGHUP)."""
         await self.apply(await self.backend.discover())
 
-    async def set_transforms(self, transforms: Sequence[TreeTransform]) -> None:
-        """Serve the discovered tree through new transforms (a reloaded config); unchanged resources keep serving."""
-        self.transforms = tuple(transforms)
-        await self.apply(self.discovered)
+    async def reconfigure(
+        self,
+        *,
+        transforms: Sequence[TreeTransform] | None = None,
+        sinks: Sequence[TreeSink] | None = None,
+        backend: Backend | None = None,
+    ) -> None:
+        """Apply a reloaded config. Resources whose devices did not change keep their server and their streams.
+
+        A new backend replaces the old one, which is closed first (both may want the same files and sockets);
+        its health state starts afresh, as after a restart. Raises what the new backend's start raises, with the
+        old one already closed: the caller restarts one from the old settings.
+        """
+        if sinks is not None:
+            old_sinks, self._sinks = self._sinks, tuple(sinks)
+            for sink in old_sinks:
+                await sink.aclose()
+        if transforms is not None:
+            self.transforms = tuple(transforms)
+        if backend is None:
+            await self.apply(self.discovered)
+            return
+        if self._follower is not None:
+            self._follower.cancel()
+        await self.backend.aclose()
+        self.backend = backend
+        self._faults.clear()
+        await backend.start()
+        tree = await backend.discover()
+        for server in self.servers.values():
+            server.use_backend(backend)
+        await self.apply(tree)
+        self._follower = self._tasks.spawn(self._follow_backend(), "backend events")
 
     async def aclose(self) -> None:
         """Stop following events, tell the kubelet every resource is gone, remove our sockets, close the backend."""

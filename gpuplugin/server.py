@@ -116,6 +116,14 @@ def spec_to_proto(spec: ContainerSpec) -> api.ContainerAllocateResponse:
     )
 
 
+def _options(backend: Backend) -> api.DevicePluginOptions:
+    """What the kubelet is told to call, from the capabilities the backend has."""
+    return api.DevicePluginOptions(
+        pre_start_required=isinstance(backend, PreStart),
+        get_preferred_allocation_available=isinstance(backend, PreferredAllocation),
+    )
+
+
 def socket_name(prefix: str, resource: str) -> str:
     """A fresh socket name per serve: a stale socket of an earlier run can never collide with it."""
     return f"{prefix}-{_SOCKET_SAFE.sub('_', resource)}-{os.getpid()}-{next(_socket_counter)}.sock"
@@ -137,10 +145,7 @@ class ResourceServer:
         self._settings = settings
         self._on_rpc = on_rpc
         self._log = log.bind(resource=resource)
-        self.options = api.DevicePluginOptions(
-            pre_start_required=isinstance(backend, PreStart),
-            get_preferred_allocation_available=isinstance(backend, PreferredAllocation),
-        )
+        self.options = _options(backend)
         self._options_message = bytes(self.options)
         self._custom = backend if isinstance(backend, CustomAllocate) else None
         self._view: ResourceView | None = None
@@ -174,6 +179,17 @@ class ResourceServer:
             self._options_message = bytes(self.options)
         await self.update(devices, tree)
         await self.reserve()
+
+    def use_backend(self, backend: Backend) -> None:
+        """Serve for a new backend (a reloaded config); register again if the options it implies changed."""
+        self._backend = backend
+        self._custom = backend if isinstance(backend, CustomAllocate) else None
+        options = _options(backend)
+        options.get_preferred_allocation_available |= self.options.get_preferred_allocation_available
+        if options != self.options:
+            self.options, self._options_message = options, bytes(options)
+            if self.socket_path is not None:
+                self.register_again()
 
     def _policy_kind(self, tree: DeviceTree) -> AllocationPolicyKind:
         chosen = tree.rules_of(self.resource).allocation_policy

@@ -266,10 +266,12 @@ def demo(quiet_period: float, gpus: int, log_level: str) -> None:
     )
 
 
-def _add_backend_commands() -> None:
+def _add_commands() -> None:
     from backends.mock.cli import mock_cli
+    from benchmarks.cli import bench
 
     main.add_command(mock_cli, name="mock")
+    main.add_command(bench, name="bench")
 
 
-_add_backend_commands()
+_add_commands()

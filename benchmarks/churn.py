@@ -1,0 +1,246 @@
+"""The churn model: seeded pods that arrive, take devices, live and leave, while health flaps and the kubelet restarts.
+
+The pods and the flaps come from their own seeded random streams, so a seed gives the same pods, sizes,
+lifetimes, flapped GPUs and hold times on every run; only the timing of the machine differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from backends.mock.control import ControlUnavailable, control
+from benchmarks.measure import Clock, Latencies
+from benchmarks.restarts import restart_once
+from benchmarks.scenarios import ChurnSettings
+from gpuplugin.simulator import AdmissionError, KubeletSimulator
+
+#: XID 63 (row remapping pending) is recoverable: the GPU turns Unhealthy at once and can come back.
+FLAP_XID = 63
+HEALTH_TIMEOUT_S = 10.0
+#: Seconds to wait for room when no pod is running (only an unhealthy GPU can be in the way then).
+NO_POD_WAIT_S = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class PodPlan:
+    """One pod of the churn."""
+
+    name: str
+    gap_s: float
+    """Seconds after the previous pod's arrival; 0 when pods come as fast as they are admitted."""
+    containers: tuple[int, ...]
+    """Devices asked for by each container."""
+    lifetime_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class HealthEvent:
+    """A health change injected through the mock's control socket, and when the kubelet saw it."""
+
+    sent_s: float
+    """Seconds after the run began."""
+    gpu: int
+    health: str
+    delay_s: float
+    """From the control request sent to the ListAndWatch message seen by the simulator."""
+
+
+def pod_plans(settings: ChurnSettings, capacity: int, seed: int) -> Iterator[PodPlan]:
+    """An endless, seeded stream of pods; a pod never asks for more than the node has."""
+    rng = random.Random(seed)
+    sizes = [size for size in settings.size_mix if size <= capacity]
+    weights = [settings.size_mix[size] for size in sizes]
+    for n in itertools.count():
+        gap = rng.expovariate(settings.arrival_rate_per_s) if settings.arrival_rate_per_s else 0.0
+        count = rng.randint(1, settings.max_containers)
+        containers = tuple(rng.choices(sizes, weights, k=count))
+        while sum(containers) > capacity:
+            containers = tuple(rng.choices(sizes, weights, k=count))
+        yield PodPlan(f"pod-{n:06d}", gap, containers, rng.expovariate(1 / settings.mean_lifetime_s))
+
+
+class ChurnRun:
+    """Drives one churn phase against the simulator and the plugin's control socket."""
+
+    def __init__(
+        self,
+        kubelet: KubeletSimulator,
+        settings: ChurnSettings,
+        *,
+        resource: str,
+        gpus: int,
+        control_socket: Path,
+        clock: Clock,
+        seed: int,
+        progress: Callable[[int], object],
+    ) -> None:
+        self.kubelet = kubelet
+        self.settings = settings
+        self.resource = resource
+        self.gpus = gpus
+        self.control_socket = control_socket
+        self.clock = clock
+        self.seed = seed
+        self.progress = progress
+        # Admissions, health changes and restarts take turns: a GPU that turns unhealthy between the kubelet's choice
+        # and Allocate fails the pod by design (a correct refusal, not a plugin error), and a restart fails every
+        # pod until the plugin registers again, as it would on a node. Each still happens between the others.
+        self._turn = asyncio.Lock()
+        self.admission = clock.latencies("admission")
+        self.admission_single = clock.latencies("admission (1 container)")
+        self.kubelet_share = clock.latencies("admission minus plugin RPCs (kubelet's share)")
+        self.preferred = clock.latencies("GetPreferredAllocation (churn)")
+        self.allocate = clock.latencies("Allocate (churn)")
+        self.to_unhealthy = clock.latencies("health change → ListAndWatch (Unhealthy)")
+        self.to_healthy = clock.latencies("health change → ListAndWatch (Healthy)")
+        self.registered = clock.latencies("re-registration (mid-churn)")
+        self.listed = clock.latencies("re-registration to device list (mid-churn)")
+        self.health_events: list[HealthEvent] = []
+        self.restart_times_s: list[float] = []
+        self.pods = 0
+        self.containers = 0
+        self.pods_waited = 0
+        self.wall_s = 0.0
+
+    def measures(self) -> list[Latencies]:
+        return [
+            self.admission,
+            self.admission_single,
+            self.kubelet_share,
+            self.preferred,
+            self.allocate,
+            self.to_unhealthy,
+            self.to_healthy,
+            self.registered,
+            self.listed,
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "pods_admitted": self.pods,
+            "containers_admitted": self.containers,
+            "pods_that_waited_for_room": self.pods_waited,
+            "health_events": len(self.health_events),
+            "kubelet_restarts": len(self.restart_times_s),
+            "wall_s": self.wall_s,
+            "admissions_per_s": self.pods / self.wall_s if self.wall_s else 0.0,
+        }
+
+    async def run(self) -> None:
+        began = time.perf_counter()
+        end = began + self.settings.duration_s
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._admit_pods(end))
+            if self.settings.flap_rate_per_s > 0:
+                group.create_task(self._flap(end))
+            if self.settings.kubelet_restarts:
+                group.create_task(self._restart(began))
+        self.wall_s = time.perf_counter() - began
+
+    async def _admit_pods(self, end: float) -> None:
+        running: list[tuple[float, str]] = []
+        arrival = time.perf_counter()
+        try:
+            for plan in pod_plans(self.settings, self.gpus, self.seed):
+                arrival += plan.gap_s
+                if max(arrival, time.perf_counter()) >= end:
+                    break
+                await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
+                await self._admit(plan, running)
+                self.progress(1)
+        finally:
+            for _, name in running:
+                await self.kubelet.remove_pod(name)
+
+    async def _admit(self, plan: PodPlan, running: list[tuple[float, str]]) -> None:
+        need = sum(plan.containers)
+        waited = False
+        while True:
+            await self._reap(running)
+            async with self._turn:
+                if self.kubelet.free(self.resource) >= need:
+                    began = time.perf_counter()
+                    try:
+                        admitted = await self.kubelet.admit(plan.name, [{self.resource: k} for k in plan.containers])
+                    except AdmissionError as exc:
+                        self.admission.error(exc)
+                        return
+                    elapsed = time.perf_counter() - began
+                    break
+            waited = True
+            timeout_s = running[0][0] - time.perf_counter() if running else NO_POD_WAIT_S
+            with contextlib.suppress(TimeoutError):
+                await self.kubelet.wait_for(lambda: self.kubelet.free(self.resource) >= need, max(timeout_s, 0.001))
+        self.pods += 1
+        self.pods_waited += waited
+        self.admission.record(began, elapsed)
+        if len(plan.containers) == 1:
+            self.admission_single.record(began, elapsed)
+        plugin_s = 0.0
+        for container in admitted.containers:
+            self.containers += 1
+            allocation = container.allocations[self.resource]
+            self.allocate.record(began, allocation.allocate_s)
+            plugin_s += allocation.allocate_s
+            if allocation.preferred_allocation_s is not None:
+                self.preferred.record(began, allocation.preferred_allocation_s)
+                plugin_s += allocation.preferred_allocation_s
+        # The simulator's bookkeeping and its checkpoint writes (fsync'd, as the kubelet's are).
+        self.kubelet_share.record(began, elapsed - plugin_s)
+        heapq.heappush(running, (time.perf_counter() + plan.lifetime_s, plan.name))
+
+    async def _reap(self, running: list[tuple[float, str]]) -> None:
+        while running and running[0][0] <= time.perf_counter():
+            _, name = heapq.heappop(running)
+            await self.kubelet.remove_pod(name)
+
+    async def _flap(self, end: float) -> None:
+        """One GPU at a time: Unhealthy by an XID, held, then recovered; each change timed to ListAndWatch."""
+        rng = random.Random(f"flaps-{self.seed}")
+        while True:
+            gap_s = rng.expovariate(self.settings.flap_rate_per_s)
+            gpu = rng.randrange(self.gpus)
+            hold_s = rng.expovariate(1 / self.settings.mean_flap_hold_s)
+            if time.perf_counter() + gap_s >= end:
+                return
+            await asyncio.sleep(gap_s)
+            await self._change_health(gpu, {"op": "xid", "gpu": gpu, "xid": FLAP_XID}, "Unhealthy", self.to_unhealthy)
+            await asyncio.sleep(hold_s)
+            await self._change_health(gpu, {"op": "recover", "gpu": gpu}, "Healthy", self.to_healthy)
+
+    async def _change_health(self, gpu: int, request: dict[str, Any], health: str, into: Latencies) -> None:
+        async with self._turn:
+            began = time.perf_counter()
+            try:
+                answer = await control(self.control_socket, request)
+                if not answer.get("ok"):
+                    raise RuntimeError(f"control {request} answered {answer}")
+                uuid = str(answer["uuid"])
+                await self.kubelet.wait_for(
+                    lambda: self.kubelet.devices(self.resource).get(uuid) == health, HEALTH_TIMEOUT_S
+                )
+            except (ControlUnavailable, RuntimeError, TimeoutError) as exc:
+                into.error(exc)
+                return
+            elapsed = time.perf_counter() - began
+        into.record(began, elapsed)
+        self.health_events.append(HealthEvent(began - self.clock.origin_s, gpu, health, elapsed))
+
+    async def _restart(self, began: float) -> None:
+        """Restarts spread evenly over the run, each taken between admissions."""
+        count = self.settings.kubelet_restarts
+        for n in range(1, count + 1):
+            at = began + self.settings.duration_s * n / (count + 1)
+            await asyncio.sleep(max(0.0, at - time.perf_counter()))
+            async with self._turn:
+                self.restart_times_s.append(self.clock.now())
+                await restart_once(self.kubelet, self.resource, self.gpus, self.registered, self.listed)

@@ -1,0 +1,124 @@
+"""``gpuplugin bench`` / ``python -m benchmarks``: run named scenarios and write their results."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import click
+
+from benchmarks import plots, report
+from benchmarks.runner import RunSettings, run_scenario
+from benchmarks.scenarios import FULL_SUITE, SCENARIOS, Scenario
+from gpuplugin import logs
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def list_scenarios() -> str:
+    lines = []
+    for scenario in SCENARIOS.values():
+        state = "" if scenario.available else f"  [{scenario.unavailable_reason}]"
+        lines.append(f"  {scenario.name:<14} {scenario.description}{state}")
+    lines.append(f"  {'all':<14} {', '.join(FULL_SUITE)}")
+    return "\n".join(lines)
+
+
+@click.command(
+    "bench",
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    epilog="\b\nScenarios:\n" + list_scenarios(),
+)
+@click.argument("scenario_name", metavar="[SCENARIO]", default="whole-8")
+@click.option("--list", "show_list", is_flag=True, help="List the scenarios and exit.")
+@click.option("--quick", is_flag=True, help="A few seconds per scenario: proves the suite works, not speed (CI).")
+@click.option("--seed", type=int, default=1, show_default=True, help="Seed of the churn, the flaps and the sizes.")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Results folder. Default: benchmarks/results/<scenario>/; with several scenarios, one folder each in it.",
+)
+@click.option("--calls", type=int, help="Allocate calls per target (plugin and each floor).")
+@click.option("--preferred-calls", type=int, help="GetPreferredAllocation calls alone.")
+@click.option("--callers", type=int, help="Concurrent Allocate callers.")
+@click.option("--count", "restarts", type=int, help="Kubelet restarts in the restart phase.")
+@click.option("--gpus", type=int, help="Mock GPUs on the node.")
+@click.option("--duration", type=float, help="Seconds of churn (0 skips the churn).")
+@click.option("--rate", type=float, help="Pod arrivals per second, Poisson; 0: as fast as they are admitted.")
+@click.option("--kubelet-restarts", type=int, help="Kubelet restarts during the churn.")
+@click.option("--flap-rate", type=float, help="Health flaps per second during the churn; 0: none.")
+@click.option("--no-baselines", is_flag=True, help="Skip the grpclib and grpcio floors.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def bench(scenario_name: str, show_list: bool, quick: bool, seed: int, out: Path | None, **overrides: Any) -> None:
+    """Benchmark the plugin in its own process against the kubelet simulator. SCENARIO defaults to whole-8."""
+    if show_list:
+        click.echo("Scenarios:\n" + list_scenarios())
+        return
+    names = FULL_SUITE if scenario_name == "all" else (scenario_name,)
+    scenarios = []
+    for name in names:
+        scenario = SCENARIOS.get(name)
+        if scenario is None:
+            raise click.UsageError(f"unknown scenario {name!r}; known:\n{list_scenarios()}")
+        if not scenario.available:
+            raise click.ClickException(f"scenario {name}: {scenario.unavailable_reason}")
+        scenarios.append(customise(scenario.quick() if quick else scenario, overrides))
+    logs.configure("console", "warning")
+    # SIGTERM as Ctrl-C: asyncio.run cancels the run, and its cleanup stops the plugin and floor processes.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    progress = not overrides.get("no_progress")
+    failed = False
+    for scenario in scenarios:
+        folder = out if out is not None and len(scenarios) == 1 else (out or DEFAULT_OUT) / scenario.name
+        errors = run_one(scenario, folder, RunSettings(seed=seed, quick=quick, progress=progress))
+        failed = failed or errors > 0
+    if failed:
+        raise click.ClickException("errors during the run: see results.json")
+
+
+def customise(scenario: Scenario, overrides: Mapping[str, Any]) -> Scenario:
+    """The scenario with the command line's numbers in place of its own."""
+    fields: dict[str, Any] = {
+        "allocate_calls": overrides.get("calls"),
+        "preferred_calls": overrides.get("preferred_calls"),
+        "callers": overrides.get("callers"),
+        "restarts": overrides.get("restarts"),
+        "gpus": overrides.get("gpus"),
+    }
+    changed = dataclasses.replace(scenario, **{k: v for k, v in fields.items() if v is not None})
+    if overrides.get("no_baselines"):
+        changed = dataclasses.replace(changed, baselines=False)
+    churn = changed.churn
+    if churn is not None:
+        rate = overrides.get("rate")
+        churn_fields: dict[str, Any] = {
+            "duration_s": overrides.get("duration"),
+            "arrival_rate_per_s": (rate or None) if rate is not None else churn.arrival_rate_per_s,
+            "kubelet_restarts": overrides.get("kubelet_restarts"),
+            "flap_rate_per_s": overrides.get("flap_rate"),
+        }
+        churn = dataclasses.replace(churn, **{k: v for k, v in churn_fields.items() if v is not None})
+        changed = dataclasses.replace(changed, churn=None if churn.duration_s <= 0 else churn)
+    return changed
+
+
+def run_one(scenario: Scenario, folder: Path, settings: RunSettings) -> int:
+    """Run, write JSON, markdown and plots into ``folder``, print the markdown; the number of errors."""
+    click.echo(f"running {scenario.name}: {scenario.description}", err=True)
+    started = datetime.datetime.now(datetime.UTC)
+    began = time.perf_counter()
+    result = asyncio.run(run_scenario(scenario, settings))
+    built = report.build_report(
+        scenario, result, seed=settings.seed, quick=settings.quick, started=started, wall_s=time.perf_counter() - began
+    )
+    report.write(built, folder)
+    plots.write(result, folder)
+    click.echo(report.markdown(built))
+    click.echo(f"results in {folder}", err=True)
+    return int(built["errors"])

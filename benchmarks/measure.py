@@ -1,0 +1,77 @@
+"""Latency measures: an HDR histogram each, with the raw samples kept for the plots."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+#: Histogram range in microseconds: 1 µs to 10 minutes at 3 significant digits.
+_LOWEST_US = 1
+_HIGHEST_US = 600_000_000
+_DIGITS = 3
+
+PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+
+
+@dataclass
+class Latencies:
+    """One measure (an RPC, an admission, a health delay): its histogram, samples over time and errors."""
+
+    name: str
+    origin_s: float
+    """``time.perf_counter()`` of the run's start: sample times are seconds after it."""
+    histogram: HdrHistogram = field(default_factory=lambda: HdrHistogram(_LOWEST_US, _HIGHEST_US, _DIGITS))
+    samples: list[tuple[float, float]] = field(default_factory=list)
+    """(seconds since the run began, latency in seconds) per call."""
+    errors: Counter[str] = field(default_factory=Counter)
+    wall_s: float = 0.0
+    """Time the calls took together, for throughput; 0 where calls were spread over other work."""
+
+    def record(self, started_s: float, elapsed_s: float) -> None:
+        """One call that began at ``started_s`` (perf_counter) and took ``elapsed_s``."""
+        self.histogram.record_value(min(max(round(elapsed_s * 1e6), _LOWEST_US), _HIGHEST_US))
+        self.samples.append((started_s - self.origin_s, elapsed_s))
+
+    def error(self, exc: BaseException) -> None:
+        self.errors[f"{type(exc).__name__}: {exc}"[:200]] += 1
+
+    @property
+    def count(self) -> int:
+        return int(self.histogram.get_total_count())
+
+    def percentile_ms(self, percentile: float) -> float:
+        return float(self.histogram.get_value_at_percentile(percentile)) / 1000
+
+    def summary(self) -> dict[str, Any]:
+        """Counts, percentiles, max and mean in milliseconds, throughput per second where it means something."""
+        count = self.count
+        summary: dict[str, Any] = {"count": count, "errors": sum(self.errors.values())}
+        if count:
+            for p in PERCENTILES:
+                summary[f"p{p:g}_ms"] = self.percentile_ms(p)
+            summary["max_ms"] = float(self.histogram.get_max_value()) / 1000
+            summary["mean_ms"] = float(self.histogram.get_mean_value()) / 1000
+        if self.wall_s > 0:
+            summary["wall_s"] = self.wall_s
+            summary["throughput_per_s"] = count / self.wall_s
+        if self.errors:
+            summary["error_messages"] = dict(self.errors.most_common(5))
+        return summary
+
+
+class Clock:
+    """The run's time origin, shared by every measure, so plots line up."""
+
+    def __init__(self) -> None:
+        self.origin_s = time.perf_counter()
+
+    def now(self) -> float:
+        """Seconds since the run began."""
+        return time.perf_counter() - self.origin_s
+
+    def latencies(self, name: str) -> Latencies:
+        return Latencies(name, self.origin_s)

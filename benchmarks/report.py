@@ -1,0 +1,283 @@
+"""Results on disk: JSON with the machine and versions, a markdown table, and the comparison with NVIDIA's plugin."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from benchmarks.runner import RunResult
+from benchmarks.scenarios import Scenario
+
+LIBRARIES = ("grpclib", "h2", "betterproto2", "grpcio", "hdrhistogram", "psutil", "matplotlib", "tqdm", "structlog")
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True, slots=True)
+class Reference:
+    """A figure of NVIDIA's Go plugin v0.20.0 (H200, 2 GPUs, NVLink, the kubelet's device-manager code) and our goal."""
+
+    label: str
+    measure: str
+    """Our measure's name, or a dotted path into the facts (``facts:plugin.idle_rss_mb``)."""
+    statistic: str
+    """``p50_ms``, ``p99_ms``, ``throughput_per_s`` or ``value`` for facts."""
+    nvidia: float
+    goal: float
+    """The bound we must meet."""
+    lower_is_better: bool = True
+
+
+REFERENCES = (
+    Reference("Allocate p50 (ms)", "Allocate", "p50_ms", 0.09, 0.18),
+    Reference("Allocate p99 (ms)", "Allocate", "p99_ms", 0.30, 0.60),
+    Reference("Allocate throughput (/s)", "Allocate", "throughput_per_s", 10_000, 5_000, lower_is_better=False),
+    Reference("Allocate x16 p99 (ms)", "Allocate x16", "p99_ms", 1.0, 2.0),
+    Reference("GetPreferredAllocation p50 (ms)", "GetPreferredAllocation", "p50_ms", 0.35, 0.35),
+    Reference("GetPreferredAllocation p99 (ms)", "GetPreferredAllocation", "p99_ms", 2.2, 2.2),
+    Reference("admission p50 (ms)", "admission (1 container)", "p50_ms", 0.93, 0.93),
+    Reference("admission p99 (ms)", "admission (1 container)", "p99_ms", 4.2, 4.2),
+    Reference("re-registration median (ms)", "re-registration", "p50_ms", 3.6, 10.0),
+    Reference("idle RSS (MB)", "facts:plugin.idle_rss_mb", "value", 42, 60),
+    Reference("RSS after the run (MB)", "facts:plugin.rss_after_run_mb", "value", 50, 60),
+    Reference("start to registration (ms)", "facts:start_to_registration_ms", "value", 62, float("inf")),
+)
+
+
+def environment() -> dict[str, Any]:
+    """The machine, the interpreter, the libraries and the commit: what a figure needs to be compared."""
+    versions: dict[str, str] = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "cpu": _cpu_model(),
+            "logical_cpus": os.cpu_count(),
+            "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
+            "load_average_1m": os.getloadavg()[0],
+        },
+        "python": {"version": platform.python_version(), "implementation": platform.python_implementation()},
+        "libraries": versions,
+        "git": _git(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _git() -> dict[str, Any]:
+    def git(*args: str) -> str | None:
+        try:
+            # --no-optional-locks: read only; never refresh the index of a checkout others work in.
+            done = subprocess.run(
+                ["git", "--no-optional-locks", *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip()
+
+    status = git("status", "--porcelain")
+    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+
+
+def plain(value: Any) -> Any:
+    """Settings as JSON-ready values (``dataclasses.asdict`` cannot copy a read-only mapping)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    return value
+
+
+def build_report(
+    scenario: Scenario, result: RunResult, *, seed: int, quick: bool, started: datetime.datetime, wall_s: float
+) -> dict[str, Any]:
+    latency = {name: m.summary() for name, m in result.measures.items()}
+    errors = sum(s["errors"] for s in latency.values())
+    report: dict[str, Any] = {
+        "scenario": scenario.name,
+        "description": scenario.description,
+        "settings": plain(scenario),
+        "seed": seed,
+        "quick": quick,
+        "started_at": started.isoformat(timespec="seconds"),
+        "wall_s": wall_s,
+        "environment": environment(),
+        "errors": errors,
+        "latency": latency,
+        **result.facts,
+        "ratios_to_floors": _ratios(latency),
+    }
+    report["against_nvidia"] = _against_nvidia(report)
+    return report
+
+
+def _ratios(latency: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
+    """Our Allocate over each floor's, measured with the same client loop in the same run."""
+    ratios: dict[str, dict[str, float]] = {}
+    for name, ours in latency.items():
+        if not name.startswith("Allocate") or "churn" in name or not ours.get("count"):
+            continue
+        suffix = name.removeprefix("Allocate")
+        for floor in ("floor-grpclib", "floor-grpcio"):
+            theirs = latency.get(f"{floor} Allocate{suffix}")
+            if theirs and theirs.get("count"):
+                ratios[f"{name} / {floor}"] = {
+                    stat: ours[stat] / theirs[stat] for stat in ("p50_ms", "p90_ms", "p99_ms") if theirs[stat]
+                }
+    return ratios
+
+
+def _lookup(report: Mapping[str, Any], reference: Reference) -> float | None:
+    if reference.measure.startswith("facts:"):
+        value: Any = report
+        for key in reference.measure.removeprefix("facts:").split("."):
+            value = value.get(key) if isinstance(value, Mapping) else None
+        return float(value) if isinstance(value, int | float) else None
+    stats = report["latency"].get(reference.measure)
+    if not stats or reference.statistic not in stats:
+        return None
+    return float(stats[reference.statistic])
+
+
+def _against_nvidia(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    rows = []
+    for reference in REFERENCES:
+        ours = _lookup(report, reference)
+        if ours is None:
+            continue
+        met = ours <= reference.goal if reference.lower_is_better else ours >= reference.goal
+        rows.append(
+            {
+                "figure": reference.label,
+                "ours": ours,
+                "nvidia_v0_20_0": reference.nvidia,
+                "ratio_to_nvidia": ours / reference.nvidia,
+                "goal": reference.goal,
+                "met": met,
+            }
+        )
+    return rows
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    env = report["environment"]
+    machine = env["machine"]
+    lines = [
+        f"# Benchmark `{report['scenario']}`{' (quick: proves the suite works, not speed)' if report['quick'] else ''}",
+        "",
+        f"{report['description']}. Seed {report['seed']}, {report['started_at']}, {report['wall_s']:.1f} s.",
+        f"Machine: {machine['cpu']}, {machine['logical_cpus']} CPUs, load {machine['load_average_1m']:.2f}; "
+        f"Python {env['python']['version']}; grpclib {env['libraries']['grpclib']}, "
+        f"betterproto2 {env['libraries']['betterproto2']}, grpcio {env['libraries']['grpcio']}; "
+        f"commit {(env['git']['commit'] or '?')[:12]}{' (dirty)' if env['git']['dirty'] else ''}.",
+        "",
+        f"**Errors: {report['errors']}**",
+        "",
+        "| measure | count | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | per s | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, s in report["latency"].items():
+        if not s["count"] and not s["errors"]:
+            continue
+        cells = [_ms(s.get(k)) for k in ("p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "max_ms")]
+        rate = f"{s['throughput_per_s']:,.0f}" if "throughput_per_s" in s else ""
+        lines.append(f"| {name} | {s['count']} | {' | '.join(cells)} | {rate} | {s['errors']} |")
+    if report["ratios_to_floors"]:
+        lines += ["", "| ratio (same client loop, same run) | p50 | p90 | p99 |", "|---|---:|---:|---:|"]
+        for name, r in report["ratios_to_floors"].items():
+            lines.append(f"| {name} | {' | '.join(f'{r.get(k, 0):.2f}x' for k in ('p50_ms', 'p90_ms', 'p99_ms'))} |")
+    if report["against_nvidia"]:
+        lines += [
+            "",
+            "NVIDIA's figures come from an H200 host, driven by the kubelet's own Go code; our client here is the "
+            "Python simulator on the same CPUs as the plugin. Only on that host do the 'met' column's answers hold; "
+            "elsewhere, read the ratios to the floors above.",
+            "",
+            "| figure | ours | NVIDIA v0.20.0 | ours / NVIDIA | goal | met |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+        for row in report["against_nvidia"]:
+            goal = "—" if row["goal"] == float("inf") else f"{row['goal']:g}"
+            lines.append(
+                f"| {row['figure']} | {row['ours']:,.3f} | {row['nvidia_v0_20_0']:g} | {row['ratio_to_nvidia']:.2f}x "
+                f"| {goal} | {'yes' if row['met'] else '**no**'} |"
+            )
+    plugin = report.get("plugin")
+    if plugin:
+        lines += [
+            "",
+            f"Plugin process: start to registration {report['start_to_registration_ms']:.0f} ms, to device list "
+            f"{report['start_to_device_list_ms']:.0f} ms; RSS idle {plugin['idle_rss_mb']:.1f} MB, after the run "
+            f"{plugin['rss_after_run_mb']:.1f} MB, peak {plugin['peak_rss_mb']:.1f} MB; "
+            f"CPU {plugin['cpu_s_during_run']:.2f} s "
+            f"during the run ({plugin['cpu_s_total']:.2f} s in all); exit code {plugin['exit_code']}; "
+            f"{len(plugin['log_problems'])} warning or error lines logged.",
+        ]
+    ends = report.get("stream_ends", [])
+    if ends:
+        lines += [
+            "",
+            f"The kubelet saw {len(ends)} ListAndWatch stream(s) of a current endpoint end (allocatable drops to 0 "
+            "until the next registration): " + "; ".join(f"{e['endpoint']} ({e['error'] or 'closed'})" for e in ends),
+        ]
+    if "churn" in report:
+        c = report["churn"]
+        lines += [
+            "",
+            f"Churn: {c['pods_admitted']} pods ({c['containers_admitted']} containers) in {c['wall_s']:.1f} s, "
+            f"{c['admissions_per_s']:.0f} admissions/s; {c['pods_that_waited_for_room']} waited for free devices; "
+            f"{c['health_events']} health changes; {c['kubelet_restarts']} kubelet restarts.",
+        ]
+    where = report.get("where_time_goes")
+    if where:
+        codec = where["codec_us"]
+        lines += [
+            "",
+            "Where an Allocate's time goes (medians, µs): "
+            f"request encode {codec['request_encode_us']:.1f}, decode {codec['request_decode_us']:.1f}; "
+            f"response ({codec['response_bytes']} bytes) encode {codec['response_encode_us']:.1f}, "
+            f"decode {codec['response_decode_us']:.1f}. Per call betterproto2 costs "
+            f"{where['betterproto2_per_call_us']:.0f} µs (client {where['betterproto2_client_us']:.0f}, plugin "
+            f"{where['betterproto2_plugin_us']:.0f}); grpclib transport {where['grpclib_transport_us']:.0f} µs; the "
+            f"plugin's own handler {where['plugin_handler_rest_us']:.0f} µs "
+            f"of its {where['plugin_allocate_p50_us']:.0f}. "
+            f"**{where['dominant']} dominates.**",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def write(report: Mapping[str, Any], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out_dir / "results.md").write_text(markdown(report))
+
+
+def to_stdout(text: str) -> None:
+    sys.stdout.write(text)

@@ -1,0 +1,258 @@
+"""One scenario from start to finish: simulator up, plugin process started, phases run, everything stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from benchmarks.baselines import Floor, running_floors
+from benchmarks.callers import Call, interleaved
+from benchmarks.churn import ChurnRun
+from benchmarks.measure import Clock, Latencies
+from benchmarks.microbench import codec_costs, where_time_goes
+from benchmarks.plugin_process import ProcessUsage, ServerProcess, plugin_argv
+from benchmarks.restarts import restart_phase
+from benchmarks.scenarios import RESOURCE, Scenario
+from gpuplugin.api import v1beta1
+from gpuplugin.simulator import KubeletSimulator
+
+START_TIMEOUT_S = 60.0
+#: Pause after registration before idle RSS is read (seconds): start-up garbage is collected by then.
+SETTLE_S = 0.5
+PLUGIN = "plugin"
+
+
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    """How a scenario is run, apart from the scenario itself."""
+
+    seed: int = 1
+    quick: bool = False
+    progress: bool = True
+    """Show tqdm progress bars on stderr."""
+
+
+@dataclass
+class RunResult:
+    """What a run measured: the report's facts, the latency measures and the events the plots mark."""
+
+    facts: dict[str, Any]
+    measures: dict[str, Latencies]
+    health_events: list[tuple[float, str]]
+    """(seconds since the run began, "Healthy" or "Unhealthy")."""
+    restart_times_s: list[float]
+
+
+async def run_scenario(scenario: Scenario, settings: RunSettings) -> RunResult:
+    """Run every phase the scenario asks for; raises if the plugin dies or never registers."""
+    if not scenario.available:
+        raise ValueError(f"scenario {scenario.name}: {scenario.unavailable_reason}")
+    # Short and under /tmp: unix socket paths must stay below 108 bytes.
+    workdir = Path(tempfile.mkdtemp(prefix="gpb-", dir="/tmp"))
+    try:
+        return await _run(scenario, settings, workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunResult:
+    clock = Clock()
+    kubelet_dir, state_dir = workdir / "k", workdir / "s"
+    state_dir.mkdir()
+    measures: dict[str, Latencies] = {}
+    facts: dict[str, Any] = {}
+    health_events: list[tuple[float, str]] = []
+    restart_times_s: list[float] = []
+    async with KubeletSimulator(kubelet_dir) as kubelet:
+        plugin = ServerProcess(PLUGIN, plugin_argv(kubelet_dir, state_dir, scenario.gpus), workdir / "plugin.log")
+        plugin.start()
+        exit_code: int | None = None
+        try:
+            registration = await _wait_registered(kubelet, plugin)
+            facts["start_to_registration_ms"] = (registration.monotonic_s - plugin.started_s) * 1000
+            await kubelet.wait_for(lambda: kubelet.allocatable(RESOURCE) == scenario.gpus, START_TIMEOUT_S)
+            facts["start_to_device_list_ms"] = (time.monotonic() - plugin.started_s) * 1000
+            await asyncio.sleep(SETTLE_S)
+            idle = plugin.usage()
+
+            if scenario.allocate_calls:
+                facts["where_time_goes"] = await _allocate_phase(kubelet, scenario, settings, workdir, clock, measures)
+            if scenario.preferred_calls:
+                await _preferred_phase(kubelet, scenario, settings, clock, measures)
+            if scenario.churn is not None:
+                churn = ChurnRun(
+                    kubelet,
+                    scenario.churn,
+                    resource=RESOURCE,
+                    gpus=scenario.gpus,
+                    control_socket=state_dir / "mock.sock",
+                    clock=clock,
+                    seed=settings.seed,
+                    progress=lambda n: None,
+                )
+                with _bar(settings, "churn (pods)", None) as bar:
+                    churn.progress = bar.update
+                    await churn.run()
+                measures.update((m.name, m) for m in churn.measures())
+                facts["churn"] = churn.summary()
+                health_events = [(e.sent_s, e.health) for e in churn.health_events]
+                restart_times_s = list(churn.restart_times_s)
+            if scenario.restarts:
+                registered = clock.latencies("re-registration")
+                listed = clock.latencies("re-registration to device list")
+                with _bar(settings, "kubelet restarts", scenario.restarts) as bar:
+                    await restart_phase(
+                        kubelet, RESOURCE, scenario.gpus, scenario.restarts, registered, listed, bar.update
+                    )
+                measures.update({registered.name: registered, listed.name: listed})
+            plugin.check_alive()
+            after = plugin.usage()
+            # Before the plugin stops: its clean shutdown ends the stream too, and that end is no fault.
+            facts["stream_ends"] = [dataclasses.asdict(e) for e in kubelet.stream_ends]
+        finally:
+            exit_code = await plugin.stop()
+        facts["plugin"] = _process_facts(idle, after, exit_code, workdir / "plugin.log")
+        facts["kubelet_warnings"] = kubelet.warnings
+    return RunResult(facts, measures, health_events, restart_times_s)
+
+
+async def _wait_registered(kubelet: KubeletSimulator, plugin: ServerProcess) -> Any:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        plugin.check_alive()
+        try:
+            return await kubelet.wait_registered(RESOURCE, timeout=0.5)
+        except TimeoutError:
+            if time.monotonic() > deadline:
+                message = f"the plugin did not register within {START_TIMEOUT_S:g} s:\n{plugin.log_tail()}"
+                raise TimeoutError(message) from None
+
+
+async def _allocate_phase(
+    kubelet: KubeletSimulator,
+    scenario: Scenario,
+    settings: RunSettings,
+    workdir: Path,
+    clock: Clock,
+    measures: dict[str, Latencies],
+) -> dict[str, Any] | None:
+    """Allocate of one GPU on the plugin and on the floors, through the same client loop, in alternating blocks."""
+    stub = kubelet.stub(RESOURCE)
+    requests = [
+        v1beta1.AllocateRequest(container_requests=[v1beta1.ContainerAllocateRequest(devices_ids=[device])])
+        for device in kubelet.devices(RESOURCE)
+    ]
+    response = bytes(await stub.allocate(requests[0]))
+    suffix = "" if scenario.callers == 1 else f" x{scenario.callers}"
+
+    def allocate_on(target: v1beta1.DevicePluginStub) -> Call:
+        return lambda n: target.allocate(requests[n % len(requests)])
+
+    ours = f"Allocate{suffix}"
+    targets = {ours: allocate_on(stub)}
+    warmup = min(200, scenario.allocate_calls // 10)
+    floors_running: AbstractAsyncContextManager[list[Floor]] = (
+        running_floors(workdir, response) if scenario.baselines else nullcontext([])
+    )
+    async with floors_running as floors:
+        targets.update({f"{floor.name} Allocate{suffix}": allocate_on(floor.stub) for floor in floors})
+        into = {name: clock.latencies(name) for name in targets}
+        with _bar(settings, "Allocate calls", scenario.allocate_calls * len(targets)) as bar:
+            await interleaved(
+                targets,
+                into,
+                calls=scenario.allocate_calls,
+                callers=scenario.callers,
+                block_calls=scenario.block_calls,
+                warmup_calls=warmup,
+                progress=bar.update,
+            )
+    measures.update(into)
+    if not scenario.baselines or scenario.callers != 1:
+        return None  # with concurrent callers the median is mostly queueing; the split would mean nothing
+    codec = codec_costs(bytes(requests[0]), response, budget_s=0.05 if settings.quick else 1.0)
+    return {
+        "codec_us": codec,
+        **where_time_goes(codec, into[ours].percentile_ms(50), into[f"floor-grpclib {ours}"].percentile_ms(50)),
+    }
+
+
+async def _preferred_phase(
+    kubelet: KubeletSimulator, scenario: Scenario, settings: RunSettings, clock: Clock, measures: dict[str, Latencies]
+) -> None:
+    """GetPreferredAllocation alone, every device available, sizes drawn from the churn's mix."""
+    stub = kubelet.stub(RESOURCE)
+    available = list(kubelet.devices(RESOURCE))
+    mix = scenario.churn.size_mix if scenario.churn else {1: 1.0}
+    sizes = [s for s in mix if s <= len(available)]
+    rng = random.Random(f"preferred-{settings.seed}")
+    requests = [
+        v1beta1.PreferredAllocationRequest(
+            container_requests=[
+                v1beta1.ContainerPreferredAllocationRequest(
+                    available_deviceIDs=available, must_include_deviceIDs=[], allocation_size=size
+                )
+            ]
+        )
+        for size in rng.choices(sizes, [mix[s] for s in sizes], k=64)
+    ]
+    name = "GetPreferredAllocation" + ("" if scenario.callers == 1 else f" x{scenario.callers}")
+    into = {name: clock.latencies(name)}
+    with _bar(settings, "GetPreferredAllocation calls", scenario.preferred_calls) as bar:
+        await interleaved(
+            {name: lambda n: stub.get_preferred_allocation(requests[n % len(requests)])},
+            into,
+            calls=scenario.preferred_calls,
+            callers=scenario.callers,
+            block_calls=scenario.preferred_calls,
+            warmup_calls=min(100, scenario.preferred_calls // 10),
+            progress=bar.update,
+        )
+    measures.update(into)
+
+
+@contextmanager
+def _bar(settings: RunSettings, what: str, total: int | None) -> Iterator[tqdm[Any]]:
+    bar: tqdm[Any] = tqdm(total=total, desc=what, unit="", disable=not settings.progress, leave=False, mininterval=0.5)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+def _process_facts(idle: ProcessUsage, after: ProcessUsage, exit_code: int | None, log_path: Path) -> dict[str, Any]:
+    return {
+        "idle_rss_mb": idle.rss_mb,
+        "rss_after_run_mb": after.rss_mb,
+        "peak_rss_mb": after.peak_rss_mb,
+        "cpu_s_at_idle": idle.cpu_s,
+        "cpu_s_total": after.cpu_s,
+        "cpu_s_during_run": after.cpu_s - idle.cpu_s,
+        "exit_code": exit_code,
+        "log_problems": _log_problems(log_path),
+    }
+
+
+def _log_problems(log_path: Path) -> list[str]:
+    """Warning and error lines the plugin logged (it runs at level warning, so every line it wrote)."""
+    problems = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            level = json.loads(line).get("level")
+        except (ValueError, AttributeError):
+            level = "text"
+        if level in ("warning", "error", "critical", "text"):
+            problems.append(line[:300])
+    return problems[:50]

@@ -1,0 +1,126 @@
+"""Named scenarios: what node the plugin serves and which phases run, each a few lines of settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+RESOURCE = "nvidia.com/gpu"
+
+#: GPUs per container and how often each is asked for: mostly small jobs, now and then a whole node's worth.
+DEFAULT_SIZE_MIX: Mapping[int, float] = MappingProxyType({1: 0.55, 2: 0.25, 4: 0.15, 8: 0.05})
+
+
+@dataclass(frozen=True, slots=True)
+class ChurnSettings:
+    """Pods arriving, living and leaving while health flaps and (optionally) the kubelet restarts."""
+
+    duration_s: float = 30.0
+    """How long pods keep arriving (seconds)."""
+    arrival_rate_per_s: float | None = None
+    """Poisson arrivals (pods per second); None sends the next pod as soon as the previous one is admitted."""
+    max_containers: int = 2
+    """Each pod has 1 to this many containers (uniform)."""
+    size_mix: Mapping[int, float] = field(default_factory=lambda: DEFAULT_SIZE_MIX)
+    """Devices per container and their weights."""
+    mean_lifetime_s: float = 0.05
+    """Mean of the exponential pod lifetime (seconds): short, so devices are freed and taken again all the time."""
+    flap_rate_per_s: float = 2.0
+    """Health flaps started per second (Poisson); 0 turns them off."""
+    mean_flap_hold_s: float = 0.2
+    """How long a flapped GPU stays unhealthy before it is recovered (exponential mean, seconds)."""
+    kubelet_restarts: int = 0
+    """Kubelet restarts spread evenly over the run."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    """One benchmark: the node, and how many calls, pods and restarts each phase makes (0 or None skips it)."""
+
+    name: str
+    description: str
+    gpus: int = 8
+    """Mock GPUs on the node (count)."""
+    callers: int = 1
+    """Concurrent callers of Allocate in the RPC phase (the kubelet itself uses one)."""
+    allocate_calls: int = 10_000
+    """Allocate calls of one GPU per target (plugin, and each baseline) in the RPC phase."""
+    preferred_calls: int = 5_000
+    """GetPreferredAllocation calls alone, sizes drawn from the churn's size mix."""
+    block_calls: int = 500
+    """Calls per target before switching to the next one: targets alternate, so drift hits all alike."""
+    baselines: bool = True
+    """Measure the grpclib and grpcio floors with the same client loop."""
+    churn: ChurnSettings | None = field(default_factory=ChurnSettings)
+    restarts: int = 20
+    """Kubelet restarts in the restart phase (median re-registration time)."""
+    available: bool = True
+    unavailable_reason: str = ""
+
+    def quick(self) -> Scenario:
+        """A run of a few seconds that proves the suite works; its figures say nothing about speed."""
+        churn = self.churn and dataclasses.replace(
+            self.churn, duration_s=1.5, kubelet_restarts=min(self.churn.kubelet_restarts, 1)
+        )
+        return dataclasses.replace(
+            self,
+            allocate_calls=min(self.allocate_calls, 200),
+            preferred_calls=min(self.preferred_calls, 100),
+            block_calls=min(self.block_calls, 100),
+            churn=churn,
+            restarts=min(self.restarts, 2),
+        )
+
+
+def _not_yet(name: str, description: str) -> Scenario:
+    return Scenario(name, description, available=False, unavailable_reason="not yet available: needs partitions")
+
+
+SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
+    {
+        s.name: s
+        for s in (
+            Scenario("whole-8", "whole GPUs on an 8-GPU node, one caller: every phase"),
+            Scenario(
+                "whole-8-c16",
+                "whole GPUs on an 8-GPU node, 16 concurrent Allocate callers",
+                callers=16,
+                preferred_calls=0,
+                churn=None,
+                restarts=0,
+            ),
+            Scenario("whole-64", "whole GPUs on a 64-GPU mock node: every phase", gpus=64),
+            Scenario(
+                "allocate",
+                "Allocate of one GPU, sequential calls through the simulator, beside both floors",
+                preferred_calls=0,
+                churn=None,
+                restarts=0,
+            ),
+            Scenario(
+                "restarts",
+                "kubelet restarts: median time to register again",
+                allocate_calls=0,
+                preferred_calls=0,
+                baselines=False,
+                churn=None,
+            ),
+            Scenario(
+                "churn",
+                "pod churn with health flaps and kubelet restarts mid-run on an 8-GPU node",
+                allocate_calls=0,
+                preferred_calls=0,
+                baselines=False,
+                churn=ChurnSettings(kubelet_restarts=3),
+                restarts=0,
+            ),
+            _not_yet("mig-8x7", "8 GPUs x 7 MIG partitions"),
+            _not_yet("replicas-8x16", "8 GPUs x 16 time-sliced replicas"),
+        )
+    }
+)
+
+#: What ``all`` runs: every available scenario except the ones that only repeat a phase of another.
+FULL_SUITE = ("whole-8", "whole-8-c16", "whole-64", "churn")

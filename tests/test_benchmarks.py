@@ -1,0 +1,94 @@
+"""The benchmark suite end to end in quick mode: the plugin in its own process, results on disk, no errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from benchmarks import plots, report
+from benchmarks.churn import pod_plans
+from benchmarks.cli import bench, customise
+from benchmarks.runner import RunSettings, run_scenario
+from benchmarks.scenarios import SCENARIOS, ChurnSettings
+
+
+async def test_quick_run_measures_every_phase_without_errors(tmp_path: Path) -> None:
+    """A quick whole-8 run with a kubelet restart mid-churn writes JSON, markdown and plots with every measure."""
+    scenario = customise(SCENARIOS["whole-8"].quick(), {"kubelet_restarts": 1, "calls": 100, "duration": 1.0})
+    started = datetime.datetime.now(datetime.UTC)
+    result = await run_scenario(scenario, RunSettings(seed=7, quick=True, progress=False))
+    built = report.build_report(scenario, result, seed=7, quick=True, started=started, wall_s=1.0)
+    report.write(built, tmp_path)
+    plots.write(result, tmp_path)
+
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["errors"] == 0, data["latency"]
+    assert data["seed"] == 7
+    assert data["environment"]["python"]["version"]
+    for measure in (
+        "Allocate",
+        "floor-grpclib Allocate",
+        "floor-grpcio Allocate",
+        "GetPreferredAllocation",
+        "admission",
+        "Allocate (churn)",
+        "health change → ListAndWatch (Unhealthy)",
+        "re-registration",
+        "re-registration (mid-churn)",
+    ):
+        assert data["latency"][measure]["count"] > 0, measure
+        assert data["latency"][measure]["p99_ms"] >= data["latency"][measure]["p50_ms"] > 0
+    assert data["latency"]["Allocate"]["count"] == 100
+    assert set(data["ratios_to_floors"]) == {"Allocate / floor-grpclib", "Allocate / floor-grpcio"}
+    assert data["plugin"]["exit_code"] == 0
+    assert 0 < data["plugin"]["idle_rss_mb"] <= data["plugin"]["peak_rss_mb"]
+    assert data["plugin"]["cpu_s_during_run"] > 0
+    assert data["start_to_registration_ms"] > 0
+    assert data["where_time_goes"]["dominant"]
+    assert data["churn"]["pods_admitted"] > 0
+    assert data["churn"]["kubelet_restarts"] == 1
+    assert "| Allocate |" in (tmp_path / "results.md").read_text()
+    for png in ("latency_cdf.png", "latency_over_time.png"):
+        assert (tmp_path / png).read_bytes().startswith(b"\x89PNG")
+
+
+def test_churn_plan_is_reproducible_from_its_seed() -> None:
+    """The same seed gives the same pods, and no pod asks for more devices than the node has."""
+    settings = ChurnSettings(arrival_rate_per_s=50.0, max_containers=3)
+    first = list(itertools.islice(pod_plans(settings, 8, seed=3), 200))
+    assert first == list(itertools.islice(pod_plans(settings, 8, seed=3), 200))
+    assert first != list(itertools.islice(pod_plans(settings, 8, seed=4), 200))
+    assert all(sum(p.containers) <= 8 and 1 <= len(p.containers) <= 3 and p.gap_s > 0 for p in first)
+
+
+def test_partition_scenarios_are_listed_but_refused() -> None:
+    """Scenarios that need partitions show as not yet available and do not run."""
+    runner = CliRunner()
+    listed = runner.invoke(bench, ["--list"])
+    assert listed.exit_code == 0
+    assert "mig-8x7" in listed.output
+    assert "not yet available" in listed.output
+    refused = runner.invoke(bench, ["replicas-8x16", "--quick"])
+    assert refused.exit_code != 0
+    assert "not yet available" in refused.output
+
+
+def test_quick_mode_shrinks_every_phase() -> None:
+    """Quick mode keeps each phase but makes it seconds long."""
+    quick = SCENARIOS["whole-8"].quick()
+    assert quick.allocate_calls <= 200 and quick.restarts <= 2
+    assert quick.churn is not None and quick.churn.duration_s <= 2
+    assert dataclasses.replace(quick, name="x").name == "x"
+
+
+@pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if s.available])
+def test_every_available_scenario_has_work(name: str) -> None:
+    """Every runnable scenario runs at least one phase."""
+    s = SCENARIOS[name]
+    assert s.allocate_calls or s.preferred_calls or s.churn or s.restarts

@@ -67,6 +67,8 @@ class ResourceView:
     list_message: bytes
     """The encoded ListAndWatchResponse."""
     policy: AllocationPolicy
+    policy_key: tuple[Any, ...]
+    """What the policy was built from: the same key means the same policy (health alone does not matter)."""
     rules: ResourceRules
     version: int
 
@@ -78,7 +80,15 @@ class ResourceView:
         tree: DeviceTree,
         policy_kind: AllocationPolicyKind,
         version: int,
+        previous: ResourceView | None = None,
     ) -> ResourceView:
+        """Precompute a view; the allocation policy is reused from ``previous`` when only health changed."""
+        policy_key = (policy_kind, tree.links, tuple((d.id, d.gpu, d.numa_node, d.instance) for d in devices))
+        policy = (
+            previous.policy
+            if previous is not None and previous.policy_key == policy_key
+            else build_policy(policy_kind, devices, tree)
+        )
         listed = api.ListAndWatchResponse(
             devices=[
                 api.Device(
@@ -94,7 +104,8 @@ class ResourceView:
             devices={d.id: d for d in devices},
             unhealthy=frozenset(d.id for d in devices if d.health is not Health.HEALTHY),
             list_message=bytes(listed),
-            policy=build_policy(policy_kind, devices, tree),
+            policy=policy,
+            policy_key=policy_key,
             rules=tree.rules_of(resource),
             version=version,
         )
@@ -211,7 +222,12 @@ class ResourceServer:
             self._cache = {}
         async with self._changed:
             self._view = ResourceView.build(
-                self.resource, devices, tree, self._policy_kind(tree), 0 if old is None else old.version + 1
+                self.resource,
+                devices,
+                tree,
+                self._policy_kind(tree),
+                0 if old is None else old.version + 1,
+                previous=old,
             )
             self._changed.notify_all()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -80,6 +81,9 @@ class MockBackend:
         self._faults: dict[_FaultKey, Fault] = {}
         self._index_of: dict[str, int] = {}
         self._server: ControlServer | None = None
+        self.xid_counts: Counter[tuple[int, XidAction]] = Counter()
+        """XIDs raised, by (XID, action), for the metrics."""
+        self.fault_counts: Counter[str] = Counter()
         self._state = "new"
         if settings is not None:
             self._use(settings)
@@ -141,12 +145,15 @@ class MockBackend:
     def xid(self, gpu: int, xid: int, instance: tuple[int, int] | None = None) -> XidAction:
         """Raise an XID on a present GPU (or one partition of it); the health policy decides what it does."""
         uuid = self._uuid(gpu, present=True)
-        return self._tracker.xid(uuid, xid, instance)
+        action = self._tracker.xid(uuid, xid, instance)
+        self.xid_counts[(xid, action)] += 1
+        return action
 
     def lose(self, gpu: int, reason: str = DEFAULT_LOST_REASON) -> None:
         """The GPU falls off the bus: Unhealthy, and its probe fails, until ``recover``."""
         uuid = self._uuid(gpu, present=True)
         self._lost.add(gpu)
+        self.fault_counts["gpu-lost"] += 1
         self._tracker.lost(uuid, reason)
 
     def recover(self, gpu: int, instance: tuple[int, int] | None = None) -> None:

@@ -1,0 +1,275 @@
+"""Metrics over real HTTP: a manager on the mock backend, the kubelet simulator, and a scrape of ``/metrics``."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from grpclib import GRPCError
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from backends.mock import MockBackend
+from backends.mock.control import DEFAULT_LOST_REASON
+from gpuplugin.api import v1beta1 as api
+from gpuplugin.health import HealthPolicy, XidAction
+from gpuplugin.manager import Manager, ManagerSettings
+from gpuplugin.metrics import RPC_BUCKETS_S, Metrics
+from gpuplugin.probes import ListenAddress, ProbeServer, ProbeSettings
+from gpuplugin.registry import BackendContext
+from gpuplugin.server import ServerSettings
+from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.watcher import WatcherSettings
+
+GPU = "nvidia.com/gpu"
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+class CountingMock(MockBackend):
+    """The mock backend with the NVML backend's XID and fault counters (what the metrics read from a backend)."""
+
+    def __init__(self, ctx: BackendContext) -> None:
+        super().__init__(ctx)
+        self.xid_counts: Counter[tuple[int, XidAction]] = Counter()
+        self.fault_counts: Counter[str] = Counter()
+
+    def xid(self, gpu: int, xid: int, instance: tuple[int, int] | None = None) -> XidAction:
+        action = super().xid(gpu, xid, instance)
+        self.xid_counts[(xid, action)] += 1
+        return action
+
+    def lose(self, gpu: int, reason: str = DEFAULT_LOST_REASON) -> None:
+        super().lose(gpu, reason)
+        self.fault_counts["gpu-lost"] += 1
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    # Unix socket paths must stay under 108 bytes; pytest's tmp_path can be longer.
+    path = Path(tempfile.mkdtemp(prefix="gp-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Plant:
+    """A manager with metrics and probes served over HTTP, and a client for them."""
+
+    manager: Manager
+    backend: CountingMock
+    metrics: Metrics
+    probes: ProbeServer
+    http: aiohttp.ClientSession
+    directory: Path
+
+    async def get(self, path: str, **headers: str) -> tuple[int, str, str]:
+        """Status, body and content type of a GET on the probe server."""
+        async with self.http.get(f"http://127.0.0.1:{self.probes.port}{path}", headers=headers) as response:
+            return response.status, await response.text(), response.headers.get("Content-Type", "")
+
+    async def scrape(self) -> Samples:
+        status, text, _ = await self.get("/metrics")
+        assert status == 200
+        return {
+            (s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+
+async def until(predicate: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    """Poll for state the kubelet simulator does not announce (the plugin's own counters)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))
+
+
+def make_manager(directory: Path, metrics: Metrics) -> Manager:
+    backend = CountingMock(
+        BackendContext(
+            options={"control_socket": str(directory / "mock.sock")},
+            health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
+            state_dir=directory,
+        )
+    )
+    settings = ManagerSettings(
+        server=ServerSettings(kubelet_dir=directory), watcher=WatcherSettings(poll_interval_s=0.05)
+    )
+    manager = Manager(backend, settings, server_factory=metrics.server_factory)
+    metrics.attach(manager)
+    return manager
+
+
+@asynccontextmanager
+async def plant(directory: Path, settings: ProbeSettings | None = None) -> AsyncIterator[Plant]:
+    """Probes first, as ``serve`` would start them; the manager is started but no kubelet runs yet."""
+    metrics = Metrics()
+    manager = make_manager(directory, metrics)
+    probes = ProbeServer(manager, metrics, settings or ProbeSettings(address=ListenAddress("127.0.0.1", 0)))
+    await probes.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            await manager.start()
+            try:
+                assert isinstance(manager.backend, CountingMock)
+                yield Plant(manager, manager.backend, metrics, probes, http, directory)
+            finally:
+                await manager.aclose()
+    finally:
+        await probes.aclose()
+
+
+@asynccontextmanager
+async def node(directory: Path) -> AsyncIterator[tuple[Plant, KubeletSimulator]]:
+    """A plant registered with a running kubelet simulator, all eight GPUs allocatable."""
+    async with KubeletSimulator(directory) as kubelet, plant(directory) as p:
+        await kubelet.wait_registered(GPU, timeout=5)
+        await kubelet.wait_for(lambda: kubelet.allocatable(GPU) == 8 and kubelet.stream_open(GPU), timeout=5)
+        yield p, kubelet
+
+
+async def test_allocate_histogram_counts_admissions(workdir: Path) -> None:
+    """Each admission through the kubelet adds one Allocate and one GetPreferredAllocation observation."""
+    async with node(workdir) as (p, kubelet):
+        before = await p.scrape()
+        assert sample(before, "gpuplugin_rpc_duration_seconds_count", resource=GPU, method="Allocate") is None
+        for pod in ("a", "b", "c"):
+            await kubelet.admit(pod, [{GPU: 2}])
+        after = await p.scrape()
+        for method in ("Allocate", "GetPreferredAllocation"):
+            assert sample(after, "gpuplugin_rpc_duration_seconds_count", resource=GPU, method=method) == 3
+            assert sample(after, "gpuplugin_rpc_total", resource=GPU, method=method, outcome="OK") == 3
+            inf = sample(after, "gpuplugin_rpc_duration_seconds_bucket", resource=GPU, method=method, le="+Inf")
+            assert inf == 3
+            total_s = sample(after, "gpuplugin_rpc_duration_seconds_sum", resource=GPU, method=method)
+            assert total_s is not None and 0 < total_s < 3.0
+
+
+async def test_failed_rpc_counted_apart_from_ok(workdir: Path) -> None:
+    """An Allocate the plugin refuses is timed and counted under its own outcome, not under OK."""
+    async with node(workdir) as (p, kubelet):
+        request = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=["GPU-nope"])])
+        with pytest.raises(GRPCError):
+            await kubelet.stub(GPU).allocate(request)
+        samples = await p.scrape()
+        outcomes = {
+            dict(labels)["outcome"]: value
+            for (name, labels), value in samples.items()
+            if name == "gpuplugin_rpc_total" and dict(labels)["method"] == "Allocate"
+        }
+        assert outcomes.pop("OK") == 0
+        assert list(outcomes.values()) == [1]
+        assert sample(samples, "gpuplugin_rpc_duration_seconds_count", resource=GPU, method="Allocate") == 1
+
+
+async def test_xid_moves_a_device_between_health_gauges(workdir: Path) -> None:
+    """A fatal XID moves one device from Healthy to Unhealthy and is counted by XID, action and health change."""
+    async with node(workdir) as (p, kubelet):
+        before = await p.scrape()
+        assert sample(before, "gpuplugin_devices", resource=GPU, health="Healthy") == 8
+        assert sample(before, "gpuplugin_devices", resource=GPU, health="Unhealthy") == 0
+        p.backend.xid(3, 79)
+        await kubelet.wait_for(lambda: kubelet.allocatable(GPU) == 7, timeout=2)
+        after = await p.scrape()
+        assert sample(after, "gpuplugin_devices", resource=GPU, health="Healthy") == 7
+        assert sample(after, "gpuplugin_devices", resource=GPU, health="Unhealthy") == 1
+        assert sample(after, "gpuplugin_xid_events_total", xid="79", action="fatal") == 1
+        assert sample(after, "gpuplugin_health_changes_total", health="Unhealthy", xid="79") == 1
+
+
+async def test_ignored_xid_counted_without_health_change(workdir: Path) -> None:
+    """An application XID (13) is counted with action ignore while every device stays Healthy."""
+    async with node(workdir) as (p, _):
+        p.backend.xid(0, 13)
+        samples = await p.scrape()
+        assert sample(samples, "gpuplugin_xid_events_total", xid="13", action="ignore") == 1
+        assert sample(samples, "gpuplugin_devices", resource=GPU, health="Healthy") == 8
+        assert not [name for name, _ in samples if name == "gpuplugin_health_changes_total"]
+
+
+async def test_lost_gpu_counted_as_backend_error(workdir: Path) -> None:
+    """A backend's fault counters appear as backend errors, labelled with the backend's name."""
+    async with node(workdir) as (p, kubelet):
+        p.backend.lose(5)
+        await kubelet.wait_for(lambda: kubelet.allocatable(GPU) == 7, timeout=2)
+        samples = await p.scrape()
+        assert sample(samples, "gpuplugin_backend_errors_total", backend="mock", kind="gpu-lost") == 1
+        assert sample(samples, "gpuplugin_health_changes_total", health="Unhealthy", xid="") == 1
+
+
+async def test_streams_and_registrations_follow_the_kubelet(workdir: Path) -> None:
+    """The stream gauge, registration counter and ready gauge track a kubelet restart and re-registration."""
+    async with node(workdir) as (p, kubelet):
+        first = await p.scrape()
+        assert sample(first, "gpuplugin_list_and_watch_streams", resource=GPU) == 1
+        assert sample(first, "gpuplugin_registrations_total", resource=GPU) == 1
+        assert sample(first, "gpuplugin_registered", resource=GPU) == 1
+        assert sample(first, "gpuplugin_ready") == 1
+        before = len(kubelet.registrations)
+        await kubelet.restart()
+        await kubelet.wait_registered(GPU, after=before, timeout=5)
+        await kubelet.wait_for(lambda: kubelet.stream_open(GPU), timeout=2)
+        again = await p.scrape()
+        assert sample(again, "gpuplugin_registrations_total", resource=GPU) == 2
+        assert sample(again, "gpuplugin_list_and_watch_streams", resource=GPU) == 1
+
+
+async def test_stream_gauge_drops_when_the_kubelet_goes(workdir: Path) -> None:
+    """With the kubelet gone the stream gauge reads 0 and the ready gauge 0."""
+    async with node(workdir) as (p, kubelet):
+        await kubelet.aclose()
+        server = p.manager.servers[GPU]
+        await until(lambda: server.open_streams == 0)
+        samples = await p.scrape()
+        assert sample(samples, "gpuplugin_list_and_watch_streams", resource=GPU) == 0
+        assert sample(samples, "gpuplugin_ready") == 0
+
+
+async def test_build_info_and_loop_lag_reported(workdir: Path) -> None:
+    """Every scrape carries the build info with the package version and the event loop's lag."""
+    async with plant(workdir) as p:
+        samples = await p.scrape()
+        build = [dict(labels) for name, labels in samples if name == "gpuplugin_build_info"]
+        assert len(build) == 1 and build[0]["version"]
+        lag = sample(samples, "gpuplugin_event_loop_lag_seconds")
+        assert lag is not None and 0 <= lag < 1
+
+
+def test_observe_rpc_bucket_bounds_are_inclusive() -> None:
+    """An observation equal to a bucket's bound lands in it; one past the last bound only in +Inf."""
+    metrics = Metrics()
+    metrics.observe_rpc(GPU, "Allocate", RPC_BUCKETS_S[0], "OK")
+    metrics.observe_rpc(GPU, "Allocate", 1.5, "OK")
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(metrics.render()[0].decode())
+        for s in family.samples
+    }
+    labels = {"resource": GPU, "method": "Allocate"}
+    assert sample(samples, "gpuplugin_rpc_duration_seconds_bucket", le=str(RPC_BUCKETS_S[0]), **labels) == 1
+    assert sample(samples, "gpuplugin_rpc_duration_seconds_bucket", le="1.0", **labels) == 1
+    assert sample(samples, "gpuplugin_rpc_duration_seconds_bucket", le="+Inf", **labels) == 2
+    assert sample(samples, "gpuplugin_rpc_duration_seconds_sum", **labels) == pytest.approx(1.5 + RPC_BUCKETS_S[0])
+
+
+def test_each_metrics_has_its_own_registry() -> None:
+    """Two Metrics never share series, and neither touches prometheus_client's global registry."""
+    one, two = Metrics(), Metrics()
+    one.observe_rpc(GPU, "Allocate", 0.001, "OK")
+    assert b"gpuplugin_rpc_duration_seconds_count" in one.render()[0]
+    assert b"gpuplugin_rpc_duration_seconds_count" not in two.render()[0]
+    assert REGISTRY.get_sample_value("gpuplugin_rpc_duration_seconds_count") is None

@@ -13,7 +13,11 @@ from gpuplugin.health import HealthPolicy
 
 ENTRY_POINT_GROUP = "gpuplugin.backends"
 #: The backends that ship with gpuplugin, found even where the package metadata is not installed.
-BUILT_IN = {"mock": "backends.mock:create", "nvml": "backends.nvml:create"}
+BUILT_IN = {
+    "mock": "backends.mock:create",
+    "nvml": "backends.nvml:create",
+    "partitioned": "backends.partitioned:create",
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,15 +76,16 @@ async def test_serve_registers_reloads_on_sighup_and_exits_cleanly_on_sigterm(wo
 
 async def test_sigint_also_stops_cleanly(workdir: Path) -> None:
     """SIGINT stops the daemon like SIGTERM: exit 0, sockets removed."""
-    process = await start_serve(workdir)
-    try:
-        await asyncio.sleep(1.5)
-        process.send_signal(signal.SIGINT)
-        await asyncio.wait_for(process.communicate(), 10)
-    finally:
-        if process.returncode is None:
-            process.kill()
-        returncode = await process.wait()
+    async with KubeletSimulator(workdir) as kubelet:
+        process = await start_serve(workdir)
+        try:
+            await kubelet.wait_for(lambda: kubelet.allocatable(GPU) == 8, timeout=20)
+            process.send_signal(signal.SIGINT)
+            await asyncio.wait_for(process.communicate(), 10)
+        finally:
+            if process.returncode is None:
+                process.kill()
+            returncode = await process.wait()
     assert returncode == 0
     assert not [p for p in workdir.iterdir() if p.suffix == ".sock"]
 

@@ -6,7 +6,6 @@ import asyncio
 import shutil
 import tempfile
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -19,9 +18,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from backends.mock import MockBackend
-from backends.mock.control import DEFAULT_LOST_REASON
 from gpuplugin.api import v1beta1 as api
-from gpuplugin.health import HealthPolicy, XidAction
+from gpuplugin.health import HealthPolicy
 from gpuplugin.manager import Manager, ManagerSettings
 from gpuplugin.metrics import RPC_BUCKETS_S, Metrics
 from gpuplugin.probes import ListenAddress, ProbeServer, ProbeSettings
@@ -32,24 +30,6 @@ from gpuplugin.watcher import WatcherSettings
 
 GPU = "nvidia.com/gpu"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-class CountingMock(MockBackend):
-    """The mock backend with the NVML backend's XID and fault counters (what the metrics read from a backend)."""
-
-    def __init__(self, ctx: BackendContext) -> None:
-        super().__init__(ctx)
-        self.xid_counts: Counter[tuple[int, XidAction]] = Counter()
-        self.fault_counts: Counter[str] = Counter()
-
-    def xid(self, gpu: int, xid: int, instance: tuple[int, int] | None = None) -> XidAction:
-        action = super().xid(gpu, xid, instance)
-        self.xid_counts[(xid, action)] += 1
-        return action
-
-    def lose(self, gpu: int, reason: str = DEFAULT_LOST_REASON) -> None:
-        super().lose(gpu, reason)
-        self.fault_counts["gpu-lost"] += 1
 
 
 @pytest.fixture
@@ -65,7 +45,7 @@ class Plant:
     """A manager with metrics and probes served over HTTP, and a client for them."""
 
     manager: Manager
-    backend: CountingMock
+    backend: MockBackend
     metrics: Metrics
     probes: ProbeServer
     http: aiohttp.ClientSession
@@ -99,7 +79,7 @@ def sample(samples: Samples, name: str, **labels: str) -> float | None:
 
 
 def make_manager(directory: Path, metrics: Metrics) -> Manager:
-    backend = CountingMock(
+    backend = MockBackend(
         BackendContext(
             options={"control_socket": str(directory / "mock.sock")},
             health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
@@ -125,7 +105,7 @@ async def plant(directory: Path, settings: ProbeSettings | None = None) -> Async
         async with aiohttp.ClientSession() as http:
             await manager.start()
             try:
-                assert isinstance(manager.backend, CountingMock)
+                assert isinstance(manager.backend, MockBackend)
                 yield Plant(manager, manager.backend, metrics, probes, http, directory)
             finally:
                 await manager.aclose()

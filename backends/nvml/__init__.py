@@ -6,10 +6,11 @@ Registered under the ``gpuplugin.backends`` entry point as ``nvml = "backends.nv
 from __future__ import annotations
 
 from backends.nvml.backend import NvmlBackend
+from backends.nvml.mig import GpuInstanceProfile
 from backends.nvml.settings import DeviceIdStrategy, NvmlSettings, NvmlSettingsError
 from gpuplugin.registry import BackendContext
 
-__all__ = ["DeviceIdStrategy", "NvmlBackend", "NvmlSettings", "NvmlSettingsError", "create"]
+__all__ = ["DeviceIdStrategy", "GpuInstanceProfile", "NvmlBackend", "NvmlSettings", "NvmlSettingsError", "create"]
 
 
 def create(ctx: BackendContext) -> NvmlBackend:

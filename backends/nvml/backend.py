@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import threading
 from collections import Counter
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import structlog
@@ -23,6 +23,7 @@ from backends.nvml.events import (
     XidObserved,
 )
 from backends.nvml.library import LibraryLoader, initialize, preload_library, unavailable_message
+from backends.nvml.mig import GpuInstanceProfile
 from backends.nvml.settings import NvmlSettings
 from gpuplugin.backend import BackendEvent, BackendUnavailable, HealthChanged, InventoryChanged
 from gpuplugin.health import HealthPolicy, HealthTracker, XidAction
@@ -33,7 +34,8 @@ log = structlog.get_logger("gpuplugin.nvml")
 
 
 class NvmlBackend:
-    """Serves every whole GPU NVML finds (MIG-enabled ones are skipped for now) and turns NVML events into health.
+    """Serves every whole GPU NVML finds and turns NVML events into health; MIG-enabled GPUs are skipped, or with
+    ``report_mig_devices`` served as their MIG devices (the partitioned backend names those).
 
     ``nvml`` is the NVML module: ``pynvml`` by default, ``backends.nvml.fake.FakeNvml`` in tests. Errors are
     caught through its attributes (``nvml.NVMLError_Timeout``), so a fake only has to offer the same names.
@@ -93,6 +95,10 @@ class NvmlBackend:
     async def discover(self) -> DeviceTree:
         """The tree of the last discovery (at start, or after a MIG change or a failed GPU): no NVML call."""
         return self._inventory.tree
+
+    def gpu_instance_profiles(self) -> Mapping[str, tuple[GpuInstanceProfile, ...]]:
+        """Per ``gpu`` ID, the GPU-instance profiles last discovered (with ``report_mig_devices``); no NVML call."""
+        return self._inventory.instance_profiles
 
     async def events(self) -> AsyncGenerator[BackendEvent, None]:
         """Health and inventory changes, in order, until cancelled; each waits on a queue, nothing polls."""

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from backends.nvml.mig import GpuInstanceProfile, MigDeviceRecord, mig_spec, read_instance_profiles, read_mig_devices
 from backends.nvml.settings import DeviceIdStrategy, NvmlSettings
 from backends.nvml.spec import gpu_spec, present_control_nodes
 from gpuplugin.model import Device, DeviceNode, DeviceTree, Health, Link, PCIeLevel, frozen_mapping, links_from_pairs
@@ -36,6 +37,8 @@ class GpuRecord:
     memory_mib: int | None = None
     compute_capability: str | None = None
     mig_enabled: bool = False
+    mig_capable: bool = False
+    """The GPU answers MIG queries (MIG mode is not NotSupported), enabled or not."""
     numa_node: int | None = None
     error: str | None = None
 
@@ -51,7 +54,11 @@ class Inventory:
     watched: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     """UUID → handle of every GPU served Healthy: all health events are registered on them."""
     mig_watched: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    """UUID → handle of MIG-enabled GPUs, skipped for now: only their MIG configuration changes are watched."""
+    """UUID → handle of MIG-enabled GPUs that are skipped: only their MIG configuration changes are watched."""
+    instance_profiles: Mapping[str, tuple[GpuInstanceProfile, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    """``gpu`` ID → the GPU-instance profiles it offers; read only with ``report_mig_devices``."""
     incomplete: bool = False
     """Some GPU failed discovery; rediscovering later may bring it back."""
 
@@ -114,6 +121,7 @@ def read_gpu(nvml: Any, settings: NvmlSettings, index: int) -> GpuRecord:
         memory_mib=memory,
         compute_capability=capability,
         mig_enabled=mig_mode == nvml.NVML_DEVICE_MIG_ENABLE,
+        mig_capable=mig_mode is not None,
         numa_node=read_numa_node(settings.sysfs_root, bus_id),
     )
 
@@ -219,9 +227,66 @@ def build_device(settings: NvmlSettings, record: GpuRecord, control: tuple[Devic
     )
 
 
+def build_mig_device(
+    settings: NvmlSettings, parent: GpuRecord, mig: MigDeviceRecord, control: tuple[DeviceNode, ...]
+) -> Device:
+    """One MIG device of a MIG-enabled GPU, under the GPU's resource; ``gpu`` is the parent's ID."""
+    assert parent.minor is not None
+    gpu = device_id(settings, parent)
+    mig_id = mig.uuid if settings.device_id_strategy is DeviceIdStrategy.UUID else f"{parent.index}:{mig.index}"
+    values = {
+        "uuid": mig.uuid,
+        "mig_index": mig.index,
+        "parent_uuid": parent.uuid,
+        "parent_index": parent.index,
+        "parent_minor": parent.minor,
+        "parent_memory_mib": parent.memory_mib,
+        "pci_bus_id": parent.bus_id,
+        "model": parent.name,
+        "gpu_instance_id": mig.gpu_instance_id,
+        "compute_instance_id": mig.compute_instance_id,
+        "gpu_instance_slices": mig.gpu_instance_slices,
+        "compute_instance_slices": mig.compute_instance_slices,
+        "memory_mib": mig.memory_mib,
+        "error": mig.error,
+    }
+    return Device(
+        id=mig_id,
+        resource=settings.resource,
+        gpu=gpu,
+        spec=mig_spec(settings, mig_id, parent.minor, mig, control),
+        numa_node=parent.numa_node,
+        health=Health.UNHEALTHY if mig.error is not None else Health.HEALTHY,
+        instance=(mig.gpu_instance_id, mig.compute_instance_id),
+        attributes=frozen_mapping((key, str(value)) for key, value in values.items() if value is not None),
+    )
+
+
+def _mig_devices(
+    nvml: Any, settings: NvmlSettings, record: GpuRecord, control: tuple[DeviceNode, ...]
+) -> list[Device] | None:
+    """The MIG devices of a MIG-enabled GPU; None when they could not be read (rediscovery retries)."""
+    assert record.minor is not None
+    try:
+        migs = read_mig_devices(nvml, settings, record.handle, record.minor)
+    except nvml.NVMLError as error:
+        log.warning("mig devices unreadable; gpu not served", index=record.index, uuid=record.uuid, error=str(error))
+        return None
+    log.info("mig enabled; serving its mig devices", index=record.index, uuid=record.uuid, mig_devices=len(migs))
+    return [build_mig_device(settings, record, mig, control) for mig in migs]
+
+
+def _instance_profiles(nvml: Any, record: GpuRecord) -> tuple[GpuInstanceProfile, ...]:
+    try:
+        return read_instance_profiles(nvml, record.handle)
+    except nvml.NVMLError as error:
+        log.warning("gpu-instance profiles unreadable", index=record.index, uuid=record.uuid, error=str(error))
+        return ()
+
+
 def discover(nvml: Any, settings: NvmlSettings) -> Inventory:
-    """Read every GPU; one that fails is served Unhealthy, a MIG-enabled one is skipped. Raises NVMLError only
-    when the GPUs cannot be counted."""
+    """Read every GPU; one that fails is served Unhealthy, a MIG-enabled one is skipped (or, with
+    ``report_mig_devices``, served as its MIG devices). Raises NVMLError only when the GPUs cannot be counted."""
     count = int(nvml.nvmlDeviceGetCount())
     control = present_control_nodes(settings)
     devices: list[Device] = []
@@ -229,13 +294,28 @@ def discover(nvml: Any, settings: NvmlSettings) -> Inventory:
     gpu_by_uuid: dict[str, str] = {}
     watched: dict[str, Any] = {}
     mig_watched: dict[str, Any] = {}
+    profiles: dict[str, tuple[GpuInstanceProfile, ...]] = {}
     incomplete = False
     for index in range(count):
         record = read_gpu(nvml, settings, index)
+        if settings.report_mig_devices and record.mig_capable and record.error is None:
+            profiles[device_id(settings, record)] = _instance_profiles(nvml, record)
         if record.mig_enabled and record.uuid is not None:
-            # Partitions are served by a later backend; serving the whole GPU under MIG would not work.
-            log.info("mig enabled; gpu skipped", index=index, uuid=record.uuid)
-            mig_watched[record.uuid] = record.handle
+            if not settings.report_mig_devices:
+                # Serving the whole GPU under MIG would not work; the partitioned backend serves its MIG devices.
+                log.info("mig enabled; gpu skipped", index=index, uuid=record.uuid)
+                mig_watched[record.uuid] = record.handle
+                continue
+            migs = _mig_devices(nvml, settings, record, control)
+            gpu_by_uuid[record.uuid] = device_id(settings, record)
+            if migs is None:
+                incomplete = True
+                continue
+            devices += migs
+            incomplete = incomplete or any(d.health is Health.UNHEALTHY for d in migs)
+            # XIDs of MIG devices arrive on the parent's handle, naming the instance: watch it whole.
+            healthy[device_id(settings, record)] = record
+            watched[record.uuid] = record.handle
             continue
         device = build_device(settings, record, control)
         devices.append(device)
@@ -261,5 +341,6 @@ def discover(nvml: Any, settings: NvmlSettings) -> Inventory:
         uuid_by_gpu=frozen_mapping((gpu, uuid) for uuid, gpu in gpu_by_uuid.items()),
         watched=MappingProxyType(watched),
         mig_watched=MappingProxyType(mig_watched),
+        instance_profiles=MappingProxyType(profiles),
         incomplete=incomplete,
     )

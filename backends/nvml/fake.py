@@ -8,6 +8,10 @@ calls before ``nvmlInit`` raise Uninitialized, as NVML does. What can be scripte
 - GPUs (``FakeGpu``): UUID, minor number, PCI bus id, name, memory, compute capability, MIG mode (or
   NotSupported), supported event types, NVLink links (remote bus id per link, or NotSupported), and failures:
   ``lost`` (every call on it raises GPU_IS_LOST) or ``errors`` (call name → NVML error code).
+- MIG: each GPU's GPU-instance profiles (``instance_profiles``, an H200's by default; answered whatever the MIG
+  mode, as on a real H200) and its MIG devices (``mig_devices``: UUID, GPU and compute instance, slices, memory),
+  whose handles answer UUID, instance IDs and attributes. ``write_mig_capabilities`` writes the driver's
+  ``/proc/driver/nvidia/capabilities`` files for them under a temporary driver root.
 - Topology: the common-ancestor level of each pair of UUIDs (``NVML_TOPOLOGY_SYSTEM`` where not given).
 - The library: ``init_error`` makes ``nvmlInit`` raise that code (LIBRARY_NOT_FOUND, DRIVER_NOT_LOADED, …);
   ``errors`` makes any other call that is not about one GPU raise (``nvmlDeviceGetCount``, ``nvmlEventSetCreate``).
@@ -23,6 +27,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pynvml
@@ -33,6 +38,61 @@ _MIB = 1024 * 1024
 NVSWITCH = "nvswitch"
 #: The PCI bus id a link to an NVSwitch reports as its remote end.
 NVSWITCH_BUS_ID = "00000000:C0:00.0"
+
+
+@dataclass(frozen=True, slots=True)
+class FakeGpuInstanceProfile:
+    """Shaped like ``pynvml.c_nvmlGpuInstanceProfileInfo_v2_t`` (the fields the backend reads)."""
+
+    # NVML's field names.
+    id: int
+    sliceCount: int
+    instanceCount: int
+    memorySizeMB: int
+    isP2pSupported: int = 0
+
+
+#: What ``nvmlDeviceGetGpuInstanceProfileInfo`` answered on the field reference's H200 (MIG disabled).
+H200_INSTANCE_PROFILES: Mapping[int, FakeGpuInstanceProfile] = {
+    p.id: p
+    for p in (
+        FakeGpuInstanceProfile(pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE, 1, 7, 16384),
+        FakeGpuInstanceProfile(pynvml.NVML_GPU_INSTANCE_PROFILE_2_SLICE, 2, 3, 33280),
+        FakeGpuInstanceProfile(pynvml.NVML_GPU_INSTANCE_PROFILE_3_SLICE, 3, 2, 71424),
+        FakeGpuInstanceProfile(pynvml.NVML_GPU_INSTANCE_PROFILE_4_SLICE, 4, 1, 71424),
+        FakeGpuInstanceProfile(pynvml.NVML_GPU_INSTANCE_PROFILE_7_SLICE, 7, 1, 143360),
+        FakeGpuInstanceProfile(pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV1, 1, 1, 16384),
+        FakeGpuInstanceProfile(pynvml.NVML_GPU_INSTANCE_PROFILE_1_SLICE_REV2, 1, 4, 33280),
+    )
+}
+
+
+@dataclass(frozen=True, slots=True)
+class FakeMigDevice:
+    """One MIG device of a MIG-enabled fake GPU; its slot is its position in ``FakeGpu.mig_devices``."""
+
+    uuid: str
+    gpu_instance_id: int
+    compute_instance_id: int
+    gpu_instance_slices: int
+    memory_mib: int
+    compute_instance_slices: int | None = None
+    """None: the compute instance spans the whole GPU instance."""
+
+
+@dataclass(frozen=True, slots=True)
+class FakeDeviceAttributes:
+    """Shaped like ``pynvml.c_nvmlDeviceAttributes`` (the fields the backend reads)."""
+
+    # NVML's field names.
+    gpuInstanceSliceCount: int
+    computeInstanceSliceCount: int
+    memorySizeMB: int
+    multiprocessorCount: int = 0
+
+
+#: The MIG slots an H100/H200 has.
+MAX_MIG_DEVICES = 7
 
 
 @dataclass
@@ -57,10 +117,21 @@ class FakeGpu:
     """Every call on this GPU raises GPU_IS_LOST."""
     errors: dict[str, int] = field(default_factory=dict)
     """Call name → NVML error code that call raises for this GPU."""
+    instance_profiles: dict[int, FakeGpuInstanceProfile] = field(default_factory=lambda: dict(H200_INSTANCE_PROFILES))
+    """Profile ID → what ``nvmlDeviceGetGpuInstanceProfileInfo`` answers; others (and all without MIG) NotSupported."""
+    mig_devices: list[FakeMigDevice] = field(default_factory=list)
+    """MIG devices by slot; answered only while MIG is enabled."""
 
 
 @dataclass(frozen=True, slots=True)
 class FakeHandle:
+    uuid: str
+
+
+@dataclass(frozen=True, slots=True)
+class FakeMigHandle:
+    parent: str
+    """The parent GPU's UUID."""
     uuid: str
 
 
@@ -280,6 +351,20 @@ class FakeNvml:
         # A handle whose GPU has gone from the bus.
         raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
 
+    def _mig(self, call: str, handle: FakeMigHandle) -> FakeMigDevice:
+        """The MIG device a handle names; like NVML, a handle outlives neither its parent nor a MIG change."""
+        self._enter(call)
+        if not isinstance(handle, FakeMigHandle):
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        for gpu in self.gpus:
+            if gpu.uuid == handle.parent:
+                self._check(call, gpu)
+                for mig in gpu.mig_devices if gpu.mig_mode == pynvml.NVML_DEVICE_MIG_ENABLE else ():
+                    if mig.uuid == handle.uuid:
+                        return mig
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
+
     @staticmethod
     def _check(call: str, gpu: FakeGpu) -> FakeGpu:
         if gpu.lost:
@@ -328,9 +413,61 @@ class FakeNvml:
                     return FakeHandle(self._check("nvmlDeviceGetHandleByUUID", gpu).uuid)
             raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
 
-    def nvmlDeviceGetUUID(self, handle: FakeHandle) -> str:
+    def nvmlDeviceGetUUID(self, handle: FakeHandle | FakeMigHandle) -> str:
         with self.lock:
+            if isinstance(handle, FakeMigHandle):
+                return self._mig("nvmlDeviceGetUUID", handle).uuid
             return self._device("nvmlDeviceGetUUID", handle).uuid
+
+    def nvmlDeviceGetGpuInstanceProfileInfo(self, device: FakeHandle, profile: int) -> FakeGpuInstanceProfile:
+        with self.lock:
+            gpu = self._device("nvmlDeviceGetGpuInstanceProfileInfo", device)
+            if not 0 <= profile < pynvml.NVML_GPU_INSTANCE_PROFILE_COUNT:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            if gpu.mig_mode is None or profile not in gpu.instance_profiles:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            return gpu.instance_profiles[profile]
+
+    def nvmlDeviceGetMaxMigDeviceCount(self, device: FakeHandle) -> int:
+        with self.lock:
+            gpu = self._device("nvmlDeviceGetMaxMigDeviceCount", device)
+            if gpu.mig_mode is None:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            return max(MAX_MIG_DEVICES, len(gpu.mig_devices))
+
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, device: FakeHandle, index: int) -> FakeMigHandle:
+        with self.lock:
+            gpu = self._device("nvmlDeviceGetMigDeviceHandleByIndex", device)
+            if gpu.mig_mode is None:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            if not 0 <= index < max(MAX_MIG_DEVICES, len(gpu.mig_devices)):
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            if gpu.mig_mode != pynvml.NVML_DEVICE_MIG_ENABLE or index >= len(gpu.mig_devices):
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+            return FakeMigHandle(gpu.uuid, gpu.mig_devices[index].uuid)
+
+    def nvmlDeviceIsMigDeviceHandle(self, device: FakeHandle | FakeMigHandle) -> int:
+        with self.lock:
+            self._enter("nvmlDeviceIsMigDeviceHandle")
+            return int(isinstance(device, FakeMigHandle))
+
+    def nvmlDeviceGetGpuInstanceId(self, device: FakeMigHandle) -> int:
+        with self.lock:
+            return self._mig("nvmlDeviceGetGpuInstanceId", device).gpu_instance_id
+
+    def nvmlDeviceGetComputeInstanceId(self, device: FakeMigHandle) -> int:
+        with self.lock:
+            return self._mig("nvmlDeviceGetComputeInstanceId", device).compute_instance_id
+
+    def nvmlDeviceGetAttributes(self, device: FakeMigHandle) -> FakeDeviceAttributes:
+        with self.lock:
+            mig = self._mig("nvmlDeviceGetAttributes", device)
+            ci_slices = mig.compute_instance_slices
+            return FakeDeviceAttributes(
+                gpuInstanceSliceCount=mig.gpu_instance_slices,
+                computeInstanceSliceCount=mig.gpu_instance_slices if ci_slices is None else ci_slices,
+                memorySizeMB=mig.memory_mib,
+            )
 
     def nvmlDeviceGetIndex(self, handle: FakeHandle) -> int:
         with self.lock:
@@ -471,3 +608,26 @@ def h200_node(count: int = 2, *, nvlinks_per_pair: int = 18) -> FakeNvml:
     ]
     topology = {frozenset((a.uuid, b.uuid)): pynvml.NVML_TOPOLOGY_HOSTBRIDGE for a in gpus for b in gpus if a != b}
     return FakeNvml(gpus, topology=topology)
+
+
+def mig_cap_minors(gpu_minor: int, gpu_instance: int, compute_instance: int) -> tuple[int, int]:
+    """The capability minors the driver's ``mig-minors`` table gives a GPU instance and its compute instance:
+    1 and 2 are config and monitor, then per GPU 15 GPU instances of 1 + 8 compute-instance minors each."""
+    gi_minor = 3 + gpu_minor * 15 * 9 + gpu_instance * 9
+    return gi_minor, gi_minor + 1 + compute_instance
+
+
+def write_mig_capabilities(driver_root: Path, gpu: FakeGpu) -> dict[str, tuple[int, int]]:
+    """Write the driver's capability files of ``gpu``'s MIG devices under ``driver_root``; MIG UUID → minors."""
+    written = {}
+    for mig in gpu.mig_devices:
+        gi_minor, ci_minor = mig_cap_minors(gpu.minor, mig.gpu_instance_id, mig.compute_instance_id)
+        gi_dir = (
+            driver_root / "proc/driver/nvidia/capabilities" / f"gpu{gpu.minor}" / "mig" / f"gi{mig.gpu_instance_id}"
+        )
+        ci_dir = gi_dir / f"ci{mig.compute_instance_id}"
+        ci_dir.mkdir(parents=True, exist_ok=True)
+        for directory, minor in ((gi_dir, gi_minor), (ci_dir, ci_minor)):
+            (directory / "access").write_text(f"DeviceFileMinor: {minor}\nDeviceFileMode: 292\nDeviceFileModify: 1\n")
+        written[mig.uuid] = (gi_minor, ci_minor)
+    return written

@@ -62,6 +62,10 @@ class NvmlSettings:
     """Consecutive failed event waits after which every GPU is marked Unhealthy (until a wait succeeds again)."""
     sysfs_root: str = "/sys"
     """Where sysfs is mounted; NUMA nodes are read from ``<sysfs_root>/bus/pci/devices/<bus id>/numa_node``."""
+    report_mig_devices: bool = False
+    """Serve the MIG devices of MIG-enabled GPUs (under ``resource``, each with its GPU and compute instance) and
+    read every GPU's GPU-instance profiles, instead of skipping MIG-enabled GPUs. The partitioned backend turns
+    this on and names the resources; off by default because MIG devices under one name suit few nodes."""
 
     def __post_init__(self) -> None:
         try:
@@ -105,7 +109,7 @@ class NvmlSettings:
 
 
 _BOOLS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
-_BOOL_FIELDS = frozenset({"pass_device_specs", "fail_on_init_error"})
+_BOOL_FIELDS = frozenset({"pass_device_specs", "fail_on_init_error", "report_mig_devices"})
 _INT_FIELDS = frozenset({"event_wait_timeout_ms", "wait_error_threshold"})
 _FLOAT_FIELDS = frozenset({"retry_backoff_initial_s", "rediscover_backoff_max_s"})
 

@@ -1,0 +1,68 @@
+"""The partitioned backend: a parent backend's GPUs (``mock`` or ``nvml``) served as MIG-style partitions.
+
+Registered under the ``gpuplugin.backends`` entry point as ``partitioned = "backends.partitioned:create"``.
+"""
+
+from __future__ import annotations
+
+from backends.partitioned.backend import InstanceProfileSource, PartitionedBackend, build_parent, parent_context
+from backends.partitioned.placement import LayoutError, Placement, fill, place
+from backends.partitioned.profiles import (
+    H200_PROFILES,
+    InstanceProfileInfo,
+    Profile,
+    ProfileError,
+    ProfileTable,
+    memory_gb,
+    profile_name,
+    table_from_infos,
+    valid_starts,
+)
+from backends.partitioned.settings import (
+    Layout,
+    PartitionedConfigError,
+    PartitionedSettings,
+    ProfileSource,
+    Strategy,
+    parse_layout,
+)
+from backends.partitioned.slicing import StrategyError, mig_resource, partition_id, slice_tree
+from gpuplugin.registry import BackendContext
+
+__all__ = [
+    "H200_PROFILES",
+    "InstanceProfileInfo",
+    "InstanceProfileSource",
+    "Layout",
+    "LayoutError",
+    "PartitionedBackend",
+    "PartitionedConfigError",
+    "PartitionedSettings",
+    "Placement",
+    "Profile",
+    "ProfileError",
+    "ProfileSource",
+    "ProfileTable",
+    "Strategy",
+    "StrategyError",
+    "build_parent",
+    "create",
+    "fill",
+    "memory_gb",
+    "mig_resource",
+    "parent_context",
+    "parse_layout",
+    "partition_id",
+    "place",
+    "profile_name",
+    "slice_tree",
+    "table_from_infos",
+    "valid_starts",
+]
+
+
+def create(ctx: BackendContext) -> PartitionedBackend:
+    """The entry point's factory: settings from ``ctx.options`` (raises PartitionedConfigError), the parent built
+    by its own factory with the same health policy and state directory."""
+    settings = PartitionedSettings.from_options(ctx.options)
+    return PartitionedBackend(settings, build_parent(settings, ctx))

@@ -1,0 +1,239 @@
+"""Settings of the partitioned backend: the parent it slices, the MIG strategy, the layouts and the profile table."""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
+
+from backends.partitioned.profiles import BUILT_IN_TABLES, ProfileError, ProfileTable
+from gpuplugin.model import AllocationPolicyKind
+
+_GPU_KEY = re.compile(r"^(?:gpu\s*)?(\d+)$", re.IGNORECASE)
+_WHOLE = frozenset({"none", "whole", ""})
+
+
+class PartitionedConfigError(ValueError):
+    """A partitioned setting is invalid; the message names the field. Retrying does not help, fixing it does."""
+
+
+class Strategy(enum.StrEnum):
+    """NVIDIA's MIG strategies."""
+
+    NONE = "none"
+    """MIG ignored: the parent's whole GPUs are served as they are."""
+    SINGLE = "single"
+    """Partitions served under the parent's name (``nvidia.com/gpu``); all must be one profile."""
+    MIXED = "mixed"
+    """One resource per profile: ``nvidia.com/mig-<profile>``."""
+
+
+class ProfileSource(enum.StrEnum):
+    """Where the profile table comes from."""
+
+    H200 = "h200"
+    """The H100/H200 geometry (7 compute, 8 memory slices) with an H200's memory sizes."""
+    NVML = "nvml"
+    """Each GPU's own GPU-instance profiles, read through NVML (MIG enabled or not)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    """How one GPU is sliced: a list of profiles, as many of one profile as fit, or not at all."""
+
+    profiles: tuple[str, ...] = ()
+    fill: str | None = None
+    """``all-<profile>``: as many partitions of it as the GPU holds."""
+
+    @property
+    def whole(self) -> bool:
+        """Not partitioned: the GPU is served whole under the parent's resource."""
+        return self.fill is None and not self.profiles
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return self.profiles if self.fill is None else (self.fill,)
+
+    def __str__(self) -> str:
+        if self.fill is not None:
+            return f"all-{self.fill}"
+        return ", ".join(self.profiles) if self.profiles else "none"
+
+
+GpuKey = int | str
+"""A GPU index, or a GPU UUID."""
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionedSettings:
+    """What the partitioned backend slices and how it serves the partitions."""
+
+    parent: str = "mock"
+    """The backend whose GPUs are sliced (``mock`` or ``nvml``), built with the same health policy and state dir."""
+    parent_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    """The parent's own settings, as its config section would hold them."""
+    strategy: Strategy = Strategy.MIXED
+    """``none``, ``single`` or ``mixed`` (NVIDIA's names); mixed serves each profile as its own resource."""
+    layout: Layout = Layout(fill="1g.18gb")
+    """Layout of every GPU without an entry in ``layouts``; default the most partitions (7 of 1g.18gb)."""
+    layouts: Mapping[GpuKey, Layout] = field(default_factory=lambda: MappingProxyType({}))
+    """Per GPU, by index or UUID; a UUID entry wins over an index entry."""
+    profiles: ProfileSource = ProfileSource.H200
+    """``h200`` (the default geometry) or ``nvml`` (read from each GPU; needs the ``nvml`` parent)."""
+    allocation_policy: AllocationPolicyKind = AllocationPolicyKind.DISTRIBUTED
+    """How GetPreferredAllocation picks partitions: ``distributed`` over GPUs (NVIDIA's default) or ``packed``."""
+
+    def __post_init__(self) -> None:
+        if self.parent == "partitioned":
+            raise PartitionedConfigError("partitioned.parent: the partitioned backend cannot slice itself")
+        if self.profiles is ProfileSource.NVML and self.parent != "nvml":
+            raise PartitionedConfigError(
+                f"partitioned.profiles: nvml reads each GPU's profiles through NVML; parent is {self.parent!r}, "
+                "set parent: nvml or profiles: h200"
+            )
+        table = BUILT_IN_TABLES.get(str(self.profiles))
+        if table is not None:
+            check_layout("partitioned.layout", self.layout, table)
+            for key, layout in self.layouts.items():
+                check_layout(f"partitioned.layouts.{key}", layout, table)
+
+    def layout_of(self, index: int, uuid: str) -> tuple[Layout, str]:
+        """The layout of one GPU and the setting it came from (for errors)."""
+        if uuid in self.layouts:
+            return self.layouts[uuid], f"layouts.{uuid}"
+        if index in self.layouts:
+            return self.layouts[index], f"layouts.{index}"
+        return self.layout, "layout"
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> PartitionedSettings:
+        """Read settings from a config section or flags; keys may use ``-`` or ``_``; None means unset."""
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for raw_key, raw in options.items():
+            key = str(raw_key).replace("-", "_")
+            if raw is None:
+                continue
+            if key not in known:
+                raise PartitionedConfigError(
+                    f"partitioned.{raw_key}: unknown setting; known: {', '.join(sorted(known))}"
+                )
+            values[key] = _CONVERTERS[key](f"partitioned.{key}", raw)
+        return cls(**values)
+
+
+def check_layout(name: str, layout: Layout, table: ProfileTable) -> None:
+    """Every profile the layout names is in ``table``."""
+    for profile in layout.names:
+        try:
+            table.get(profile)
+        except ProfileError as error:
+            raise PartitionedConfigError(f"{name}: {error}") from None
+
+
+def parse_layout(name: str, value: object) -> Layout:
+    """``all-1g.18gb``, ``none``, a profile or comma-separated profiles, a list of profiles, ``{all: 1g.18gb}`` or
+    ``{1g.18gb: 3, 2g.35gb: 2}``."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() in _WHOLE:
+            return Layout()
+        if text.lower().startswith("all-"):
+            return Layout(fill=_profile(name, text[4:]))
+        return Layout(profiles=tuple(_profile(f"{name}[{i}]", p) for i, p in enumerate(text.split(","))))
+    if isinstance(value, Mapping):
+        if set(value) == {"all"}:
+            return Layout(fill=_profile(f"{name}.all", value["all"]))
+        profiles: list[str] = []
+        for profile, count in value.items():
+            profiles += [_profile(name, profile)] * _count(f"{name}.{profile}", count)
+        return Layout(profiles=tuple(profiles))
+    if isinstance(value, Sequence) and not isinstance(value, bytes):
+        return Layout(profiles=tuple(_profile(f"{name}[{i}]", p) for i, p in enumerate(value)))
+    raise PartitionedConfigError(
+        f"{name}: must be all-<profile>, none, a list of profiles or a mapping of profile to count, got {value!r}"
+    )
+
+
+def _profile(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise PartitionedConfigError(f"{name}: a profile name such as 1g.18gb, got {value!r}")
+    return value.strip()
+
+
+def _count(name: str, value: object) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise PartitionedConfigError(f"{name}: must be a count (a whole number of at least 0), got {value!r}")
+
+
+def _gpu_key(name: str, key: object) -> GpuKey:
+    if isinstance(key, int) and not isinstance(key, bool) and key >= 0:
+        return key
+    if isinstance(key, str) and key.strip():
+        match = _GPU_KEY.match(key.strip())
+        return int(match.group(1)) if match else key.strip()
+    raise PartitionedConfigError(f"{name}: keys are GPU indices or UUIDs, got {key!r}")
+
+
+def _layouts(name: str, value: object) -> Mapping[GpuKey, Layout]:
+    if not isinstance(value, Mapping):
+        raise PartitionedConfigError(f"{name}: must map GPU indices or UUIDs to layouts, got {value!r}")
+    layouts: dict[GpuKey, Layout] = {}
+    for raw_key, raw in value.items():
+        key = _gpu_key(name, raw_key)
+        if key in layouts:
+            raise PartitionedConfigError(f"{name}: GPU {key} has two layouts")
+        layouts[key] = parse_layout(f"{name}.{key}", raw)
+    return MappingProxyType(layouts)
+
+
+Converter = Callable[[str, object], object]
+"""Reads one setting's raw value; raises PartitionedConfigError naming the setting."""
+
+
+def _enum(kind: type[enum.StrEnum]) -> Converter:
+    def convert(name: str, value: object) -> enum.StrEnum:
+        try:
+            return kind(str(value).strip().lower())
+        except ValueError:
+            choices = ", ".join(member.value for member in kind)
+            raise PartitionedConfigError(f"{name}: must be one of {choices}, got {value!r}") from None
+
+    return convert
+
+
+def _parent(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise PartitionedConfigError(f"{name}: must name a backend (mock or nvml), got {value!r}")
+    return value.strip()
+
+
+def _parent_options(name: str, value: object) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise PartitionedConfigError(f"{name}: must be a mapping of the parent's settings, got {value!r}")
+    return MappingProxyType(dict(value))
+
+
+def _allocation_policy(name: str, value: object) -> AllocationPolicyKind:
+    try:
+        return AllocationPolicyKind(str(value).strip().lower())
+    except ValueError:
+        choices = ", ".join(member.value for member in AllocationPolicyKind)
+        raise PartitionedConfigError(f"{name}: must be one of {choices}, got {value!r}") from None
+
+
+_CONVERTERS: Mapping[str, Converter] = MappingProxyType(
+    {
+        "parent": _parent,
+        "parent_options": _parent_options,
+        "strategy": _enum(Strategy),
+        "layout": parse_layout,
+        "layouts": _layouts,
+        "profiles": _enum(ProfileSource),
+        "allocation_policy": _allocation_policy,
+    }
+)

@@ -1,0 +1,237 @@
+"""The CDI spec writer: a TreeSink that keeps one CDI spec file per CDI kind in step with the served devices.
+
+With a ``cdi-*`` device-list strategy, Allocate names CDI devices instead of passing device nodes; the container
+runtime finds what those names mean in the files written here (CDI SPEC.md, version 0.6.0). Files are replaced
+atomically, rewritten only when their content changes, and removed when their kind vanishes or the plugin stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import aiofiles
+import aiofiles.os
+import aiofiles.tempfile
+import structlog
+import yaml
+
+import gpuplugin.settings as _settings
+from gpuplugin.model import Device, DeviceTree
+from gpuplugin.strategies import (
+    CDI_DEVICE_NAME,
+    CDI_EDITS_ATTRIBUTE,
+    CDI_NAME_ATTRIBUTE,
+    DEFAULT_CDI_VENDOR,
+    VISIBLE_DEVICES,
+    DeviceListStrategy,
+    cdi_kind,
+    container_edits,
+)
+
+log = structlog.get_logger("gpuplugin.cdi")
+
+#: 0.6.0 is the first version that allows dots in a class name (``gpu.shared``, ``mig-1g.18gb``).
+CDI_VERSION = "0.6.0"
+DEFAULT_SPEC_DIR = Path("/var/run/cdi")
+SpecFormat = Literal["json", "yaml"]
+SPEC_FORMATS: tuple[SpecFormat, ...] = ("json", "yaml")
+#: Readable by every runtime component; the file holds no secret.
+_FILE_MODE = 0o644
+
+
+@dataclass(frozen=True, slots=True)
+class CdiSettings:
+    """Where and how the CDI spec files are written."""
+
+    spec_dir: Path = DEFAULT_SPEC_DIR
+    """Directory of the spec files; ``/var/run/cdi`` is where runtimes look for transient, generated specs."""
+    format: SpecFormat = "json"
+    """File format; runtimes read both, JSON needs no YAML parser to check by hand."""
+
+    @classmethod
+    def from_mapping(cls, data: Any, path: str = "flags.plugin") -> CdiSettings:
+        """Validate ``cdiSpecDir`` and ``cdiSpecFormat`` of a config section (others are left alone).
+
+        Raises ConfigError naming the field.
+        """
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise _config_error(path, f"must be a mapping, got {type(data).__name__}")
+        spec_dir = data.get("cdiSpecDir", str(DEFAULT_SPEC_DIR))
+        if not isinstance(spec_dir, str) or not spec_dir.startswith("/"):
+            raise _config_error(f"{path}.cdiSpecDir", f"must be an absolute directory path, got {spec_dir!r}")
+        spec_format = data.get("cdiSpecFormat", "json")
+        if spec_format not in SPEC_FORMATS:
+            raise _config_error(
+                f"{path}.cdiSpecFormat", f"must be one of {', '.join(SPEC_FORMATS)}, got {spec_format!r}"
+            )
+        return cls(spec_dir=Path(spec_dir), format=spec_format)
+
+
+def spec_writer_for(strategy: DeviceListStrategy, settings: CdiSettings) -> CdiSpecWriter | None:
+    """The writer a strategy needs: one when Allocate names CDI devices, else None (nothing to describe)."""
+    if not strategy.cdi_enabled:
+        return None
+    return CdiSpecWriter(settings, vendor=strategy.cdi_vendor)
+
+
+def spec_file_name(kind: str, spec_format: SpecFormat = "json") -> str:
+    """``<vendor>-<class>.<ext>``, the name CDI's own tooling gives a generated spec."""
+    vendor, _, cdi_class = kind.partition("/")
+    return f"{vendor}-{cdi_class}.{spec_format}"
+
+
+def build_specs(tree: DeviceTree, vendor: str = DEFAULT_CDI_VENDOR) -> dict[str, dict[str, Any]]:
+    """The CDI specs describing ``tree``'s devices, by kind; a kind has one device per runtime ID.
+
+    Replicas of one GPU share its runtime ID and become one CDI device. Devices whose runtime ID is not a valid
+    CDI device name are left out (and logged): a runtime would refuse the whole file otherwise.
+    """
+    devices: dict[str, dict[str, dict[str, Any]]] = {}
+    for device in tree.devices:
+        kind, name, edits = _describe(device, vendor)
+        if name is None or not edits:
+            continue
+        if not CDI_DEVICE_NAME.match(name):
+            log.warning("device left out of the CDI spec: invalid CDI device name", kind=kind, name=name)
+            continue
+        of_kind = devices.setdefault(kind, {})
+        known = of_kind.setdefault(name, edits)
+        if known != edits:
+            log.warning("devices of one CDI name differ; the first one is described", kind=kind, name=name)
+    return {kind: _spec(kind, named) for kind, named in devices.items()}
+
+
+def render(spec: Mapping[str, Any], spec_format: SpecFormat) -> bytes:
+    if spec_format == "yaml":
+        return yaml.safe_dump(dict(spec), sort_keys=False).encode()
+    return (json.dumps(spec, indent=2) + "\n").encode()
+
+
+class CdiSpecWriter:
+    """Writes the CDI specs of every published tree; removes what it wrote on close. A TreeSink."""
+
+    def __init__(self, settings: CdiSettings = CdiSettings(), *, vendor: str = DEFAULT_CDI_VENDOR) -> None:
+        self.settings = settings
+        self.vendor = vendor
+        self._written: dict[Path, bytes] = {}
+        """What is on disk, as we last wrote it: a file is rewritten only when its content differs."""
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The spec files written and not yet removed."""
+        return tuple(self._written)
+
+    async def publish(self, tree: DeviceTree) -> None:
+        """Write the specs of ``tree`` that changed and remove those of kinds that vanished.
+
+        Failures are logged, not raised: serving the devices matters more, and the next tree retries.
+        """
+        wanted = {
+            self.settings.spec_dir / spec_file_name(kind, self.settings.format): render(spec, self.settings.format)
+            for kind, spec in build_specs(tree, self.vendor).items()
+        }
+        if wanted:
+            try:
+                await aiofiles.os.makedirs(self.settings.spec_dir, exist_ok=True)
+            except OSError as exc:
+                log.error("cannot create the CDI spec directory", directory=str(self.settings.spec_dir), error=str(exc))
+                return
+        for path, content in wanted.items():
+            if self._written.get(path) != content:
+                await self._write(path, content)
+        for path in [p for p in self._written if p not in wanted]:
+            await self._remove(path)
+
+    async def aclose(self) -> None:
+        """Remove every spec file written: without the plugin, nothing may allocate these devices."""
+        for path in list(self._written):
+            await self._remove(path)
+
+    async def _write(self, path: Path, content: bytes) -> None:
+        # Runtimes read these files at any moment: a temporary file in the same directory, renamed over the
+        # target, means a reader sees the old content or the new one, never a part. The name does not end in
+        # .json or .yaml, so a runtime scanning the directory ignores it.
+        temporary: str | None = None
+        try:
+            async with aiofiles.tempfile.NamedTemporaryFile(
+                "wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+            ) as f:
+                temporary = str(f.name)
+                await f.write(content)
+                await f.flush()
+                await aiofiles.os.wrap(os.fsync)(f.fileno())
+            await aiofiles.os.wrap(os.chmod)(temporary, _FILE_MODE)
+            await aiofiles.os.replace(temporary, path)
+        except OSError as exc:
+            log.error("cannot write a CDI spec", file=str(path), error=str(exc))
+            if temporary is not None:
+                await _remove_quietly(temporary)
+            return
+        self._written[path] = content
+        log.info("CDI spec written", file=str(path))
+
+    async def _remove(self, path: Path) -> None:
+        try:
+            await aiofiles.os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.error("cannot remove a CDI spec", file=str(path), error=str(exc))
+            return
+        del self._written[path]
+        log.info("CDI spec removed", file=str(path))
+
+
+def _describe(device: Device, vendor: str) -> tuple[str, str | None, dict[str, Any]]:
+    """A device's CDI kind, name and containerEdits: from what a CDI strategy recorded, else from its spec."""
+    recorded = device.attributes.get(CDI_NAME_ATTRIBUTE)
+    edits_json = device.attributes.get(CDI_EDITS_ATTRIBUTE)
+    if recorded is not None and edits_json is not None:
+        kind, _, name = recorded.partition("=")
+        edits: dict[str, Any] = json.loads(edits_json)
+        return kind, name, edits
+    runtime_id = device.spec.list_env.get(VISIBLE_DEVICES)
+    return cdi_kind(vendor, device.resource), runtime_id, container_edits(device.spec)
+
+
+def _spec(kind: str, devices: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    common: list[dict[str, Any]] = []
+    if len(devices) > 1:
+        # Nodes every device needs (/dev/nvidiactl, /dev/nvidia-uvm) are stated once, for any of them.
+        first, *others = devices.values()
+        common = [
+            node
+            for node in first.get("deviceNodes", [])
+            if all(node in other.get("deviceNodes", []) for other in others)
+        ]
+    described = []
+    for name, edits in devices.items():
+        own = dict(edits)
+        nodes = [n for n in edits.get("deviceNodes", []) if n not in common]
+        if nodes:
+            own["deviceNodes"] = nodes
+        else:
+            own.pop("deviceNodes", None)
+        described.append({"name": name, "containerEdits": own})
+    spec: dict[str, Any] = {"cdiVersion": CDI_VERSION, "kind": kind, "devices": described}
+    if common:
+        spec["containerEdits"] = {"deviceNodes": common}
+    return spec
+
+
+async def _remove_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        await aiofiles.os.remove(path)
+
+
+def _config_error(path: str, message: str) -> _settings.ConfigError:
+    # Looked up at call time: gpuplugin.settings may import this module while it is itself being imported.
+    return _settings.ConfigError(f"{path}: {message}")

@@ -112,14 +112,15 @@ class ChurnRun:
         self.wall_s = 0.0
 
     def measures(self) -> list[Latencies]:
+        """Every measure the churn took; the health delays only when it flapped (otherwise they are not measured)."""
+        health = [self.to_unhealthy, self.to_healthy] if self.settings.flap_rate_per_s > 0 else []
         return [
             self.admission,
             self.admission_single,
             self.kubelet_share,
             self.preferred,
             self.allocate,
-            self.to_unhealthy,
-            self.to_healthy,
+            *health,
             self.registered,
             self.listed,
         ]

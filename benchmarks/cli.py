@@ -15,7 +15,7 @@ import click
 
 from benchmarks import plots, report
 from benchmarks.runner import RunSettings, run_scenario
-from benchmarks.scenarios import FULL_SUITE, SCENARIOS, Scenario
+from benchmarks.scenarios import BACKENDS, FULL_SUITE, FULL_SUITE_NVML, SCENARIOS, Scenario, suite
 from gpuplugin import logs
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -26,7 +26,7 @@ def list_scenarios() -> str:
     for scenario in SCENARIOS.values():
         state = "" if scenario.available else f"  [{scenario.unavailable_reason}]"
         lines.append(f"  {scenario.name:<14} {scenario.description}{state}")
-    lines.append(f"  {'all':<14} {', '.join(FULL_SUITE)}")
+    lines.append(f"  {'all':<14} {', '.join(FULL_SUITE)}; with --backend nvml: {', '.join(FULL_SUITE_NVML)}")
     return "\n".join(lines)
 
 
@@ -37,6 +37,13 @@ def list_scenarios() -> str:
 )
 @click.argument("scenario_name", metavar="[SCENARIO]", default="whole-8")
 @click.option("--list", "show_list", is_flag=True, help="List the scenarios and exit.")
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="mock",
+    show_default=True,
+    help="The plugin's backend: mock GPUs, or the node's real GPUs through NVML (count: what registers; no flaps).",
+)
 @click.option("--quick", is_flag=True, help="A few seconds per scenario: proves the suite works, not speed (CI).")
 @click.option("--seed", type=int, default=1, show_default=True, help="Seed of the churn, the flaps and the sizes.")
 @click.option(
@@ -55,20 +62,14 @@ def list_scenarios() -> str:
 @click.option("--flap-rate", type=float, help="Health flaps per second during the churn; 0: none.")
 @click.option("--no-baselines", is_flag=True, help="Skip the grpclib and grpcio floors.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
-def bench(scenario_name: str, show_list: bool, quick: bool, seed: int, out: Path | None, **overrides: Any) -> None:
+def bench(
+    scenario_name: str, show_list: bool, backend: str, quick: bool, seed: int, out: Path | None, **overrides: Any
+) -> None:
     """Benchmark the plugin in its own process against the kubelet simulator. SCENARIO defaults to whole-8."""
     if show_list:
         click.echo("Scenarios:\n" + list_scenarios())
         return
-    names = FULL_SUITE if scenario_name == "all" else (scenario_name,)
-    scenarios = []
-    for name in names:
-        scenario = SCENARIOS.get(name)
-        if scenario is None:
-            raise click.UsageError(f"unknown scenario {name!r}; known:\n{list_scenarios()}")
-        if not scenario.available:
-            raise click.ClickException(f"scenario {name}: {scenario.unavailable_reason}")
-        scenarios.append(customise(scenario.quick() if quick else scenario, overrides))
+    scenarios = select(scenario_name, backend, quick, overrides)
     logs.configure("console", "warning")
     # SIGTERM as Ctrl-C: asyncio.run cancels the run, and its cleanup stops the plugin and floor processes.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -76,10 +77,30 @@ def bench(scenario_name: str, show_list: bool, quick: bool, seed: int, out: Path
     failed = False
     for scenario in scenarios:
         folder = out if out is not None and len(scenarios) == 1 else (out or DEFAULT_OUT) / scenario.name
-        errors = run_one(scenario, folder, RunSettings(seed=seed, quick=quick, progress=progress))
+        errors = run_one(scenario, folder, RunSettings(seed=seed, quick=quick, progress=progress, backend=backend))
         failed = failed or errors > 0
     if failed:
         raise click.ClickException("errors during the run: see results.json")
+
+
+def select(scenario_name: str, backend: str, quick: bool, overrides: Mapping[str, Any]) -> list[Scenario]:
+    """The scenarios SCENARIO names, quick or not, with the command line's numbers, as run on ``backend``."""
+    if backend == "nvml":
+        for option, key in (("--gpus", "gpus"), ("--flap-rate", "flap_rate")):
+            if overrides.get(key) is not None:
+                raise click.UsageError(f"{option} applies to the mock backend only (nvml serves the node's GPUs)")
+    scenarios = []
+    for name in suite(scenario_name, backend):
+        scenario = SCENARIOS.get(name)
+        if scenario is None:
+            raise click.UsageError(f"unknown scenario {name!r}; known:\n{list_scenarios()}")
+        if not scenario.available:
+            raise click.ClickException(f"scenario {name}: {scenario.unavailable_reason}")
+        try:
+            scenarios.append(customise(scenario.quick() if quick else scenario, overrides).on_backend(backend))
+        except ValueError as error:
+            raise click.ClickException(str(error)) from None
+    return scenarios
 
 
 def customise(scenario: Scenario, overrides: Mapping[str, Any]) -> Scenario:
@@ -110,10 +131,14 @@ def customise(scenario: Scenario, overrides: Mapping[str, Any]) -> Scenario:
 
 def run_one(scenario: Scenario, folder: Path, settings: RunSettings) -> int:
     """Run, write JSON, markdown and plots into ``folder``, print the markdown; the number of errors."""
-    click.echo(f"running {scenario.name}: {scenario.description}", err=True)
+    click.echo(f"running {scenario.name} on {settings.backend}: {scenario.description}", err=True)
     started = datetime.datetime.now(datetime.UTC)
     began = time.perf_counter()
-    result = asyncio.run(run_scenario(scenario, settings))
+    try:
+        result = asyncio.run(run_scenario(scenario, settings))
+    except (RuntimeError, TimeoutError) as error:
+        # The plugin died or never came up: its own words (the log's end) say why, a traceback would not.
+        raise click.ClickException(f"scenario {scenario.name} on {settings.backend}: {error}") from error
     built = report.build_report(
         scenario, result, seed=settings.seed, quick=settings.quick, started=started, wall_s=time.perf_counter() - began
     )

@@ -132,23 +132,20 @@ def _high_water_mark(pid: int) -> int:
     return 0
 
 
-def plugin_argv(kubelet_dir: Path, state_dir: Path, gpus: int) -> list[str]:
-    """Exactly how a node starts the plugin, with the mock backend."""
-    return [
+def plugin_argv(kubelet_dir: Path, state_dir: Path, gpus: int, backend: str = "mock") -> list[str]:
+    """Exactly how a node starts the plugin: this interpreter, the environment inherited; mock GPUs only on mock."""
+    argv = [
         sys.executable,
         "-m",
         "gpuplugin",
         "serve",
         "--backend",
-        "mock",
+        backend,
         "--kubelet-dir",
         str(kubelet_dir),
         "--state-dir",
         str(state_dir),
-        "--mock-gpus",
-        str(gpus),
-        "--log-level",
-        "warning",
-        "--log-format",
-        "json",
     ]
+    if backend == "mock":
+        argv += ["--mock-gpus", str(gpus)]
+    return [*argv, "--log-level", "warning", "--log-format", "json"]

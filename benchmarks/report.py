@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import json
 import os
@@ -70,11 +73,47 @@ def environment() -> dict[str, Any]:
             "logical_cpus": os.cpu_count(),
             "memory_gb": round(psutil.virtual_memory().total / 1e9, 1),
             "load_average_1m": os.getloadavg()[0],
+            **nvidia_gpus(),
         },
         "python": {"version": platform.python_version(), "implementation": platform.python_implementation()},
         "libraries": versions,
         "git": _git(),
     }
+
+
+@functools.cache
+def nvidia_gpus() -> dict[str, Any]:
+    """GPU names and driver version, read once through NVML in this process; ``"none"`` where NVML does not start."""
+    none = {"gpus": "none", "nvidia_driver": "none"}
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    # Any failure (no bindings, no library, no driver, no permission) means the same: no GPU to report.
+    except Exception as error:
+        return {**none, "nvml": f"unavailable: {error}"}
+    try:
+        count = pynvml.nvmlDeviceGetCount()
+        names = [_text(pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))) for i in range(count)]
+        return {"gpus": names or "none", "nvidia_driver": _text(pynvml.nvmlSystemGetDriverVersion())}
+    except pynvml.NVMLError as error:
+        return {**none, "nvml": f"unreadable: {error}"}
+    finally:
+        with contextlib.suppress(pynvml.NVMLError):
+            pynvml.nvmlShutdown()
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def gpus_line(machine: Mapping[str, Any]) -> str:
+    """``2x NVIDIA H200, driver 580.95.05`` or ``none``."""
+    gpus = machine.get("gpus", "none")
+    if not isinstance(gpus, list):
+        return "none"
+    counted = ", ".join(f"{n}x {name}" for name, n in collections.Counter(gpus).items())
+    return f"{counted}, driver {machine.get('nvidia_driver', '?')}"
 
 
 def _cpu_model() -> str:
@@ -119,6 +158,8 @@ def build_report(
     report: dict[str, Any] = {
         "scenario": scenario.name,
         "description": scenario.description,
+        "backend": result.backend,
+        "gpus": result.gpus,
         "settings": plain(scenario),
         "seed": seed,
         "quick": quick,
@@ -193,6 +234,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"Python {env['python']['version']}; grpclib {env['libraries']['grpclib']}, "
         f"betterproto2 {env['libraries']['betterproto2']}, grpcio {env['libraries']['grpcio']}; "
         f"commit {(env['git']['commit'] or '?')[:12]}{' (dirty)' if env['git']['dirty'] else ''}.",
+        f"Backend {report.get('backend', 'mock')}, {report.get('gpus', '?')} GPUs served; "
+        f"NVIDIA GPUs of the machine: {gpus_line(machine)}.",
         "",
         f"**Errors: {report['errors']}**",
         "",
@@ -243,6 +286,8 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"The kubelet saw {len(ends)} ListAndWatch stream(s) of a current endpoint end (allocatable drops to 0 "
             "until the next registration): " + "; ".join(f"{e['endpoint']} ({e['error'] or 'closed'})" for e in ends),
         ]
+    for measure, reason in report.get("not_measured", {}).items():
+        lines += ["", f"Not measured: {measure} ({reason})."]
     if "churn" in report:
         c = report["churn"]
         lines += [

@@ -29,6 +29,8 @@ from gpuplugin.api import v1beta1
 from gpuplugin.simulator import KubeletSimulator
 
 START_TIMEOUT_S = 60.0
+#: How long every registered GPU may take to be listed Healthy (seconds): NVML serves a failed GPU Unhealthy at once.
+HEALTHY_TIMEOUT_S = 5.0
 #: Pause after registration before idle RSS is read (seconds): start-up garbage is collected by then.
 SETTLE_S = 0.5
 PLUGIN = "plugin"
@@ -42,6 +44,8 @@ class RunSettings:
     quick: bool = False
     progress: bool = True
     """Show tqdm progress bars on stderr."""
+    backend: str = "mock"
+    """The plugin's backend: ``mock``, or ``nvml`` for the node's real GPUs (their count is what registers)."""
 
 
 @dataclass
@@ -53,6 +57,9 @@ class RunResult:
     health_events: list[tuple[float, str]]
     """(seconds since the run began, "Healthy" or "Unhealthy")."""
     restart_times_s: list[float]
+    backend: str = "mock"
+    gpus: int = 0
+    """GPUs the plugin served: the mock's count, or what registered on nvml."""
 
 
 async def run_scenario(scenario: Scenario, settings: RunSettings) -> RunResult:
@@ -76,19 +83,26 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
     health_events: list[tuple[float, str]] = []
     restart_times_s: list[float] = []
     async with KubeletSimulator(kubelet_dir) as kubelet:
-        plugin = ServerProcess(PLUGIN, plugin_argv(kubelet_dir, state_dir, scenario.gpus), workdir / "plugin.log")
+        argv = plugin_argv(kubelet_dir, state_dir, scenario.gpus, settings.backend)
+        plugin = ServerProcess(PLUGIN, argv, workdir / "plugin.log")
         plugin.start()
         exit_code: int | None = None
         try:
-            registration = await _wait_registered(kubelet, plugin)
+            registration = await _wait_registered(kubelet, plugin, settings.backend)
             facts["start_to_registration_ms"] = (registration.monotonic_s - plugin.started_s) * 1000
-            await kubelet.wait_for(lambda: kubelet.allocatable(RESOURCE) == scenario.gpus, START_TIMEOUT_S)
+            gpus = await _wait_device_list(kubelet, scenario, settings.backend)
             facts["start_to_device_list_ms"] = (time.monotonic() - plugin.started_s) * 1000
             await asyncio.sleep(SETTLE_S)
             idle = plugin.usage()
 
             if scenario.allocate_calls:
-                facts["where_time_goes"] = await _allocate_phase(kubelet, scenario, settings, workdir, clock, measures)
+                facts["where_time_goes"] = await _allocate_phase(
+                    kubelet, scenario, scenario.callers, settings, workdir, clock, measures
+                )
+                if scenario.concurrent_callers:
+                    await _allocate_phase(
+                        kubelet, scenario, scenario.concurrent_callers, settings, workdir, clock, measures
+                    )
             if scenario.preferred_calls:
                 await _preferred_phase(kubelet, scenario, settings, clock, measures)
             if scenario.churn is not None:
@@ -96,7 +110,7 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
                     kubelet,
                     scenario.churn,
                     resource=RESOURCE,
-                    gpus=scenario.gpus,
+                    gpus=gpus,
                     control_socket=state_dir / "mock.sock",
                     clock=clock,
                     seed=settings.seed,
@@ -109,13 +123,13 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
                 facts["churn"] = churn.summary()
                 health_events = [(e.sent_s, e.health) for e in churn.health_events]
                 restart_times_s = list(churn.restart_times_s)
+                if scenario.churn.flap_rate_per_s <= 0:
+                    facts["not_measured"] = {"health change → ListAndWatch": _no_flaps_reason(settings.backend)}
             if scenario.restarts:
                 registered = clock.latencies("re-registration")
                 listed = clock.latencies("re-registration to device list")
                 with _bar(settings, "kubelet restarts", scenario.restarts) as bar:
-                    await restart_phase(
-                        kubelet, RESOURCE, scenario.gpus, scenario.restarts, registered, listed, bar.update
-                    )
+                    await restart_phase(kubelet, RESOURCE, gpus, scenario.restarts, registered, listed, bar.update)
                 measures.update({registered.name: registered, listed.name: listed})
             plugin.check_alive()
             after = plugin.usage()
@@ -125,10 +139,10 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
             exit_code = await plugin.stop()
         facts["plugin"] = _process_facts(idle, after, exit_code, workdir / "plugin.log")
         facts["kubelet_warnings"] = kubelet.warnings
-    return RunResult(facts, measures, health_events, restart_times_s)
+    return RunResult(facts, measures, health_events, restart_times_s, settings.backend, gpus)
 
 
-async def _wait_registered(kubelet: KubeletSimulator, plugin: ServerProcess) -> Any:
+async def _wait_registered(kubelet: KubeletSimulator, plugin: ServerProcess, backend: str) -> Any:
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         plugin.check_alive()
@@ -136,13 +150,46 @@ async def _wait_registered(kubelet: KubeletSimulator, plugin: ServerProcess) -> 
             return await kubelet.wait_registered(RESOURCE, timeout=0.5)
         except TimeoutError:
             if time.monotonic() > deadline:
-                message = f"the plugin did not register within {START_TIMEOUT_S:g} s:\n{plugin.log_tail()}"
+                hint = (
+                    " (nvml registers only when it serves a GPU: does `gpuplugin devices --backend nvml` list any?"
+                    " MIG-enabled GPUs are not served whole)"
+                    if backend == "nvml"
+                    else ""
+                )
+                message = f"the plugin did not register within {START_TIMEOUT_S:g} s{hint}:\n{plugin.log_tail()}"
                 raise TimeoutError(message) from None
+
+
+async def _wait_device_list(kubelet: KubeletSimulator, scenario: Scenario, backend: str) -> int:
+    """The number of GPUs served, once every one is listed Healthy: the mock's count, or on nvml what registered."""
+    if backend == "mock":
+        await kubelet.wait_for(lambda: kubelet.allocatable(RESOURCE) == scenario.gpus, START_TIMEOUT_S)
+        return scenario.gpus
+    # One ListAndWatch message carries the whole list, so the first non-empty one is the node.
+    await kubelet.wait_for(lambda: kubelet.capacity(RESOURCE) > 0, START_TIMEOUT_S)
+    try:
+        await kubelet.wait_for(lambda: kubelet.allocatable(RESOURCE) == kubelet.capacity(RESOURCE), HEALTHY_TIMEOUT_S)
+    except TimeoutError:
+        raise RuntimeError(
+            f"{kubelet.capacity(RESOURCE) - kubelet.allocatable(RESOURCE)} of {kubelet.capacity(RESOURCE)} GPUs are "
+            f"listed Unhealthy; the benchmark needs every GPU healthy: {kubelet.devices(RESOURCE)}"
+        ) from None
+    return kubelet.capacity(RESOURCE)
+
+
+def _no_flaps_reason(backend: str) -> str:
+    if backend == "nvml":
+        return (
+            "no health flaps on nvml: its health events come from the GPUs, with no control socket to inject them; "
+            "python -m benchmarks.nvml_figures times an XID from the health thread's edge to ListAndWatch"
+        )
+    return "no health flaps: the churn's flap rate is 0"
 
 
 async def _allocate_phase(
     kubelet: KubeletSimulator,
     scenario: Scenario,
+    callers: int,
     settings: RunSettings,
     workdir: Path,
     clock: Clock,
@@ -155,7 +202,7 @@ async def _allocate_phase(
         for device in kubelet.devices(RESOURCE)
     ]
     response = bytes(await stub.allocate(requests[0]))
-    suffix = "" if scenario.callers == 1 else f" x{scenario.callers}"
+    suffix = "" if callers == 1 else f" x{callers}"
 
     def allocate_on(target: v1beta1.DevicePluginStub) -> Call:
         return lambda n: target.allocate(requests[n % len(requests)])
@@ -169,18 +216,18 @@ async def _allocate_phase(
     async with floors_running as floors:
         targets.update({f"{floor.name} Allocate{suffix}": allocate_on(floor.stub) for floor in floors})
         into = {name: clock.latencies(name) for name in targets}
-        with _bar(settings, "Allocate calls", scenario.allocate_calls * len(targets)) as bar:
+        with _bar(settings, f"Allocate calls{suffix}", scenario.allocate_calls * len(targets)) as bar:
             await interleaved(
                 targets,
                 into,
                 calls=scenario.allocate_calls,
-                callers=scenario.callers,
+                callers=callers,
                 block_calls=scenario.block_calls,
                 warmup_calls=warmup,
                 progress=bar.update,
             )
     measures.update(into)
-    if not scenario.baselines or scenario.callers != 1:
+    if not scenario.baselines or callers != 1:
         return None  # with concurrent callers the median is mostly queueing; the split would mean nothing
     codec = codec_costs(bytes(requests[0]), response, budget_s=0.05 if settings.quick else 1.0)
     return {

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
 RESOURCE = "nvidia.com/gpu"
+
+#: Where the plugin's devices come from: the mock backend's fake GPUs, or the node's real ones through NVML.
+BACKENDS = ("mock", "nvml")
 
 #: GPUs per container and how often each is asked for: mostly small jobs, now and then a whole node's worth.
 DEFAULT_SIZE_MIX: Mapping[int, float] = MappingProxyType({1: 0.55, 2: 0.25, 4: 0.15, 8: 0.05})
@@ -42,9 +46,11 @@ class Scenario:
     name: str
     description: str
     gpus: int = 8
-    """Mock GPUs on the node (count)."""
+    """Mock GPUs on the node (count); 0 (the nvml backend): as many as register."""
     callers: int = 1
     """Concurrent callers of Allocate in the RPC phase (the kubelet itself uses one)."""
+    concurrent_callers: int = 0
+    """A second Allocate phase with this many concurrent callers, floors included; 0: none."""
     allocate_calls: int = 10_000
     """Allocate calls of one GPU per target (plugin, and each baseline) in the RPC phase."""
     preferred_calls: int = 5_000
@@ -58,6 +64,8 @@ class Scenario:
     """Kubelet restarts in the restart phase (median re-registration time)."""
     available: bool = True
     unavailable_reason: str = ""
+    mock_only: bool = False
+    """About the size of a mock node: it means nothing on a real one, so the nvml backend refuses it."""
 
     def quick(self) -> Scenario:
         """A run of a few seconds that proves the suite works; its figures say nothing about speed."""
@@ -71,6 +79,27 @@ class Scenario:
             block_calls=min(self.block_calls, 100),
             churn=churn,
             restarts=min(self.restarts, 2),
+        )
+
+    def on_backend(self, backend: str) -> Scenario:
+        """The scenario as run on ``backend``: on nvml the node is the real one, named so, and nothing flaps.
+
+        NVML's health events come from the GPUs alone (there is no control socket to inject them), so the churn
+        runs without flaps; ``benchmarks.nvml_figures`` times a health event instead, at the health thread's edge.
+        """
+        if backend == "mock":
+            return self
+        if backend != "nvml":
+            raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
+        if self.mock_only:
+            raise ValueError(f"scenario {self.name} measures a {self.gpus}-GPU mock node; on nvml run 'nvml'")
+        churn = self.churn and dataclasses.replace(self.churn, flap_rate_per_s=0.0)
+        return dataclasses.replace(
+            self,
+            name=re.sub(r"^whole-\d+", "whole-nvml", self.name),
+            description=f"{self.description}; on nvml: the node's own GPUs, churn without health flaps",
+            gpus=0,
+            churn=churn,
         )
 
 
@@ -91,7 +120,7 @@ SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
                 churn=None,
                 restarts=0,
             ),
-            Scenario("whole-64", "whole GPUs on a 64-GPU mock node: every phase", gpus=64),
+            Scenario("whole-64", "whole GPUs on a 64-GPU mock node: every phase", gpus=64, mock_only=True),
             Scenario(
                 "allocate",
                 "Allocate of one GPU, sequential calls through the simulator, beside both floors",
@@ -116,6 +145,13 @@ SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
                 churn=ChurnSettings(kubelet_restarts=3),
                 restarts=0,
             ),
+            Scenario(
+                "nvml",
+                "whole GPUs of the real node (2 on mock): every phase, 1 and 16 callers, churn with kubelet restarts",
+                gpus=2,
+                concurrent_callers=16,
+                churn=ChurnSettings(kubelet_restarts=3),
+            ),
             _not_yet("mig-8x7", "8 GPUs x 7 MIG partitions"),
             _not_yet("replicas-8x16", "8 GPUs x 16 time-sliced replicas"),
         )
@@ -124,3 +160,12 @@ SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
 
 #: What ``all`` runs: every available scenario except the ones that only repeat a phase of another.
 FULL_SUITE = ("whole-8", "whole-8-c16", "whole-64", "churn")
+#: ``all`` on the nvml backend: the node's size is fixed, so the mock node sizes give way to the one ``nvml`` run.
+FULL_SUITE_NVML = ("nvml",)
+
+
+def suite(name: str, backend: str) -> tuple[str, ...]:
+    """The scenario names a command line's SCENARIO stands for on ``backend``."""
+    if name != "all":
+        return (name,)
+    return FULL_SUITE_NVML if backend == "nvml" else FULL_SUITE

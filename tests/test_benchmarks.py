@@ -6,16 +6,19 @@ import dataclasses
 import datetime
 import itertools
 import json
+import sys
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import plots, report
+from benchmarks import plots, report, runner
 from benchmarks.churn import pod_plans
-from benchmarks.cli import bench, customise
+from benchmarks.cli import bench, customise, select
+from benchmarks.plugin_process import plugin_argv
 from benchmarks.runner import RunSettings, run_scenario
-from benchmarks.scenarios import SCENARIOS, ChurnSettings
+from benchmarks.scenarios import FULL_SUITE, SCENARIOS, ChurnSettings
 
 
 async def test_quick_run_measures_every_phase_without_errors(tmp_path: Path) -> None:
@@ -92,3 +95,61 @@ def test_every_available_scenario_has_work(name: str) -> None:
     """Every runnable scenario runs at least one phase."""
     s = SCENARIOS[name]
     assert s.allocate_calls or s.preferred_calls or s.churn or s.restarts
+
+
+def test_nvml_backend_starts_the_real_plugin_command_and_has_its_scenario() -> None:
+    """On nvml the plugin is `serve --backend nvml` on this interpreter without mock flags; `nvml` is a scenario."""
+    argv = plugin_argv(Path("/k"), Path("/s"), 8, "nvml")
+    assert argv[:4] == [sys.executable, "-m", "gpuplugin", "serve"]
+    assert argv[argv.index("--backend") + 1] == "nvml"
+    assert argv[argv.index("--kubelet-dir") + 1] == "/k" and argv[argv.index("--state-dir") + 1] == "/s"
+    assert not any(arg.startswith("--mock") for arg in argv)
+    assert plugin_argv(Path("/k"), Path("/s"), 8)[-6:-4] == ["--mock-gpus", "8"]
+    scenario = SCENARIOS["nvml"]
+    assert scenario.available and scenario.allocate_calls and scenario.preferred_calls and scenario.restarts
+    assert scenario.callers == 1 and scenario.concurrent_callers == 16
+    assert scenario.churn is not None and scenario.churn.kubelet_restarts > 0
+    on_nvml = scenario.on_backend("nvml")
+    assert on_nvml.gpus == 0 and on_nvml.churn is not None and on_nvml.churn.flap_rate_per_s == 0
+
+
+def test_nvml_backend_names_its_scenarios_and_refuses_mock_sizes() -> None:
+    """`all` on nvml is the `nvml` scenario, whole-8 becomes whole-nvml, and whole-64 or --gpus are refused."""
+    assert [s.name for s in select("all", "nvml", False, {})] == ["nvml"]
+    assert [s.name for s in select("all", "mock", False, {})] == list(FULL_SUITE)
+    assert [s.name for s in select("whole-8-c16", "nvml", True, {})] == ["whole-nvml-c16"]
+    with pytest.raises(click.ClickException, match="mock node"):
+        select("whole-64", "nvml", False, {})
+    with pytest.raises(click.UsageError, match="mock backend only"):
+        select("nvml", "nvml", False, {"gpus": 4})
+    listed = CliRunner().invoke(bench, ["--list"])
+    assert "nvml " in listed.output and "with --backend nvml: nvml" in listed.output
+
+
+async def test_nvml_run_counts_what_registers_and_skips_flaps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run as on nvml (a 3-GPU mock plugin stands in): GPUs counted from registration, 1 and 16 callers, no flaps."""
+
+    def stand_in(kubelet_dir: Path, state_dir: Path, gpus: int, backend: str = "mock") -> list[str]:
+        assert backend == "nvml" and gpus == 0
+        return plugin_argv(kubelet_dir, state_dir, 3, "mock")
+
+    monkeypatch.setattr(runner, "plugin_argv", stand_in)
+    overrides = {"calls": 50, "duration": 0.5, "no_baselines": True, "kubelet_restarts": 1}
+    [scenario] = select("nvml", "nvml", True, overrides)
+    started = datetime.datetime.now(datetime.UTC)
+    result = await run_scenario(scenario, RunSettings(seed=2, quick=True, progress=False, backend="nvml"))
+    built = report.build_report(scenario, result, seed=2, quick=True, started=started, wall_s=1.0)
+    report.write(built, tmp_path)
+
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["errors"] == 0, data["latency"]
+    assert data["backend"] == "nvml" and data["gpus"] == 3
+    assert data["environment"]["machine"]["gpus"] == "none" or data["environment"]["machine"]["nvidia_driver"]
+    assert data["latency"]["Allocate"]["count"] == data["latency"]["Allocate x16"]["count"] == 50
+    assert data["latency"]["GetPreferredAllocation"]["count"] > 0
+    assert data["latency"]["re-registration"]["count"] > 0
+    assert data["churn"]["pods_admitted"] > 0 and data["churn"]["health_events"] == 0
+    assert not any(name.startswith("health change") for name in data["latency"])
+    assert "control socket" in data["not_measured"]["health change → ListAndWatch"]
+    text = (tmp_path / "results.md").read_text()
+    assert "Backend nvml, 3 GPUs served" in text and "Not measured: health change" in text

@@ -21,7 +21,7 @@ import aiofiles.tempfile
 import structlog
 import yaml
 
-import gpuplugin.settings as _settings
+from gpuplugin.errors import ConfigError
 from gpuplugin.model import Device, DeviceTree
 from gpuplugin.strategies import (
     CDI_DEVICE_NAME,
@@ -232,6 +232,5 @@ async def _remove_quietly(path: str) -> None:
         await aiofiles.os.remove(path)
 
 
-def _config_error(path: str, message: str) -> _settings.ConfigError:
-    # Looked up at call time: gpuplugin.settings may import this module while it is itself being imported.
-    return _settings.ConfigError(f"{path}: {message}")
+def _config_error(path: str, message: str) -> ConfigError:
+    return ConfigError(f"{path}: {message}")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
-import signal
 import sys
 import tempfile
 from collections.abc import Mapping
@@ -17,10 +15,11 @@ import click
 import structlog
 
 from gpuplugin import logs
-from gpuplugin.backend import Backend, BackendUnavailable
-from gpuplugin.manager import Manager
-from gpuplugin.registry import BackendContext, UnknownBackend, backend_names, load_factory
-from gpuplugin.settings import LOG_FORMATS, ConfigError, Overrides, PluginSettings, parse_config, resolve
+from gpuplugin.backend import BackendUnavailable
+from gpuplugin.daemon import Daemon, make_backend, pipeline, settings_from_text
+from gpuplugin.probes import ProbeServerError
+from gpuplugin.registry import UnknownBackend, backend_names, load_factory
+from gpuplugin.settings import LOG_FORMATS, ConfigError, Overrides, PluginSettings
 
 log = structlog.get_logger("gpuplugin")
 
@@ -32,23 +31,14 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def load_settings(config: Path | None, overrides: Overrides) -> PluginSettings:
-    source = str(config) if config else "config"
-    data: dict[str, Any] = {}
+    text = None
     if config is not None:
         try:
             # Read before the event loop starts: nothing is blocked by it.
             text = config.read_text(encoding="utf-8")
         except OSError as exc:
             fail(f"cannot read config file {config}: {exc.strerror}", 2)
-        data = parse_config(text, source)
-    return resolve(overrides, data, os.environ, source)
-
-
-def make_backend(settings: PluginSettings) -> Backend:
-    factory = load_factory(settings.backend)
-    return factory(
-        BackendContext(options=settings.backend_options, health_policy=settings.health, state_dir=settings.state_dir)
-    )
+    return settings_from_text(text, str(config) if config else "config", overrides)
 
 
 _common = [
@@ -102,6 +92,17 @@ _common = [
         envvar="FAIL_ON_INIT_ERROR",
         help="NVML backend: exit if NVML cannot start (default), or serve nothing and retry with backoff.",
     ),
+    click.option(
+        "--mig-strategy",
+        type=click.Choice(["none", "single", "mixed"]),
+        envvar="MIG_STRATEGY",
+        help="NVML backend: serve MIG devices as nvidia.com/gpu (single) or nvidia.com/mig-<profile> (mixed).",
+    ),
+    click.option(
+        "--device-list-strategy",
+        envvar="DEVICE_LIST_STRATEGY",
+        help="envvar, volume-mounts, cdi-annotations, cdi-cri, comma-separated. Default: envvar.",
+    ),
 ]
 
 
@@ -130,6 +131,8 @@ def overrides_from(params: Mapping[str, Any], **extra: Any) -> Overrides:
             backend_options.setdefault(backend, {})[key] = params[flag]
     return Overrides(
         backend=params.get("backend"),
+        mig_strategy=params.get("mig_strategy"),
+        device_list_strategy=params.get("device_list_strategy"),
         log_format=params.get("log_format"),
         log_level=params.get("log_level"),
         state_dir=params.get("state_dir"),
@@ -151,14 +154,35 @@ def main() -> None:
     envvar="GPUPLUGIN_KUBELET_DIR",
     help="The kubelet's device-plugins directory. Default: /var/lib/kubelet/device-plugins.",
 )
+@click.option(
+    "--metrics-address",
+    envvar="GPUPLUGIN_METRICS_ADDRESS",
+    help="Serve /metrics, /healthz and /readyz on HOST:PORT, :PORT or [IPv6]:PORT. Default: off.",
+)
 def serve(**params: Any) -> None:
-    """Serve the backend's devices to the kubelet until SIGTERM or SIGINT; SIGHUP rediscovers."""
-    settings = _settings_or_exit(params, kubelet_dir=params.get("kubelet_dir"))
+    """Serve the backend's devices to the kubelet until SIGTERM or SIGINT.
+
+    The config file is reloaded when it changes and on SIGHUP, which also rediscovers the devices.
+    """
+    settings = _settings_or_exit(
+        params, kubelet_dir=params.get("kubelet_dir"), metrics_address=params.get("metrics_address")
+    )
     logs.configure(settings.log_format, settings.log_level)
     try:
-        asyncio.run(_serve(settings))
-    except BackendUnavailable as exc:
+        daemon = Daemon(settings, config=params.get("config"), overrides=_overrides(params))
+    except ValueError as exc:
+        fail(f"backend {settings.backend}: {exc}", 2)
+    try:
+        asyncio.run(daemon.run(asyncio.Event()))
+    except (BackendUnavailable, ProbeServerError) as exc:
         fail(str(exc))
+    except ValueError as exc:
+        # A backend's own settings are checked when it starts (the mock reads its YAML file then).
+        fail(f"backend {settings.backend}: {exc}", 2)
+
+
+def _overrides(params: Mapping[str, Any]) -> Overrides:
+    return overrides_from(params, kubelet_dir=params.get("kubelet_dir"), metrics_address=params.get("metrics_address"))
 
 
 def _settings_or_exit(params: Mapping[str, Any], **extra: Any) -> PluginSettings:
@@ -168,38 +192,6 @@ def _settings_or_exit(params: Mapping[str, Any], **extra: Any) -> PluginSettings
     except (ConfigError, UnknownBackend) as exc:
         fail(str(exc), 2)
     return settings
-
-
-async def _serve(settings: PluginSettings) -> None:
-    try:
-        backend = make_backend(settings)
-    except ValueError as exc:
-        fail(f"backend {settings.backend}: {exc}", 2)
-    manager = Manager(backend, settings.manager)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    rediscover = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, rediscover.set)
-    log.info("starting", backend=settings.backend, kubelet_dir=str(settings.manager.server.kubelet_dir))
-    try:
-        await manager.start()
-        while not stop.is_set():
-            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(rediscover.wait())]
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in waiters:
-                waiter.cancel()
-            if rediscover.is_set() and not stop.is_set():
-                rediscover.clear()
-                log.info("SIGHUP: rediscovering")
-                await manager.rediscover()
-    finally:
-        log.info("stopping")
-        await manager.aclose()
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-    log.info("stopped")
 
 
 @main.command()
@@ -236,6 +228,9 @@ async def _devices(settings: PluginSettings) -> list[dict[str, Any]]:
         tree = await backend.discover()
     finally:
         await backend.aclose()
+    # What the kubelet would be served: replicas and strategies applied (no CDI files are written here).
+    for transform in pipeline(settings)[0]:
+        tree = transform(tree)
     return [
         {
             "resource": d.resource,
@@ -268,9 +263,12 @@ def demo(quiet_period: float, gpus: int, log_level: str) -> None:
 
 def _add_commands() -> None:
     from backends.mock.cli import mock_cli
-    from benchmarks.cli import bench
 
     main.add_command(mock_cli, name="mock")
+    try:
+        from benchmarks.cli import bench
+    except ImportError:
+        return  # The bench dependency group is not installed (the container image).
     main.add_command(bench, name="bench")
 
 

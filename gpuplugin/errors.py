@@ -17,6 +17,10 @@ log = structlog.get_logger("gpuplugin.rpc")
 _IDS_SHOWN = 10
 
 
+class ConfigError(ValueError):
+    """A setting is wrong; the message names it and what was expected. Retrying does not help."""
+
+
 class RequestError(Exception):
     """A request the plugin refuses; the same request will be refused again."""
 

@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from gpuplugin.cdi import CdiSettings
+from gpuplugin.errors import ConfigError
 from gpuplugin.health import HealthPolicy, HealthPolicyError
 from gpuplugin.logs import LogFormat
 from gpuplugin.manager import ManagerSettings
+from gpuplugin.probes import AddressError, ListenAddress, ProbeSettings
+from gpuplugin.sharing import TimeSlicing
+from gpuplugin.strategies import DeviceListStrategy
+
+__all__ = ["ConfigError", "Overrides", "PluginSettings", "parse_config", "resolve"]
 
 CONFIG_VERSION = "v1"
 LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-
-
-class ConfigError(ValueError):
-    """A setting is wrong; the message names it and what was expected. Retrying does not help."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +40,12 @@ class PluginSettings:
     log_level: str = "info"
     state_dir: Path = Path("/run/gpuplugin")
     """Sockets and files that live as long as the process (the mock backend's control socket)."""
+    probes: ProbeSettings = field(default_factory=ProbeSettings)
+    sharing: TimeSlicing | None = None
+    """Time-slicing replicas (``sharing.timeSlicing``); None: every device served once."""
+    strategies: DeviceListStrategy = field(default_factory=DeviceListStrategy)
+    """How Allocate names devices to the runtime (``flags.plugin.deviceListStrategy``)."""
+    cdi: CdiSettings = field(default_factory=CdiSettings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +57,10 @@ class Overrides:
     log_format: str | None = None
     log_level: str | None = None
     state_dir: Path | None = None
+    metrics_address: str | None = None
+    mig_strategy: str | None = None
+    device_list_strategy: str | None = None
+    """Comma-separated, as NVIDIA's ``--device-list-strategy``."""
     backend_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Per backend name: the options its own flags set; only the chosen backend's apply."""
 
@@ -72,12 +86,38 @@ def parse_config(text: str, source: str) -> dict[str, Any]:
     return data
 
 
+#: Top-level sections: ours, and NVIDIA's v1 ones that we read (``flags``, ``sharing``).
+_SECTIONS = {"version", "plugin", "backend", "health", "allocation", "flags", "sharing"}
+#: NVIDIA's sections we do not implement, with what to use instead.
+_UNSUPPORTED = {
+    "resources": "renaming by pattern is not supported; use sharing.timeSlicing.resources[].rename",
+    "imex": "IMEX channels are not supported",
+}
+_FLAGS = {"migStrategy", "failOnInitError", "nvidiaDriverRoot", "nvidiaDevRoot", "plugin", "gfd", "mpsRoot"}
+_PLUGIN_FLAGS = {
+    "passDeviceSpecs",
+    "deviceListStrategy",
+    "deviceIDStrategy",
+    "cdiAnnotationPrefix",
+    "cdiVendor",
+    "cdiSpecDir",
+    "cdiSpecFormat",
+    # Accepted so that NVIDIA's files load; they configure NVIDIA's own tooling, which we do not run.
+    "nvidiaCTKPath",
+    "containerDriverRoot",
+}
+MIG_STRATEGIES = ("none", "single", "mixed")
+SHARED_POLICIES = ("distributed", "packed")
+
+
 def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, str], source: str) -> PluginSettings:
     """Merge: command line and environment first, then the config file, then the defaults."""
+    for key in config:
+        if key in _UNSUPPORTED:
+            raise ConfigError(f"{source}: {key}: {_UNSUPPORTED[key]}")
+    _no_unknown(config, _SECTIONS, source, "")
     plugin = _section(config, "plugin", source)
-    backend_section = _section(config, "backend", source)
-    backend = overrides.backend or _str(backend_section, "name", source, "backend", "mock")
-    options = {**_section(backend_section, backend, source, "backend"), **overrides.backend_options.get(backend, {})}
+    _no_unknown(plugin, _PLUGIN_SECTION, source, "plugin")
     defaults = PluginSettings()
     kubelet_dir = overrides.kubelet_dir or Path(
         _str(plugin, "kubeletDir", source, "plugin", str(defaults.manager.server.kubelet_dir))
@@ -93,8 +133,27 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
         health = _health(_section(config, "health", source), source).with_env(env)
     except HealthPolicyError as exc:
         raise ConfigError(str(exc)) from None
+    address_text = overrides.metrics_address or _str(plugin, "metricsAddress", source, "plugin", "-")
+    option = "--metrics-address" if overrides.metrics_address else f"{source}: plugin.metricsAddress"
+    try:
+        address = ListenAddress.parse(address_text, option) if address_text != "-" else None
+    except AddressError as exc:
+        raise ConfigError(str(exc)) from None
+    flags = _section(config, "flags", source)
+    _no_unknown(flags, _FLAGS, source, "flags")
+    plugin_flags = dict(_section(flags, "plugin", source, "flags"))
+    _no_unknown(plugin_flags, _PLUGIN_FLAGS, source, "flags.plugin")
+    if overrides.device_list_strategy is not None:
+        plugin_flags["deviceListStrategy"] = overrides.device_list_strategy
+    shared_policy = _choice(_section(config, "allocation", source), "policy", SHARED_POLICIES, source, "allocation")
+    backend, options = _backend(overrides, config, flags, plugin_flags, shared_policy, source)
+    with _prefixed(source):
+        sharing = _time_slicing(_section(config, "sharing", source), shared_policy, source)
+        strategies = DeviceListStrategy.from_mapping(plugin_flags, "flags.plugin")
+        cdi = CdiSettings.from_mapping(plugin_flags, "flags.plugin")
     return PluginSettings(
         backend=backend,
+        probes=ProbeSettings(address=address),
         backend_options=options,
         manager=dataclasses.replace(
             defaults.manager, server=dataclasses.replace(defaults.manager.server, kubelet_dir=kubelet_dir)
@@ -103,7 +162,92 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
         log_format=log_format,
         log_level=log_level.lower(),
         state_dir=state_dir,
+        sharing=sharing,
+        strategies=strategies,
+        cdi=cdi,
     )
+
+
+_PLUGIN_SECTION = {"kubeletDir", "logFormat", "logLevel", "stateDir", "metricsAddress"}
+
+
+def _backend(
+    overrides: Overrides,
+    config: Mapping[str, Any],
+    flags: Mapping[str, Any],
+    plugin_flags: Mapping[str, Any],
+    shared_policy: str | None,
+    source: str,
+) -> tuple[str, dict[str, Any]]:
+    """The backend's name and options: its config section, NVIDIA's flags for NVML, then command-line flags."""
+    section = _section(config, "backend", source)
+    backend = overrides.backend or _str(section, "name", source, "backend", "mock")
+    options = dict(_section(section, backend, source, "backend"))
+    nvml_flags = {
+        key: value
+        for key, value in (
+            ("fail_on_init_error", flags.get("failOnInitError")),
+            ("driver_root", flags.get("nvidiaDriverRoot")),
+            ("device_root", flags.get("nvidiaDevRoot")),
+            ("pass_device_specs", plugin_flags.get("passDeviceSpecs")),
+            ("device_id_strategy", plugin_flags.get("deviceIDStrategy")),
+        )
+        if value is not None
+    }
+    mig = overrides.mig_strategy or flags.get("migStrategy", "none")
+    if mig not in MIG_STRATEGIES:
+        raise ConfigError(f"{source}: flags.migStrategy: must be one of {', '.join(MIG_STRATEGIES)}, got {mig!r}")
+    if backend == "nvml" and mig != "none":
+        # NVIDIA's migStrategy on the NVML backend: serve MIG devices, keep MIG-disabled GPUs whole.
+        backend, options = (
+            "partitioned",
+            {"parent": "nvml", "parent_options": options, "strategy": mig, "layout": "none"},
+        )
+    if backend == "nvml":
+        return backend, {**nvml_flags, **options, **overrides.backend_options.get("nvml", {})}
+    if backend == "partitioned":
+        parent = str(options.get("parent", "mock"))
+        parent_options = options.get("parent_options") or {}
+        if not isinstance(parent_options, dict):
+            raise ConfigError(f"{source}: backend.partitioned.parent_options: must be a mapping")
+        options["parent_options"] = {
+            **(nvml_flags if parent == "nvml" else {}),
+            **parent_options,
+            **overrides.backend_options.get(parent, {}),
+        }
+        if shared_policy is not None:
+            options.setdefault("allocation_policy", shared_policy)
+        return backend, {**options, **overrides.backend_options.get("partitioned", {})}
+    return backend, {**options, **overrides.backend_options.get(backend, {})}
+
+
+def _time_slicing(sharing: Mapping[str, Any], shared_policy: str | None, source: str) -> TimeSlicing | None:
+    if "mps" in sharing:
+        raise ConfigError(f"{source}: sharing.mps: MPS sharing is not supported; use sharing.timeSlicing")
+    _no_unknown(sharing, {"timeSlicing"}, source, "sharing")
+    section = sharing.get("timeSlicing")
+    if section is None:
+        return None
+    if shared_policy is not None and isinstance(section, dict):
+        section = {"allocationPolicy": shared_policy, **section}
+    return TimeSlicing.from_mapping(section, "sharing.timeSlicing")
+
+
+@contextlib.contextmanager
+def _prefixed(source: str) -> Iterator[None]:
+    """Name the file in errors raised by the sections' own parsers."""
+    try:
+        yield
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def _choice(section: Mapping[str, Any], key: str, choices: tuple[str, ...], source: str, path: str) -> str | None:
+    _no_unknown(section, {key}, source, path)
+    value = section.get(key)
+    if value is not None and value not in choices:
+        raise ConfigError(f"{source}: {path}.{key}: must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 def _health(section: Mapping[str, Any], source: str) -> HealthPolicy:
@@ -152,6 +296,7 @@ def _str(section: Mapping[str, Any], key: str, source: str, path: str, default: 
 
 
 def _no_unknown(section: Mapping[str, Any], known: set[str], source: str, path: str) -> None:
-    unknown = sorted(set(section) - known)
+    unknown = sorted(str(k) for k in set(section) - known)
     if unknown:
-        raise ConfigError(f"{source}: {path}.{unknown[0]}: unknown setting (known: {', '.join(sorted(known))})")
+        name = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(f"{source}: {name}: unknown setting (known: {', '.join(sorted(known))})")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-import gpuplugin.settings as _settings
+from gpuplugin.errors import ConfigError
 from gpuplugin.model import (
     MAX_DEVICE_ID_LENGTH,
     AllocationPolicyKind,
@@ -41,9 +41,8 @@ class SharingError(ValueError):
     """Time-slicing cannot turn a discovered device into replicas (an ID too long); retrying does not help."""
 
 
-def _config_error(path: str, message: str) -> _settings.ConfigError:
-    # Looked up at call time: gpuplugin.settings may import this module while it is itself being imported.
-    return _settings.ConfigError(f"{path}: {message}")
+def _config_error(path: str, message: str) -> ConfigError:
+    return ConfigError(f"{path}: {message}")
 
 
 @dataclass(frozen=True, slots=True)

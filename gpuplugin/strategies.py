@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import gpuplugin.settings as _settings
+from gpuplugin.errors import ConfigError
 from gpuplugin.model import ContainerSpec, Device, DeviceNode, DeviceTree, Mount, frozen_mapping
 
 VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
@@ -229,6 +229,5 @@ def _valid_annotation_prefix(prefix: str) -> bool:
     return bool(slash) and not rest and len(domain) <= 253 and CDI_VENDOR.match(domain) is not None
 
 
-def _config_error(path: str, message: str) -> _settings.ConfigError:
-    # Looked up at call time: gpuplugin.settings may import this module while it is itself being imported.
-    return _settings.ConfigError(f"{path}: {message}")
+def _config_error(path: str, message: str) -> ConfigError:
+    return ConfigError(f"{path}: {message}")

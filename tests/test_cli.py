@@ -69,7 +69,7 @@ async def test_serve_registers_reloads_on_sighup_and_exits_cleanly_on_sigterm(wo
         await kubelet.wait_for(lambda: kubelet.allocatable(GPU) == 0, timeout=5)
     events = [json.loads(line) for line in stderr.decode().splitlines() if line.strip()]
     names = [e["event"] for e in events]
-    assert "registered" in names and "SIGHUP: rediscovering" in names and names[-1] == "stopped"
+    assert "registered" in names and "SIGHUP: reloading" in names and names[-1] == "stopped"
     assert all("level" in e and "timestamp" in e for e in events)
     assert not [p for p in workdir.iterdir() if p.name.startswith("gpuplugin-") or p.name == "mock.sock"]
 

@@ -1,0 +1,176 @@
+"""The daemon behind ``gpuplugin serve``: the manager, signals, and the config file's hot reload.
+
+A reload (file change, ConfigMap swap, SIGHUP) re-reads the config; a bad file is refused and the running
+config keeps serving. A change of the backend or health sections restarts the backend; any other change only
+re-applies the transforms and sinks, so resources whose devices did not change keep their server and stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gpuplugin.backend import Backend, BackendUnavailable
+from gpuplugin.cdi import spec_writer_for
+from gpuplugin.manager import Manager, TreeSink, TreeTransform
+from gpuplugin.metrics import Metrics
+from gpuplugin.probes import ProbeServer
+from gpuplugin.registry import BackendContext, load_factory
+from gpuplugin.reload import ConfigWatcher, read_text
+from gpuplugin.settings import ConfigError, Overrides, PluginSettings, parse_config, resolve
+from gpuplugin.strategies import DeviceListStrategy
+from gpuplugin.tasks import TaskSet
+
+log = structlog.get_logger("gpuplugin")
+
+
+def make_backend(settings: PluginSettings) -> Backend:
+    factory = load_factory(settings.backend)
+    return factory(
+        BackendContext(options=settings.backend_options, health_policy=settings.health, state_dir=settings.state_dir)
+    )
+
+
+def pipeline(settings: PluginSettings) -> tuple[list[TreeTransform], list[TreeSink]]:
+    """The transforms and sinks a config asks for, in the order they apply."""
+    transforms: list[TreeTransform] = []
+    if settings.sharing is not None:
+        transforms.append(settings.sharing.apply)
+    if settings.strategies != DeviceListStrategy():
+        transforms.append(settings.strategies.apply)
+    writer = spec_writer_for(settings.strategies, settings.cdi)
+    return transforms, [] if writer is None else [writer]
+
+
+def settings_from_text(
+    text: str | None, source: str, overrides: Overrides, env: Mapping[str, str] = os.environ
+) -> PluginSettings:
+    data: dict[str, Any] = {} if text is None else parse_config(text, source)
+    return resolve(overrides, data, env, source)
+
+
+@dataclass(frozen=True, slots=True)
+class _BackendPart:
+    """The settings whose change needs a new backend."""
+
+    backend: str
+    options: Mapping[str, Any]
+    health: Any
+
+    @classmethod
+    def of(cls, settings: PluginSettings) -> _BackendPart:
+        return cls(settings.backend, settings.backend_options, settings.health)
+
+
+class Daemon:
+    """Serves until stopped; reloads its config file when it changes or on SIGHUP."""
+
+    def __init__(self, settings: PluginSettings, *, config: Path | None, overrides: Overrides) -> None:
+        self.settings = settings
+        self._config = config
+        self._overrides = overrides
+        transforms, sinks = pipeline(settings)
+        self.metrics = Metrics()
+        self.manager = Manager(
+            make_backend(settings),
+            settings.manager,
+            transforms=transforms,
+            sinks=sinks,
+            server_factory=self.metrics.server_factory,
+        )
+        self.metrics.attach(self.manager)
+        self.probes = (
+            ProbeServer(self.manager, self.metrics, settings.probes) if settings.probes.address is not None else None
+        )
+        self._tasks = TaskSet("daemon")
+        self._reloading = asyncio.Lock()
+        self.reloads = 0
+        self.refused = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start serving; return once ``stop`` is set and everything is closed."""
+        loop = asyncio.get_running_loop()
+        watcher = None
+        if self._config is not None:
+            watcher = ConfigWatcher(self._config, self.reload, initial_text=await self._read_config())
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup, watcher)
+        log.info("starting", backend=self.settings.backend, kubelet_dir=str(self.settings.manager.server.kubelet_dir))
+        try:
+            if self.probes is not None:
+                # Before the manager: /healthz answers and /readyz says why not ready while we start.
+                await self.probes.start()
+            await self.manager.start()
+            if watcher is not None:
+                self._tasks.spawn(watcher.run(), "config watcher")
+            await stop.wait()
+        finally:
+            log.info("stopping")
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self._tasks.aclose()
+            await self.manager.aclose()
+            if self.probes is not None:
+                await self.probes.aclose()
+        log.info("stopped")
+
+    def _on_sighup(self, watcher: ConfigWatcher | None) -> None:
+        log.info("SIGHUP: reloading")
+        self._tasks.spawn(self._sighup(watcher), "sighup", expect_end=True)
+
+    async def _sighup(self, watcher: ConfigWatcher | None) -> None:
+        if watcher is not None:
+            await watcher.check()
+        await self.manager.rediscover()
+
+    async def _read_config(self) -> str | None:
+        if self._config is None:
+            return None
+        try:
+            return await read_text(self._config)
+        except OSError:
+            return None
+
+    async def reload(self, text: str) -> None:
+        """Apply a new config text; a bad one is refused with one log line and the current config keeps serving."""
+        async with self._reloading:
+            source = str(self._config)
+            try:
+                new = settings_from_text(text, source, self._overrides)
+            except ConfigError as exc:
+                self.refused += 1
+                log.error("config refused; the current config keeps serving", error=str(exc))
+                return
+            old = self.settings
+            if new == old:
+                log.info("config reloaded; nothing changed")
+                return
+            for name in ("manager", "log_format", "log_level", "state_dir"):
+                if getattr(new, name) != getattr(old, name):
+                    log.warning("config change needs a restart to apply", setting=name)
+            transforms, sinks = pipeline(new)
+            backend = make_backend(new) if _BackendPart.of(new) != _BackendPart.of(old) else None
+            try:
+                await self.manager.reconfigure(transforms=transforms, sinks=sinks, backend=backend)
+            except (BackendUnavailable, ValueError) as exc:
+                self.refused += 1
+                log.error("config refused: its backend does not start; back to the current config", error=str(exc))
+                await self._restore(old, backend is not None)
+                return
+            self.settings = new
+            self.reloads += 1
+            log.info("config reloaded", backend_restarted=backend is not None)
+
+    async def _restore(self, old: PluginSettings, backend_replaced: bool) -> None:
+        transforms, sinks = pipeline(old)
+        await self.manager.reconfigure(
+            transforms=transforms, sinks=sinks, backend=make_backend(old) if backend_replaced else None
+        )

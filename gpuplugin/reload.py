@@ -1,0 +1,101 @@
+"""Noticing a changed config file, including Kubernetes ConfigMap updates.
+
+A mounted ConfigMap changes by a symlink swap (``..data`` points at a new timestamped directory), so watching
+the file itself would miss it. We watch its directory for any change and compare the file's content: whatever
+the mechanism, a real change of content is reported once, and a touch is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiofiles
+import structlog
+
+log = structlog.get_logger("gpuplugin.reload")
+
+
+@dataclass(frozen=True, slots=True)
+class ReloadSettings:
+    poll_interval_s: float = 1.0
+    """Only when inotify is unavailable."""
+    settle_s: float = 0.05
+    """Editors and the kubelet write in several steps; wait this long after the last event before reading."""
+    use_inotify: bool = True
+
+
+async def read_text(path: Path) -> str:
+    """The file's text, read off the event loop."""
+    async with aiofiles.open(path, encoding="utf-8") as f:
+        return await f.read()
+
+
+def fingerprint(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class ConfigWatcher:
+    """Calls ``on_change(text)`` whenever the config file's content changes; runs until cancelled."""
+
+    def __init__(
+        self,
+        path: Path,
+        on_change: Callable[[str], Awaitable[None]],
+        *,
+        initial_text: str | None,
+        settings: ReloadSettings = ReloadSettings(),
+    ) -> None:
+        self._path = path
+        self._on_change = on_change
+        self._settings = settings
+        self._seen = None if initial_text is None else fingerprint(initial_text)
+
+    async def check(self) -> None:
+        """Read the file and report it if its content is new (also what SIGHUP triggers)."""
+        try:
+            text = await read_text(self._path)
+        except OSError as exc:
+            # Mid-swap, or deleted: keep serving the old config, and say why once per state.
+            if self._seen != "missing":
+                log.warning("config file unreadable; keeping the current config", path=str(self._path), error=str(exc))
+                self._seen = "missing"
+            return
+        seen = fingerprint(text)
+        if seen != self._seen:
+            self._seen = seen
+            await self._on_change(text)
+
+    async def run(self) -> None:
+        if self._settings.use_inotify:
+            try:
+                await self._run_inotify()
+                return
+            except (ImportError, OSError) as exc:
+                log.warning("inotify unavailable; polling the config file", error=str(exc))
+        while True:
+            await asyncio.sleep(self._settings.poll_interval_s)
+            await self.check()
+
+    async def _run_inotify(self) -> None:
+        from asyncinotify import Inotify, Mask
+
+        directory = self._path.parent
+        with Inotify() as inotify:
+            inotify.add_watch(
+                directory,
+                Mask.CREATE | Mask.MODIFY | Mask.MOVED_TO | Mask.DELETE | Mask.CLOSE_WRITE | Mask.ATTRIB,
+            )
+            events = aiter(inotify)
+            while True:
+                await anext(events)
+                # Drain the burst a symlink swap or an editor's save makes, then read once.
+                while True:
+                    try:
+                        await asyncio.wait_for(anext(events), self._settings.settle_s)
+                    except TimeoutError:
+                        break
+                await self.check()

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import json
 import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import click
 import structlog
@@ -141,7 +142,26 @@ def overrides_from(params: Mapping[str, Any], **extra: Any) -> Overrides:
     )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class _Commands(click.Group):
+    """Subcommands whose imports are heavy load only when called: ``serve`` starts without matplotlib."""
+
+    lazy: ClassVar[dict[str, str]] = {"bench": "benchmarks.cli:bench"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            module, _, name = self.lazy[cmd_name].partition(":")
+            try:
+                command: click.Command = getattr(importlib.import_module(module), name)
+            except ImportError:
+                return None  # Its dependency group is not installed (the container image has no bench).
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 def main() -> None:
     """A Kubernetes device plugin for GPUs, with NVML, mock and partitioned backends."""
 
@@ -265,11 +285,6 @@ def _add_commands() -> None:
     from backends.mock.cli import mock_cli
 
     main.add_command(mock_cli, name="mock")
-    try:
-        from benchmarks.cli import bench
-    except ImportError:
-        return  # The bench dependency group is not installed (the container image).
-    main.add_command(bench, name="bench")
 
 
 _add_commands()

@@ -23,7 +23,7 @@ def test_settings_defaults() -> None:
     assert (settings.resource, settings.device_id_strategy) == ("nvidia.com/gpu", DeviceIdStrategy.UUID)
     assert (settings.pass_device_specs, settings.fail_on_init_error) == (False, True)
     assert (settings.driver_root, settings.device_root, settings.sysfs_root) == ("/", "/", "/sys")
-    assert settings.event_wait_timeout_ms == 5000
+    assert settings.event_wait_timeout_ms == 1000
 
 
 def test_settings_from_flag_strings() -> None:

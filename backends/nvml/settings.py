@@ -56,8 +56,8 @@ class NvmlSettings:
     """Seconds before the first retry of a failed init, rediscovery or event wait; doubles on each failure."""
     rediscover_backoff_max_s: float = 60.0
     """Ceiling in seconds of that backoff: a minute keeps a broken node's logs readable."""
-    event_wait_timeout_ms: int = 5000
-    """Milliseconds one NVML event wait blocks (NVIDIA's 5 s); it bounds how long shutdown waits for the thread."""
+    event_wait_timeout_ms: int = 1000
+    """Milliseconds one NVML event wait blocks; it bounds how long shutdown waits for the thread (NVIDIA: 5 s)."""
     wait_error_threshold: int = 3
     """Consecutive failed event waits after which every GPU is marked Unhealthy (until a wait succeeds again)."""
     sysfs_root: str = "/sys"

@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ from gpuplugin.strategies import DeviceListStrategy
 from gpuplugin.tasks import TaskSet
 
 log = structlog.get_logger("gpuplugin")
+
+#: Worker threads for blocking calls; asyncio's default is one per CPU plus four, up to 32 on big nodes.
+IO_THREADS = 4
 
 
 def make_backend(settings: PluginSettings) -> Backend:
@@ -97,6 +101,8 @@ class Daemon:
     async def run(self, stop: asyncio.Event) -> None:
         """Start serving; return once ``stop`` is set and everything is closed."""
         loop = asyncio.get_running_loop()
+        # NVML and file I/O go to threads; a few suffice, and each idle thread costs memory (its malloc arena).
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="gpuplugin-io"))
         watcher = None
         if self._config is not None:
             watcher = ConfigWatcher(self._config, self.reload, initial_text=await self._read_config())

@@ -27,6 +27,7 @@ from gpuplugin.backend import AllocationPolicyKind, Backend, CustomAllocate, Pre
 from gpuplugin.codec import PrecodedCodec, repeated_field
 from gpuplugin.errors import InvalidRequest, RequestError, UnhealthyDevices, UnknownDevices, grpc_status
 from gpuplugin.model import (
+    MAX_DEVICE_ID_LENGTH,
     ContainerSpec,
     Device,
     DeviceTree,
@@ -125,6 +126,26 @@ def spec_to_proto(spec: ContainerSpec) -> api.ContainerAllocateResponse:
         annotations={**spec.annotations, **spec.list_annotations},
         cdi_devices=[api.CdiDevice(name=name) for name in spec.cdi_devices],
     )
+
+
+#: Far above any real node (64 GPUs with 64 replicas each), far below what would make a request costly to check.
+MAX_IDS_PER_LIST = 4096
+MAX_CONTAINERS = 256
+
+
+def check_bounds(containers: int, id_lists: Sequence[Sequence[str]]) -> None:
+    """Refuse oversized requests and IDs the kubelet could never have sent, before any other work."""
+    if containers > MAX_CONTAINERS:
+        raise InvalidRequest(f"the request has {containers} container requests; at most {MAX_CONTAINERS}")
+    for ids in id_lists:
+        if len(ids) > MAX_IDS_PER_LIST:
+            raise InvalidRequest(f"a container request names {len(ids)} devices; at most {MAX_IDS_PER_LIST}")
+        for device_id in ids:
+            if len(device_id) > MAX_DEVICE_ID_LENGTH:
+                raise InvalidRequest(
+                    f"device ID {device_id[:40]!r}… has {len(device_id)} characters; IDs have at most "
+                    f"{MAX_DEVICE_ID_LENGTH}"
+                )
 
 
 def _options(backend: Backend) -> api.DevicePluginOptions:
@@ -367,6 +388,7 @@ class ResourceServer:
         view = self._current()
         if not request.container_requests:
             raise InvalidRequest("Allocate request has no container requests")
+        check_bounds(len(request.container_requests), [c.devices_ids for c in request.container_requests])
         containers = [self._container_response(view, tuple(c.devices_ids)) for c in request.container_requests]
         return repeated_field(1, containers)
 
@@ -410,6 +432,10 @@ class ResourceServer:
         view = self._current()
         if not request.container_requests:
             raise InvalidRequest("GetPreferredAllocation request has no container requests")
+        check_bounds(
+            len(request.container_requests),
+            [ids for c in request.container_requests for ids in (c.available_deviceIDs, c.must_include_deviceIDs)],
+        )
         responses = []
         for container in request.container_requests:
             unknown = [
@@ -431,6 +457,7 @@ class ResourceServer:
             assert request is not None
             with grpc_status("PreStartContainer"):
                 view = self._current()
+                check_bounds(1, [request.devices_ids])
                 unknown = [i for i in request.devices_ids if i not in view.devices]
                 if unknown:
                     raise UnknownDevices(self.resource, unknown)

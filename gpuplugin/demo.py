@@ -1,7 +1,8 @@
 """The embedded demo: the mock backend and the kubelet simulator in one process, in a temporary directory.
 
 It shows registration, a burst of pods with the devices chosen, an XID turning a GPU unhealthy and its recovery,
-a kubelet restart and the re-registration, then prints a short report.
+a kubelet restart and the re-registration; then a second node whose two GPUs are sliced into MIG-style partitions,
+the smallest of them time-sliced into replicas, where one XID reaches every partition and replica of its GPU.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from pathlib import Path
 
 from backends.mock import create as create_mock
 from backends.mock.control import control
+from backends.partitioned import create as create_partitioned
 from gpuplugin.health import HealthPolicy
 from gpuplugin.manager import Manager, ManagerSettings
 from gpuplugin.registry import BackendContext
 from gpuplugin.server import ServerSettings
+from gpuplugin.sharing import TimeSlicing
 from gpuplugin.simulator import KubeletSimulator
 
 RESOURCE = "nvidia.com/gpu"
@@ -37,6 +40,9 @@ class DemoReport:
     recovery_s: float = 0.0
     reregistration_ms: float = 0.0
     admitted: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    partitioned: dict[str, int] = field(default_factory=dict)
+    """Allocatable per resource on the partitioned, time-sliced node."""
+    partitioned_after_xid: dict[str, int] = field(default_factory=dict)
 
 
 async def run_demo(
@@ -67,6 +73,8 @@ async def run_demo(
                 await _story(kubelet, manager, control_socket, started, quiet_period_s, tell, report)
             finally:
                 await manager.aclose()
+        async with KubeletSimulator(directory) as kubelet:
+            await _partitioned_story(kubelet, directory, quiet_period_s, tell, report)
     finally:
         if workdir is None:
             shutil.rmtree(directory, ignore_errors=True)
@@ -123,6 +131,68 @@ async def _story(
     await kubelet.wait_for(lambda: kubelet.allocatable(RESOURCE) == total, timeout=10)
     admission = await kubelet.admit("after-restart", [{RESOURCE: 2}])
     tell(f"a pod after the restart got gpus {', '.join(index[i] for i in admission.device_ids(RESOURCE))}")
+
+
+#: GPU 0 as a mix of profiles, GPU 1 as seven of the smallest; those are time-sliced in two.
+PARTITIONS = {
+    "parent": "mock",
+    "parent_options": {"gpus": 2},
+    "strategy": "mixed",
+    "layout": "all-1g.18gb",
+    "layouts": {0: ["3g.71gb", "2g.35gb", "1g.18gb", "1g.18gb"]},
+}
+SMALLEST = "nvidia.com/mig-1g.18gb"
+TIME_SLICING = {"renameByDefault": True, "resources": [{"name": SMALLEST, "replicas": 2}]}
+
+
+async def _partitioned_story(
+    kubelet: KubeletSimulator,
+    directory: Path,
+    quiet_period_s: float,
+    tell: Callable[[str], None],
+    report: DemoReport,
+) -> None:
+    options = {**PARTITIONS, "parent_options": {"gpus": 2, "control_socket": str(directory / "mock2.sock")}}
+    backend = create_partitioned(
+        BackendContext(
+            options=options, health_policy=HealthPolicy(recovery_quiet_period_s=quiet_period_s), state_dir=directory
+        )
+    )
+    sharing = TimeSlicing.from_mapping(TIME_SLICING)
+    manager = Manager(
+        backend, ManagerSettings(server=ServerSettings(kubelet_dir=directory)), transforms=[sharing.apply]
+    )
+    await manager.start()
+    try:
+        resources = manager.tree.resources
+        await kubelet.wait_for(lambda: all(kubelet.allocatable(r) > 0 for r in resources), timeout=10)
+        report.partitioned = {r: kubelet.allocatable(r) for r in resources}
+        tell("a second node: 2 GPUs sliced into partitions, the 1g.18gb ones time-sliced in two:")
+        for resource, count in report.partitioned.items():
+            tell(f"  {resource}: {count} allocatable")
+        shared = f"{SMALLEST}.shared"
+        admission = await kubelet.admit("sliced", [{"nvidia.com/mig-3g.71gb": 1, shared: 2}])
+        gpus = {d.id: d.gpu for d in manager.tree.devices}
+        tell(
+            f"  a pod with a 3g.71gb partition and two 1g.18gb replicas got {len(admission.device_ids(shared))} "
+            f"replicas on {len({gpus[i] for i in admission.device_ids(shared)})} GPU(s) (spread: distributed policy)"
+        )
+        await kubelet.remove_pod("sliced")
+        gpu1 = manager.tree.gpus()[1]
+        on_gpu1 = sum(1 for d in manager.tree.devices if d.gpu == gpu1)
+        await control(directory / "mock2.sock", {"op": "xid", "gpu": 1, "xid": 63})
+        expected = {r: n - sum(1 for d in manager.tree.of(r) if d.gpu == gpu1) for r, n in report.partitioned.items()}
+        await kubelet.wait_for(lambda: all(kubelet.allocatable(r) == n for r, n in expected.items()), timeout=10)
+        report.partitioned_after_xid = {r: kubelet.allocatable(r) for r in resources}
+        tell(f"XID 63 on GPU 1: all {on_gpu1} of its partitions and replicas Unhealthy at once:")
+        for resource, count in report.partitioned_after_xid.items():
+            tell(f"  {resource}: {count} allocatable")
+        await kubelet.wait_for(
+            lambda: all(kubelet.allocatable(r) == n for r, n in report.partitioned.items()), timeout=quiet_period_s + 30
+        )
+        tell("GPU 1 healthy again: every partition and replica is back")
+    finally:
+        await manager.aclose()
 
 
 def main() -> None:

@@ -135,3 +135,7 @@ async def test_demo_tells_the_whole_story(workdir: Path) -> None:
     assert report.recovery_s >= 0.2
     assert 0 < report.reregistration_ms < 1000
     assert any("registered again" in line for line in report.lines)
+    shared = "nvidia.com/mig-1g.18gb.shared"
+    assert report.partitioned == {"nvidia.com/mig-2g.35gb": 1, shared: 18, "nvidia.com/mig-3g.71gb": 1}
+    # GPU 1 holds seven 1g.18gb partitions, fourteen replicas: all of them go, GPU 0's stay.
+    assert report.partitioned_after_xid == {"nvidia.com/mig-2g.35gb": 1, shared: 4, "nvidia.com/mig-3g.71gb": 1}

@@ -12,7 +12,7 @@ import heapq
 import itertools
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,14 +51,31 @@ class HealthEvent:
     gpu: int
     health: str
     delay_s: float
-    """From the control request sent to the ListAndWatch message seen by the simulator."""
+    """From the control request sent to the ListAndWatch message seen by the simulator: every device of the GPU
+    (all its partitions or replicas) changed."""
 
 
-def pod_plans(settings: ChurnSettings, capacity: int, seed: int) -> Iterator[PodPlan]:
-    """An endless, seeded stream of pods; a pod never asks for more than the node has."""
+def container_sizes(mix: Mapping[int, float], capacity: int, cap: int | None = None) -> dict[int, float]:
+    """The mix as a node of ``capacity`` devices serves it: sizes beyond the node dropped, those beyond ``cap``
+    asked for as ``cap`` (their weights added to its own)."""
+    sizes: dict[int, float] = {}
+    for size, weight in mix.items():
+        if size > capacity:
+            continue
+        asked = size if cap is None else min(size, cap)
+        sizes[asked] = sizes.get(asked, 0.0) + weight
+    return sizes
+
+
+def pod_plans(
+    settings: ChurnSettings, capacity: int, seed: int, max_per_container: int | None = None
+) -> Iterator[PodPlan]:
+    """An endless, seeded stream of pods; a pod never asks for more than the node has, nor a container for more
+    than ``max_per_container`` devices."""
     rng = random.Random(seed)
-    sizes = [size for size in settings.size_mix if size <= capacity]
-    weights = [settings.size_mix[size] for size in sizes]
+    mix = container_sizes(settings.size_mix, capacity, max_per_container)
+    sizes = list(mix)
+    weights = list(mix.values())
     for n in itertools.count():
         gap = rng.expovariate(settings.arrival_rate_per_s) if settings.arrival_rate_per_s else 0.0
         count = rng.randint(1, settings.max_containers)
@@ -78,6 +95,8 @@ class ChurnRun:
         *,
         resource: str,
         gpus: int,
+        per_gpu: int = 1,
+        max_per_container: int | None = None,
         control_socket: Path,
         clock: Clock,
         seed: int,
@@ -87,6 +106,10 @@ class ChurnRun:
         self.settings = settings
         self.resource = resource
         self.gpus = gpus
+        self.per_gpu = per_gpu
+        """Devices of ``resource`` on each GPU: an XID on the GPU takes them all out, a recovery brings them back."""
+        self.devices = gpus * per_gpu
+        self.max_per_container = max_per_container
         self.control_socket = control_socket
         self.clock = clock
         self.seed = seed
@@ -151,7 +174,7 @@ class ChurnRun:
         running: list[tuple[float, str]] = []
         arrival = time.perf_counter()
         try:
-            for plan in pod_plans(self.settings, self.gpus, self.seed):
+            for plan in pod_plans(self.settings, self.devices, self.seed, self.max_per_container):
                 arrival += plan.gap_s
                 if max(arrival, time.perf_counter()) >= end:
                     break
@@ -219,16 +242,28 @@ class ChurnRun:
             await self._change_health(gpu, {"op": "recover", "gpu": gpu}, "Healthy", self.to_healthy)
 
     async def _change_health(self, gpu: int, request: dict[str, Any], health: str, into: Latencies) -> None:
+        """Send one change; timed until the kubelet sees every device of the GPU take it.
+
+        A whole GPU is its own device, found by the UUID the control socket answers with. Partitions and replicas
+        carry IDs of their own, so for them the change is seen when allocatable has moved by all of the GPU's
+        devices: changes take turns, so nothing else moves it meanwhile.
+        """
         async with self._turn:
+            step = self.per_gpu if health == "Healthy" else -self.per_gpu
+            expected = self.kubelet.allocatable(self.resource) + step
             began = time.perf_counter()
             try:
                 answer = await control(self.control_socket, request)
                 if not answer.get("ok"):
                     raise RuntimeError(f"control {request} answered {answer}")
                 uuid = str(answer["uuid"])
-                await self.kubelet.wait_for(
-                    lambda: self.kubelet.devices(self.resource).get(uuid) == health, HEALTH_TIMEOUT_S
-                )
+
+                def seen() -> bool:
+                    if self.per_gpu == 1:
+                        return self.kubelet.devices(self.resource).get(uuid) == health
+                    return self.kubelet.allocatable(self.resource) == expected
+
+                await self.kubelet.wait_for(seen, HEALTH_TIMEOUT_S)
             except (ControlUnavailable, RuntimeError, TimeoutError) as exc:
                 into.error(exc)
                 return
@@ -244,4 +279,4 @@ class ChurnRun:
             await asyncio.sleep(max(0.0, at - time.perf_counter()))
             async with self._turn:
                 self.restart_times_s.append(self.clock.now())
-                await restart_once(self.kubelet, self.resource, self.gpus, self.registered, self.listed)
+                await restart_once(self.kubelet, self.resource, self.devices, self.registered, self.listed)

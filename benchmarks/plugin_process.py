@@ -132,20 +132,20 @@ def _high_water_mark(pid: int) -> int:
     return 0
 
 
-def plugin_argv(kubelet_dir: Path, state_dir: Path, gpus: int, backend: str = "mock") -> list[str]:
-    """Exactly how a node starts the plugin: this interpreter, the environment inherited; mock GPUs only on mock."""
-    argv = [
-        sys.executable,
-        "-m",
-        "gpuplugin",
-        "serve",
-        "--backend",
-        backend,
-        "--kubelet-dir",
-        str(kubelet_dir),
-        "--state-dir",
-        str(state_dir),
-    ]
-    if backend == "mock":
+def plugin_argv(
+    kubelet_dir: Path, state_dir: Path, gpus: int, backend: str = "mock", config: Path | None = None
+) -> list[str]:
+    """Exactly how a node starts the plugin: this interpreter, the environment inherited; mock GPUs only on mock.
+
+    With a ``config`` file, the file names the backend and the GPU count (a partitioned or time-sliced mock node),
+    so neither ``--backend`` nor ``--mock-gpus`` is given: flags would win over the file.
+    """
+    argv = [sys.executable, "-m", "gpuplugin", "serve"]
+    if config is not None:
+        argv += ["--config", str(config)]
+    else:
+        argv += ["--backend", backend]
+    argv += ["--kubelet-dir", str(kubelet_dir), "--state-dir", str(state_dir)]
+    if backend == "mock" and config is None:
         argv += ["--mock-gpus", str(gpus)]
     return [*argv, "--log-level", "warning", "--log-format", "json"]

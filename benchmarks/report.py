@@ -160,6 +160,8 @@ def build_report(
         "description": scenario.description,
         "backend": result.backend,
         "gpus": result.gpus,
+        "resource": result.resource,
+        "devices": result.devices,
         "settings": plain(scenario),
         "seed": seed,
         "quick": quick,
@@ -223,6 +225,14 @@ def _against_nvidia(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def _as_devices(report: Mapping[str, Any]) -> str:
+    """`` as 56 nvidia.com/mig-1g.18gb`` where the GPUs are served as partitions or replicas, else nothing."""
+    devices, resource = report.get("devices"), report.get("resource")
+    if not devices or not resource or devices == report.get("gpus"):
+        return ""
+    return f" as {devices} {resource}"
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     env = report["environment"]
     machine = env["machine"]
@@ -234,7 +244,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"Python {env['python']['version']}; grpclib {env['libraries']['grpclib']}, "
         f"betterproto2 {env['libraries']['betterproto2']}, grpcio {env['libraries']['grpcio']}; "
         f"commit {(env['git']['commit'] or '?')[:12]}{' (dirty)' if env['git']['dirty'] else ''}.",
-        f"Backend {report.get('backend', 'mock')}, {report.get('gpus', '?')} GPUs served; "
+        f"Backend {report.get('backend', 'mock')}, {report.get('gpus', '?')} GPUs served{_as_devices(report)}; "
         f"NVIDIA GPUs of the machine: {gpus_line(machine)}.",
         "",
         f"**Errors: {report['errors']}**",

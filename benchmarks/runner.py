@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from tqdm import tqdm
 
 from benchmarks.baselines import Floor, running_floors
 from benchmarks.callers import Call, interleaved
-from benchmarks.churn import ChurnRun
+from benchmarks.churn import ChurnRun, container_sizes
 from benchmarks.measure import Clock, Latencies
 from benchmarks.microbench import codec_costs, where_time_goes
 from benchmarks.plugin_process import ProcessUsage, ServerProcess, plugin_argv
@@ -60,6 +61,10 @@ class RunResult:
     backend: str = "mock"
     gpus: int = 0
     """GPUs the plugin served: the mock's count, or what registered on nvml."""
+    resource: str = RESOURCE
+    """The resource the plugin served and the load asked for."""
+    devices: int = 0
+    """Devices of ``resource`` served: ``gpus`` times the partitions or replicas of each GPU."""
 
 
 async def run_scenario(scenario: Scenario, settings: RunSettings) -> RunResult:
@@ -82,15 +87,20 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
     facts: dict[str, Any] = {}
     health_events: list[tuple[float, str]] = []
     restart_times_s: list[float] = []
+    resource = scenario.resource
+    config = _write_config(scenario, workdir)
+    if config is not None:
+        facts["plugin_config"] = scenario.plugin_config()
     async with KubeletSimulator(kubelet_dir) as kubelet:
-        argv = plugin_argv(kubelet_dir, state_dir, scenario.gpus, settings.backend)
+        argv = plugin_argv(kubelet_dir, state_dir, scenario.gpus, settings.backend, config)
         plugin = ServerProcess(PLUGIN, argv, workdir / "plugin.log")
         plugin.start()
         exit_code: int | None = None
         try:
-            registration = await _wait_registered(kubelet, plugin, settings.backend)
+            registration = await _wait_registered(kubelet, plugin, resource, settings.backend)
             facts["start_to_registration_ms"] = (registration.monotonic_s - plugin.started_s) * 1000
-            gpus = await _wait_device_list(kubelet, scenario, settings.backend)
+            devices = await _wait_device_list(kubelet, scenario, settings.backend)
+            gpus = devices // scenario.per_gpu
             facts["start_to_device_list_ms"] = (time.monotonic() - plugin.started_s) * 1000
             await asyncio.sleep(SETTLE_S)
             idle = plugin.usage()
@@ -109,8 +119,11 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
                 churn = ChurnRun(
                     kubelet,
                     scenario.churn,
-                    resource=RESOURCE,
+                    resource=resource,
                     gpus=gpus,
+                    per_gpu=scenario.per_gpu,
+                    max_per_container=scenario.max_per_container,
+                    # The mock's, parent of the partitions or not: its default place in the state directory.
                     control_socket=state_dir / "mock.sock",
                     clock=clock,
                     seed=settings.seed,
@@ -129,7 +142,7 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
                 registered = clock.latencies("re-registration")
                 listed = clock.latencies("re-registration to device list")
                 with _bar(settings, "kubelet restarts", scenario.restarts) as bar:
-                    await restart_phase(kubelet, RESOURCE, gpus, scenario.restarts, registered, listed, bar.update)
+                    await restart_phase(kubelet, resource, devices, scenario.restarts, registered, listed, bar.update)
                 measures.update({registered.name: registered, listed.name: listed})
             plugin.check_alive()
             after = plugin.usage()
@@ -139,15 +152,25 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
             exit_code = await plugin.stop()
         facts["plugin"] = _process_facts(idle, after, exit_code, workdir / "plugin.log")
         facts["kubelet_warnings"] = kubelet.warnings
-    return RunResult(facts, measures, health_events, restart_times_s, settings.backend, gpus)
+    return RunResult(facts, measures, health_events, restart_times_s, settings.backend, gpus, resource, devices)
 
 
-async def _wait_registered(kubelet: KubeletSimulator, plugin: ServerProcess, backend: str) -> Any:
+def _write_config(scenario: Scenario, workdir: Path) -> Path | None:
+    """The scenario's plugin config file in the run's directory; None where flags say it all (whole GPUs)."""
+    config = scenario.plugin_config()
+    if config is None:
+        return None
+    path = workdir / "plugin.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+async def _wait_registered(kubelet: KubeletSimulator, plugin: ServerProcess, resource: str, backend: str) -> Any:
     deadline = time.monotonic() + START_TIMEOUT_S
     while True:
         plugin.check_alive()
         try:
-            return await kubelet.wait_registered(RESOURCE, timeout=0.5)
+            return await kubelet.wait_registered(resource, timeout=0.5)
         except TimeoutError:
             if time.monotonic() > deadline:
                 hint = (
@@ -161,20 +184,22 @@ async def _wait_registered(kubelet: KubeletSimulator, plugin: ServerProcess, bac
 
 
 async def _wait_device_list(kubelet: KubeletSimulator, scenario: Scenario, backend: str) -> int:
-    """The number of GPUs served, once every one is listed Healthy: the mock's count, or on nvml what registered."""
+    """The number of devices served, once every one is listed Healthy: the mock node's (GPUs times partitions or
+    replicas), or on nvml what registered."""
+    resource = scenario.resource
     if backend == "mock":
-        await kubelet.wait_for(lambda: kubelet.allocatable(RESOURCE) == scenario.gpus, START_TIMEOUT_S)
-        return scenario.gpus
+        await kubelet.wait_for(lambda: kubelet.allocatable(resource) == scenario.devices, START_TIMEOUT_S)
+        return scenario.devices
     # One ListAndWatch message carries the whole list, so the first non-empty one is the node.
-    await kubelet.wait_for(lambda: kubelet.capacity(RESOURCE) > 0, START_TIMEOUT_S)
+    await kubelet.wait_for(lambda: kubelet.capacity(resource) > 0, START_TIMEOUT_S)
     try:
-        await kubelet.wait_for(lambda: kubelet.allocatable(RESOURCE) == kubelet.capacity(RESOURCE), HEALTHY_TIMEOUT_S)
+        await kubelet.wait_for(lambda: kubelet.allocatable(resource) == kubelet.capacity(resource), HEALTHY_TIMEOUT_S)
     except TimeoutError:
         raise RuntimeError(
-            f"{kubelet.capacity(RESOURCE) - kubelet.allocatable(RESOURCE)} of {kubelet.capacity(RESOURCE)} GPUs are "
-            f"listed Unhealthy; the benchmark needs every GPU healthy: {kubelet.devices(RESOURCE)}"
+            f"{kubelet.capacity(resource) - kubelet.allocatable(resource)} of {kubelet.capacity(resource)} GPUs are "
+            f"listed Unhealthy; the benchmark needs every GPU healthy: {kubelet.devices(resource)}"
         ) from None
-    return kubelet.capacity(RESOURCE)
+    return kubelet.capacity(resource)
 
 
 def _no_flaps_reason(backend: str) -> str:
@@ -196,10 +221,10 @@ async def _allocate_phase(
     measures: dict[str, Latencies],
 ) -> dict[str, Any] | None:
     """Allocate of one GPU on the plugin and on the floors, through the same client loop, in alternating blocks."""
-    stub = kubelet.stub(RESOURCE)
+    stub = kubelet.stub(scenario.resource)
     requests = [
         v1beta1.AllocateRequest(container_requests=[v1beta1.ContainerAllocateRequest(devices_ids=[device])])
-        for device in kubelet.devices(RESOURCE)
+        for device in kubelet.devices(scenario.resource)
     ]
     response = bytes(await stub.allocate(requests[0]))
     suffix = "" if callers == 1 else f" x{callers}"
@@ -240,10 +265,12 @@ async def _preferred_phase(
     kubelet: KubeletSimulator, scenario: Scenario, settings: RunSettings, clock: Clock, measures: dict[str, Latencies]
 ) -> None:
     """GetPreferredAllocation alone, every device available, sizes drawn from the churn's mix."""
-    stub = kubelet.stub(RESOURCE)
-    available = list(kubelet.devices(RESOURCE))
-    mix = scenario.churn.size_mix if scenario.churn else {1: 1.0}
-    sizes = [s for s in mix if s <= len(available)]
+    stub = kubelet.stub(scenario.resource)
+    available = list(kubelet.devices(scenario.resource))
+    mix = container_sizes(
+        scenario.churn.size_mix if scenario.churn else {1: 1.0}, len(available), scenario.max_per_container
+    )
+    sizes = list(mix)
     rng = random.Random(f"preferred-{settings.seed}")
     requests = [
         v1beta1.PreferredAllocationRequest(

@@ -7,8 +7,16 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 RESOURCE = "nvidia.com/gpu"
+#: How the plugin serves each mock GPU: whole, sliced into MIG-style partitions, or time-sliced into replicas.
+NODE_KINDS = ("whole", "mig", "replicas")
+#: The partition profile of ``mig``: the smallest, so the most partitions per GPU.
+MIG_PROFILE = "1g.18gb"
+MIG_RESOURCE = f"nvidia.com/mig-{MIG_PROFILE}"
+#: 1g.18gb partitions an H200 holds (its 7 compute slices): what ``layout: all-1g.18gb`` makes of each GPU.
+MIG_PER_GPU = 7
 
 #: Where the plugin's devices come from: the mock backend's fake GPUs, or the node's real ones through NVML.
 BACKENDS = ("mock", "nvml")
@@ -66,6 +74,54 @@ class Scenario:
     unavailable_reason: str = ""
     mock_only: bool = False
     """About the size of a mock node: it means nothing on a real one, so the nvml backend refuses it."""
+    node: str = "whole"
+    """How each GPU is served: ``whole``, ``mig`` (partitions of 1g.18gb) or ``replicas`` (time-sliced)."""
+    per_gpu: int = 1
+    """Devices each GPU is served as: 1 whole, 7 partitions (``mig``), or the time-slicing replica count."""
+
+    def __post_init__(self) -> None:
+        if self.node not in NODE_KINDS:
+            raise ValueError(f"scenario {self.name}: node must be one of {', '.join(NODE_KINDS)}, got {self.node!r}")
+        allowed = {"whole": self.per_gpu == 1, "mig": self.per_gpu == MIG_PER_GPU, "replicas": self.per_gpu >= 2}
+        if not allowed[self.node]:
+            raise ValueError(f"scenario {self.name}: {self.per_gpu} devices per GPU do not fit node {self.node!r}")
+
+    @property
+    def resource(self) -> str:
+        """The resource the plugin serves and the load asks for."""
+        return MIG_RESOURCE if self.node == "mig" else RESOURCE
+
+    @property
+    def devices(self) -> int:
+        """Devices of :attr:`resource` on the mock node."""
+        return self.gpus * self.per_gpu
+
+    @property
+    def max_per_container(self) -> int | None:
+        """The most devices a churn container asks for; None: the mix as it is, within the node.
+
+        Partitions: one GPU's worth (a container wanting more would ask for whole GPUs). Replicas: one per GPU, as
+        the distributed policy hands them out; a second replica of the same GPU adds no compute.
+        """
+        return {"whole": None, "mig": self.per_gpu, "replicas": self.gpus}[self.node]
+
+    def plugin_config(self) -> dict[str, Any] | None:
+        """The plugin's config file (``--config``) for a sliced node; None: whole GPUs, command-line flags only."""
+        if self.node == "mig":
+            partitioned = {
+                "parent": "mock",
+                "parent_options": {"gpus": self.gpus},
+                "strategy": "mixed",
+                "layout": f"all-{MIG_PROFILE}",
+            }
+            return {"version": "v1", "backend": {"name": "partitioned", "partitioned": partitioned}}
+        if self.node == "replicas":
+            return {
+                "version": "v1",
+                "backend": {"name": "mock", "mock": {"gpus": self.gpus}},
+                "sharing": {"timeSlicing": {"resources": [{"name": RESOURCE, "replicas": self.per_gpu}]}},
+            }
+        return None
 
     def quick(self) -> Scenario:
         """A run of a few seconds that proves the suite works; its figures say nothing about speed."""
@@ -101,10 +157,6 @@ class Scenario:
             gpus=0,
             churn=churn,
         )
-
-
-def _not_yet(name: str, description: str) -> Scenario:
-    return Scenario(name, description, available=False, unavailable_reason="not yet available: needs partitions")
 
 
 SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
@@ -152,14 +204,27 @@ SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
                 concurrent_callers=16,
                 churn=ChurnSettings(kubelet_restarts=3),
             ),
-            _not_yet("mig-8x7", "8 GPUs x 7 MIG partitions"),
-            _not_yet("replicas-8x16", "8 GPUs x 16 time-sliced replicas"),
+            Scenario(
+                "mig-8x7",
+                "8 mock GPUs x 7 MIG-style partitions (partitioned backend, mixed, all-1g.18gb): 56 "
+                f"{MIG_RESOURCE}, every phase",
+                mock_only=True,
+                node="mig",
+                per_gpu=MIG_PER_GPU,
+            ),
+            Scenario(
+                "replicas-8x16",
+                f"8 mock GPUs x 16 time-sliced replicas (distributed policy): 128 {RESOURCE}, every phase",
+                mock_only=True,
+                node="replicas",
+                per_gpu=16,
+            ),
         )
     }
 )
 
 #: What ``all`` runs: every available scenario except the ones that only repeat a phase of another.
-FULL_SUITE = ("whole-8", "whole-8-c16", "whole-64", "churn")
+FULL_SUITE = ("whole-8", "whole-8-c16", "whole-64", "churn", "mig-8x7", "replicas-8x16")
 #: ``all`` on the nvml backend: the node's size is fixed, so the mock node sizes give way to the one ``nvml`` run.
 FULL_SUITE_NVML = ("nvml",)
 

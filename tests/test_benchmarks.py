@@ -14,11 +14,11 @@ import pytest
 from click.testing import CliRunner
 
 from benchmarks import plots, report, runner
-from benchmarks.churn import pod_plans
+from benchmarks.churn import container_sizes, pod_plans
 from benchmarks.cli import bench, customise, select
 from benchmarks.plugin_process import plugin_argv
 from benchmarks.runner import RunSettings, run_scenario
-from benchmarks.scenarios import FULL_SUITE, SCENARIOS, ChurnSettings
+from benchmarks.scenarios import FULL_SUITE, SCENARIOS, ChurnSettings, Scenario
 
 
 async def test_quick_run_measures_every_phase_without_errors(tmp_path: Path) -> None:
@@ -70,16 +70,80 @@ def test_churn_plan_is_reproducible_from_its_seed() -> None:
     assert all(sum(p.containers) <= 8 and 1 <= len(p.containers) <= 3 and p.gap_s > 0 for p in first)
 
 
-def test_partition_scenarios_are_listed_but_refused() -> None:
-    """Scenarios that need partitions show as not yet available and do not run."""
-    runner = CliRunner()
-    listed = runner.invoke(bench, ["--list"])
-    assert listed.exit_code == 0
-    assert "mig-8x7" in listed.output
-    assert "not yet available" in listed.output
-    refused = runner.invoke(bench, ["replicas-8x16", "--quick"])
-    assert refused.exit_code != 0
-    assert "not yet available" in refused.output
+def test_sliced_scenarios_are_listed_in_all_and_write_their_config() -> None:
+    """mig-8x7 and replicas-8x16 are available, in `all`, mock only, and their config files serve 56 and 128 devices."""
+    listed = CliRunner().invoke(bench, ["--list"])
+    assert listed.exit_code == 0 and "not yet available" not in listed.output
+    assert {"mig-8x7", "replicas-8x16"} <= set(FULL_SUITE)
+    mig, replicas = SCENARIOS["mig-8x7"], SCENARIOS["replicas-8x16"]
+    assert (mig.resource, mig.devices, mig.max_per_container) == ("nvidia.com/mig-1g.18gb", 56, 7)
+    assert (replicas.resource, replicas.devices, replicas.max_per_container) == ("nvidia.com/gpu", 128, 8)
+    assert mig.plugin_config() == {
+        "version": "v1",
+        "backend": {
+            "name": "partitioned",
+            "partitioned": {
+                "parent": "mock",
+                "parent_options": {"gpus": 8},
+                "strategy": "mixed",
+                "layout": "all-1g.18gb",
+            },
+        },
+    }
+    assert replicas.plugin_config() == {
+        "version": "v1",
+        "backend": {"name": "mock", "mock": {"gpus": 8}},
+        "sharing": {"timeSlicing": {"resources": [{"name": "nvidia.com/gpu", "replicas": 16}]}},
+    }
+    assert SCENARIOS["whole-8"].plugin_config() is None
+    argv = plugin_argv(Path("/k"), Path("/s"), 8, "mock", Path("/w/plugin.yaml"))
+    assert argv[argv.index("--config") + 1] == "/w/plugin.yaml"
+    assert "--backend" not in argv and "--mock-gpus" not in argv
+    for name in ("mig-8x7", "replicas-8x16"):
+        with pytest.raises(click.ClickException, match="mock node"):
+            select(name, "nvml", True, {})
+    with pytest.raises(ValueError, match="do not fit"):
+        Scenario("x", "x", node="mig", per_gpu=4)
+
+
+def test_churn_sizes_are_capped_per_container() -> None:
+    """Sizes beyond the node are dropped, sizes beyond the cap asked for at the cap, their weights kept."""
+    mix = {1: 0.5, 2: 0.25, 4: 0.15, 8: 0.1}
+    assert container_sizes(mix, 56, 7) == {1: 0.5, 2: 0.25, 4: 0.15, 7: 0.1}
+    assert container_sizes(mix, 4) == {1: 0.5, 2: 0.25, 4: 0.15}
+    assert container_sizes(mix, 128, 2) == pytest.approx({1: 0.5, 2: 0.5})
+    plans = list(itertools.islice(pod_plans(ChurnSettings(max_containers=3), 56, seed=5, max_per_container=7), 300))
+    assert max(max(p.containers) for p in plans) == 7
+
+
+@pytest.mark.parametrize(
+    ("name", "resource", "devices"),
+    [("mig-8x7", "nvidia.com/mig-1g.18gb", 56), ("replicas-8x16", "nvidia.com/gpu", 128)],
+)
+async def test_sliced_scenario_runs_quick_without_errors(
+    name: str, resource: str, devices: int, tmp_path: Path
+) -> None:
+    """A quick partitioned or time-sliced run serves the right resource and count, flaps whole GPUs, 0 errors."""
+    [scenario] = select(
+        name, "mock", True, {"calls": 50, "preferred_calls": 30, "duration": 1.0, "kubelet_restarts": 1}
+    )
+    started = datetime.datetime.now(datetime.UTC)
+    result = await run_scenario(scenario, RunSettings(seed=3, quick=True, progress=False))
+    built = report.build_report(scenario, result, seed=3, quick=True, started=started, wall_s=1.0)
+    report.write(built, tmp_path)
+
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["errors"] == 0, data["latency"]
+    assert (data["resource"], data["devices"], data["gpus"]) == (resource, devices, 8)
+    assert data["plugin_config"] == scenario.plugin_config()
+    assert data["plugin"]["exit_code"] == 0
+    assert data["latency"]["Allocate"]["count"] == 50
+    assert data["latency"]["GetPreferredAllocation"]["count"] > 0
+    # Each flap is timed until allocatable moved by all of the GPU's partitions or replicas.
+    assert data["latency"]["health change → ListAndWatch (Unhealthy)"]["count"] > 0
+    assert data["churn"]["pods_admitted"] > 0 and data["churn"]["kubelet_restarts"] == 1
+    assert data["latency"]["re-registration (mid-churn)"]["count"] == 1
+    assert f"8 GPUs served as {devices} {resource}" in (tmp_path / "results.md").read_text()
 
 
 def test_quick_mode_shrinks_every_phase() -> None:
@@ -129,8 +193,10 @@ def test_nvml_backend_names_its_scenarios_and_refuses_mock_sizes() -> None:
 async def test_nvml_run_counts_what_registers_and_skips_flaps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run as on nvml (a 3-GPU mock plugin stands in): GPUs counted from registration, 1 and 16 callers, no flaps."""
 
-    def stand_in(kubelet_dir: Path, state_dir: Path, gpus: int, backend: str = "mock") -> list[str]:
-        assert backend == "nvml" and gpus == 0
+    def stand_in(
+        kubelet_dir: Path, state_dir: Path, gpus: int, backend: str = "mock", config: Path | None = None
+    ) -> list[str]:
+        assert backend == "nvml" and gpus == 0 and config is None
         return plugin_argv(kubelet_dir, state_dir, 3, "mock")
 
     monkeypatch.setattr(runner, "plugin_argv", stand_in)

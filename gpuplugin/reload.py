@@ -16,6 +16,8 @@ from pathlib import Path
 import aiofiles
 import structlog
 
+from gpuplugin.watcher import inotify_or_polling
+
 log = structlog.get_logger("gpuplugin.reload")
 
 
@@ -70,12 +72,11 @@ class ConfigWatcher:
             await self._on_change(text)
 
     async def run(self) -> None:
-        if self._settings.use_inotify:
-            try:
-                await self._run_inotify()
-                return
-            except (ImportError, OSError) as exc:
-                log.warning("inotify unavailable; polling the config file", error=str(exc))
+        await inotify_or_polling(
+            self._run_inotify, self._run_polling, use_inotify=self._settings.use_inotify, what=str(self._path)
+        )
+
+    async def _run_polling(self) -> None:
         while True:
             await asyncio.sleep(self._settings.poll_interval_s)
             await self.check()

@@ -26,6 +26,19 @@ class WatcherSettings:
     use_inotify: bool = True
 
 
+async def inotify_or_polling(
+    inotify: Callable[[], Awaitable[None]], polling: Callable[[], Awaitable[None]], *, use_inotify: bool, what: str
+) -> None:
+    """Run ``inotify`` (until cancelled); where inotify is unavailable (not Linux, out of watches) run ``polling``."""
+    if use_inotify:
+        try:
+            await inotify()
+            return
+        except (ImportError, OSError) as exc:
+            log.warning("inotify unavailable; polling instead", watched=what, error=str(exc))
+    await polling()
+
+
 class SocketWatcher:
     """Calls ``on_kubelet_socket`` when ``kubelet.sock`` appears, ``on_deleted(name)`` when a socket goes away."""
 
@@ -43,13 +56,9 @@ class SocketWatcher:
 
     async def run(self) -> None:
         """Watch until cancelled."""
-        if self._settings.use_inotify:
-            try:
-                await self._run_inotify()
-                return
-            except (ImportError, OSError) as exc:
-                log.warning("inotify unavailable; polling the device-plugins directory", error=str(exc))
-        await self._run_polling()
+        await inotify_or_polling(
+            self._run_inotify, self._run_polling, use_inotify=self._settings.use_inotify, what=str(self._dir)
+        )
 
     async def _run_inotify(self) -> None:
         from asyncinotify import Inotify, Mask

@@ -163,20 +163,31 @@ class Daemon:
                 if getattr(new, name) != getattr(old, name):
                     log.warning("config change needs a restart to apply", setting=name)
             transforms, sinks = pipeline(new)
-            backend = make_backend(new) if _BackendPart.of(new) != _BackendPart.of(old) else None
+            # Unchanged CDI settings keep their writer: a new one would delete and rewrite the same spec files.
+            keep_sinks = (new.strategies, new.cdi) == (old.strategies, old.cdi)
             try:
-                await self.manager.reconfigure(transforms=transforms, sinks=sinks, backend=backend)
+                backend = make_backend(new) if _BackendPart.of(new) != _BackendPart.of(old) else None
+            except (LookupError, ValueError) as exc:
+                self.refused += 1
+                log.error("config refused; the current config keeps serving", error=str(exc))
+                return
+            try:
+                await self.manager.reconfigure(
+                    transforms=transforms, sinks=None if keep_sinks else sinks, backend=backend
+                )
             except (BackendUnavailable, ValueError) as exc:
                 self.refused += 1
                 log.error("config refused: its backend does not start; back to the current config", error=str(exc))
-                await self._restore(old, backend is not None)
+                await self._restore(old, backend_replaced=backend is not None, sinks_replaced=not keep_sinks)
                 return
             self.settings = new
             self.reloads += 1
             log.info("config reloaded", backend_restarted=backend is not None)
 
-    async def _restore(self, old: PluginSettings, backend_replaced: bool) -> None:
+    async def _restore(self, old: PluginSettings, *, backend_replaced: bool, sinks_replaced: bool) -> None:
         transforms, sinks = pipeline(old)
         await self.manager.reconfigure(
-            transforms=transforms, sinks=sinks, backend=make_backend(old) if backend_replaced else None
+            transforms=transforms,
+            sinks=sinks if sinks_replaced else None,
+            backend=make_backend(old) if backend_replaced else None,
         )

@@ -90,6 +90,8 @@ class ConfigWatcher:
                 directory,
                 Mask.CREATE | Mask.MODIFY | Mask.MOVED_TO | Mask.DELETE | Mask.CLOSE_WRITE | Mask.ATTRIB,
             )
+            # An edit between the first read and this watch would otherwise wait for the next one.
+            await self.check()
             events = aiter(inotify)
             while True:
                 await anext(events)

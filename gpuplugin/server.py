@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-from grpclib.const import Cardinality, Handler
+from grpclib import GRPCError
+from grpclib.const import Cardinality, Handler, Status
 from grpclib.server import Server, Stream
 
+from gpuplugin import wire
 from gpuplugin.allocation import AllocationPolicy, build_policy
 from gpuplugin.api import v1beta1 as api
 from gpuplugin.backend import AllocationPolicyKind, Backend, CustomAllocate, PreferredAllocation, PreStart
@@ -154,6 +156,14 @@ def _options(backend: Backend) -> api.DevicePluginOptions:
         pre_start_required=isinstance(backend, PreStart),
         get_preferred_allocation_available=isinstance(backend, PreferredAllocation),
     )
+
+
+async def receive(stream: Stream[Any, Any], method: str) -> Any:
+    """The request; INVALID_ARGUMENT when its bytes are no valid encoding (grpclib alone would answer UNKNOWN)."""
+    try:
+        return await stream.recv_message()
+    except wire.WireError as exc:
+        raise GRPCError(Status.INVALID_ARGUMENT, f"malformed {method} request: {exc}") from None
 
 
 def socket_name(prefix: str, resource: str) -> str:
@@ -328,28 +338,28 @@ class ResourceServer:
             "/v1beta1.DevicePlugin/GetDevicePluginOptions": Handler(
                 self._unary("GetDevicePluginOptions", lambda _: self._options_message),
                 Cardinality.UNARY_UNARY,
-                api.Empty,
+                wire.Empty,
                 api.DevicePluginOptions,
             ),
             "/v1beta1.DevicePlugin/ListAndWatch": Handler(
-                self._list_and_watch, Cardinality.UNARY_STREAM, api.Empty, api.ListAndWatchResponse
+                self._list_and_watch, Cardinality.UNARY_STREAM, wire.Empty, api.ListAndWatchResponse
             ),
             "/v1beta1.DevicePlugin/GetPreferredAllocation": Handler(
                 self._unary("GetPreferredAllocation", self.preferred_allocation),
                 Cardinality.UNARY_UNARY,
-                api.PreferredAllocationRequest,
+                wire.PreferredAllocationRequest,
                 api.PreferredAllocationResponse,
             ),
             "/v1beta1.DevicePlugin/Allocate": Handler(
                 self._unary("Allocate", self.allocate),
                 Cardinality.UNARY_UNARY,
-                api.AllocateRequest,
+                wire.AllocateRequest,
                 api.AllocateResponse,
             ),
             "/v1beta1.DevicePlugin/PreStartContainer": Handler(
                 self._pre_start_container,
                 Cardinality.UNARY_UNARY,
-                api.PreStartContainerRequest,
+                wire.PreStartContainerRequest,
                 api.PreStartContainerResponse,
             ),
         }
@@ -359,7 +369,7 @@ class ResourceServer:
             started = time.perf_counter()
             outcome = "OK"
             try:
-                request = await stream.recv_message()
+                request = await receive(stream, method)
                 with grpc_status(method):
                     response = answer(request)
                 await stream.send_message(response)
@@ -383,7 +393,7 @@ class ResourceServer:
             raise RequestError("not serving")
         return view
 
-    def allocate(self, request: api.AllocateRequest) -> bytes:
+    def allocate(self, request: wire.AllocateRequest) -> bytes:
         """Answer Allocate from precomputed specs: the encoded AllocateResponse."""
         view = self._current()
         if not request.container_requests:
@@ -427,7 +437,7 @@ class ResourceServer:
         self._cache[ids] = encoded
         return encoded
 
-    def preferred_allocation(self, request: api.PreferredAllocationRequest) -> bytes:
+    def preferred_allocation(self, request: wire.PreferredAllocationRequest) -> bytes:
         """Answer GetPreferredAllocation with the resource's policy, precomputed for the current inventory."""
         view = self._current()
         if not request.container_requests:
@@ -436,7 +446,7 @@ class ResourceServer:
             len(request.container_requests),
             [ids for c in request.container_requests for ids in (c.available_deviceIDs, c.must_include_deviceIDs)],
         )
-        responses = []
+        responses: list[list[bytes]] = []
         for container in request.container_requests:
             unknown = [
                 i for i in (*container.available_deviceIDs, *container.must_include_deviceIDs) if i not in view.devices
@@ -446,14 +456,14 @@ class ResourceServer:
             chosen = view.policy.choose(
                 container.available_deviceIDs, container.must_include_deviceIDs, container.allocation_size
             )
-            responses.append(api.ContainerPreferredAllocationResponse(device_i_ds=chosen))
-        return bytes(api.PreferredAllocationResponse(container_responses=responses))
+            responses.append([i.encode() for i in chosen])
+        return wire.encode_preferred_response(responses)
 
     async def _pre_start_container(self, stream: Stream[Any, Any]) -> None:
         started = time.perf_counter()
         outcome = "OK"
         try:
-            request = await stream.recv_message()
+            request = await receive(stream, "PreStartContainer")
             assert request is not None
             with grpc_status("PreStartContainer"):
                 view = self._current()

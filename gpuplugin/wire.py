@@ -1,0 +1,346 @@
+"""Exact, fast protobuf (proto3) decoders for the requests the kubelet sends, and the GetPreferredAllocation encoder.
+
+betterproto2's generic decoding costs far more than the handlers themselves, so the four request types are decoded
+here by hand. Each class has grpclib's ``FromString(bytes)`` and the attribute names of the generated messages, so it
+can stand in for them in a ``Handler``. Unknown fields of every wire type are skipped, fields may come in any order,
+and anything malformed raises :class:`WireError`, never another exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Final, TypeVar
+
+__all__ = [
+    "AllocateRequest",
+    "ContainerAllocateRequest",
+    "ContainerPreferredAllocationRequest",
+    "Empty",
+    "PreStartContainerRequest",
+    "PreferredAllocationRequest",
+    "WireError",
+    "encode_preferred_response",
+]
+
+
+class WireError(ValueError):
+    """The bytes are not a valid encoding of the expected message."""
+
+
+# Single-byte keys (field number << 3 | wire type) of the fields we read; other encodings of the same key (padded
+# varints) are legal too and reach the same branches, because keys are compared after decoding.
+_KEY_1_LEN: Final = 1 << 3 | 2
+_KEY_2_LEN: Final = 2 << 3 | 2
+_KEY_3_VARINT: Final = 3 << 3 | 0
+_STRING_KEYS: Final = (_KEY_1_LEN, _KEY_2_LEN)
+_MAX_KEY: Final = 0xFFFF_FFFF
+"""Keys are 32-bit: field numbers go up to 2**29 - 1."""
+
+_T = TypeVar("_T")
+
+
+def _varint_rest(data: bytes, i: int, first: int) -> tuple[int, int]:
+    """The varint whose first byte ``first`` (with its continuation bit set) ended just before ``i``; (value, next)."""
+    value = first & 0x7F
+    shift = 7
+    while True:
+        byte = data[i]
+        i += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, i
+        shift += 7
+        if shift >= 70:
+            raise WireError("varint longer than 10 bytes")
+
+
+def _skip(data: bytes, i: int, end: int, key: int) -> int:
+    """Skip the value of the field whose key was read just before ``i``; returns where the next field starts."""
+    if key > _MAX_KEY or key >> 3 == 0:
+        raise WireError(f"invalid field key {key}")
+    wire_type = key & 7
+    if wire_type == 0:
+        first = data[i]
+        i = i + 1 if first < 0x80 else _varint_rest(data, i + 1, first)[1]
+    elif wire_type == 2:
+        n = data[i]
+        i += 1
+        if n >= 0x80:
+            n, i = _varint_rest(data, i, n)
+        i += n
+    elif wire_type == 1:
+        i += 8
+    elif wire_type == 5:
+        i += 4
+    else:
+        # Groups (3, 4) are proto2-only and never sent by the kubelet; 6 and 7 do not exist.
+        raise WireError(f"unsupported wire type {wire_type} (field {key >> 3})")
+    if i > end:
+        raise WireError("field runs past the end of its message")
+    return i
+
+
+def _strings_1(data: bytes, i: int, end: int) -> list[str]:
+    """The strings of ``repeated string ... = 1`` in the message at ``data[i:end]``; other fields are skipped."""
+    out: list[str] = []
+    while i < end:
+        key = data[i]
+        i += 1
+        if key >= 0x80:
+            key, i = _varint_rest(data, i, key)
+        if key == _KEY_1_LEN:
+            n = data[i]
+            i += 1
+            if n >= 0x80:
+                n, i = _varint_rest(data, i, n)
+            j = i + n
+            if j > end:
+                raise WireError("string runs past the end of its message")
+            out.append(data[i:j].decode("utf-8"))
+            i = j
+        else:
+            i = _skip(data, i, end, key)
+    return out
+
+
+def _repeated_1(data: bytes, parse: Callable[[bytes, int, int], _T]) -> list[_T]:
+    """``parse(data, start, end)`` of each ``repeated <message> ... = 1`` entry of the message; other fields skipped."""
+    out: list[_T] = []
+    i = 0
+    end = len(data)
+    while i < end:
+        key = data[i]
+        i += 1
+        if key >= 0x80:
+            key, i = _varint_rest(data, i, key)
+        if key == _KEY_1_LEN:
+            n = data[i]
+            i += 1
+            if n >= 0x80:
+                n, i = _varint_rest(data, i, n)
+            j = i + n
+            if j > end:
+                raise WireError("message runs past the end of the buffer")
+            out.append(parse(data, i, j))
+            i = j
+        else:
+            i = _skip(data, i, end, key)
+    return out
+
+
+class ContainerAllocateRequest:
+    """One container's devices in an Allocate request."""
+
+    __slots__ = ("devices_ids",)
+
+    def __init__(self, devices_ids: list[str]) -> None:
+        self.devices_ids = devices_ids
+
+    @classmethod
+    def _decode(cls, data: bytes, i: int, end: int) -> ContainerAllocateRequest:
+        return cls(_strings_1(data, i, end))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ContainerAllocateRequest) and self.devices_ids == other.devices_ids
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ContainerAllocateRequest(devices_ids={self.devices_ids!r})"
+
+
+class AllocateRequest:
+    """``v1beta1.AllocateRequest``."""
+
+    __slots__ = ("container_requests",)
+
+    def __init__(self, container_requests: list[ContainerAllocateRequest]) -> None:
+        self.container_requests = container_requests
+
+    @classmethod
+    def FromString(cls, data: bytes) -> AllocateRequest:
+        """Decode the wire form; raises WireError if it is malformed."""
+        if type(data) is not bytes:
+            data = bytes(data)  # grpclib passes bytes; a memoryview would not slice to bytes
+        try:
+            return cls(_repeated_1(data, ContainerAllocateRequest._decode))
+        except (IndexError, UnicodeDecodeError) as exc:
+            raise WireError(_why(exc)) from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, AllocateRequest) and self.container_requests == other.container_requests
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"AllocateRequest(container_requests={self.container_requests!r})"
+
+
+class ContainerPreferredAllocationRequest:
+    """One container's choice in a GetPreferredAllocation request."""
+
+    __slots__ = ("allocation_size", "available_deviceIDs", "must_include_deviceIDs")
+
+    def __init__(self, available_deviceIDs: list[str], must_include_deviceIDs: list[str], allocation_size: int) -> None:
+        self.available_deviceIDs = available_deviceIDs
+        self.must_include_deviceIDs = must_include_deviceIDs
+        self.allocation_size = allocation_size
+
+    @classmethod
+    def _decode(cls, data: bytes, i: int, end: int) -> ContainerPreferredAllocationRequest:
+        available: list[str] = []
+        must_include: list[str] = []
+        size = 0
+        while i < end:
+            key = data[i]
+            i += 1
+            if key >= 0x80:
+                key, i = _varint_rest(data, i, key)
+            if key in _STRING_KEYS:
+                n = data[i]
+                i += 1
+                if n >= 0x80:
+                    n, i = _varint_rest(data, i, n)
+                j = i + n
+                if j > end:
+                    raise WireError("string runs past the end of its message")
+                (available if key == _KEY_1_LEN else must_include).append(data[i:j].decode("utf-8"))
+                i = j
+            elif key == _KEY_3_VARINT:
+                size = data[i]
+                i += 1
+                if size >= 0x80:
+                    size, i = _varint_rest(data, i, size)
+                    # int32: negative values are sent sign-extended to 64 bits; keep the low 32 bits, signed.
+                    size = ((size & 0xFFFF_FFFF) ^ 0x8000_0000) - 0x8000_0000
+                if i > end:
+                    raise WireError("allocation_size runs past the end of its message")
+            else:
+                i = _skip(data, i, end, key)
+        return cls(available, must_include, size)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, ContainerPreferredAllocationRequest)
+            and self.available_deviceIDs == other.available_deviceIDs
+            and self.must_include_deviceIDs == other.must_include_deviceIDs
+            and self.allocation_size == other.allocation_size
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return (
+            f"ContainerPreferredAllocationRequest(available_deviceIDs={self.available_deviceIDs!r}, "
+            f"must_include_deviceIDs={self.must_include_deviceIDs!r}, allocation_size={self.allocation_size!r})"
+        )
+
+
+class PreferredAllocationRequest:
+    """``v1beta1.PreferredAllocationRequest``."""
+
+    __slots__ = ("container_requests",)
+
+    def __init__(self, container_requests: list[ContainerPreferredAllocationRequest]) -> None:
+        self.container_requests = container_requests
+
+    @classmethod
+    def FromString(cls, data: bytes) -> PreferredAllocationRequest:
+        """Decode the wire form; raises WireError if it is malformed."""
+        if type(data) is not bytes:
+            data = bytes(data)
+        try:
+            return cls(_repeated_1(data, ContainerPreferredAllocationRequest._decode))
+        except (IndexError, UnicodeDecodeError) as exc:
+            raise WireError(_why(exc)) from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PreferredAllocationRequest) and self.container_requests == other.container_requests
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"PreferredAllocationRequest(container_requests={self.container_requests!r})"
+
+
+class PreStartContainerRequest:
+    """``v1beta1.PreStartContainerRequest``."""
+
+    __slots__ = ("devices_ids",)
+
+    def __init__(self, devices_ids: list[str]) -> None:
+        self.devices_ids = devices_ids
+
+    @classmethod
+    def FromString(cls, data: bytes) -> PreStartContainerRequest:
+        """Decode the wire form; raises WireError if it is malformed."""
+        if type(data) is not bytes:
+            data = bytes(data)
+        try:
+            return cls(_strings_1(data, 0, len(data)))
+        except (IndexError, UnicodeDecodeError) as exc:
+            raise WireError(_why(exc)) from None
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PreStartContainerRequest) and self.devices_ids == other.devices_ids
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"PreStartContainerRequest(devices_ids={self.devices_ids!r})"
+
+
+class Empty:
+    """``v1beta1.Empty``: whatever arrives is ignored, as nothing in it could change the answer."""
+
+    __slots__ = ()
+
+    @classmethod
+    def FromString(cls, data: bytes) -> Empty:
+        """The one Empty; ``data`` is not looked at."""
+        return _EMPTY
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Empty)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "Empty()"
+
+
+_EMPTY: Final = Empty()
+
+
+def _why(exc: IndexError | UnicodeDecodeError) -> str:
+    # An IndexError can only come from reading past the buffer in the middle of a varint or key.
+    return "invalid UTF-8 in a string field" if isinstance(exc, UnicodeDecodeError) else "truncated message"
+
+
+_LENGTH_KEYS: Final = [bytes([_KEY_1_LEN, n]) for n in range(0x80)]
+"""Key of field 1 (length-delimited) and a one-byte length, for every length that fits one byte."""
+
+
+def _key_1_and_length(n: int) -> bytes:
+    if n < 0x80:
+        return _LENGTH_KEYS[n]
+    out = bytearray([_KEY_1_LEN])
+    while n >= 0x80:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encode_preferred_response(chosen_per_container: Sequence[Sequence[bytes]]) -> bytes:
+    """The wire form of a PreferredAllocationResponse: one container response per entry, of UTF-8 device IDs.
+
+    Byte for byte what betterproto2 makes of ``PreferredAllocationResponse(container_responses=[
+    ContainerPreferredAllocationResponse(device_i_ds=[...]), ...])``.
+    """
+    out: list[bytes] = []
+    for ids in chosen_per_container:
+        body = b"".join([_key_1_and_length(len(i)) + i for i in ids])
+        out.append(_key_1_and_length(len(body)))
+        out.append(body)
+    return b"".join(out)

@@ -27,7 +27,8 @@ log = structlog.get_logger("gpuplugin")
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """One line on stderr and a non-zero exit: what went wrong and, where we know, what to do."""
-    click.echo(f"gpuplugin: {message}", err=True)
+    # One line, whatever the message quotes (a YAML key may hold a newline).
+    click.echo(f"gpuplugin: {' '.join(message.splitlines())}", err=True)
     sys.exit(code)
 
 

@@ -21,6 +21,14 @@ class ConfigError(ValueError):
     """A setting is wrong; the message names it and what was expected. Retrying does not help."""
 
 
+def config_key(key: object) -> str:
+    """A config key as it can stand in a one-line message: plain keys as they are, odd ones quoted and cut."""
+    text = str(key)
+    if text.isprintable() and " " not in text and len(text) <= 80:
+        return text
+    return repr(text[:80])
+
+
 class RequestError(Exception):
     """A request the plugin refuses; the same request will be refused again."""
 

@@ -82,6 +82,7 @@ class Manager:
             self._kubelet_socket_created,
             self._socket_deleted,
             self.settings.watcher,
+            owned=lambda: [s.socket_path.name for s in self.servers.values() if s.socket_path is not None],
         )
         self._tasks.spawn(watcher.run(), "socket watcher")
 
@@ -208,12 +209,27 @@ class Manager:
         return device.gpu == event.gpu and (event.instance is None or device.instance == event.instance)
 
     async def _follow_backend(self) -> None:
-        async for event in self.backend.events():
-            if isinstance(event, InventoryChanged):
-                log.info("inventory changed", devices=len(event.tree.devices))
-                await self.apply(event.tree)
-            else:
-                await self.on_health(event)
+        """Apply the backend's events; if its stream fails, log it and follow a new one after a backoff."""
+        delay_s = 1.0
+        while True:
+            try:
+                async for event in self.backend.events():
+                    delay_s = 1.0
+                    if isinstance(event, InventoryChanged):
+                        log.info("inventory changed", devices=len(event.tree.devices))
+                        await self.apply(event.tree)
+                    else:
+                        await self.on_health(event)
+                log.error("backend event stream ended; following it again", backend=self.backend.name)
+            except Exception as exc:
+                log.error(
+                    "backend event stream failed; serving the last tree and following it again",
+                    backend=self.backend.name,
+                    error=str(exc) or type(exc).__name__,
+                    retry_in_s=delay_s,
+                )
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 30.0)
 
     async def _kubelet_socket_created(self) -> None:
         log.info("kubelet socket created; registering again")

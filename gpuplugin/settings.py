@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from gpuplugin.cdi import CdiSettings
-from gpuplugin.errors import ConfigError
+from gpuplugin.errors import ConfigError, config_key
 from gpuplugin.health import HealthPolicy, HealthPolicyError
 from gpuplugin.logs import LogFormat
 from gpuplugin.manager import ManagerSettings
@@ -296,7 +296,7 @@ def _str(section: Mapping[str, Any], key: str, source: str, path: str, default: 
 
 
 def _no_unknown(section: Mapping[str, Any], known: set[str], source: str, path: str) -> None:
-    unknown = sorted(str(k) for k in set(section) - known)
+    unknown = sorted(config_key(k) for k in set(section) - known)
     if unknown:
         name = f"{path}.{unknown[0]}" if path else unknown[0]
         raise ConfigError(f"{source}: {name}: unknown setting (known: {', '.join(sorted(known))})")

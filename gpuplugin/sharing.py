@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from gpuplugin.errors import ConfigError
+from gpuplugin.errors import ConfigError, config_key
 from gpuplugin.model import (
     MAX_DEVICE_ID_LENGTH,
     AllocationPolicyKind,
@@ -240,7 +240,7 @@ def _per_gpu(value: Any, path: str) -> Mapping[GpuRef, int]:
         raise _config_error(path, f"must be a mapping of GPU index or UUID to replicas, got {type(value).__name__}")
     counts: dict[GpuRef, int] = {}
     for key, count in value.items():
-        where = f"{path}.{key}"
+        where = f"{path}.{config_key(key)}"
         ref = _gpu_ref(key, where)
         if not _is_int(count) or count < 1:
             raise _config_error(where, f"must be an integer ≥ 1 (1: not shared), got {count!r}")
@@ -285,6 +285,6 @@ def _mapping(data: Any, path: str) -> Mapping[str, Any]:
 
 
 def _no_unknown(section: Mapping[str, Any], known: set[str], path: str) -> None:
-    unknown = sorted(str(k) for k in section if k not in known)
+    unknown = sorted(config_key(k) for k in section if k not in known)
     if unknown:
         raise _config_error(f"{path}.{unknown[0]}", f"unknown setting (known: {', '.join(sorted(known))})")

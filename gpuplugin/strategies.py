@@ -217,7 +217,7 @@ def _strategies(value: Any, path: str) -> tuple[DeviceListStrategyKind, ...]:
     chosen: dict[DeviceListStrategyKind, None] = {}
     for i, item in enumerate(items):
         where = path if isinstance(value, str) else f"{path}[{i}]"
-        name = item.strip() if isinstance(item, str) else item
+        name = item.strip() if isinstance(item, str) else None
         if name not in {str(k) for k in DeviceListStrategyKind}:
             raise _config_error(where, f"must be one of {allowed}, got {item!r}")
         chosen[DeviceListStrategyKind(name)] = None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +48,10 @@ class SocketWatcher:
         on_kubelet_socket: Callable[[], Awaitable[None]],
         on_deleted: Callable[[str], Awaitable[None]],
         settings: WatcherSettings = WatcherSettings(),
+        owned: Callable[[], Collection[str]] = tuple,
     ) -> None:
         self._dir = directory
+        self._owned = owned
         self._on_kubelet_socket = on_kubelet_socket
         self._on_deleted = on_deleted
         self._settings = settings
@@ -80,7 +82,8 @@ class SocketWatcher:
         while True:
             await asyncio.sleep(self._settings.poll_interval_s)
             current, now = await asyncio.to_thread(_snapshot, self._dir)
-            for name in seen - now:
+            # Our own sockets too: one created and deleted between two polls is in neither listing.
+            for name in (seen | set(self._owned())) - now:
                 await self._on_deleted(name)
             seen = now
             if current is not None and current != last:

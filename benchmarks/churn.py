@@ -28,6 +28,11 @@ FLAP_XID = 63
 HEALTH_TIMEOUT_S = 10.0
 #: Seconds to wait for room when no pod is running (only an unhealthy GPU can be in the way then).
 NO_POD_WAIT_S = 1.0
+#: How long past the churn's end a pod may still wait for room before it is given up as an error (seconds): room
+#: that never comes (a GPU Unhealthy for good) fails the run instead of hanging it.
+ROOM_TIMEOUT_S = 10.0
+#: Redraws of a pod whose containers overflow the node before sizes are drawn to fit.
+REDRAWS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,15 +79,36 @@ def pod_plans(
     than ``max_per_container`` devices."""
     rng = random.Random(seed)
     mix = container_sizes(settings.size_mix, capacity, max_per_container)
+    if not mix:
+        raise ValueError(f"no container size of the churn's mix {dict(settings.size_mix)} fits {capacity} devices")
     sizes = list(mix)
     weights = list(mix.values())
+    # A node too small for max_containers of the smallest size (one GPU: a second container never fits) gets fewer
+    # containers per pod; drawn first all the same, so a node with room keeps the pods its seed always gave.
+    most = capacity // min(sizes)
     for n in itertools.count():
         gap = rng.expovariate(settings.arrival_rate_per_s) if settings.arrival_rate_per_s else 0.0
-        count = rng.randint(1, settings.max_containers)
+        count = min(rng.randint(1, settings.max_containers), most)
         containers = tuple(rng.choices(sizes, weights, k=count))
-        while sum(containers) > capacity:
+        for _ in range(REDRAWS):
+            if sum(containers) <= capacity:
+                break
             containers = tuple(rng.choices(sizes, weights, k=count))
+        else:
+            containers = _fitting(rng, sizes, weights, count, capacity)
         yield PodPlan(f"pod-{n:06d}", gap, containers, rng.expovariate(1 / settings.mean_lifetime_s))
+
+
+def _fitting(rng: random.Random, sizes: list[int], weights: list[float], count: int, capacity: int) -> tuple[int, ...]:
+    """``count`` sizes that fit ``capacity`` together, each drawn among those that leave room for the rest at the
+    smallest size; only when redraws keep overflowing, as on a node barely big enough for ``count`` containers."""
+    smallest = min(sizes)
+    containers: list[int] = []
+    for left in range(count - 1, -1, -1):
+        room = capacity - sum(containers) - left * smallest
+        fits = [(size, weight) for size, weight in zip(sizes, weights, strict=True) if size <= room]
+        containers.append(rng.choices([size for size, _ in fits], [weight for _, weight in fits])[0])
+    return tuple(containers)
 
 
 class ChurnRun:
@@ -179,13 +205,14 @@ class ChurnRun:
                 if max(arrival, time.perf_counter()) >= end:
                     break
                 await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
-                await self._admit(plan, running)
+                await self._admit(plan, running, end + ROOM_TIMEOUT_S)
                 self.progress(1)
         finally:
             for _, name in running:
                 await self.kubelet.remove_pod(name)
 
-    async def _admit(self, plan: PodPlan, running: list[tuple[float, str]]) -> None:
+    async def _admit(self, plan: PodPlan, running: list[tuple[float, str]], deadline: float) -> None:
+        """Admit ``plan`` once the node has room for it; an admission error if there is still none by ``deadline``."""
         need = sum(plan.containers)
         waited = False
         while True:
@@ -201,7 +228,17 @@ class ChurnRun:
                     elapsed = time.perf_counter() - began
                     break
             waited = True
+            if time.perf_counter() >= deadline:
+                free, devices = self.kubelet.free(self.resource), self.kubelet.capacity(self.resource)
+                self.admission.error(
+                    TimeoutError(
+                        f"{plan.name} needs {need} {self.resource}; {free} of {devices} free, "
+                        f"{len(running)} pods running, still no room {ROOM_TIMEOUT_S:g} s after the churn ended"
+                    )
+                )
+                return
             timeout_s = running[0][0] - time.perf_counter() if running else NO_POD_WAIT_S
+            timeout_s = min(timeout_s, deadline - time.perf_counter())
             with contextlib.suppress(TimeoutError):
                 await self.kubelet.wait_for(lambda: self.kubelet.free(self.resource) >= need, max(timeout_s, 0.001))
         self.pods += 1

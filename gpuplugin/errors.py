@@ -39,6 +39,12 @@ class InvalidRequest(RequestError):
     """The request is malformed: empty, duplicated IDs, impossible sizes."""
 
 
+class NotServing(RequestError):
+    """The resource is shutting down or not served yet; the kubelet may retry once it registers again."""
+
+    status = Status.UNAVAILABLE
+
+
 class UnknownDevices(InvalidRequest):
     """The request names devices this resource does not have."""
 

@@ -27,7 +27,7 @@ from gpuplugin.allocation import AllocationPolicy, build_policy
 from gpuplugin.api import v1beta1 as api
 from gpuplugin.backend import AllocationPolicyKind, Backend, CustomAllocate, PreferredAllocation, PreStart
 from gpuplugin.codec import PrecodedCodec, repeated_field
-from gpuplugin.errors import InvalidRequest, RequestError, UnhealthyDevices, UnknownDevices, grpc_status
+from gpuplugin.errors import InvalidRequest, NotServing, RequestError, UnhealthyDevices, UnknownDevices, grpc_status
 from gpuplugin.model import (
     MAX_DEVICE_ID_LENGTH,
     ContainerSpec,
@@ -390,7 +390,7 @@ class ResourceServer:
     def _current(self) -> ResourceView:
         view = self._view
         if view is None or self._stopping:
-            raise RequestError("not serving")
+            raise NotServing(f"{self.resource} is not being served now")
         return view
 
     def allocate(self, request: wire.AllocateRequest) -> bytes:

@@ -6,8 +6,13 @@ import dataclasses
 import datetime
 import itertools
 import json
+import signal
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 
 import click
 import pytest
@@ -116,6 +121,51 @@ def test_churn_sizes_are_capped_per_container() -> None:
     assert max(max(p.containers) for p in plans) == 7
 
 
+class _Hung(Exception):
+    """Raised by :func:`_fails_after` in place of a hang."""
+
+
+@contextmanager
+def _fails_after(seconds: int) -> Iterator[None]:
+    """Raise _Hung in the main thread after ``seconds``: a busy loop that blocks the event loop (where no asyncio
+    timeout can fire) fails the test instead of hanging it. Unix only, as the benchmarks are."""
+
+    def hung(signum: int, frame: FrameType | None) -> None:
+        raise _Hung(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _nvml_stand_in(gpus: int) -> Callable[..., list[str]]:
+    """A plugin_argv for runs as on nvml: the mock backend with ``gpus`` GPUs stands in for the node's real ones."""
+
+    def stand_in(
+        kubelet_dir: Path, state_dir: Path, asked: int, backend: str = "mock", config: Path | None = None
+    ) -> list[str]:
+        assert backend == "nvml" and asked == 0 and config is None
+        return plugin_argv(kubelet_dir, state_dir, gpus, "mock")
+
+    return stand_in
+
+
+def test_churn_plans_fit_a_one_gpu_node() -> None:
+    """One GPU: every pod has one container of one GPU (two containers never fit; they used to be redrawn forever)."""
+    with _fails_after(10):
+        plans = list(itertools.islice(pod_plans(ChurnSettings(max_containers=2), 1, seed=1), 500))
+        assert {p.containers for p in plans} == {(1,)}
+        # A node barely big enough for the containers, where random draws nearly always overflow it, still fits.
+        tight = ChurnSettings(max_containers=2, size_mix={2: 0.9999, 1: 0.0001})
+        assert all(sum(p.containers) <= 3 for p in itertools.islice(pod_plans(tight, 3, seed=1), 100))
+    with pytest.raises(ValueError, match="fits 4 devices"):
+        next(pod_plans(ChurnSettings(size_mix={8: 1.0}), 4, seed=1))
+
+
 @pytest.mark.parametrize(
     ("name", "resource", "devices"),
     [("mig-8x7", "nvidia.com/mig-1g.18gb", 56), ("replicas-8x16", "nvidia.com/gpu", 128)],
@@ -193,13 +243,7 @@ def test_nvml_backend_names_its_scenarios_and_refuses_mock_sizes() -> None:
 async def test_nvml_run_counts_what_registers_and_skips_flaps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run as on nvml (a 3-GPU mock plugin stands in): GPUs counted from registration, 1 and 16 callers, no flaps."""
 
-    def stand_in(
-        kubelet_dir: Path, state_dir: Path, gpus: int, backend: str = "mock", config: Path | None = None
-    ) -> list[str]:
-        assert backend == "nvml" and gpus == 0 and config is None
-        return plugin_argv(kubelet_dir, state_dir, 3, "mock")
-
-    monkeypatch.setattr(runner, "plugin_argv", stand_in)
+    monkeypatch.setattr(runner, "plugin_argv", _nvml_stand_in(3))
     overrides = {"calls": 50, "duration": 0.5, "no_baselines": True, "kubelet_restarts": 1}
     [scenario] = select("nvml", "nvml", True, overrides)
     started = datetime.datetime.now(datetime.UTC)
@@ -219,3 +263,27 @@ async def test_nvml_run_counts_what_registers_and_skips_flaps(tmp_path: Path, mo
     assert "control socket" in data["not_measured"]["health change → ListAndWatch"]
     text = (tmp_path / "results.md").read_text()
     assert "Backend nvml, 3 GPUs served" in text and "Not measured: health change" in text
+
+
+async def test_nvml_quick_run_on_a_one_gpu_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`nvml --backend nvml --quick` on a one-GPU node (a 1-GPU mock stands in): every phase sized to the node, ends
+    in seconds with 0 errors. It used to hang at the churn, whose two-container pods never fit one GPU."""
+    monkeypatch.setattr(runner, "plugin_argv", _nvml_stand_in(1))
+    [scenario] = select("nvml", "nvml", True, {})
+    started = datetime.datetime.now(datetime.UTC)
+    began = time.monotonic()
+    with _fails_after(60):
+        result = await run_scenario(scenario, RunSettings(seed=1, quick=True, progress=False, backend="nvml"))
+    wall_s = time.monotonic() - began
+    built = report.build_report(scenario, result, seed=1, quick=True, started=started, wall_s=wall_s)
+    report.write(built, tmp_path)
+
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["errors"] == 0, data["latency"]
+    assert wall_s < 20, wall_s
+    assert (data["backend"], data["gpus"], data["devices"]) == ("nvml", 1, 1)
+    for measure in ("Allocate", "Allocate x16", "floor-grpclib Allocate", "GetPreferredAllocation", "admission"):
+        assert data["latency"][measure]["count"] > 0, measure
+    assert data["latency"]["admission (1 container)"]["count"] == data["churn"]["pods_admitted"] > 0
+    assert data["churn"]["kubelet_restarts"] == 1 and data["latency"]["re-registration"]["count"] == 2
+    assert data["plugin"]["exit_code"] == 0

@@ -28,7 +28,7 @@ from grpclib import GRPCError
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.exceptions import ProtocolError, StreamTerminatedError
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.mock import MockBackend
@@ -926,15 +926,7 @@ def test_config_loader_fuzzed_documents_load_or_raise_config_error(
 ) -> None:
     """Random documents of the config's known keys and random values give settings or a ConfigError, nothing else."""
     # A known bug, pinned by test_device_list_strategy_with_a_nested_item_is_refused: drop this once it is fixed.
-    assume(not nested_device_list_strategy(data))
     load_or_refuse(render(data), overrides, env)
-
-
-def nested_device_list_strategy(data: Any) -> bool:
-    flags = data.get("flags") if isinstance(data, dict) else None
-    plugin = flags.get("plugin") if isinstance(flags, dict) else None
-    value = plugin.get("deviceListStrategy") if isinstance(plugin, dict) else None
-    return isinstance(value, list) and any(isinstance(item, list | dict) for item in value)
 
 
 @FUZZ

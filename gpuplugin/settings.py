@@ -119,16 +119,14 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
     plugin = _section(config, "plugin", source)
     _no_unknown(plugin, _PLUGIN_SECTION, source, "plugin")
     defaults = PluginSettings()
-    kubelet_dir = overrides.kubelet_dir or Path(
-        _str(plugin, "kubeletDir", source, "plugin", str(defaults.manager.server.kubelet_dir))
-    )
+    kubelet_dir = overrides.kubelet_dir or _path(plugin, "kubeletDir", source, str(defaults.manager.server.kubelet_dir))
     log_level = overrides.log_level or _str(plugin, "logLevel", source, "plugin", defaults.log_level)
     if log_level.lower() not in LOG_LEVELS:
         raise ConfigError(f"{source}: plugin.logLevel: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
     log_format = overrides.log_format or _str(plugin, "logFormat", source, "plugin", defaults.log_format)
     if log_format not in LOG_FORMATS:
         raise ConfigError(f"{source}: plugin.logFormat: must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
-    state_dir = overrides.state_dir or Path(_str(plugin, "stateDir", source, "plugin", str(defaults.state_dir)))
+    state_dir = overrides.state_dir or _path(plugin, "stateDir", source, str(defaults.state_dir))
     try:
         health = _health(_section(config, "health", source), source).with_env(env)
     except HealthPolicyError as exc:
@@ -240,6 +238,14 @@ def _prefixed(source: str) -> Iterator[None]:
         yield
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def _path(plugin: Mapping[str, Any], key: str, source: str, default: str) -> Path:
+    """A directory from the file: absolute, since the daemon's working directory means nothing on a node."""
+    text = _str(plugin, key, source, "plugin", default)
+    if not text.startswith("/") or "\0" in text:
+        raise ConfigError(f"{source}: plugin.{key}: must be an absolute path, got {text!r}")
+    return Path(text)
 
 
 def _choice(section: Mapping[str, Any], key: str, choices: tuple[str, ...], source: str, path: str) -> str | None:

@@ -226,3 +226,10 @@ def test_cli_missing_config_file_is_one_line(tmp_path: Path) -> None:
 def test_cli_bad_log_level_is_one_line(tmp_path: Path) -> None:
     """`gpuplugin serve --log-level loud` exits non-zero with one line naming the log level, no traceback."""
     assert_one_line_error(run_cli(tmp_path, "--log-level", "loud"), "loud")
+
+
+@pytest.mark.parametrize("key", ["kubeletDir", "stateDir"])
+def test_relative_directories_in_the_file_are_refused(key: str) -> None:
+    """A directory in the file must be absolute: a node's working directory means nothing."""
+    with pytest.raises(ConfigError, match=f"plugin.{key}: must be an absolute path"):
+        resolve(Overrides(), {"plugin": {key: "relative/dir"}}, {}, "cfg.yaml")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -28,3 +31,11 @@ def _fresh_logging() -> Iterator[None]:
     """Undo any logging set-up a test made (the CLI configures a level filter), so capture_logs sees everything."""
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A short directory under /tmp: unix socket paths must stay under 108 bytes, and tmp_path can be longer."""
+    path = Path(tempfile.mkdtemp(prefix="gp-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

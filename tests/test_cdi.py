@@ -6,10 +6,8 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import stat
-import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -388,14 +386,6 @@ async def test_unwritable_directory_is_logged_not_raised(tmp_path: Path) -> None
 
 
 # End to end: the manager, the mock backend and the kubelet simulator over real unix sockets.
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    # Unix socket paths must stay under 108 bytes; pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="gc-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass

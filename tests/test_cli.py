@@ -5,14 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from click.testing import CliRunner
 
 from gpuplugin.cli import main
@@ -20,13 +16,6 @@ from gpuplugin.demo import run_demo
 from gpuplugin.simulator import KubeletSimulator
 
 GPU = "nvidia.com/gpu"
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="gp-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 async def start_serve(directory: Path, *extra: str) -> asyncio.subprocess.Process:

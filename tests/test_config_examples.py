@@ -5,10 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
-import tempfile
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -51,14 +49,6 @@ OVERLAY_CHOSEN = [n for n in sorted(EXAMPLES) if "backend" not in yaml.safe_load
 #: NVIDIA's keys that load but configure NVIDIA's own tools; full.yaml shows them as comments only.
 IGNORED_NVIDIA_FLAGS = {"gfd", "mpsRoot"}
 IGNORED_NVIDIA_PLUGIN_FLAGS = {"nvidiaCTKPath", "containerDriverRoot"}
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    # The mock's control socket lives here: unix socket paths must stay under 108 bytes.
-    path = Path(tempfile.mkdtemp(prefix="gx-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def text_of(name: str) -> str:

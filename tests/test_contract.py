@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -30,14 +28,6 @@ from gpuplugin.watcher import WatcherSettings
 GPU = "nvidia.com/gpu"
 #: Within the one second the contract allows for noticing a kubelet restart.
 NOTICE_S = 1.0
-
-
-@pytest.fixture
-def workdir() -> Any:
-    # Unix socket paths must stay under 108 bytes; pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="gp-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass

@@ -23,9 +23,8 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import tomllib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -672,13 +671,6 @@ def test_kind_cluster_config_and_workflow_run_the_script() -> None:
     steps = job["steps"]
     assert any(s.get("uses", "").startswith("helm/kind-action@") for s in steps)
     assert any(s.get("run", "").strip() == "deploy/kind/e2e.sh" for s in steps)
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="gpd-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def free_port() -> int:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from backends.mock import MockBackend, control
 from backends.partitioned import PartitionedBackend, create
@@ -27,14 +23,6 @@ LARGE = "nvidia.com/mig-3g.71gb"
 MIDDLE = "nvidia.com/mig-2g.35gb"
 #: GPU 0 and 1 get a mix, the rest of the 4 mock GPUs 7 of 1g.18gb each.
 LAYOUTS = {0: ["3g.71gb", "2g.35gb", "1g.18gb", "1g.18gb"], 1: ["3g.71gb", "3g.71gb"]}
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    # Unix socket paths must stay under 108 bytes; pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="gp-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import re
-import shutil
 import socket
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,14 +21,6 @@ from gpuplugin.simulator import KubeletSimulator
 from tests.test_metrics import GPU, make_manager, node, plant, until
 
 LOCAL = ListenAddress("127.0.0.1", 0)
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    # Unix socket paths must stay under 108 bytes; pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="gp-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +44,7 @@ from gpuplugin.server import MAX_CONTAINERS, MAX_IDS_PER_LIST, ServerSettings
 from gpuplugin.settings import ConfigError, Overrides, PluginSettings
 from gpuplugin.simulator import KubeletSimulator
 from gpuplugin.watcher import WatcherSettings
-from tests.fakes import GPU_RESOURCE, StaticBackend, gpu_tree, short_tmp_dir
+from tests.fakes import GPU_RESOURCE, StaticBackend, gpu_tree
 
 GPU = "nvidia.com/gpu"
 SHARED = "nvidia.com/gpu.shared"
@@ -52,12 +52,6 @@ SHARED = "nvidia.com/gpu.shared"
 NOTICE_S = 1.0
 #: Connection-level failures a client may see when the plugin goes away under it: clean, not a hang.
 CONNECTION_ERRORS = (StreamTerminatedError, ProtocolError, ConnectionError, OSError)
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    with short_tmp_dir() as path:
-        yield path
 
 
 # In-process set-ups.

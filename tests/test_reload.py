@@ -8,9 +8,8 @@ import contextlib
 import os
 import shutil
 import signal
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +42,6 @@ def config(*, replicas: int | None = None, rename: bool = False, extra: str = ""
             f"    resources: [{{name: {GPU}, replicas: {replicas}}}]\n"
         )
     return text
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    # Unix socket paths must stay under 108 bytes; pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="gr-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def write_atomically(path: Path, text: str) -> None:

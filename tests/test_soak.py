@@ -15,7 +15,6 @@ import resource
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ from gpuplugin.manager import Manager, ManagerSettings
 from gpuplugin.registry import BackendContext
 from gpuplugin.server import ResourceServer, ServerSettings
 from gpuplugin.simulator import KubeletSimulator
-from tests.fakes import short_tmp_dir
 
 GPU = "nvidia.com/gpu"
 TOTAL = 100_000
@@ -43,12 +41,6 @@ CHECKPOINT = 10_000
 CONCURRENCY = 8
 RSS_GROWTH_LIMIT_KIB = 5 * 1024
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    with short_tmp_dir() as path:
-        yield path
 
 
 def rss_kib() -> int:

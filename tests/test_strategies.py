@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -254,14 +252,6 @@ def test_section_must_be_a_mapping() -> None:
 
 
 # End to end: the manager, the mock backend and the kubelet simulator over real unix sockets.
-
-
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    # Unix socket paths must stay under 108 bytes; pytest's tmp_path can be longer.
-    path = Path(tempfile.mkdtemp(prefix="gd-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass

@@ -12,6 +12,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 PROTO_FILES = ("v1beta1/api.proto",)
+"""The device plugin API: the kubelet contract that tests/test_proto.py checks descriptor by descriptor."""
+PLUGIN_WATCHER_PROTO_FILES = ("pluginregistration/v1/api.proto",)
+"""The kubelet plugin watcher's registration API, used when the device-plugins directory holds ``DEPRECATION``."""
+ALL_PROTO_FILES = PROTO_FILES + PLUGIN_WATCHER_PROTO_FILES
 OPTIONS = "client_generation=async,server_generation=async"
 
 
@@ -31,7 +35,7 @@ def generate(out_dir: Path) -> None:
                 f"--plugin=protoc-gen-python_betterproto2={bin_dir / 'protoc-gen-python_betterproto2'}",
                 f"--python_betterproto2_out={tmp}",
                 f"--python_betterproto2_opt={OPTIONS}",
-                *PROTO_FILES,
+                *ALL_PROTO_FILES,
             ],
             check=True,
             cwd=PROTO_DIR,

@@ -14,6 +14,13 @@ from grpclib.client import Channel
 from gpuplugin.api import v1beta1 as api
 
 API_VERSION = "v1beta1"
+DEPRECATION_FILE = "DEPRECATION"
+"""In the device-plugins directory: the kubelet wants plugin-watcher registration instead of ``Register``."""
+
+
+def plugin_watcher_wanted(kubelet_dir: Path) -> bool:
+    """Whether the kubelet asks for plugin-watcher registration (as upstream's stub checks before ``Register``)."""
+    return (kubelet_dir / DEPRECATION_FILE).exists()
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from grpclib.server import Server, Stream
 
 from gpuplugin import wire
 from gpuplugin.allocation import AllocationPolicy, build_policy
+from gpuplugin.api import pluginregistration
 from gpuplugin.api import v1beta1 as api
 from gpuplugin.backend import AllocationPolicyKind, Backend, CustomAllocate, PreferredAllocation, PreStart
 from gpuplugin.codec import PrecodedCodec, repeated_field
@@ -38,7 +39,8 @@ from gpuplugin.model import (
     SpecConflict,
     merge_specs,
 )
-from gpuplugin.registration import RegistrationSettings, register_until_done
+from gpuplugin.pluginwatcher import DEFAULT_PLUGINS_REGISTRY_DIR, WatcherSocket, plugin_info
+from gpuplugin.registration import RegistrationSettings, plugin_watcher_wanted, register_until_done
 from gpuplugin.tasks import TaskSet
 
 log = structlog.get_logger("gpuplugin.server")
@@ -57,6 +59,8 @@ class ServerSettings:
     allocate_cache_entries: int = 4096
     """Encoded Allocate responses kept per resource; a device set seen once costs one encode, later ones none."""
     registration: RegistrationSettings = field(default_factory=RegistrationSettings)
+    plugins_registry_dir: Path = DEFAULT_PLUGINS_REGISTRY_DIR
+    """Where the kubelet's plugin watcher looks for sockets; used only when ``kubelet_dir`` holds ``DEPRECATION``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +203,8 @@ class ResourceServer:
         self._tasks = TaskSet(f"server {resource}")
         self._registration: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._watcher: WatcherSocket | None = None
+        self._watcher_registered = asyncio.Event()
         self._unreachable_logged = False
         self.registrations = 0
         self.open_streams = 0
@@ -286,9 +292,15 @@ class ResourceServer:
             self._registration.cancel()
         assert self.socket_path is not None
         self._wake.clear()
-        self._registration = self._tasks.spawn(self._register(self.socket_path), "register", expect_end=True)
+        if plugin_watcher_wanted(self._settings.kubelet_dir):
+            # The kubelet asked for its plugin watcher (upstream's stub skips Register then).
+            registering = self._register_with_watcher(self.socket_path)
+        else:
+            registering = self._register(self.socket_path)
+        self._registration = self._tasks.spawn(registering, "register", expect_end=True)
 
     async def _register(self, path: Path) -> None:
+        await self._close_watcher()
         attempts = await register_until_done(
             self._settings.kubelet_dir / "kubelet.sock",
             endpoint=path.name,
@@ -301,6 +313,32 @@ class ResourceServer:
         self._unreachable_logged = False
         self.registrations += 1
         self._log.info("registered", endpoint=path.name, attempts=attempts, registrations=self.registrations)
+
+    async def _register_with_watcher(self, path: Path) -> None:
+        """Serve a fresh plugin-watcher socket for ``path``; done once the kubelet notifies a registration."""
+        await self._close_watcher()
+        self._watcher_registered.clear()
+        self._watcher = await WatcherSocket.serve(
+            self._settings.plugins_registry_dir / path.name, plugin_info(self.resource, path), self._watcher_status
+        )
+        self._log.info("waiting for the kubelet's plugin watcher", socket=str(self._watcher.path), endpoint=str(path))
+        await self._watcher_registered.wait()
+
+    def _watcher_status(self, status: pluginregistration.RegistrationStatus) -> None:
+        """NotifyRegistrationStatus: a success counts as a registration, a failure is logged."""
+        if not status.plugin_registered:
+            self._log.error("plugin watcher registration failed", error=status.error)
+            return
+        self._unreachable_logged = False
+        self.registrations += 1
+        self._watcher_registered.set()
+        endpoint = None if self.socket_path is None else str(self.socket_path)
+        self._log.info("registered", via="plugin watcher", endpoint=endpoint, registrations=self.registrations)
+
+    async def _close_watcher(self) -> None:
+        watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            await watcher.close()
 
     def _kubelet_unreachable(self, error: str) -> None:
         # One line per outage, however many times we serve again and retry during it.
@@ -321,6 +359,7 @@ class ResourceServer:
             self._stopping = True
             self._changed.notify_all()
         await self._tasks.aclose()
+        await self._close_watcher()
         if self._server is not None:
             # Let streams send their last (empty) message before their connections are closed.
             await asyncio.sleep(0)

@@ -4,6 +4,11 @@ It mirrors upstream ``pkg/kubelet/cm/devicemanager`` where a plugin can tell the
 dials and asks for the options before it answers; one ListAndWatch stream per resource is held open and its end
 zeroes allocatable; admission takes free healthy devices, asks GetPreferredAllocation as a hint, calls Allocate
 one container at a time and writes a checkpoint; a restart wipes the socket directory.
+
+With ``plugins_registry_dir`` set it also plays the kubelet's plugin watcher, as a kubelet does that writes
+``DEPRECATION`` into the device-plugins directory: a socket created in the registry directory is asked
+``GetInfo``, the device plugin at its ``endpoint`` is dialled and registered exactly as ``Register`` would, and the
+outcome is reported with ``NotifyRegistrationStatus``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +32,7 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.server import Server
 
-from gpuplugin.api import v1beta1
+from gpuplugin.api import pluginregistration, v1beta1
 from gpuplugin.model import MAX_DEVICE_ID_LENGTH, Health, is_extended_resource_name
 from gpuplugin.tasks import TaskSet
 
@@ -35,6 +41,8 @@ log = structlog.get_logger("gpuplugin.simulator")
 SUPPORTED_VERSION = "v1beta1"
 KUBELET_SOCKET = "kubelet.sock"
 CHECKPOINT_FILE = "kubelet_internal_checkpoint"
+DEPRECATION_FILE = "DEPRECATION"
+DEVICE_PLUGIN_TYPE = "DevicePlugin"
 _LIST_AND_WATCH = "/v1beta1.DevicePlugin/ListAndWatch"
 
 _T = TypeVar("_T")
@@ -56,6 +64,15 @@ class SimulatorSettings:
     """Deadline of PreStartContainer; the kubelet's KubeletPreStartContainerRPCTimeoutInSecs."""
     wipe_on_start: bool = True
     """Delete stale sockets on ``start()`` as the kubelet does at every start; off for tests that pre-place files."""
+    plugins_registry_dir: Path | None = None
+    """When set, play the plugin watcher too: write ``DEPRECATION`` and register the plugins whose sockets appear
+    in this directory (``Register`` on ``kubelet.sock`` keeps working, as in the kubelet)."""
+    registry_poll_s: float = 0.05
+    """How often the plugin watcher looks at ``plugins_registry_dir`` (the kubelet uses fsnotify)."""
+    get_info_timeout_s: float = 1.0
+    """Deadline of GetInfo; the kubelet's plugin watcher gives it one second."""
+    notify_timeout_s: float = 5.0
+    """Deadline of NotifyRegistrationStatus, as in the kubelet's plugin watcher."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +201,16 @@ class _Endpoint:
         self.stopped = False
 
 
+class _WatchedSocket:
+    """A socket the plugin watcher found, and its registration while that is in flight."""
+
+    __slots__ = ("identity", "task")
+
+    def __init__(self, identity: tuple[int, int], task: asyncio.Task[None]) -> None:
+        self.identity = identity
+        self.task = task
+
+
 class _RegistrationService(v1beta1.RegistrationBase):
     def __init__(self, handler: Callable[[v1beta1.RegisterRequest], Awaitable[None]]) -> None:
         self._handler = handler
@@ -218,6 +245,7 @@ class KubeletSimulator:
         self._stream_ends: list[StreamEnd] = []
         self._restarts: list[Restart] = []
         self._warnings: list[str] = []
+        self._registry_watch: asyncio.Task[None] | None = None
         self._closed = False
 
     @property
@@ -227,6 +255,11 @@ class KubeletSimulator:
     @property
     def checkpoint_path(self) -> Path:
         return self.directory / CHECKPOINT_FILE
+
+    @property
+    def plugin_watcher(self) -> bool:
+        """Whether this kubelet asks for plugin-watcher registration (it writes ``DEPRECATION``)."""
+        return self.settings.plugins_registry_dir is not None
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -245,7 +278,9 @@ class KubeletSimulator:
         if self.settings.wipe_on_start:
             async with self._checkpoint_lock:
                 await asyncio.to_thread(self._wipe_directory)
+        await asyncio.to_thread(self._write_deprecation)
         await self._serve()
+        self._start_plugin_watcher()
 
     async def aclose(self) -> None:
         """Drop every plugin connection and stream, stop serving and remove ``kubelet.sock``."""
@@ -254,6 +289,7 @@ class KubeletSimulator:
         self._closed = True
         # Server first: a Register still in flight is cancelled before it can install an endpoint.
         await self._stop_server()
+        await self._stop_plugin_watcher()
         await self._drop_endpoints()
         await self._tasks.aclose()
         # Go's unix listener unlinks its socket on close; a plugin watching the directory sees the kubelet go.
@@ -265,11 +301,14 @@ class KubeletSimulator:
         """Simulate a kubelet restart; pods keep their devices, device lists stay empty until plugins re-register."""
         started = time.monotonic()
         await self._stop_server()
+        await self._stop_plugin_watcher()
         await self._drop_endpoints()
         self._devices.clear()
         async with self._checkpoint_lock:
             await asyncio.to_thread(self._wipe_directory)
         await self._serve()
+        # A new plugin watcher registers every socket it finds, those of plugins that have not noticed too.
+        self._start_plugin_watcher()
         restart = Restart(started_monotonic_s=started, served_monotonic_s=time.monotonic())
         self._restarts.append(restart)
         log.info("kubelet restarted", directory=str(self.directory))
@@ -517,12 +556,98 @@ class KubeletSimulator:
             await self._stop_endpoint(endpoint)
 
     def _wipe_directory(self) -> None:
-        """The kubelet's start-up cleanup: every non-directory entry but the checkpoint goes, sockets included."""
+        """The kubelet's start-up cleanup: every non-directory entry but the checkpoint goes, sockets included.
+
+        ``DEPRECATION`` stays when this kubelet wants it: the kubelet writes it again at once, and a plugin that
+        serves again in between must not take it for a kubelet that wants ``Register``.
+        """
         for entry in os.scandir(self.directory):
             if entry.name == CHECKPOINT_FILE or entry.is_dir(follow_symlinks=True):
                 continue
+            if entry.name == DEPRECATION_FILE and self.plugin_watcher:
+                continue
             with contextlib.suppress(FileNotFoundError):
                 os.remove(entry.path)
+
+    # The plugin watcher (pkg/kubelet/pluginmanager), for device plugins only.
+
+    def _write_deprecation(self) -> None:
+        registry = self.settings.plugins_registry_dir
+        if registry is not None:
+            registry.mkdir(parents=True, exist_ok=True)
+            (self.directory / DEPRECATION_FILE).touch()
+
+    def _start_plugin_watcher(self) -> None:
+        registry = self.settings.plugins_registry_dir
+        if registry is not None:
+            self._registry_watch = self._tasks.spawn(self._watch_registry(registry), "plugin-watcher")
+
+    async def _stop_plugin_watcher(self) -> None:
+        task, self._registry_watch = self._registry_watch, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _watch_registry(self, registry: Path) -> None:
+        """Register each socket created in ``registry``; a socket removed stops its registration still in flight."""
+        watched: dict[str, _WatchedSocket] = {}
+        try:
+            while True:
+                sockets = await asyncio.to_thread(_sockets_in, registry)
+                for name, socket in list(watched.items()):
+                    if sockets.get(name) != socket.identity:
+                        del watched[name]
+                        socket.task.cancel()
+                for name, identity in sockets.items():
+                    if name not in watched:
+                        task = self._tasks.spawn(
+                            self._register_watched(registry / name), f"plugin-watcher:{name}", expect_end=True
+                        )
+                        watched[name] = _WatchedSocket(identity, task)
+                await asyncio.sleep(self.settings.registry_poll_s)
+        finally:
+            for socket in watched.values():
+                socket.task.cancel()
+
+    async def _register_watched(self, socket: Path) -> None:
+        """The plugin watcher's RegisterPlugin: GetInfo, register as ``Register`` does, NotifyRegistrationStatus."""
+        channel = Channel(path=str(socket))
+        try:
+            stub = pluginregistration.RegistrationStub(channel)
+            try:
+                await self._dial(channel)
+                info = await stub.get_info(pluginregistration.InfoRequest(), timeout=self.settings.get_info_timeout_s)
+            except (grpclib.GRPCError, TimeoutError, OSError, grpclib.exceptions.StreamTerminatedError) as exc:
+                log.warning("plugin watcher: GetInfo failed", socket=str(socket), error=repr(exc))
+                return
+            error = await self._register_plugin(socket, info)
+            status = pluginregistration.RegistrationStatus(plugin_registered=error is None, error=error or "")
+            try:
+                await stub.notify_registration_status(status, timeout=self.settings.notify_timeout_s)
+            except (grpclib.GRPCError, TimeoutError, OSError, grpclib.exceptions.StreamTerminatedError) as exc:
+                log.warning("plugin watcher: NotifyRegistrationStatus failed", socket=str(socket), error=repr(exc))
+        finally:
+            channel.close()
+
+    async def _register_plugin(self, socket: Path, info: pluginregistration.PluginInfo) -> str | None:
+        """Validate and connect the plugin ``info`` describes; the error NotifyRegistrationStatus reports, if any."""
+        log.info("plugin watcher found a plugin", socket=str(socket), type=info.type, name=info.name)
+        request = v1beta1.RegisterRequest(
+            version=SUPPORTED_VERSION
+            if SUPPORTED_VERSION in info.supported_versions
+            else ",".join(info.supported_versions),
+            # An empty endpoint means the registration socket itself; an absolute one stays as it is.
+            endpoint=info.endpoint or str(socket),
+            resource_name=info.name,
+        )
+        try:
+            if info.type != DEVICE_PLUGIN_TYPE:
+                raise await self._reject(request, f"no handler registered for plugin type: {info.type}")
+            await self._register(request)
+        except grpclib.GRPCError as exc:
+            return f"RegisterPlugin error -- {exc.message}"
+        return None
 
     # Admission.
 
@@ -708,6 +833,21 @@ class KubeletSimulator:
     def _warn(self, message: str) -> None:
         self._warnings.append(message)
         log.warning("plugin misbehaved", detail=message)
+
+
+def _sockets_in(directory: Path) -> dict[str, tuple[int, int]]:
+    """The sockets in ``directory`` by name, with their inode and ctime: a socket created again is a new one."""
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        return {}
+    sockets: dict[str, tuple[int, int]] = {}
+    for entry in entries:
+        with contextlib.suppress(FileNotFoundError):
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISSOCK(info.st_mode):
+                sockets[entry.name] = (info.st_ino, info.st_ctime_ns)
+    return sockets
 
 
 def _replace_file(path: Path, data: str) -> None:

@@ -127,6 +127,7 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
     if log_format not in LOG_FORMATS:
         raise ConfigError(f"{source}: plugin.logFormat: must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     state_dir = overrides.state_dir or _path(plugin, "stateDir", source, str(defaults.state_dir))
+    registry_dir = _path(plugin, "pluginsRegistryDir", source, str(defaults.manager.server.plugins_registry_dir))
     try:
         health = _health(_section(config, "health", source), source).with_env(env)
     except HealthPolicyError as exc:
@@ -154,7 +155,10 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
         probes=ProbeSettings(address=address),
         backend_options=options,
         manager=dataclasses.replace(
-            defaults.manager, server=dataclasses.replace(defaults.manager.server, kubelet_dir=kubelet_dir)
+            defaults.manager,
+            server=dataclasses.replace(
+                defaults.manager.server, kubelet_dir=kubelet_dir, plugins_registry_dir=registry_dir
+            ),
         ),
         health=health,
         log_format=log_format,
@@ -166,7 +170,7 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
     )
 
 
-_PLUGIN_SECTION = {"kubeletDir", "logFormat", "logLevel", "stateDir", "metricsAddress"}
+_PLUGIN_SECTION = {"kubeletDir", "logFormat", "logLevel", "stateDir", "metricsAddress", "pluginsRegistryDir"}
 
 
 def _backend(

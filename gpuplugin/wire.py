@@ -9,6 +9,7 @@ and anything malformed raises :class:`WireError`, never another exception.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Final, TypeVar
 
 __all__ = [
@@ -128,63 +129,36 @@ def _repeated_1(data: bytes, parse: Callable[[bytes, int, int], _T]) -> list[_T]
     return out
 
 
+@dataclass(slots=True)
 class ContainerAllocateRequest:
     """One container's devices in an Allocate request."""
 
-    __slots__ = ("devices_ids",)
-
-    def __init__(self, devices_ids: list[str]) -> None:
-        self.devices_ids = devices_ids
+    devices_ids: list[str]
 
     @classmethod
     def _decode(cls, data: bytes, i: int, end: int) -> ContainerAllocateRequest:
         return cls(_strings_1(data, i, end))
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ContainerAllocateRequest) and self.devices_ids == other.devices_ids
 
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"ContainerAllocateRequest(devices_ids={self.devices_ids!r})"
-
-
+@dataclass(slots=True)
 class AllocateRequest:
     """``v1beta1.AllocateRequest``."""
 
-    __slots__ = ("container_requests",)
-
-    def __init__(self, container_requests: list[ContainerAllocateRequest]) -> None:
-        self.container_requests = container_requests
+    container_requests: list[ContainerAllocateRequest]
 
     @classmethod
     def FromString(cls, data: bytes) -> AllocateRequest:
         """Decode the wire form; raises WireError if it is malformed."""
-        if type(data) is not bytes:
-            data = bytes(data)  # grpclib passes bytes; a memoryview would not slice to bytes
-        try:
-            return cls(_repeated_1(data, ContainerAllocateRequest._decode))
-        except (IndexError, UnicodeDecodeError) as exc:
-            raise WireError(_why(exc)) from None
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AllocateRequest) and self.container_requests == other.container_requests
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"AllocateRequest(container_requests={self.container_requests!r})"
+        return cls(_guarded(data, lambda d: _repeated_1(d, ContainerAllocateRequest._decode)))
 
 
+@dataclass(slots=True)
 class ContainerPreferredAllocationRequest:
     """One container's choice in a GetPreferredAllocation request."""
 
-    __slots__ = ("allocation_size", "available_deviceIDs", "must_include_deviceIDs")
-
-    def __init__(self, available_deviceIDs: list[str], must_include_deviceIDs: list[str], allocation_size: int) -> None:
-        self.available_deviceIDs = available_deviceIDs
-        self.must_include_deviceIDs = must_include_deviceIDs
-        self.allocation_size = allocation_size
+    available_deviceIDs: list[str]
+    must_include_deviceIDs: list[str]
+    allocation_size: int
 
     @classmethod
     def _decode(cls, data: bytes, i: int, end: int) -> ContainerPreferredAllocationRequest:
@@ -219,94 +193,49 @@ class ContainerPreferredAllocationRequest:
                 i = _skip(data, i, end, key)
         return cls(available, must_include, size)
 
-    def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, ContainerPreferredAllocationRequest)
-            and self.available_deviceIDs == other.available_deviceIDs
-            and self.must_include_deviceIDs == other.must_include_deviceIDs
-            and self.allocation_size == other.allocation_size
-        )
 
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return (
-            f"ContainerPreferredAllocationRequest(available_deviceIDs={self.available_deviceIDs!r}, "
-            f"must_include_deviceIDs={self.must_include_deviceIDs!r}, allocation_size={self.allocation_size!r})"
-        )
-
-
+@dataclass(slots=True)
 class PreferredAllocationRequest:
     """``v1beta1.PreferredAllocationRequest``."""
 
-    __slots__ = ("container_requests",)
-
-    def __init__(self, container_requests: list[ContainerPreferredAllocationRequest]) -> None:
-        self.container_requests = container_requests
+    container_requests: list[ContainerPreferredAllocationRequest]
 
     @classmethod
     def FromString(cls, data: bytes) -> PreferredAllocationRequest:
         """Decode the wire form; raises WireError if it is malformed."""
-        if type(data) is not bytes:
-            data = bytes(data)
-        try:
-            return cls(_repeated_1(data, ContainerPreferredAllocationRequest._decode))
-        except (IndexError, UnicodeDecodeError) as exc:
-            raise WireError(_why(exc)) from None
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PreferredAllocationRequest) and self.container_requests == other.container_requests
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"PreferredAllocationRequest(container_requests={self.container_requests!r})"
+        return cls(_guarded(data, lambda d: _repeated_1(d, ContainerPreferredAllocationRequest._decode)))
 
 
+@dataclass(slots=True)
 class PreStartContainerRequest:
     """``v1beta1.PreStartContainerRequest``."""
 
-    __slots__ = ("devices_ids",)
-
-    def __init__(self, devices_ids: list[str]) -> None:
-        self.devices_ids = devices_ids
+    devices_ids: list[str]
 
     @classmethod
     def FromString(cls, data: bytes) -> PreStartContainerRequest:
         """Decode the wire form; raises WireError if it is malformed."""
-        if type(data) is not bytes:
-            data = bytes(data)
-        try:
-            return cls(_strings_1(data, 0, len(data)))
-        except (IndexError, UnicodeDecodeError) as exc:
-            raise WireError(_why(exc)) from None
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PreStartContainerRequest) and self.devices_ids == other.devices_ids
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"PreStartContainerRequest(devices_ids={self.devices_ids!r})"
+        return cls(_guarded(data, lambda d: _strings_1(d, 0, len(d))))
 
 
+@dataclass(slots=True)
 class Empty:
     """``v1beta1.Empty``: whatever arrives is ignored, as nothing in it could change the answer."""
-
-    __slots__ = ()
 
     @classmethod
     def FromString(cls, data: bytes) -> Empty:
         """The one Empty; ``data`` is not looked at."""
         return _EMPTY
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Empty)
 
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return "Empty()"
+def _guarded(data: bytes, decode: Callable[[bytes], _T]) -> _T:
+    """Run ``decode``, turning the ways malformed bytes fail into WireError."""
+    if type(data) is not bytes:
+        data = bytes(data)  # grpclib passes bytes; a memoryview would not slice to bytes
+    try:
+        return decode(data)
+    except (IndexError, UnicodeDecodeError) as exc:
+        raise WireError(_why(exc)) from None
 
 
 _EMPTY: Final = Empty()

@@ -6,14 +6,25 @@ from typing import Any
 
 from grpclib.encoding.proto import ProtoCodec
 
+from gpuplugin.wire import WireError
+
+#: gRPC's default limit on a received message; grpclib has none, and the kubelet never sends a fraction of it.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
 
 class PrecodedCodec(ProtoCodec):
-    """grpclib's codec, plus: a ``bytes`` message is already the encoded wire form."""
+    """grpclib's codec, plus: a ``bytes`` message is already the encoded wire form; oversized requests are refused."""
 
     def encode(self, message: Any, message_type: Any) -> bytes:
         if isinstance(message, bytes):
             return message
         return super().encode(message, message_type)
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        # Refused before any decoding: a huge request would otherwise hold the event loop while it is parsed.
+        if len(data) > MAX_MESSAGE_BYTES:
+            raise WireError(f"the message has {len(data)} bytes; at most {MAX_MESSAGE_BYTES}")
+        return super().decode(data, message_type)
 
 
 def encode_varint(value: int) -> bytes:

@@ -299,3 +299,15 @@ async def test_ready_once_registered_and_streaming(workdir: Path) -> None:
     async with node(workdir) as n:
         await n.kubelet.wait_for(lambda: n.kubelet.stream_open(GPU), timeout=2)
         assert n.manager.ready
+
+
+async def test_oversized_request_refused_before_decoding(workdir: Path) -> None:
+    """A request over 4 MiB (gRPC's default limit) gets INVALID_ARGUMENT naming its size, and serving goes on."""
+    async with node(workdir) as n:
+        huge = [f"GPU-{i:036d}" for i in range(120_000)]
+        with pytest.raises(GRPCError) as caught:
+            await allocate(n, huge)
+        assert caught.value.status is Status.INVALID_ARGUMENT
+        assert "bytes; at most 4194304" in str(caught.value.message)
+        response = await allocate(n, [n.ids()[0]])
+        assert response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == n.ids()[0]

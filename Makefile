@@ -22,6 +22,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy gpuplugin backends tests benchmarks
+	$(BIN)/lint-imports
 
 # Regenerates gpuplugin/api from proto/; tests/test_proto.py fails when the committed code is stale.
 proto: $(STAMP)

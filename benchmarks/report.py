@@ -311,14 +311,15 @@ def markdown(report: Mapping[str, Any]) -> str:
         codec = where["codec_us"]
         lines += [
             "",
-            "Where an Allocate's time goes (medians, µs): "
-            f"request encode {codec['request_encode_us']:.1f}, decode {codec['request_decode_us']:.1f}; "
-            f"response ({codec['response_bytes']} bytes) encode {codec['response_encode_us']:.1f}, "
-            f"decode {codec['response_decode_us']:.1f}. Per call betterproto2 costs "
-            f"{where['betterproto2_per_call_us']:.0f} µs (client {where['betterproto2_client_us']:.0f}, plugin "
-            f"{where['betterproto2_plugin_us']:.0f}); grpclib transport {where['grpclib_transport_us']:.0f} µs; the "
-            f"plugin's own handler {where['plugin_handler_rest_us']:.0f} µs "
-            f"of its {where['plugin_allocate_p50_us']:.0f}. "
+            "Where an Allocate's time goes (medians, µs): the client's betterproto2 work "
+            f"{where['client_protobuf_us']:.0f} (request encode {codec['request_encode_us']:.1f}, response of "
+            f"{codec['response_bytes']} bytes decode {codec['response_decode_us']:.1f}); the plugin's own side "
+            f"{where['plugin_side_us']:.1f} (request decode {codec['plugin_request_decode_us']:.1f}, handler "
+            f"{where['allocate_handler_us']:.1f}, timed in process); grpclib transport "
+            f"{where['grpclib_transport_us']:.0f}; the plugin's median is {where['over_the_floor_us']:+.0f} µs from "
+            f"the grpclib floor's. On 64 GPUs a health change rebuilds a resource's view in "
+            f"{where['view_health_change_64_gpus_ms']:.1f} ms, against {where['view_build_64_gpus_ms']:.1f} ms "
+            "from scratch. "
             f"**{where['dominant']} dominates.**",
         ]
     return "\n".join(lines) + "\n"

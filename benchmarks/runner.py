@@ -22,7 +22,7 @@ from benchmarks.baselines import Floor, running_floors
 from benchmarks.callers import Call, interleaved
 from benchmarks.churn import ChurnRun, container_sizes
 from benchmarks.measure import Clock, Latencies
-from benchmarks.microbench import codec_costs, where_time_goes
+from benchmarks.microbench import codec_costs, plugin_costs, where_time_goes
 from benchmarks.plugin_process import ProcessUsage, ServerProcess, plugin_argv
 from benchmarks.restarts import restart_phase
 from benchmarks.scenarios import RESOURCE, Scenario
@@ -254,10 +254,12 @@ async def _allocate_phase(
     measures.update(into)
     if not scenario.baselines or callers != 1:
         return None  # with concurrent callers the median is mostly queueing; the split would mean nothing
-    codec = codec_costs(bytes(requests[0]), response, budget_s=0.05 if settings.quick else 1.0)
+    budget_s = 0.05 if settings.quick else 1.0
+    codec = codec_costs(bytes(requests[0]), response, budget_s=budget_s)
+    plugin = await plugin_costs(bytes(requests[0]), budget_s=budget_s)
     return {
         "codec_us": codec,
-        **where_time_goes(codec, into[ours].percentile_ms(50), into[f"floor-grpclib {ours}"].percentile_ms(50)),
+        **where_time_goes(codec, plugin, into[ours].percentile_ms(50), into[f"floor-grpclib {ours}"].percentile_ms(50)),
     }
 
 

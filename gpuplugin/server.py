@@ -396,14 +396,18 @@ class ResourceServer:
                 api.AllocateResponse,
             ),
             "/v1beta1.DevicePlugin/PreStartContainer": Handler(
-                self._pre_start_container,
+                self._unary("PreStartContainer", self.pre_start_container),
                 Cardinality.UNARY_UNARY,
                 wire.PreStartContainerRequest,
                 api.PreStartContainerResponse,
             ),
         }
 
-    def _unary(self, method: str, answer: Callable[[Any], bytes]) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
+    def _unary(
+        self, method: str, answer: Callable[[Any], bytes | Awaitable[bytes]]
+    ) -> Callable[[Stream[Any, Any]], Awaitable[None]]:
+        """A grpclib handler: receive, answer (errors mapped once, in grpc_status), send, observe."""
+
         async def handle(stream: Stream[Any, Any]) -> None:
             started = time.perf_counter()
             outcome = "OK"
@@ -411,6 +415,8 @@ class ResourceServer:
                 request = await receive(stream, method)
                 with grpc_status(method):
                     response = answer(request)
+                    if not isinstance(response, bytes):
+                        response = await response
                 await stream.send_message(response)
             except BaseException as exc:
                 outcome = type(exc).__name__
@@ -498,26 +504,16 @@ class ResourceServer:
             responses.append([i.encode() for i in chosen])
         return wire.encode_preferred_response(responses)
 
-    async def _pre_start_container(self, stream: Stream[Any, Any]) -> None:
-        started = time.perf_counter()
-        outcome = "OK"
-        try:
-            request = await receive(stream, "PreStartContainer")
-            assert request is not None
-            with grpc_status("PreStartContainer"):
-                view = self._current()
-                check_bounds(1, [request.devices_ids])
-                unknown = [i for i in request.devices_ids if i not in view.devices]
-                if unknown:
-                    raise UnknownDevices(self.resource, unknown)
-                if isinstance(self._backend, PreStart):
-                    await self._backend.pre_start_container(self.resource, list(request.devices_ids))
-            await stream.send_message(b"")
-        except BaseException as exc:
-            outcome = type(exc).__name__
-            raise
-        finally:
-            self._observe("PreStartContainer", started, outcome)
+    async def pre_start_container(self, request: wire.PreStartContainerRequest) -> bytes:
+        """Let a PreStart backend prepare the devices; the kubelet gives this 30 s."""
+        view = self._current()
+        check_bounds(1, [request.devices_ids])
+        unknown = [i for i in request.devices_ids if i not in view.devices]
+        if unknown:
+            raise UnknownDevices(self.resource, unknown)
+        if isinstance(self._backend, PreStart):
+            await self._backend.pre_start_container(self.resource, list(request.devices_ids))
+        return b""
 
     def _has_news(self, sent: int) -> bool:
         return self._stopping or (self._view is not None and self._view.version != sent)

@@ -119,10 +119,6 @@ class HealthWatcher:
             self._thread.join(self._settings.event_wait_timeout_ms / 1000 + 1.0)
         return not self._thread.is_alive()
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     def _run(self) -> None:
         try:
             self._watch()

@@ -12,7 +12,6 @@ from typing import Protocol
 H200_COMPUTE_SLICES = 7
 H200_MEMORY_SLICES = 8
 #: What an H200 reports as its memory (MiB); NVIDIA's profile names are fractions of it.
-H200_MEMORY_MIB = 143771
 _MIB = 1024 * 1024
 _GIB = 1024 * 1024 * 1024
 
@@ -34,11 +33,6 @@ class Profile:
     """How many a GPU holds at most."""
     starts: tuple[int, ...]
     """Memory slices a partition of this profile may start at; it covers ``memory_slices`` from there."""
-
-    @property
-    def resource_suffix(self) -> str:
-        """The profile as it appears in a resource name: a ``+`` becomes ``.`` (``mig-1g.18gb.me``)."""
-        return self.name.replace("+", ".")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,6 @@ import aiofiles
 import aiofiles.os
 import aiofiles.tempfile
 import structlog
-import yaml
 
 from gpuplugin.errors import ConfigError
 from gpuplugin.model import Device, DeviceTree
@@ -111,6 +110,8 @@ def build_specs(tree: DeviceTree, vendor: str = DEFAULT_CDI_VENDOR) -> dict[str,
 
 def render(spec: Mapping[str, Any], spec_format: SpecFormat) -> bytes:
     if spec_format == "yaml":
+        import yaml  # here: JSON specs, the default, never load it
+
         return yaml.safe_dump(dict(spec), sort_keys=False).encode()
     return (json.dumps(spec, indent=2) + "\n").encode()
 

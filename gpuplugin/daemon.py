@@ -14,20 +14,23 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from gpuplugin.backend import Backend, BackendUnavailable
 from gpuplugin.cdi import spec_writer_for
-from gpuplugin.manager import Manager, TreeSink, TreeTransform
-from gpuplugin.metrics import Metrics
+from gpuplugin.manager import Manager, ServerFactory, TreeSink, TreeTransform
 from gpuplugin.probes import ProbeServer
 from gpuplugin.registry import BackendContext, load_factory
 from gpuplugin.reload import ConfigWatcher, read_text
+from gpuplugin.server import ResourceServer
 from gpuplugin.settings import ConfigError, Overrides, PluginSettings, parse_config, resolve
 from gpuplugin.strategies import DeviceListStrategy
 from gpuplugin.tasks import TaskSet
+
+if TYPE_CHECKING:
+    from gpuplugin.metrics import Metrics
 
 log = structlog.get_logger("gpuplugin")
 
@@ -81,18 +84,25 @@ class Daemon:
         self._config = config
         self._overrides = overrides
         transforms, sinks = pipeline(settings)
-        self.metrics = Metrics()
+        # Metrics exist only where the probe server serves them: prometheus_client costs memory and start-up time.
+        self.metrics: Metrics | None = None
+        server_factory: ServerFactory = ResourceServer
+        if settings.probes.address is not None:
+            from gpuplugin.metrics import Metrics
+
+            self.metrics = Metrics()
+            server_factory = self.metrics.server_factory
         self.manager = Manager(
             make_backend(settings),
             settings.manager,
             transforms=transforms,
             sinks=sinks,
-            server_factory=self.metrics.server_factory,
+            server_factory=server_factory,
         )
-        self.metrics.attach(self.manager)
-        self.probes = (
-            ProbeServer(self.manager, self.metrics, settings.probes) if settings.probes.address is not None else None
-        )
+        self.probes: ProbeServer | None = None
+        if self.metrics is not None:
+            self.metrics.attach(self.manager)
+            self.probes = ProbeServer(self.manager, self.metrics, settings.probes)
         self._tasks = TaskSet("daemon")
         self._reloading = asyncio.Lock()
         self.reloads = 0

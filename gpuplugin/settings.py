@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from gpuplugin.cdi import CdiSettings
 from gpuplugin.errors import ConfigError, config_key
 from gpuplugin.health import HealthPolicy, HealthPolicyError
@@ -67,6 +65,8 @@ class Overrides:
 
 def parse_config(text: str, source: str) -> dict[str, Any]:
     """Parse and check the top level of a config file."""
+    import yaml  # here: a plugin started without a config file never pays for it (1 MB, tens of ms)
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import aiofiles
-import yaml
 
 from gpuplugin.model import ContainerSpec, Device
 
@@ -115,6 +114,8 @@ async def load_settings(options: Mapping[str, Any], *, state_dir: Path | None = 
             text = await f.read()
     except OSError as e:
         raise MockConfigError(f"mock.config: cannot read {path}: {e.strerror or e}") from None
+    import yaml  # here: a mock without a config file never loads it
+
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
+import shlex
 import signal
 import time
 from collections.abc import Mapping
@@ -62,8 +63,21 @@ def list_scenarios() -> str:
 @click.option("--flap-rate", type=float, help="Health flaps per second during the churn; 0: none.")
 @click.option("--no-baselines", is_flag=True, help="Skip the grpclib and grpcio floors.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option(
+    "--plugin-python",
+    metavar="COMMAND",
+    help="Interpreter command for the plugin process, e.g. 'python3 -S' to leave out the host's site-packages and "
+    "their start-up hooks, as in the image. Default: this Python.",
+)
 def bench(
-    scenario_name: str, show_list: bool, backend: str, quick: bool, seed: int, out: Path | None, **overrides: Any
+    scenario_name: str,
+    show_list: bool,
+    backend: str,
+    quick: bool,
+    seed: int,
+    out: Path | None,
+    plugin_python: str | None,
+    **overrides: Any,
 ) -> None:
     """Benchmark the plugin in its own process against the kubelet simulator. SCENARIO defaults to whole-8."""
     if show_list:
@@ -77,7 +91,14 @@ def bench(
     failed = False
     for scenario in scenarios:
         folder = out if out is not None and len(scenarios) == 1 else (out or DEFAULT_OUT) / scenario.name
-        errors = run_one(scenario, folder, RunSettings(seed=seed, quick=quick, progress=progress, backend=backend))
+        settings = RunSettings(
+            seed=seed,
+            quick=quick,
+            progress=progress,
+            backend=backend,
+            plugin_python=tuple(shlex.split(plugin_python or "")),
+        )
+        errors = run_one(scenario, folder, settings)
         failed = failed or errors > 0
     if failed:
         raise click.ClickException("errors during the run: see results.json")

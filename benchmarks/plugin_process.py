@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -133,14 +134,21 @@ def _high_water_mark(pid: int) -> int:
 
 
 def plugin_argv(
-    kubelet_dir: Path, state_dir: Path, gpus: int, backend: str = "mock", config: Path | None = None
+    kubelet_dir: Path,
+    state_dir: Path,
+    gpus: int,
+    backend: str = "mock",
+    config: Path | None = None,
+    python: Sequence[str] = (),
 ) -> list[str]:
     """Exactly how a node starts the plugin: this interpreter, the environment inherited; mock GPUs only on mock.
 
-    With a ``config`` file, the file names the backend and the GPU count (a partitioned or time-sliced mock node),
-    so neither ``--backend`` nor ``--mock-gpus`` is given: flags would win over the file.
+    ``python`` replaces this interpreter (``python3 -S``: the image's bare interpreter, without the host's
+    site-packages and their start-up hooks). With a ``config`` file, the file names the backend and the GPU count
+    (a partitioned or time-sliced mock node), so neither ``--backend`` nor ``--mock-gpus`` is given: flags would
+    win over the file.
     """
-    argv = [sys.executable, "-m", "gpuplugin", "serve"]
+    argv = [*(python or [sys.executable]), "-m", "gpuplugin", "serve"]
     if config is not None:
         argv += ["--config", str(config)]
     else:

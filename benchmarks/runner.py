@@ -47,6 +47,8 @@ class RunSettings:
     """Show tqdm progress bars on stderr."""
     backend: str = "mock"
     """The plugin's backend: ``mock``, or ``nvml`` for the node's real GPUs (their count is what registers)."""
+    plugin_python: tuple[str, ...] = ()
+    """The interpreter command the plugin runs under; empty: this one."""
 
 
 @dataclass
@@ -92,7 +94,7 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
     if config is not None:
         facts["plugin_config"] = scenario.plugin_config()
     async with KubeletSimulator(kubelet_dir) as kubelet:
-        argv = plugin_argv(kubelet_dir, state_dir, scenario.gpus, settings.backend, config)
+        argv = plugin_argv(kubelet_dir, state_dir, scenario.gpus, settings.backend, config, settings.plugin_python)
         plugin = ServerProcess(PLUGIN, argv, workdir / "plugin.log")
         plugin.start()
         exit_code: int | None = None
@@ -151,6 +153,7 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
         finally:
             exit_code = await plugin.stop()
         facts["plugin"] = _process_facts(idle, after, exit_code, workdir / "plugin.log")
+        facts["plugin"]["command"] = argv
         facts["kubelet_warnings"] = kubelet.warnings
     return RunResult(facts, measures, health_events, restart_times_s, settings.backend, gpus, resource, devices)
 

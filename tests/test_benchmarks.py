@@ -9,7 +9,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -146,10 +146,15 @@ def _nvml_stand_in(gpus: int) -> Callable[..., list[str]]:
     """A plugin_argv for runs as on nvml: the mock backend with ``gpus`` GPUs stands in for the node's real ones."""
 
     def stand_in(
-        kubelet_dir: Path, state_dir: Path, asked: int, backend: str = "mock", config: Path | None = None
+        kubelet_dir: Path,
+        state_dir: Path,
+        asked: int,
+        backend: str = "mock",
+        config: Path | None = None,
+        python: Sequence[str] = (),
     ) -> list[str]:
         assert backend == "nvml" and asked == 0 and config is None
-        return plugin_argv(kubelet_dir, state_dir, gpus, "mock")
+        return plugin_argv(kubelet_dir, state_dir, gpus, "mock", python=python)
 
     return stand_in
 
@@ -209,6 +214,13 @@ def test_every_available_scenario_has_work(name: str) -> None:
     """Every runnable scenario runs at least one phase."""
     s = SCENARIOS[name]
     assert s.allocate_calls or s.preferred_calls or s.churn or s.restarts
+
+
+def test_plugin_python_replaces_the_interpreter_and_keeps_the_rest() -> None:
+    """--plugin-python 'python3 -S' runs the same serve command under that interpreter command."""
+    ours = plugin_argv(Path("/k"), Path("/s"), 8, "nvml")
+    bare = plugin_argv(Path("/k"), Path("/s"), 8, "nvml", python=("python3", "-S"))
+    assert bare[:2] == ["python3", "-S"] and bare[2:] == ours[1:]
 
 
 def test_nvml_backend_starts_the_real_plugin_command_and_has_its_scenario() -> None:

@@ -30,6 +30,7 @@ class Floor:
 
     name: str
     process: ServerProcess
+    socket: Path
     channel: Channel
     stub: v1beta1.DevicePluginStub
 
@@ -48,7 +49,7 @@ async def running_floors(workdir: Path, response: bytes) -> AsyncIterator[list[F
             )
             process.start()
             channel = Channel(path=str(socket))
-            floors.append(Floor(name, process, channel, v1beta1.DevicePluginStub(channel)))
+            floors.append(Floor(name, process, socket, channel, v1beta1.DevicePluginStub(channel)))
         for floor in floors:
             await _wait_serving(floor)
         yield floors

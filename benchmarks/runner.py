@@ -23,6 +23,7 @@ from benchmarks.callers import Call, interleaved
 from benchmarks.churn import ChurnRun, container_sizes
 from benchmarks.measure import Clock, Latencies
 from benchmarks.microbench import codec_costs, plugin_costs, where_time_goes
+from benchmarks.native_client import native_client, run_native
 from benchmarks.plugin_process import ProcessUsage, ServerProcess, plugin_argv
 from benchmarks.restarts import restart_phase
 from benchmarks.scenarios import RESOURCE, Scenario
@@ -35,6 +36,8 @@ HEALTHY_TIMEOUT_S = 5.0
 #: Pause after registration before idle RSS is read (seconds): start-up garbage is collected by then.
 SETTLE_S = 0.5
 PLUGIN = "plugin"
+#: Suffix of the measures taken with the Go client (gokubelet: grpc-go, the kubelet's own stack).
+GO = " (Go client)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,16 +110,34 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
             await asyncio.sleep(SETTLE_S)
             idle = plugin.usage()
 
+            native = native_client()
+            if native is None:
+                facts.setdefault("not_measured", {})["the Go client's measures"] = (
+                    "gokubelet is not built (benchmarks/gokubelet/build.sh), so every figure comes from the Python "
+                    "client, which costs about as much per call as the plugin"
+                )
+            else:
+                facts["go_client"] = {"binary": str(native)}
             if scenario.allocate_calls:
                 facts["where_time_goes"] = await _allocate_phase(
-                    kubelet, scenario, scenario.callers, settings, workdir, clock, measures
+                    kubelet, scenario, scenario.callers, settings, workdir, clock, measures, native, facts
                 )
                 if scenario.concurrent_callers:
                     await _allocate_phase(
-                        kubelet, scenario, scenario.concurrent_callers, settings, workdir, clock, measures
+                        kubelet,
+                        scenario,
+                        scenario.concurrent_callers,
+                        settings,
+                        workdir,
+                        clock,
+                        measures,
+                        native,
+                        facts,
                     )
             if scenario.preferred_calls:
-                await _preferred_phase(kubelet, scenario, settings, clock, measures)
+                await _preferred_phase(kubelet, scenario, settings, clock, measures, native, facts)
+            if scenario.admissions and native is not None:
+                await _admission_phase(kubelet, scenario, settings, workdir, clock, measures, native, facts)
             if scenario.churn is not None:
                 churn = ChurnRun(
                     kubelet,
@@ -139,7 +160,8 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
                 health_events = [(e.sent_s, e.health) for e in churn.health_events]
                 restart_times_s = list(churn.restart_times_s)
                 if scenario.churn.flap_rate_per_s <= 0:
-                    facts["not_measured"] = {"health change → ListAndWatch": _no_flaps_reason(settings.backend)}
+                    reason = _no_flaps_reason(settings.backend)
+                    facts.setdefault("not_measured", {})["health change → ListAndWatch"] = reason
             if scenario.restarts:
                 registered = clock.latencies("re-registration")
                 listed = clock.latencies("re-registration to device list")
@@ -222,8 +244,11 @@ async def _allocate_phase(
     workdir: Path,
     clock: Clock,
     measures: dict[str, Latencies],
+    native: Path | None,
+    facts: dict[str, Any],
 ) -> dict[str, Any] | None:
-    """Allocate of one GPU on the plugin and on the floors, through the same client loop, in alternating blocks."""
+    """Allocate of one GPU on the plugin and on the floors, through the same client loop, in alternating blocks;
+    then again with the Go client where it is built."""
     stub = kubelet.stub(scenario.resource)
     requests = [
         v1beta1.AllocateRequest(container_requests=[v1beta1.ContainerAllocateRequest(devices_ids=[device])])
@@ -254,6 +279,24 @@ async def _allocate_phase(
                 warmup_calls=warmup,
                 progress=bar.update,
             )
+        if native is not None:
+            sockets = {ours: kubelet.endpoint_path(scenario.resource)}
+            sockets.update({f"{floor.name} Allocate{suffix}": floor.socket for floor in floors})
+            with _bar(settings, f"Allocate calls{suffix}{GO}", None):
+                into.update(
+                    await _native_measures(
+                        native,
+                        "allocate",
+                        sockets,
+                        clock,
+                        facts,
+                        calls=scenario.allocate_calls,
+                        callers=callers,
+                        block_calls=scenario.block_calls,
+                        warmup_calls=warmup,
+                        requests=[bytes(r) for r in requests],
+                    )
+                )
     measures.update(into)
     if not scenario.baselines or callers != 1:
         return None  # with concurrent callers the median is mostly queueing; the split would mean nothing
@@ -267,16 +310,18 @@ async def _allocate_phase(
 
 
 async def _preferred_phase(
-    kubelet: KubeletSimulator, scenario: Scenario, settings: RunSettings, clock: Clock, measures: dict[str, Latencies]
+    kubelet: KubeletSimulator,
+    scenario: Scenario,
+    settings: RunSettings,
+    clock: Clock,
+    measures: dict[str, Latencies],
+    native: Path | None,
+    facts: dict[str, Any],
 ) -> None:
-    """GetPreferredAllocation alone, every device available, sizes drawn from the churn's mix."""
+    """GetPreferredAllocation alone, every device available, sizes drawn from the churn's mix; then again with the
+    Go client where it is built."""
     stub = kubelet.stub(scenario.resource)
     available = list(kubelet.devices(scenario.resource))
-    mix = container_sizes(
-        scenario.churn.size_mix if scenario.churn else {1: 1.0}, len(available), scenario.max_per_container
-    )
-    sizes = list(mix)
-    rng = random.Random(f"preferred-{settings.seed}")
     requests = [
         v1beta1.PreferredAllocationRequest(
             container_requests=[
@@ -285,10 +330,11 @@ async def _preferred_phase(
                 )
             ]
         )
-        for size in rng.choices(sizes, [mix[s] for s in sizes], k=64)
+        for size in _sizes(scenario, settings, len(available), "preferred")
     ]
     name = "GetPreferredAllocation" + ("" if scenario.callers == 1 else f" x{scenario.callers}")
     into = {name: clock.latencies(name)}
+    warmup = min(100, scenario.preferred_calls // 10)
     with _bar(settings, "GetPreferredAllocation calls", scenario.preferred_calls) as bar:
         await interleaved(
             {name: lambda n: stub.get_preferred_allocation(requests[n % len(requests)])},
@@ -296,10 +342,77 @@ async def _preferred_phase(
             calls=scenario.preferred_calls,
             callers=scenario.callers,
             block_calls=scenario.preferred_calls,
-            warmup_calls=min(100, scenario.preferred_calls // 10),
+            warmup_calls=warmup,
             progress=bar.update,
         )
+    if native is not None:
+        with _bar(settings, f"GetPreferredAllocation calls{GO}", None):
+            into.update(
+                await _native_measures(
+                    native,
+                    "preferred",
+                    {name: kubelet.endpoint_path(scenario.resource)},
+                    clock,
+                    facts,
+                    calls=scenario.preferred_calls,
+                    callers=scenario.callers,
+                    block_calls=scenario.preferred_calls,
+                    warmup_calls=warmup,
+                    requests=[bytes(r) for r in requests],
+                )
+            )
     measures.update(into)
+
+
+async def _admission_phase(
+    kubelet: KubeletSimulator,
+    scenario: Scenario,
+    settings: RunSettings,
+    workdir: Path,
+    clock: Clock,
+    measures: dict[str, Latencies],
+    native: Path,
+    facts: dict[str, Any],
+) -> None:
+    """Whole admissions by the Go client, one pod of one container at a time, as the kubelet admits them:
+    GetPreferredAllocation over every device, Allocate of what it preferred, the checkpoint written and fsync'd."""
+    devices = list(kubelet.devices(scenario.resource))
+    checkpoint_dir = workdir / "go-kubelet"
+    checkpoint_dir.mkdir(exist_ok=True)
+    with _bar(settings, f"admissions{GO}", None):
+        measures.update(
+            await _native_measures(
+                native,
+                "admission",
+                {"admission": kubelet.endpoint_path(scenario.resource)},
+                clock,
+                facts,
+                calls=scenario.admissions,
+                block_calls=scenario.admissions,
+                warmup_calls=min(100, scenario.admissions // 10),
+                devices=devices,
+                sizes=_sizes(scenario, settings, len(devices), "admission"),
+                checkpoint_dir=checkpoint_dir,
+                resource=scenario.resource,
+            )
+        )
+
+
+def _sizes(scenario: Scenario, settings: RunSettings, devices: int, what: str) -> list[int]:
+    """64 container sizes drawn, seeded, from the churn's mix as it fits the node."""
+    mix = container_sizes(scenario.churn.size_mix if scenario.churn else {1: 1.0}, devices, scenario.max_per_container)
+    sizes = list(mix)
+    return random.Random(f"{what}-{settings.seed}").choices(sizes, [mix[s] for s in sizes], k=64)
+
+
+async def _native_measures(
+    native: Path, mode: str, sockets: dict[str, Path], clock: Clock, facts: dict[str, Any], **how: Any
+) -> dict[str, Latencies]:
+    """The Go client's run on ``sockets`` (measure name, before the suffix, to socket), its measures suffixed."""
+    targets = {f"{name}{GO}": socket for name, socket in sockets.items()}
+    measured, versions = await run_native(native, mode, targets, clock, **how)
+    facts["go_client"].update(versions)
+    return measured
 
 
 @contextmanager

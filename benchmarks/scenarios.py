@@ -65,6 +65,9 @@ class Scenario:
     """GetPreferredAllocation calls alone, sizes drawn from the churn's size mix."""
     block_calls: int = 500
     """Calls per target before switching to the next one: targets alternate, so drift hits all alike."""
+    admissions: int = 2_000
+    """Whole admissions by the Go client (GetPreferredAllocation, Allocate, checkpoint), sizes from the churn's mix;
+    run where gokubelet is built."""
     baselines: bool = True
     """Measure the grpclib and grpcio floors with the same client loop."""
     churn: ChurnSettings | None = field(default_factory=ChurnSettings)
@@ -132,6 +135,7 @@ class Scenario:
             self,
             allocate_calls=min(self.allocate_calls, 200),
             preferred_calls=min(self.preferred_calls, 100),
+            admissions=min(self.admissions, 50),
             block_calls=min(self.block_calls, 100),
             churn=churn,
             restarts=min(self.restarts, 2),
@@ -169,6 +173,7 @@ SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
                 "whole GPUs on an 8-GPU node, 16 concurrent Allocate callers",
                 callers=16,
                 preferred_calls=0,
+                admissions=0,
                 churn=None,
                 restarts=0,
             ),
@@ -177,6 +182,7 @@ SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
                 "allocate",
                 "Allocate of one GPU, sequential calls through the simulator, beside both floors",
                 preferred_calls=0,
+                admissions=0,
                 churn=None,
                 restarts=0,
             ),
@@ -185,6 +191,7 @@ SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
                 "kubelet restarts: median time to register again",
                 allocate_calls=0,
                 preferred_calls=0,
+                admissions=0,
                 baselines=False,
                 churn=None,
             ),
@@ -193,6 +200,7 @@ SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
                 "pod churn with health flaps and kubelet restarts mid-run on an 8-GPU node",
                 allocate_calls=0,
                 preferred_calls=0,
+                admissions=0,
                 baselines=False,
                 churn=ChurnSettings(kubelet_restarts=3),
                 restarts=0,

@@ -376,6 +376,13 @@ class KubeletSimulator:
         endpoint = self._endpoints.get(resource)
         return None if endpoint is None else endpoint.options
 
+    def endpoint_path(self, resource: str) -> Path:
+        """The current endpoint's socket, for another client to dial (the benchmark's Go client)."""
+        endpoint = self._endpoints.get(resource)
+        if endpoint is None or endpoint.stopped:
+            raise LookupError(f"no connected device plugin for {resource}")
+        return self.directory / endpoint.endpoint
+
     def stub(self, resource: str) -> v1beta1.DevicePluginStub:
         """A client on the current endpoint's connection, for tests that call RPCs directly."""
         endpoint = self._endpoints.get(resource)

@@ -21,13 +21,15 @@ from click.testing import CliRunner
 from benchmarks import plots, report, runner
 from benchmarks.churn import container_sizes, pod_plans
 from benchmarks.cli import bench, customise, select
+from benchmarks.native_client import GOKUBELET_ENV, native_client
 from benchmarks.plugin_process import plugin_argv
 from benchmarks.runner import RunSettings, run_scenario
 from benchmarks.scenarios import FULL_SUITE, SCENARIOS, ChurnSettings, Scenario
 
 
-async def test_quick_run_measures_every_phase_without_errors(tmp_path: Path) -> None:
+async def test_quick_run_measures_every_phase_without_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A quick whole-8 run with a kubelet restart mid-churn writes JSON, markdown and plots with every measure."""
+    monkeypatch.setenv(GOKUBELET_ENV, str(tmp_path / "no-gokubelet"))  # the Python client alone; the next test adds Go
     scenario = customise(SCENARIOS["whole-8"].quick(), {"kubelet_restarts": 1, "calls": 100, "duration": 1.0})
     started = datetime.datetime.now(datetime.UTC)
     result = await run_scenario(scenario, RunSettings(seed=7, quick=True, progress=False))
@@ -64,6 +66,33 @@ async def test_quick_run_measures_every_phase_without_errors(tmp_path: Path) -> 
     assert "| Allocate |" in (tmp_path / "results.md").read_text()
     for png in ("latency_cdf.png", "latency_over_time.png"):
         assert (tmp_path / png).read_bytes().startswith(b"\x89PNG")
+    assert "gokubelet" in data["not_measured"]["the Go client's measures"]
+    assert {row["measure"] for row in data["against_nvidia"]} >= {"Allocate", "admission (1 container)"}
+
+
+@pytest.mark.skipif(native_client() is None, reason="gokubelet is not built: benchmarks/gokubelet/build.sh --install")
+async def test_go_client_measures_beside_the_python_client_and_feeds_the_comparison() -> None:
+    """With gokubelet built, the plugin and both floors are measured by the Go client too, and NVIDIA is compared
+    with the Go client's figures."""
+    scenario = dataclasses.replace(
+        SCENARIOS["whole-8"].quick(), allocate_calls=60, preferred_calls=40, admissions=30, churn=None, restarts=0
+    )
+    result = await run_scenario(scenario, RunSettings(seed=5, quick=True, progress=False))
+    built = report.build_report(
+        scenario, result, seed=5, quick=True, started=datetime.datetime.now(datetime.UTC), wall_s=1.0
+    )
+    assert built["errors"] == 0, built["latency"]
+    counts = {name: built["latency"][name]["count"] for name in built["latency"]}
+    for name in ("Allocate", "floor-grpclib Allocate", "floor-grpcio Allocate"):
+        assert counts[name] == counts[f"{name} (Go client)"] == 60
+    assert counts["GetPreferredAllocation (Go client)"] == 40
+    assert counts["admission (Go client)"] == 30
+    assert "Allocate (Go client) / floor-grpclib" in built["ratios_to_floors"]
+    assert built["go_client"]["grpc"] and built["go_client"]["go"].startswith("go")
+    measures = {row["figure"]: row["measure"] for row in built["against_nvidia"]}
+    assert measures["Allocate p50 (ms)"] == "Allocate (Go client)"
+    assert measures["GetPreferredAllocation p99 (ms)"] == "GetPreferredAllocation (Go client)"
+    assert measures["admission p50 (ms)"] == "admission (Go client)"
 
 
 def test_churn_plan_is_reproducible_from_its_seed() -> None:

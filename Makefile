@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint proto check-proto bench clean
+.PHONY: demo test lint proto check-proto bench gokubelet clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,9 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/gpuplugin bench --quick
 
+# The Go load client the benchmarks measure with beside the Python one; needs Debian's Go packages (--install: apt).
+gokubelet:
+	benchmarks/gokubelet/build.sh --install
+
 clean:
-	rm -rf $(VENV) build dist
+	rm -rf $(VENV) build dist benchmarks/gokubelet/bin benchmarks/gokubelet/build

@@ -21,6 +21,7 @@ import structlog
 from grpclib import GRPCError
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.server import Server, Stream
+from h2.connection import H2Connection
 
 from gpuplugin import wire
 from gpuplugin.allocation import AllocationPolicy, build_policy
@@ -175,6 +176,17 @@ def socket_name(prefix: str, resource: str) -> str:
     return f"{prefix}-{_SOCKET_SAFE.sub('_', resource)}-{os.getpid()}-{next(_socket_counter)}.sock"
 
 
+#: Closed streams h2 remembers per connection, to answer a late frame on a finished stream correctly. h2's default,
+#: 65,536, is about 10 MB on the kubelet's one long-lived connection once that many pods have started; a unary
+#: RPC's stray frames arrive within a few streams of its end.
+CLOSED_STREAMS_REMEMBERED = 1024
+
+
+def bound_closed_streams() -> None:
+    """Bound h2's record of closed streams for every connection made from now on (a class attribute of h2's)."""
+    H2Connection.MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
+
+
 class ResourceServer:
     """Serves one resource name to the kubelet and keeps it registered."""
 
@@ -271,6 +283,7 @@ class ResourceServer:
     async def reserve(self) -> None:
         """Serve on a new socket and register again; the old socket is closed only once the new one serves."""
         path = self._settings.kubelet_dir / socket_name(self._settings.socket_prefix, self.resource)
+        bound_closed_streams()
         server = Server([self], codec=PrecodedCodec())
         await server.start(path=str(path))
         old_server, self._server, self.socket_path = self._server, server, path

@@ -14,6 +14,7 @@ import pytest
 import structlog
 from grpclib import GRPCError
 from grpclib.const import Status
+from h2.connection import H2Connection
 
 from backends.mock import MockBackend
 from backends.mock import create as create_mock
@@ -21,7 +22,7 @@ from gpuplugin.api import v1beta1 as api
 from gpuplugin.health import HealthPolicy
 from gpuplugin.manager import Manager, ManagerSettings
 from gpuplugin.registry import BackendContext
-from gpuplugin.server import ServerSettings
+from gpuplugin.server import CLOSED_STREAMS_REMEMBERED, ServerSettings
 from gpuplugin.simulator import KubeletSimulator
 from gpuplugin.watcher import WatcherSettings
 
@@ -149,6 +150,14 @@ async def test_allocate_unknown_ids_invalid_argument_naming_them(workdir: Path) 
             await allocate(n, [n.ids()[0], "GPU-nope", "GPU-other"])
         assert caught.value.status is Status.INVALID_ARGUMENT
         assert "GPU-nope" in str(caught.value.message) and "GPU-other" in str(caught.value.message)
+
+
+async def test_serving_bounds_h2s_record_of_closed_streams(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once serving, connections remember CLOSED_STREAMS_REMEMBERED closed streams, not h2's 65,536 (~10 MB each)."""
+    monkeypatch.setattr(H2Connection, "MAX_CLOSED_STREAMS", 2**16)
+    async with node(workdir) as n:
+        await allocate(n, [n.ids()[0]])
+        assert H2Connection.MAX_CLOSED_STREAMS == CLOSED_STREAMS_REMEMBERED < 2**16
 
 
 async def test_allocate_unhealthy_failed_precondition(workdir: Path) -> None:

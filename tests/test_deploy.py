@@ -601,7 +601,7 @@ from gpuplugin.cli import main
 for args in (["--help"], ["serve", "--help"], ["devices", "--help"], ["mock", "xid", "--help"]):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, (args, result.output, result.exception)
-import backends.mock, backends.nvml, gpuplugin.metrics, gpuplugin.probes, aiohttp.web, prometheus_client
+import backends.mock, backends.nvml, gpuplugin.metrics, gpuplugin.probes, h11, prometheus_client
 """
     result = subprocess.run(
         [sys.executable, "-S", "-c", code],  # -S: no site-packages, only PYTHONPATH

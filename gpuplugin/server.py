@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import structlog
 from grpclib import GRPCError
 from grpclib.const import Cardinality, Handler, Status
+from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 from h2.connection import H2Connection
 
@@ -182,6 +184,32 @@ def socket_name(prefix: str, resource: str) -> str:
 CLOSED_STREAMS_REMEMBERED = 1024
 
 
+class _Server(Server):
+    """grpclib's server, closing the connections it accepted when it closes.
+
+    grpclib's ``close()`` stops listening and cancels the requests running, but leaves connections open: a request
+    arriving on one afterwards (a kubelet mid-burst at SIGTERM) starts a handler that nothing waits for, destroyed
+    pending when the loop ends.
+    """
+
+    def __init__(self, handlers: Sequence[Any], codec: PrecodedCodec) -> None:
+        super().__init__(handlers, codec=codec)
+        self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+
+    def _protocol_factory(self) -> H2Protocol:
+        protocol = super()._protocol_factory()
+        self._protocols.add(protocol)
+        return protocol
+
+    def close(self) -> None:
+        super().close()
+        for protocol in list(self._protocols):
+            # Set in connection_made; a protocol not yet connected has none.
+            connection = getattr(protocol, "connection", None)
+            if connection is not None:
+                connection.close()
+
+
 def bound_closed_streams() -> None:
     """Bound h2's record of closed streams for every connection made from now on (a class attribute of h2's)."""
     H2Connection.MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
@@ -284,7 +312,7 @@ class ResourceServer:
         """Serve on a new socket and register again; the old socket is closed only once the new one serves."""
         path = self._settings.kubelet_dir / socket_name(self._settings.socket_prefix, self.resource)
         bound_closed_streams()
-        server = Server([self], codec=PrecodedCodec())
+        server = _Server([self], codec=PrecodedCodec())
         await server.start(path=str(path))
         old_server, self._server, self.socket_path = self._server, server, path
         self._log.debug("serving", socket=str(path))

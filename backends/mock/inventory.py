@@ -20,6 +20,7 @@ from gpuplugin.model import (
     frozen_mapping,
     links_from_pairs,
 )
+from gpuplugin.strategies import VISIBLE_DEVICES
 
 #: Fixed namespace of mock GPU UUIDs; changing it changes every mock UUID.
 _UUID_NAMESPACE = uuid.UUID("6f0c1b7e-4a51-5c1e-9a3e-2f6d1c0b8a47")
@@ -58,7 +59,7 @@ def build_device(settings: MockSettings, index: int) -> Device:
             }
         ),
         spec=ContainerSpec(
-            list_env=frozen_mapping({"NVIDIA_VISIBLE_DEVICES": gpu}),
+            list_env=frozen_mapping({VISIBLE_DEVICES: gpu}),
             device_nodes=(DeviceNode(settings.device_node_host_path, f"/dev/nvidia{index}", "rw"),),
         ),
     )

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from backends.nvml.library import as_str
 from backends.nvml.mig import GpuInstanceProfile, MigDeviceRecord, mig_spec, read_instance_profiles, read_mig_devices
 from backends.nvml.settings import DeviceIdStrategy, NvmlSettings
 from backends.nvml.spec import gpu_spec, present_control_nodes
@@ -82,10 +83,6 @@ def read_numa_node(sysfs_root: str, bus_id: str) -> int | None:
     return node if node >= 0 else None
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def _optional(nvml: Any, call: Callable[[], _T]) -> _T | None:
     """A query some GPUs do not support: NotSupported reads as None, any other error is raised."""
     try:
@@ -101,10 +98,10 @@ def read_gpu(nvml: Any, settings: NvmlSettings, index: int) -> GpuRecord:
     minor = None
     try:
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
-        uuid = _text(nvml.nvmlDeviceGetUUID(handle))
+        uuid = as_str(nvml.nvmlDeviceGetUUID(handle))
         minor = int(nvml.nvmlDeviceGetMinorNumber(handle))
-        bus_id = _text(nvml.nvmlDeviceGetPciInfo(handle).busId)
-        name = _optional(nvml, lambda: _text(nvml.nvmlDeviceGetName(handle)))
+        bus_id = as_str(nvml.nvmlDeviceGetPciInfo(handle).busId)
+        name = _optional(nvml, lambda: as_str(nvml.nvmlDeviceGetName(handle)))
         memory = _optional(nvml, lambda: int(nvml.nvmlDeviceGetMemoryInfo(handle).total) // _MIB)
         capability = _optional(nvml, lambda: "{}.{}".format(*nvml.nvmlDeviceGetCudaComputeCapability(handle)))
         mig_mode = _optional(nvml, lambda: nvml.nvmlDeviceGetMigMode(handle)[0])
@@ -151,7 +148,7 @@ def nvlink_peers(nvml: Any, handle: Any) -> Counter[str]:
         if kind == nvml.NVML_NVLINK_DEVICE_TYPE_SWITCH:
             peers[NVSWITCH] += 1
             continue
-        remote = _text(nvml.nvmlDeviceGetNvLinkRemotePciInfo(handle, link).busId)
+        remote = as_str(nvml.nvmlDeviceGetNvLinkRemotePciInfo(handle, link).busId)
         peers[sysfs_bus_id(remote)] += 1
     return peers
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from backends.nvml.library import as_str
 from backends.nvml.settings import NvmlSettings
 
 log = structlog.get_logger("gpuplugin.nvml")
@@ -79,10 +80,6 @@ def wanted_event_types(nvml: Any) -> int:
         | nvml.nvmlEventTypeSingleBitEccError
         | nvml.nvmlEventMigConfigChange
     )
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 class HealthWatcher:
@@ -218,7 +215,7 @@ class HealthWatcher:
         nvml = self._nvml
         event_type = int(data.eventType)
         try:
-            uuid = _text(nvml.nvmlDeviceGetUUID(data.device))
+            uuid = as_str(nvml.nvmlDeviceGetUUID(data.device))
         except nvml.NVMLError as error:
             log.warning("event from a gpu whose uuid cannot be read", event_type=hex(event_type), error=str(error))
             return

@@ -1,4 +1,5 @@
-"""Loading NVML: finding ``libnvidia-ml.so.1`` under the driver root, and one clear message when that fails."""
+"""Loading NVML: finding ``libnvidia-ml.so.1`` under the driver root, one clear message when that fails, and reading
+its strings."""
 
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ LIBRARY_DIRS = (
 
 LibraryLoader = Callable[[str], None]
 """Makes ``libnvidia-ml.so.1`` loadable from a driver root before ``nvmlInit``; raises BackendUnavailable."""
+
+
+def as_str(value: str | bytes) -> str:
+    """A string NVML returned, as ``str``: older pynvml releases return ``bytes``."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def library_candidates(driver_root: str) -> list[Path]:

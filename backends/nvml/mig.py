@@ -13,9 +13,11 @@ from typing import Any
 
 import structlog
 
+from backends.nvml.library import as_str
 from backends.nvml.settings import NvmlSettings
-from backends.nvml.spec import VISIBLE_DEVICES, host_path
+from backends.nvml.spec import host_path
 from gpuplugin.model import ContainerSpec, DeviceNode, frozen_mapping
+from gpuplugin.strategies import VISIBLE_DEVICES
 
 log = structlog.get_logger("gpuplugin.nvml")
 
@@ -71,10 +73,6 @@ class MigDeviceRecord:
     error: str | None = None
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 def read_instance_profiles(nvml: Any, handle: Any) -> tuple[GpuInstanceProfile, ...]:
     """Every GPU-instance profile the GPU offers; works with MIG disabled, and is empty on GPUs without MIG."""
     variants = {getattr(nvml, name): suffix for name, suffix in _VARIANTS.items() if hasattr(nvml, name)}
@@ -128,7 +126,7 @@ def read_mig_devices(nvml: Any, settings: NvmlSettings, handle: Any, minor: int)
 
 
 def _read_mig_device(nvml: Any, settings: NvmlSettings, mig: Any, index: int, minor: int) -> MigDeviceRecord:
-    uuid = _text(nvml.nvmlDeviceGetUUID(mig))
+    uuid = as_str(nvml.nvmlDeviceGetUUID(mig))
     gi = int(nvml.nvmlDeviceGetGpuInstanceId(mig))
     ci = int(nvml.nvmlDeviceGetComputeInstanceId(mig))
     attributes = nvml.nvmlDeviceGetAttributes(mig)

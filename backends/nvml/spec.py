@@ -6,8 +6,8 @@ import os
 
 from backends.nvml.settings import NvmlSettings
 from gpuplugin.model import ContainerSpec, DeviceNode, frozen_mapping
+from gpuplugin.strategies import VISIBLE_DEVICES
 
-VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
 #: Nodes every GPU container needs besides its own ``/dev/nvidiaN``; each is passed only where the host has it.
 CONTROL_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
 

@@ -14,12 +14,12 @@ from backends.partitioned.placement import LayoutError, Placement, fill, place
 from backends.partitioned.profiles import ProfileError, ProfileTable, profile_name
 from backends.partitioned.settings import PartitionedSettings, Strategy
 from gpuplugin.model import ContainerSpec, Device, DeviceNode, DeviceTree, ResourceRules, frozen_mapping
+from gpuplugin.strategies import VISIBLE_DEVICES
 
 log = structlog.get_logger("gpuplugin.partitioned")
 
 #: Fixed namespace of simulated MIG UUIDs; changing it changes every simulated partition's ID.
 _MIG_NAMESPACE = uuid.UUID("1c3c5f4e-7d0a-5b8e-9f62-4a1d2e3b7c90")
-VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
 #: Host node of simulated capability devices: /dev/null exists everywhere, so a pod starts on any node.
 SIMULATED_CAPS_HOST_PATH = "/dev/null"
 

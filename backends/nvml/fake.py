@@ -446,11 +446,6 @@ class FakeNvml:
                 raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
             return FakeMigHandle(gpu.uuid, gpu.mig_devices[index].uuid)
 
-    def nvmlDeviceIsMigDeviceHandle(self, device: FakeHandle | FakeMigHandle) -> int:
-        with self.lock:
-            self._enter("nvmlDeviceIsMigDeviceHandle")
-            return int(isinstance(device, FakeMigHandle))
-
     def nvmlDeviceGetGpuInstanceId(self, device: FakeMigHandle) -> int:
         with self.lock:
             return self._mig("nvmlDeviceGetGpuInstanceId", device).gpu_instance_id
@@ -468,10 +463,6 @@ class FakeNvml:
                 computeInstanceSliceCount=mig.gpu_instance_slices if ci_slices is None else ci_slices,
                 memorySizeMB=mig.memory_mib,
             )
-
-    def nvmlDeviceGetIndex(self, handle: FakeHandle) -> int:
-        with self.lock:
-            return self.gpus.index(self._device("nvmlDeviceGetIndex", handle))
 
     def nvmlDeviceGetMinorNumber(self, handle: FakeHandle) -> int:
         with self.lock:
@@ -576,9 +567,6 @@ class FakeNvml:
                 if remaining <= 0:
                     raise pynvml.NVMLError(pynvml.NVML_ERROR_TIMEOUT)
                 self.lock.wait(remaining)
-
-    def nvmlEventSetWait(self, eventSet: FakeEventSet, timeoutms: int) -> FakeEventData:
-        return self.nvmlEventSetWait_v2(eventSet, timeoutms)
 
     def nvmlEventSetFree(self, eventSet: FakeEventSet) -> None:
         with self.lock:

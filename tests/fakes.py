@@ -1,11 +1,13 @@
-"""Test doubles shared by the tests: a static backend, an N-GPU device tree, and a recording kubelet."""
+"""Test doubles shared by the tests: a static backend, an N-GPU device tree, a recording kubelet, and waiting on a
+backend."""
 
 from __future__ import annotations
 
 import asyncio
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -13,7 +15,7 @@ from pathlib import Path
 from grpclib.server import Server
 
 from gpuplugin.api import v1beta1 as api
-from gpuplugin.backend import AllocationPolicyKind, BackendEvent, InventoryChanged
+from gpuplugin.backend import AllocationPolicyKind, Backend, BackendEvent, InventoryChanged
 from gpuplugin.model import (
     ContainerSpec,
     Device,
@@ -190,3 +192,21 @@ def short_tmp_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+async def next_event(backend: Backend, timeout_s: float = 2.0) -> BackendEvent:
+    """The next event of a fresh ``backend.events()`` stream, closed after it; TimeoutError if none comes in time."""
+    stream = backend.events()
+    try:
+        return await asyncio.wait_for(anext(stream), timeout_s)
+    finally:
+        if isinstance(stream, AsyncGenerator):
+            await stream.aclose()
+
+
+async def until(predicate: Callable[[], object], timeout_s: float = 2.0) -> None:
+    """Poll for state nothing announces (a backend's counters, what a fake NVML has registered)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.005)

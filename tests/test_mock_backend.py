@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +30,6 @@ QUIET_S = 0.05
 UUID = re.compile(r"^GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
-@pytest.fixture
-def state_dir() -> Iterator[Path]:
-    # Short on purpose: a unix socket path has at most 107 bytes, and pytest's tmp_path can be longer.
-    with tempfile.TemporaryDirectory(prefix="gpm-") as d:
-        yield Path(d)
-
-
 def context(state_dir: Path, **options: Any) -> BackendContext:
     return BackendContext(
         options=options, health_policy=HealthPolicy(recovery_quiet_period_s=QUIET_S), state_dir=state_dir
@@ -45,8 +37,8 @@ def context(state_dir: Path, **options: Any) -> BackendContext:
 
 
 @pytest.fixture
-async def backend(state_dir: Path) -> AsyncIterator[MockBackend]:
-    b = create(context(state_dir))
+async def backend(workdir: Path) -> AsyncIterator[MockBackend]:
+    b = create(context(workdir))
     await b.start()
     try:
         yield b
@@ -92,10 +84,10 @@ def test_default_settings_describe_an_hgx_h200_board() -> None:
     assert MockSettings.from_options({}, state_dir=Path("/var/run/x")).control_socket == Path("/var/run/x/mock.sock")
 
 
-def test_create_is_the_registered_entry_point_and_a_backend(state_dir: Path) -> None:
+def test_create_is_the_registered_entry_point_and_a_backend(workdir: Path) -> None:
     """The `mock` entry point loads `create`, which returns something satisfying the Backend protocol."""
     assert load_factory("mock") is backends.mock.create
-    assert isinstance(create(context(state_dir)), Backend)
+    assert isinstance(create(context(workdir)), Backend)
 
 
 async def test_default_inventory_has_eight_gpus_split_over_two_numa_nodes(backend: MockBackend) -> None:
@@ -135,13 +127,13 @@ async def test_default_links_follow_nvswitch_pcie_switches_and_numa(backend: Moc
     assert tree.link(ids[3], ids[4]).pcie is PCIeLevel.SYSTEM
 
 
-async def test_custom_topology_sums_nvlinks_of_overlapping_groups(state_dir: Path) -> None:
+async def test_custom_topology_sums_nvlinks_of_overlapping_groups(workdir: Path) -> None:
     """NVLink groups set per-pair link counts (summed where groups overlap); unlinked pairs have none."""
     settings = MockSettings.from_options(
         {"gpus": 4, "nvlink_groups": [[0, 1], {"gpus": [1, 2], "links": 4}, {"gpus": [0, 1], "links": 2}]},
-        state_dir=state_dir,
+        state_dir=workdir,
     )
-    b = MockBackend(context(state_dir), settings=settings)
+    b = MockBackend(context(workdir), settings=settings)
     tree = await b.discover()
     ids = [d.id for d in tree.devices]
     assert tree.link(ids[0], ids[1]).nvlinks == 20
@@ -151,16 +143,17 @@ async def test_custom_topology_sums_nvlinks_of_overlapping_groups(state_dir: Pat
 
 def test_uuids_are_deterministic_per_node_name() -> None:
     """The same node name and index always give the same UUID; another node name gives others."""
-    assert gpu_uuid("mock-node", 0) == gpu_uuid("mock-node", 0)
+    # Pinned, not compared with itself: a mock UUID must be the same in every process, on every start.
+    assert gpu_uuid("mock-node", 0) == "GPU-794a54b7-0b68-591b-b2d0-b055de3589fb"
     assert UUID.match(gpu_uuid("mock-node", 0))
     assert len({gpu_uuid("mock-node", i) for i in range(8)}) == 8
     assert gpu_uuid("node-a", 0) != gpu_uuid("node-b", 0)
 
 
-async def test_uuids_survive_a_restart(state_dir: Path) -> None:
+async def test_uuids_survive_a_restart(workdir: Path) -> None:
     """Two backends with the same node name serve the same device IDs."""
-    first = MockBackend(context(state_dir), settings=MockSettings(node_name="kind-worker"))
-    second = MockBackend(context(state_dir), settings=MockSettings(node_name="kind-worker"))
+    first = MockBackend(context(workdir), settings=MockSettings(node_name="kind-worker"))
+    second = MockBackend(context(workdir), settings=MockSettings(node_name="kind-worker"))
     assert [d.id for d in (await first.discover()).devices] == [d.id for d in (await second.discover()).devices]
     assert (await first.discover()).devices[0].id == gpu_uuid("kind-worker", 0)
 
@@ -173,9 +166,9 @@ def test_topology_defaults_follow_the_gpu_count() -> None:
     assert s.pcie_switches == ((0, 1), (2, 3))
 
 
-async def test_yaml_config_is_read_at_start_and_options_override_it(state_dir: Path) -> None:
+async def test_yaml_config_is_read_at_start_and_options_override_it(workdir: Path) -> None:
     """Settings come from the YAML file named by `config`; options given alongside win over the file."""
-    config = state_dir / "mock.yaml"
+    config = workdir / "mock.yaml"
     config.write_text(
         "gpus: 4\n"
         "model: NVIDIA H100 80GB HBM3\n"
@@ -185,7 +178,7 @@ async def test_yaml_config_is_read_at_start_and_options_override_it(state_dir: P
         "  - {gpus: [0, 1, 2, 3], links: 12}\n"
         "pcie_switches: [[0, 1, 2, 3]]\n"
     )
-    b = create(context(state_dir, config=str(config), model="NVIDIA H100"))
+    b = create(context(workdir, config=str(config), model="NVIDIA H100"))
     await b.start()
     try:
         tree = await b.discover()
@@ -247,23 +240,23 @@ def test_settings_built_in_code_are_checked_too() -> None:
     ],
 )
 async def test_a_bad_config_file_raises_an_error_naming_the_setting(
-    state_dir: Path, content: str | None, message: str
+    workdir: Path, content: str | None, message: str
 ) -> None:
     """A missing, malformed or invalid YAML file raises MockConfigError naming `mock.config` or the bad field."""
-    config = state_dir / "mock.yaml"
+    config = workdir / "mock.yaml"
     if content is not None:
         config.write_text(content)
     with pytest.raises(MockConfigError, match=f"^{message}"):
-        await load_settings({"config": str(config)}, state_dir=state_dir)
+        await load_settings({"config": str(config)}, state_dir=workdir)
 
 
-async def test_start_fails_with_the_config_error(state_dir: Path) -> None:
+async def test_start_fails_with_the_config_error(workdir: Path) -> None:
     """A backend created with invalid options fails in start() with the error and leaves no socket behind."""
-    b = create(context(state_dir, gpus="x"))
+    b = create(context(workdir, gpus="x"))
     with pytest.raises(MockConfigError, match=r"^mock\.gpus: "):
         await b.start()
     await b.aclose()
-    assert not (state_dir / "mock.sock").exists()
+    assert not (workdir / "mock.sock").exists()
 
 
 async def test_a_counted_xid_makes_the_gpu_unhealthy(
@@ -395,10 +388,10 @@ async def test_a_gpu_index_out_of_range_is_refused(backend: MockBackend) -> None
         backend.lose(8)
 
 
-async def test_disabled_health_checks_ignore_every_fault(state_dir: Path) -> None:
+async def test_disabled_health_checks_ignore_every_fault(workdir: Path) -> None:
     """With checks disabled by policy, XIDs and lost GPUs leave every device Healthy."""
-    ctx = BackendContext(health_policy=HealthPolicy(checks_enabled=False), state_dir=state_dir)
-    b = MockBackend(ctx, settings=MockSettings(control_socket=state_dir / "mock.sock"))
+    ctx = BackendContext(health_policy=HealthPolicy(checks_enabled=False), state_dir=workdir)
+    b = MockBackend(ctx, settings=MockSettings(control_socket=workdir / "mock.sock"))
     await b.start()
     try:
         assert b.xid(0, 79) is XidAction.IGNORE
@@ -408,19 +401,19 @@ async def test_disabled_health_checks_ignore_every_fault(state_dir: Path) -> Non
         await b.aclose()
 
 
-async def test_aclose_removes_the_socket_and_is_safe_twice(state_dir: Path) -> None:
+async def test_aclose_removes_the_socket_and_is_safe_twice(workdir: Path) -> None:
     """aclose stops the control server and removes its socket file; a second call does nothing."""
-    b = create(context(state_dir))
+    b = create(context(workdir))
     await b.start()
-    assert (state_dir / "mock.sock").is_socket()
+    assert (workdir / "mock.sock").is_socket()
     await b.aclose()
-    assert not (state_dir / "mock.sock").exists()
+    assert not (workdir / "mock.sock").exists()
     await b.aclose()
 
 
-async def test_close_with_a_recovery_pending_leaves_no_task(state_dir: Path) -> None:
+async def test_close_with_a_recovery_pending_leaves_no_task(workdir: Path) -> None:
     """Closing while a recoverable XID waits out its quiet period cancels the timer (no leaked task)."""
-    b = create(BackendContext(health_policy=HealthPolicy(recovery_quiet_period_s=60), state_dir=state_dir))
+    b = create(BackendContext(health_policy=HealthPolicy(recovery_quiet_period_s=60), state_dir=workdir))
     await b.start()
     b.xid(0, 63)
     await b.aclose()

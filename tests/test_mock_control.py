@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
-import tempfile
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +35,8 @@ from gpuplugin.registry import BackendContext
 
 
 @pytest.fixture
-def state_dir() -> Iterator[Path]:
-    # Short on purpose: a unix socket path has at most 107 bytes, and pytest's tmp_path can be longer.
-    with tempfile.TemporaryDirectory(prefix="gpm-") as d:
-        yield Path(d)
-
-
-@pytest.fixture
-async def backend(state_dir: Path) -> AsyncIterator[MockBackend]:
-    b = create(BackendContext(health_policy=HealthPolicy(recovery_quiet_period_s=0.05), state_dir=state_dir))
+async def backend(workdir: Path) -> AsyncIterator[MockBackend]:
+    b = create(BackendContext(health_policy=HealthPolicy(recovery_quiet_period_s=0.05), state_dir=workdir))
     await b.start()
     try:
         yield b
@@ -218,9 +210,9 @@ async def test_the_socket_is_private_to_its_owner(sock: Path) -> None:
     assert stat.S_IMODE((await aiofiles.os.stat(sock)).st_mode) == 0o600
 
 
-async def test_close_ends_open_connections(state_dir: Path) -> None:
+async def test_close_ends_open_connections(workdir: Path) -> None:
     """aclose hangs up on connected clients, removes the socket file and leaves no task behind."""
-    b = create(BackendContext(state_dir=state_dir))
+    b = create(BackendContext(state_dir=workdir))
     await b.start()
     reader, writer = await asyncio.open_unix_connection(b.settings.control_socket)
     try:
@@ -235,12 +227,12 @@ async def test_close_ends_open_connections(state_dir: Path) -> None:
         await writer.wait_closed()
 
 
-async def test_the_client_says_when_no_backend_listens(state_dir: Path) -> None:
+async def test_the_client_says_when_no_backend_listens(workdir: Path) -> None:
     """control() on a missing socket raises ControlUnavailable telling how to start the backend."""
     with pytest.raises(
         ControlUnavailable, match=r"no mock backend listening on .*: is `gpuplugin serve --backend mock`"
     ):
-        await control(state_dir / "none.sock", {"op": "status"})
+        await control(workdir / "none.sock", {"op": "status"})
 
 
 async def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
@@ -299,9 +291,9 @@ async def test_cli_reports_a_refused_request_and_exits_non_zero(sock: Path) -> N
     assert result.output == "Error: gpu: index 8 out of range 0..7\n"
 
 
-async def test_cli_without_a_backend_says_how_to_start_one(state_dir: Path) -> None:
+async def test_cli_without_a_backend_says_how_to_start_one(workdir: Path) -> None:
     """With no backend on the socket, commands print one line naming the socket and exit non-zero."""
-    missing = state_dir / "none.sock"
+    missing = workdir / "none.sock"
     result = await invoke("status", "--socket", str(missing))
     assert result.exit_code == 1
     assert result.output == (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from backends.nvml.fake import NVSWITCH, FakeGpu, FakeNvml, h200_node
 from gpuplugin.backend import InventoryChanged
 from gpuplugin.health import HealthPolicy
 from gpuplugin.model import DeviceNode, DeviceTree, Health, Link, PCIeLevel
+from tests.fakes import next_event
 
 A, B, C = "GPU-aaaaaaaa-0000-4000-8000-000000000000", "GPU-bbbbbbbb-0000-4000-8000-000000000001", "GPU-cccc"
 BUS_A, BUS_B, BUS_C = "00000000:00:06.0", "00000000:00:07.0", "00000000:0A:00.0"
@@ -209,11 +209,7 @@ async def test_gpu_failing_discovery_is_rediscovered() -> None:
     try:
         assert (await backend.discover()).devices[1].health is Health.UNHEALTHY
         fake.lose(B, lost=False)
-        stream = backend.events()
-        try:
-            event = await asyncio.wait_for(anext(stream), 2.0)
-        finally:
-            await stream.aclose()
+        event = await next_event(backend)
         assert isinstance(event, InventoryChanged)
         assert [(d.id, d.health) for d in event.tree.devices] == [
             (A, Health.HEALTHY),

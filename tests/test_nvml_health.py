@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -15,9 +15,10 @@ from structlog.testing import capture_logs
 from backends.nvml import NvmlBackend, NvmlSettings
 from backends.nvml.events import THREAD_NAME, XidObserved
 from backends.nvml.fake import FakeGpu, FakeNvml, h200_node
-from gpuplugin.backend import BackendEvent, HealthChanged, InventoryChanged
+from gpuplugin.backend import HealthChanged, InventoryChanged
 from gpuplugin.health import HealthPolicy, XidAction
 from gpuplugin.model import Health
+from tests.fakes import next_event, until
 
 XID = FakeNvml.nvmlEventTypeXidCriticalError
 SBE = FakeNvml.nvmlEventTypeSingleBitEccError
@@ -35,21 +36,6 @@ def _no_leaked_threads() -> Any:
     """Fail any test that leaves a health thread running."""
     yield
     assert not health_threads(), "health thread left running"
-
-
-async def until(predicate: Callable[[], object], timeout_s: float = 2.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.005)
-
-
-async def next_event(backend: NvmlBackend, timeout_s: float = 2.0) -> BackendEvent:
-    stream = backend.events()
-    try:
-        return await asyncio.wait_for(anext(stream), timeout_s)
-    finally:
-        await stream.aclose()
 
 
 async def no_event(backend: NvmlBackend, within_s: float = 0.2) -> None:
@@ -257,11 +243,15 @@ async def test_observation_posted_at_thread_boundary_reaches_stream() -> None:
 
 
 async def test_event_for_unserved_gpu_is_ignored() -> None:
-    """An observation naming a UUID the backend does not serve yields no event."""
+    """An observation naming a UUID the backend does not serve yields no event, only a warning naming it."""
     fake = h200_node(1)
     async with running(fake) as backend:
-        backend.post_from_thread(XidObserved("GPU-unknown", 79))
-        await no_event(backend)
+        with capture_logs() as logs:
+            backend.post_from_thread(XidObserved("GPU-unknown", 79))
+            await no_event(backend)
+        # The warning shows the observation was handled: a callback that raised would also yield no event.
+        assert [e["uuid"] for e in logs if e["event"] == "health event for a gpu not served"] == ["GPU-unknown"]
+        assert backend.xid_counts == {}
 
 
 async def test_shutdown_is_prompt_and_releases_everything() -> None:

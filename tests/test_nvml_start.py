@@ -14,6 +14,7 @@ from backends.nvml.library import preload_library
 from gpuplugin.backend import Backend, BackendUnavailable, InventoryChanged
 from gpuplugin.health import HealthPolicy
 from gpuplugin.registry import BackendContext
+from tests.fakes import next_event
 
 
 def test_settings_defaults() -> None:
@@ -144,11 +145,7 @@ async def test_without_fail_on_init_error_serves_nothing_then_inventory() -> Non
         await asyncio.sleep(0.05)
         assert fake.calls["nvmlInit"] >= 2
         fake.init_error = None
-        stream = backend.events()
-        try:
-            event = await asyncio.wait_for(anext(stream), 2.0)
-        finally:
-            await stream.aclose()
+        event = await next_event(backend)
         assert isinstance(event, InventoryChanged)
         assert [d.id for d in event.tree.devices] == [gpu.uuid for gpu in fake.gpus]
         assert await backend.discover() == event.tree

@@ -121,6 +121,8 @@ async def test_ids_are_deterministic_mig_uuids(workdir: Path) -> None:
     device = first.devices[3]
     assert device.instance is not None
     assert device.id == partition_id(device.gpu, *device.instance)
+    # Pinned, not only compared within this process: the IDs must be the same on every start.
+    assert (first.devices[0].instance, first.devices[0].id) == ((1, 0), "MIG-cd62950b-5fe4-5c93-b3d7-e6817d1661c1")
 
 
 async def test_single_strategy_serves_partitions_as_gpu(workdir: Path) -> None:
@@ -223,11 +225,16 @@ def mig_node(tmp_path: Path) -> FakeNvml:
     return fake
 
 
-@asynccontextmanager
-async def over_nvml(fake: FakeNvml, tmp_path: Path, **options: Any) -> AsyncIterator[PartitionedBackend]:
+def nvml_partitioned(fake: FakeNvml, tmp_path: Path, **options: Any) -> PartitionedBackend:
+    """The partitioned backend over the NVML backend over ``fake``, not started."""
     settings = PartitionedSettings.from_options({"parent": "nvml", **options})
     nvml = NvmlSettings(report_mig_devices=True, driver_root=str(tmp_path), event_wait_timeout_ms=50)
-    backend = PartitionedBackend(settings, NvmlBackend(nvml, HealthPolicy(), fake))
+    return PartitionedBackend(settings, NvmlBackend(nvml, HealthPolicy(), fake))
+
+
+@asynccontextmanager
+async def over_nvml(fake: FakeNvml, tmp_path: Path, **options: Any) -> AsyncIterator[PartitionedBackend]:
+    backend = nvml_partitioned(fake, tmp_path, **options)
     await backend.start()
     try:
         yield backend
@@ -284,10 +291,7 @@ async def test_nvml_profiles_slice_mig_disabled_gpu(tmp_path: Path) -> None:
 
 async def test_nvml_profiles_unknown_profile_names_gpu(tmp_path: Path) -> None:
     """A layout naming a profile the GPU does not offer fails naming the GPU and the known profiles."""
-    fake = mig_node(tmp_path)
-    settings = PartitionedSettings.from_options({"parent": "nvml", "profiles": "nvml", "layout": "all-5g.60gb"})
-    nvml = NvmlSettings(report_mig_devices=True, driver_root=str(tmp_path), event_wait_timeout_ms=50)
-    backend = PartitionedBackend(settings, NvmlBackend(nvml, HealthPolicy(), fake))
+    backend = nvml_partitioned(mig_node(tmp_path), tmp_path, profiles="nvml", layout="all-5g.60gb")
     with pytest.raises(LayoutError, match=r"partitioned\.layout\.gpu 1 \(GPU-.*\): unknown profile '5g\.60gb'"):
         await backend.start()
     await backend.aclose()
@@ -295,10 +299,7 @@ async def test_nvml_profiles_unknown_profile_names_gpu(tmp_path: Path) -> None:
 
 async def test_single_strategy_with_real_mig_of_two_profiles_fails(tmp_path: Path) -> None:
     """Under ``single`` the real MIG layout of 3g.71gb and 2g.35gb fails the start naming both profiles."""
-    fake = mig_node(tmp_path)
-    settings = PartitionedSettings.from_options({"parent": "nvml", "strategy": "single", "layout": "none"})
-    nvml = NvmlSettings(report_mig_devices=True, driver_root=str(tmp_path), event_wait_timeout_ms=50)
-    backend = PartitionedBackend(settings, NvmlBackend(nvml, HealthPolicy(), fake))
+    backend = nvml_partitioned(mig_node(tmp_path), tmp_path, strategy="single", layout="none")
     with pytest.raises(StrategyError, match=r"found 3g\.71gb on gpu 0; 2g\.35gb on gpu 0"):
         await backend.start()
     await backend.aclose()

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import Clock, Latencies
+from gpuplugin.codec import encode_varint
 
 #: Environment variable naming another gokubelet binary (one built elsewhere, copied to this machine).
 GOKUBELET_ENV = "GPUPLUGIN_GOKUBELET"
-_DEFAULT = Path(__file__).resolve().parent / "gokubelet" / "bin" / "gokubelet"
 #: The binary build.sh makes, unless GPUPLUGIN_GOKUBELET names another.
-GOKUBELET = Path(os.environ.get(GOKUBELET_ENV) or _DEFAULT)
+_DEFAULT = Path(__file__).resolve().parent / "gokubelet" / "bin" / "gokubelet"
 
 MODES = ("allocate", "preferred", "admission")
 
@@ -35,21 +35,9 @@ def native_client() -> Path | None:
     return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def delimited(messages: Iterable[bytes]) -> bytes:
     """Serialized messages, each prefixed with its length as a protobuf varint (the "delimited" format)."""
-    return b"".join(_varint(len(message)) + message for message in messages)
+    return b"".join(encode_varint(len(message)) + message for message in messages)
 
 
 def _write_inputs(

@@ -168,16 +168,19 @@ func readDelimited(path string) ([][]byte, error) {
 	return messages, nil
 }
 
-// readRequests decodes the file's messages into typed requests once; grpc-go's codec marshals them again on every
-// call, as it does the kubelet's.
-func readRequests[M proto.Message](path string, fresh func() M) ([]M, error) {
+// readRequests decodes the file's messages into typed requests (*T) once; grpc-go's codec marshals them again on
+// every call, as it does the kubelet's.
+func readRequests[T any, M interface {
+	*T
+	proto.Message
+}](path string) ([]M, error) {
 	raw, err := readDelimited(path)
 	if err != nil {
 		return nil, err
 	}
 	requests := make([]M, len(raw))
 	for i, data := range raw {
-		requests[i] = fresh()
+		requests[i] = new(T)
 		if err := proto.Unmarshal(data, requests[i]); err != nil {
 			return nil, fmt.Errorf("%s: message %d: %v", path, i, err)
 		}
@@ -229,13 +232,9 @@ type inputs struct {
 func readInputs(o *options) (in inputs, err error) {
 	switch o.mode {
 	case "allocate":
-		in.allocate, err = readRequests(o.requestsFile, func() *pluginapi.AllocateRequest {
-			return new(pluginapi.AllocateRequest)
-		})
+		in.allocate, err = readRequests[pluginapi.AllocateRequest](o.requestsFile)
 	case "preferred":
-		in.preferred, err = readRequests(o.requestsFile, func() *pluginapi.PreferredAllocationRequest {
-			return new(pluginapi.PreferredAllocationRequest)
-		})
+		in.preferred, err = readRequests[pluginapi.PreferredAllocationRequest](o.requestsFile)
 	case "admission":
 		if in.devices, err = readDevices(o.devicesFile); err != nil {
 			return in, err
@@ -249,26 +248,28 @@ func readInputs(o *options) (in inputs, err error) {
 	return in, err
 }
 
-// callFor is the target's call for the mode; call n sends request n modulo their number.
+// callFor is the target's call for the mode.
 func callFor(o *options, in inputs, conn *grpc.ClientConn) callFn {
 	client := pluginapi.NewDevicePluginClient(conn)
 	switch o.mode {
 	case "allocate":
-		return func(n int) error {
-			return guarded(o.callTimeout, func(ctx context.Context) error {
-				_, err := client.Allocate(ctx, in.allocate[n%len(in.allocate)])
-				return err
-			})
-		}
+		return unary(o.callTimeout, in.allocate, client.Allocate)
 	case "preferred":
-		return func(n int) error {
-			return guarded(o.callTimeout, func(ctx context.Context) error {
-				_, err := client.GetPreferredAllocation(ctx, in.preferred[n%len(in.preferred)])
-				return err
-			})
-		}
+		return unary(o.callTimeout, in.preferred, client.GetPreferredAllocation)
 	default:
 		return newAdmitter(client, in.devices, o).admit
+	}
+}
+
+// unary is one typed RPC of the client: call n sends request n modulo their number, guarded by the stall limit.
+func unary[Req, Resp any](
+	limit time.Duration, requests []Req, rpc func(context.Context, Req, ...grpc.CallOption) (Resp, error),
+) callFn {
+	return func(n int) error {
+		return guarded(limit, func(ctx context.Context) error {
+			_, err := rpc(ctx, requests[n%len(requests)])
+			return err
+		})
 	}
 }
 

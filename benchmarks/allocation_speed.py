@@ -80,29 +80,32 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2000, help="calls per case")
     args = parser.parse_args()
     rng = random.Random(7)
-    cases: list[tuple[str, AllocationPolicyKind, DeviceTree, int, float, int]] = [
-        ("8 GPUs", AllocationPolicyKind.TOPOLOGY, gpu_tree(8), 1, 0.0, 0),
-        ("8 GPUs", AllocationPolicyKind.TOPOLOGY, gpu_tree(8), 2, 0.0, 0),
-        ("8 GPUs", AllocationPolicyKind.TOPOLOGY, gpu_tree(8), 4, 0.0, 0),
-        ("8 GPUs", AllocationPolicyKind.TOPOLOGY, gpu_tree(8), 4, 0.25, 1),
-        ("8 GPUs", AllocationPolicyKind.TOPOLOGY, gpu_tree(8), 8, 0.0, 0),
-        ("64 GPUs", AllocationPolicyKind.TOPOLOGY, gpu_tree(64), 2, 0.0, 0),
-        ("64 GPUs", AllocationPolicyKind.TOPOLOGY, gpu_tree(64), 4, 0.25, 0),
-        ("64 GPUs", AllocationPolicyKind.TOPOLOGY, gpu_tree(64), 8, 0.0, 0),
-        ("64 GPUs", AllocationPolicyKind.TOPOLOGY, gpu_tree(64), 8, 0.25, 2),
-        ("64 GPUs", AllocationPolicyKind.TOPOLOGY, gpu_tree(64), 16, 0.0, 0),
-        ("64 GPUs", AllocationPolicyKind.TOPOLOGY, gpu_tree(64), 32, 0.0, 0),
-        ("64 GPUs", AllocationPolicyKind.TOPOLOGY, gpu_tree(64), 48, 0.1, 0),
-        ("8x16 replicas", AllocationPolicyKind.TOPOLOGY, gpu_tree(8, replicas=16), 4, 0.5, 0),
-        ("8x16 replicas", AllocationPolicyKind.TOPOLOGY, gpu_tree(8, replicas=16), 16, 0.5, 1),
-        ("8x16 replicas", AllocationPolicyKind.TOPOLOGY, gpu_tree(8, replicas=16), 40, 0.3, 0),
-        ("8x16 replicas", AllocationPolicyKind.DISTRIBUTED, gpu_tree(8, replicas=16), 4, 0.5, 0),
-        ("8x16 replicas", AllocationPolicyKind.DISTRIBUTED, gpu_tree(8, replicas=16), 40, 0.3, 1),
-        ("8x16 replicas", AllocationPolicyKind.PACKED, gpu_tree(8, replicas=16), 4, 0.5, 0),
-        ("8x16 replicas", AllocationPolicyKind.PACKED, gpu_tree(8, replicas=16), 40, 0.3, 1),
+    trees = {"8 GPUs": gpu_tree(8), "64 GPUs": gpu_tree(64), "8x16 replicas": gpu_tree(8, replicas=16)}
+    # Inventory, policy, devices asked for, fraction of devices in use, devices the request must include.
+    cases: list[tuple[str, AllocationPolicyKind, int, float, int]] = [
+        ("8 GPUs", AllocationPolicyKind.TOPOLOGY, 1, 0.0, 0),
+        ("8 GPUs", AllocationPolicyKind.TOPOLOGY, 2, 0.0, 0),
+        ("8 GPUs", AllocationPolicyKind.TOPOLOGY, 4, 0.0, 0),
+        ("8 GPUs", AllocationPolicyKind.TOPOLOGY, 4, 0.25, 1),
+        ("8 GPUs", AllocationPolicyKind.TOPOLOGY, 8, 0.0, 0),
+        ("64 GPUs", AllocationPolicyKind.TOPOLOGY, 2, 0.0, 0),
+        ("64 GPUs", AllocationPolicyKind.TOPOLOGY, 4, 0.25, 0),
+        ("64 GPUs", AllocationPolicyKind.TOPOLOGY, 8, 0.0, 0),
+        ("64 GPUs", AllocationPolicyKind.TOPOLOGY, 8, 0.25, 2),
+        ("64 GPUs", AllocationPolicyKind.TOPOLOGY, 16, 0.0, 0),
+        ("64 GPUs", AllocationPolicyKind.TOPOLOGY, 32, 0.0, 0),
+        ("64 GPUs", AllocationPolicyKind.TOPOLOGY, 48, 0.1, 0),
+        ("8x16 replicas", AllocationPolicyKind.TOPOLOGY, 4, 0.5, 0),
+        ("8x16 replicas", AllocationPolicyKind.TOPOLOGY, 16, 0.5, 1),
+        ("8x16 replicas", AllocationPolicyKind.TOPOLOGY, 40, 0.3, 0),
+        ("8x16 replicas", AllocationPolicyKind.DISTRIBUTED, 4, 0.5, 0),
+        ("8x16 replicas", AllocationPolicyKind.DISTRIBUTED, 40, 0.3, 1),
+        ("8x16 replicas", AllocationPolicyKind.PACKED, 4, 0.5, 0),
+        ("8x16 replicas", AllocationPolicyKind.PACKED, 40, 0.3, 1),
     ]
     print(f"{'inventory':<15} {'policy':<12} {'size':>4} {'in use':>6} {'must':>4} {'median µs':>10}")
-    for name, kind, tree, size, in_use, must in cases:
+    for name, kind, size, in_use, must in cases:
+        tree = trees[name]
         policy = build_policy(kind, tree.of(RESOURCE), tree)
         requests = requests_for(tree, size, in_use=in_use, must=must, rng=rng)
         us = median_us(policy, requests, args.calls)

@@ -6,12 +6,22 @@ import asyncio
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TypedDict
 
 from benchmarks.measure import Latencies
 
 Call = Callable[[int], Awaitable[object]]
 """One RPC; the argument is the call's number, to pick a request."""
 Progress = Callable[[int], object]
+
+
+class Loop(TypedDict):
+    """How the targets of a phase are called, by this loop and by gokubelet's alike (``**loop`` to either)."""
+
+    calls: int
+    callers: int
+    block_calls: int
+    warmup_calls: int
 
 
 async def run_calls(call: Call, calls: int, callers: int, into: Latencies | None, progress: Progress) -> None:

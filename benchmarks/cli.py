@@ -25,8 +25,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 def list_scenarios() -> str:
     lines = []
     for scenario in SCENARIOS.values():
-        state = "" if scenario.available else f"  [{scenario.unavailable_reason}]"
-        lines.append(f"  {scenario.name:<14} {scenario.description}{state}")
+        lines.append(f"  {scenario.name:<14} {scenario.description}")
     lines.append(f"  {'all':<14} {', '.join(FULL_SUITE)}; with --backend nvml: {', '.join(FULL_SUITE_NVML)}")
     return "\n".join(lines)
 
@@ -115,8 +114,6 @@ def select(scenario_name: str, backend: str, quick: bool, overrides: Mapping[str
         scenario = SCENARIOS.get(name)
         if scenario is None:
             raise click.UsageError(f"unknown scenario {name!r}; known:\n{list_scenarios()}")
-        if not scenario.available:
-            raise click.ClickException(f"scenario {name}: {scenario.unavailable_reason}")
         try:
             scenarios.append(customise(scenario.quick() if quick else scenario, overrides).on_backend(backend))
         except ValueError as error:
@@ -138,14 +135,15 @@ def customise(scenario: Scenario, overrides: Mapping[str, Any]) -> Scenario:
         changed = dataclasses.replace(changed, baselines=False)
     churn = changed.churn
     if churn is not None:
-        rate = overrides.get("rate")
         churn_fields: dict[str, Any] = {
             "duration_s": overrides.get("duration"),
-            "arrival_rate_per_s": (rate or None) if rate is not None else churn.arrival_rate_per_s,
             "kubelet_restarts": overrides.get("kubelet_restarts"),
             "flap_rate_per_s": overrides.get("flap_rate"),
         }
         churn = dataclasses.replace(churn, **{k: v for k, v in churn_fields.items() if v is not None})
+        rate = overrides.get("rate")
+        if rate is not None:  # 0: as fast as pods are admitted, which the churn says with None
+            churn = dataclasses.replace(churn, arrival_rate_per_s=rate or None)
         changed = dataclasses.replace(changed, churn=None if churn.duration_s <= 0 else churn)
     return changed
 

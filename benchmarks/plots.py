@@ -31,7 +31,7 @@ def latency_cdf(measures: Mapping[str, Latencies], path: Path) -> None:
     """Latency against percentile on a logit axis, so the tail (p99, p99.9) gets as much room as the median."""
     figure, axes = _axes(10)
     for name, measure in measures.items():
-        latencies = sorted(ms for _, ms in ((t, s * 1000) for t, s in measure.samples))
+        latencies = sorted(s * 1000 for _, s in measure.samples)
         if len(latencies) < 2:
             continue
         count = len(latencies)
@@ -43,7 +43,8 @@ def latency_cdf(measures: Mapping[str, Latencies], path: Path) -> None:
     axes.set_ylabel("latency (ms)")
     axes.set_title("Latency distribution")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize="small")
+    if axes.get_legend_handles_labels()[0]:  # none where no measure has two samples (a single restart)
+        axes.legend(fontsize="small")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -67,7 +68,8 @@ def latency_over_time(result: RunResult, path: Path) -> None:
     axes.set_ylabel("latency (ms)")
     axes.set_title("Latency over time (red: GPU unhealthy, green: healthy again, dashed: kubelet restart)")
     axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize="small", markerscale=4)
+    if axes.get_legend_handles_labels()[0]:  # none where the run made no calls (restarts alone)
+        axes.legend(fontsize="small", markerscale=4)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

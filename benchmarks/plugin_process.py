@@ -11,8 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self
+from typing import IO
 
 import psutil
 
@@ -54,15 +53,6 @@ class ServerProcess:
         if self._popen is None:
             raise RuntimeError(f"{self.name} is not running")
         return self._popen.pid
-
-    async def __aenter__(self) -> Self:
-        self.start()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.stop()
 
     def start(self) -> None:
         # A file, not a pipe: a chatty child can never block on a full pipe nobody reads.

@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,15 +199,21 @@ def _ratios(latency: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, flo
     return ratios
 
 
+def fact(report: Mapping[str, Any], path: str) -> float | None:
+    """The number at a dotted path of a report (``plugin.idle_rss_mb``), or None where there is none."""
+    value: Any = report
+    for key in path.split("."):
+        value = value.get(key) if isinstance(value, Mapping) else None
+    return float(value) if isinstance(value, int | float) else None
+
+
 def _lookup(report: Mapping[str, Any], reference: Reference) -> tuple[str, float] | None:
     """The measure the reference reads and its value, or None where none was measured."""
     for measure in reference.measures:
         if measure.startswith("facts:"):
-            value: Any = report
-            for key in measure.removeprefix("facts:").split("."):
-                value = value.get(key) if isinstance(value, Mapping) else None
-            if isinstance(value, int | float):
-                return measure, float(value)
+            value = fact(report, measure.removeprefix("facts:"))
+            if value is not None:
+                return measure, value
             continue
         stats = report["latency"].get(measure)
         if stats and stats.get(reference.statistic) is not None:
@@ -305,6 +310,9 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"during the run ({plugin['cpu_s_total']:.2f} s in all); exit code {plugin['exit_code']}; "
             f"{len(plugin['log_problems'])} warning or error lines logged.",
         ]
+        settings = " ".join(f"{k}={v}" for k, v in plugin.get("environment", {}).items())
+        if settings:
+            lines[-1] += f" Its settings from the environment: {settings}."
     ends = report.get("stream_ends", [])
     if ends:
         lines += [
@@ -331,7 +339,8 @@ def markdown(report: Mapping[str, Any]) -> str:
             f"{where['client_protobuf_us']:.0f} (request encode {codec['request_encode_us']:.1f}, response of "
             f"{codec['response_bytes']} bytes decode {codec['response_decode_us']:.1f}); the plugin's own side "
             f"{where['plugin_side_us']:.1f} (request decode {codec['plugin_request_decode_us']:.1f}, handler "
-            f"{where['allocate_handler_us']:.1f}, timed in process); grpclib transport "
+            f"{where['allocate_handler_us']:.1f}, timed in process, where betterproto2 takes "
+            f"{codec['response_encode_us']:.1f} to encode the same response); grpclib transport "
             f"{where['grpclib_transport_us']:.0f}; the plugin's median is {where['over_the_floor_us']:+.0f} µs from "
             f"the grpclib floor's. On 64 GPUs a health change rebuilds a resource's view in "
             f"{where['view_health_change_64_gpus_ms']:.1f} ms, against {where['view_build_64_gpus_ms']:.1f} ms "
@@ -349,7 +358,3 @@ def write(report: Mapping[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out_dir / "results.md").write_text(markdown(report))
-
-
-def to_stdout(text: str) -> None:
-    sys.stdout.write(text)

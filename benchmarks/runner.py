@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -19,11 +20,11 @@ import yaml
 from tqdm import tqdm
 
 from benchmarks.baselines import Floor, running_floors
-from benchmarks.callers import Call, interleaved
+from benchmarks.callers import Call, Loop, interleaved
 from benchmarks.churn import ChurnRun, container_sizes
 from benchmarks.measure import Clock, Latencies
 from benchmarks.microbench import codec_costs, plugin_costs, where_time_goes
-from benchmarks.native_client import native_client, run_native
+from benchmarks.native_client import GOKUBELET_ENV, native_client, run_native
 from benchmarks.plugin_process import ProcessUsage, ServerProcess, plugin_argv
 from benchmarks.restarts import restart_phase
 from benchmarks.scenarios import RESOURCE, Scenario
@@ -74,8 +75,6 @@ class RunResult:
 
 async def run_scenario(scenario: Scenario, settings: RunSettings) -> RunResult:
     """Run every phase the scenario asks for; raises if the plugin dies or never registers."""
-    if not scenario.available:
-        raise ValueError(f"scenario {scenario.name}: {scenario.unavailable_reason}")
     # Short and under /tmp: unix socket paths must stay below 108 bytes.
     workdir = Path(tempfile.mkdtemp(prefix="gpb-", dir="/tmp"))
     try:
@@ -100,7 +99,6 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
         argv = plugin_argv(kubelet_dir, state_dir, scenario.gpus, settings.backend, config, settings.plugin_python)
         plugin = ServerProcess(PLUGIN, argv, workdir / "plugin.log")
         plugin.start()
-        exit_code: int | None = None
         try:
             registration = await _wait_registered(kubelet, plugin, resource, settings.backend)
             facts["start_to_registration_ms"] = (registration.monotonic_s - plugin.started_s) * 1000
@@ -139,21 +137,20 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
             if scenario.admissions and native is not None:
                 await _admission_phase(kubelet, scenario, settings, workdir, clock, measures, native, facts)
             if scenario.churn is not None:
-                churn = ChurnRun(
-                    kubelet,
-                    scenario.churn,
-                    resource=resource,
-                    gpus=gpus,
-                    per_gpu=scenario.per_gpu,
-                    max_per_container=scenario.max_per_container,
-                    # The mock's, parent of the partitions or not: its default place in the state directory.
-                    control_socket=state_dir / "mock.sock",
-                    clock=clock,
-                    seed=settings.seed,
-                    progress=lambda n: None,
-                )
                 with _bar(settings, "churn (pods)", None) as bar:
-                    churn.progress = bar.update
+                    churn = ChurnRun(
+                        kubelet,
+                        scenario.churn,
+                        resource=resource,
+                        gpus=gpus,
+                        per_gpu=scenario.per_gpu,
+                        max_per_container=scenario.max_per_container,
+                        # The mock's, parent of the partitions or not: its default place in the state directory.
+                        control_socket=state_dir / "mock.sock",
+                        clock=clock,
+                        seed=settings.seed,
+                        progress=bar.update,
+                    )
                     await churn.run()
                 measures.update((m.name, m) for m in churn.measures())
                 facts["churn"] = churn.summary()
@@ -176,8 +173,15 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
             exit_code = await plugin.stop()
         facts["plugin"] = _process_facts(idle, after, exit_code, workdir / "plugin.log")
         facts["plugin"]["command"] = argv
+        facts["plugin"]["environment"] = _plugin_environment()
         facts["kubelet_warnings"] = kubelet.warnings
     return RunResult(facts, measures, health_events, restart_times_s, settings.backend, gpus, resource, devices)
+
+
+def _plugin_environment() -> dict[str, str]:
+    """The plugin's settings in the environment it inherits (``GPUPLUGIN_METRICS_ADDRESS``, ``GPUPLUGIN_EVENT_LOOP``
+    ...): a run with one of them set measures another plugin than its command line says."""
+    return {k: v for k, v in os.environ.items() if k.startswith("GPUPLUGIN_") and k != GOKUBELET_ENV}
 
 
 def _write_config(scenario: Scenario, workdir: Path) -> Path | None:
@@ -262,7 +266,12 @@ async def _allocate_phase(
 
     ours = f"Allocate{suffix}"
     targets = {ours: allocate_on(stub)}
-    warmup = min(200, scenario.allocate_calls // 10)
+    loop = Loop(
+        calls=scenario.allocate_calls,
+        callers=callers,
+        block_calls=scenario.block_calls,
+        warmup_calls=min(200, scenario.allocate_calls // 10),
+    )
     floors_running: AbstractAsyncContextManager[list[Floor]] = (
         running_floors(workdir, response) if scenario.baselines else nullcontext([])
     )
@@ -270,33 +279,13 @@ async def _allocate_phase(
         targets.update({f"{floor.name} Allocate{suffix}": allocate_on(floor.stub) for floor in floors})
         into = {name: clock.latencies(name) for name in targets}
         with _bar(settings, f"Allocate calls{suffix}", scenario.allocate_calls * len(targets)) as bar:
-            await interleaved(
-                targets,
-                into,
-                calls=scenario.allocate_calls,
-                callers=callers,
-                block_calls=scenario.block_calls,
-                warmup_calls=warmup,
-                progress=bar.update,
-            )
+            await interleaved(targets, into, **loop, progress=bar.update)
         if native is not None:
             sockets = {ours: kubelet.endpoint_path(scenario.resource)}
             sockets.update({f"{floor.name} Allocate{suffix}": floor.socket for floor in floors})
             with _bar(settings, f"Allocate calls{suffix}{GO}", None):
-                into.update(
-                    await _native_measures(
-                        native,
-                        "allocate",
-                        sockets,
-                        clock,
-                        facts,
-                        calls=scenario.allocate_calls,
-                        callers=callers,
-                        block_calls=scenario.block_calls,
-                        warmup_calls=warmup,
-                        requests=[bytes(r) for r in requests],
-                    )
-                )
+                encoded = [bytes(r) for r in requests]
+                into.update(await _native_measures(native, "allocate", sockets, clock, facts, requests=encoded, **loop))
     measures.update(into)
     if not scenario.baselines or callers != 1:
         return None  # with concurrent callers the median is mostly queueing; the split would mean nothing
@@ -334,17 +323,15 @@ async def _preferred_phase(
     ]
     name = "GetPreferredAllocation" + ("" if scenario.callers == 1 else f" x{scenario.callers}")
     into = {name: clock.latencies(name)}
-    warmup = min(100, scenario.preferred_calls // 10)
+    loop = Loop(
+        calls=scenario.preferred_calls,
+        callers=scenario.callers,
+        block_calls=scenario.preferred_calls,
+        warmup_calls=min(100, scenario.preferred_calls // 10),
+    )
     with _bar(settings, "GetPreferredAllocation calls", scenario.preferred_calls) as bar:
-        await interleaved(
-            {name: lambda n: stub.get_preferred_allocation(requests[n % len(requests)])},
-            into,
-            calls=scenario.preferred_calls,
-            callers=scenario.callers,
-            block_calls=scenario.preferred_calls,
-            warmup_calls=warmup,
-            progress=bar.update,
-        )
+        preferred = {name: lambda n: stub.get_preferred_allocation(requests[n % len(requests)])}
+        await interleaved(preferred, into, **loop, progress=bar.update)
     if native is not None:
         with _bar(settings, f"GetPreferredAllocation calls{GO}", None):
             into.update(
@@ -354,11 +341,8 @@ async def _preferred_phase(
                     {name: kubelet.endpoint_path(scenario.resource)},
                     clock,
                     facts,
-                    calls=scenario.preferred_calls,
-                    callers=scenario.callers,
-                    block_calls=scenario.preferred_calls,
-                    warmup_calls=warmup,
                     requests=[bytes(r) for r in requests],
+                    **loop,
                 )
             )
     measures.update(into)

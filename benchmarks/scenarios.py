@@ -73,8 +73,6 @@ class Scenario:
     churn: ChurnSettings | None = field(default_factory=ChurnSettings)
     restarts: int = 20
     """Kubelet restarts in the restart phase (median re-registration time)."""
-    available: bool = True
-    unavailable_reason: str = ""
     mock_only: bool = False
     """About the size of a mock node: it means nothing on a real one, so the nvml backend refuses it."""
     node: str = "whole"
@@ -231,7 +229,7 @@ SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
     }
 )
 
-#: What ``all`` runs: every available scenario except the ones that only repeat a phase of another.
+#: What ``all`` runs: every scenario except the ones that only repeat a phase of another.
 FULL_SUITE = ("whole-8", "whole-8-c16", "whole-64", "churn", "mig-8x7", "replicas-8x16")
 #: ``all`` on the nvml backend: the node's size is fixed, so the mock node sizes give way to the one ``nvml`` run.
 FULL_SUITE_NVML = ("nvml",)

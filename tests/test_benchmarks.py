@@ -8,7 +8,6 @@ import itertools
 import json
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,24 +17,22 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import plots, report, runner
+from benchmarks import medians, plots, report, runner
 from benchmarks.churn import container_sizes, pod_plans
-from benchmarks.cli import bench, customise, select
+from benchmarks.cli import bench, customise, run_one, select
+from benchmarks.measure import Clock
 from benchmarks.native_client import GOKUBELET_ENV, native_client
 from benchmarks.plugin_process import plugin_argv
-from benchmarks.runner import RunSettings, run_scenario
+from benchmarks.runner import RunResult, RunSettings, run_scenario
 from benchmarks.scenarios import FULL_SUITE, SCENARIOS, ChurnSettings, Scenario
 
 
-async def test_quick_run_measures_every_phase_without_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quick_run_measures_every_phase_without_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A quick whole-8 run with a kubelet restart mid-churn writes JSON, markdown and plots with every measure."""
     monkeypatch.setenv(GOKUBELET_ENV, str(tmp_path / "no-gokubelet"))  # the Python client alone; the next test adds Go
+    monkeypatch.setenv("GPUPLUGIN_EVENT_LOOP", "asyncio")  # the plugin inherits it, and the results say so
     scenario = customise(SCENARIOS["whole-8"].quick(), {"kubelet_restarts": 1, "calls": 100, "duration": 1.0})
-    started = datetime.datetime.now(datetime.UTC)
-    result = await run_scenario(scenario, RunSettings(seed=7, quick=True, progress=False))
-    built = report.build_report(scenario, result, seed=7, quick=True, started=started, wall_s=1.0)
-    report.write(built, tmp_path)
-    plots.write(result, tmp_path)
+    run_one(scenario, tmp_path, RunSettings(seed=7, quick=True, progress=False))
 
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["errors"] == 0, data["latency"]
@@ -63,7 +60,10 @@ async def test_quick_run_measures_every_phase_without_errors(tmp_path: Path, mon
     assert data["where_time_goes"]["dominant"]
     assert data["churn"]["pods_admitted"] > 0
     assert data["churn"]["kubelet_restarts"] == 1
-    assert "| Allocate |" in (tmp_path / "results.md").read_text()
+    assert data["plugin"]["environment"]["GPUPLUGIN_EVENT_LOOP"] == "asyncio"
+    assert GOKUBELET_ENV not in data["plugin"]["environment"]
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| Allocate |" in markdown and "from the environment: GPUPLUGIN_EVENT_LOOP=asyncio" in markdown
     for png in ("latency_cdf.png", "latency_over_time.png"):
         assert (tmp_path / png).read_bytes().startswith(b"\x89PNG")
     assert "gokubelet" in data["not_measured"]["the Go client's measures"]
@@ -105,9 +105,9 @@ def test_churn_plan_is_reproducible_from_its_seed() -> None:
 
 
 def test_sliced_scenarios_are_listed_in_all_and_write_their_config() -> None:
-    """mig-8x7 and replicas-8x16 are available, in `all`, mock only, and their config files serve 56 and 128 devices."""
+    """mig-8x7 and replicas-8x16 are listed, in `all`, mock only, and their config files serve 56 and 128 devices."""
     listed = CliRunner().invoke(bench, ["--list"])
-    assert listed.exit_code == 0 and "not yet available" not in listed.output
+    assert listed.exit_code == 0 and "  mig-8x7 " in listed.output and "  replicas-8x16 " in listed.output
     assert {"mig-8x7", "replicas-8x16"} <= set(FULL_SUITE)
     mig, replicas = SCENARIOS["mig-8x7"], SCENARIOS["replicas-8x16"]
     assert (mig.resource, mig.devices, mig.max_per_container) == ("nvidia.com/mig-1g.18gb", 56, 7)
@@ -204,17 +204,12 @@ def test_churn_plans_fit_a_one_gpu_node() -> None:
     ("name", "resource", "devices"),
     [("mig-8x7", "nvidia.com/mig-1g.18gb", 56), ("replicas-8x16", "nvidia.com/gpu", 128)],
 )
-async def test_sliced_scenario_runs_quick_without_errors(
-    name: str, resource: str, devices: int, tmp_path: Path
-) -> None:
+def test_sliced_scenario_runs_quick_without_errors(name: str, resource: str, devices: int, tmp_path: Path) -> None:
     """A quick partitioned or time-sliced run serves the right resource and count, flaps whole GPUs, 0 errors."""
     [scenario] = select(
         name, "mock", True, {"calls": 50, "preferred_calls": 30, "duration": 1.0, "kubelet_restarts": 1}
     )
-    started = datetime.datetime.now(datetime.UTC)
-    result = await run_scenario(scenario, RunSettings(seed=3, quick=True, progress=False))
-    built = report.build_report(scenario, result, seed=3, quick=True, started=started, wall_s=1.0)
-    report.write(built, tmp_path)
+    run_one(scenario, tmp_path, RunSettings(seed=3, quick=True, progress=False))
 
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["errors"] == 0, data["latency"]
@@ -233,14 +228,27 @@ async def test_sliced_scenario_runs_quick_without_errors(
 def test_quick_mode_shrinks_every_phase() -> None:
     """Quick mode keeps each phase but makes it seconds long."""
     quick = SCENARIOS["whole-8"].quick()
-    assert quick.allocate_calls <= 200 and quick.restarts <= 2
+    assert 0 < quick.allocate_calls <= 200 and 0 < quick.preferred_calls <= 100 and 0 < quick.admissions <= 50
+    assert 0 < quick.restarts <= 2
     assert quick.churn is not None and quick.churn.duration_s <= 2
-    assert dataclasses.replace(quick, name="x").name == "x"
 
 
-@pytest.mark.parametrize("name", [n for n, s in SCENARIOS.items() if s.available])
-def test_every_available_scenario_has_work(name: str) -> None:
-    """Every runnable scenario runs at least one phase."""
+def test_rate_option_sets_the_arrival_rate_and_zero_means_as_fast_as_admitted() -> None:
+    """--rate replaces the churn's arrival rate; --rate 0 sends pods as fast as they are admitted (None), even where
+    the scenario has a rate of its own; without --rate the scenario's stays."""
+    paced = dataclasses.replace(SCENARIOS["churn"], churn=ChurnSettings(arrival_rate_per_s=50.0))
+
+    def rate(overrides: dict[str, float]) -> float | None:
+        churn = customise(paced, overrides).churn
+        assert churn is not None
+        return churn.arrival_rate_per_s
+
+    assert (rate({}), rate({"rate": 5.0}), rate({"rate": 0.0})) == (50.0, 5.0, None)
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_every_scenario_has_work(name: str) -> None:
+    """Every scenario runs at least one phase."""
     s = SCENARIOS[name]
     assert s.allocate_calls or s.preferred_calls or s.churn or s.restarts
 
@@ -261,7 +269,7 @@ def test_nvml_backend_starts_the_real_plugin_command_and_has_its_scenario() -> N
     assert not any(arg.startswith("--mock") for arg in argv)
     assert plugin_argv(Path("/k"), Path("/s"), 8)[-6:-4] == ["--mock-gpus", "8"]
     scenario = SCENARIOS["nvml"]
-    assert scenario.available and scenario.allocate_calls and scenario.preferred_calls and scenario.restarts
+    assert scenario.allocate_calls and scenario.preferred_calls and scenario.restarts
     assert scenario.callers == 1 and scenario.concurrent_callers == 16
     assert scenario.churn is not None and scenario.churn.kubelet_restarts > 0
     on_nvml = scenario.on_backend("nvml")
@@ -281,21 +289,20 @@ def test_nvml_backend_names_its_scenarios_and_refuses_mock_sizes() -> None:
     assert "nvml " in listed.output and "with --backend nvml: nvml" in listed.output
 
 
-async def test_nvml_run_counts_what_registers_and_skips_flaps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nvml_run_counts_what_registers_and_skips_flaps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Run as on nvml (a 3-GPU mock plugin stands in): GPUs counted from registration, 1 and 16 callers, no flaps."""
 
     monkeypatch.setattr(runner, "plugin_argv", _nvml_stand_in(3))
     overrides = {"calls": 50, "duration": 0.5, "no_baselines": True, "kubelet_restarts": 1}
     [scenario] = select("nvml", "nvml", True, overrides)
-    started = datetime.datetime.now(datetime.UTC)
-    result = await run_scenario(scenario, RunSettings(seed=2, quick=True, progress=False, backend="nvml"))
-    built = report.build_report(scenario, result, seed=2, quick=True, started=started, wall_s=1.0)
-    report.write(built, tmp_path)
+    run_one(scenario, tmp_path, RunSettings(seed=2, quick=True, progress=False, backend="nvml"))
 
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["errors"] == 0, data["latency"]
     assert data["backend"] == "nvml" and data["gpus"] == 3
-    assert data["environment"]["machine"]["gpus"] == "none" or data["environment"]["machine"]["nvidia_driver"]
+    # The machine's own GPUs are recorded: none, or their names with the driver that NVML read.
+    machine = data["environment"]["machine"]
+    assert machine["gpus"] == "none" or (machine["gpus"] and machine["nvidia_driver"] != "none")
     assert data["latency"]["Allocate"]["count"] == data["latency"]["Allocate x16"]["count"] == 50
     assert data["latency"]["GetPreferredAllocation"]["count"] > 0
     assert data["latency"]["re-registration"]["count"] > 0
@@ -306,25 +313,72 @@ async def test_nvml_run_counts_what_registers_and_skips_flaps(tmp_path: Path, mo
     assert "Backend nvml, 3 GPUs served" in text and "Not measured: health change" in text
 
 
-async def test_nvml_quick_run_on_a_one_gpu_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nvml_quick_run_on_a_one_gpu_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`nvml --backend nvml --quick` on a one-GPU node (a 1-GPU mock stands in): every phase sized to the node, ends
     in seconds with 0 errors. It used to hang at the churn, whose two-container pods never fit one GPU."""
     monkeypatch.setattr(runner, "plugin_argv", _nvml_stand_in(1))
     [scenario] = select("nvml", "nvml", True, {})
-    started = datetime.datetime.now(datetime.UTC)
-    began = time.monotonic()
     with _fails_after(60):
-        result = await run_scenario(scenario, RunSettings(seed=1, quick=True, progress=False, backend="nvml"))
-    wall_s = time.monotonic() - began
-    built = report.build_report(scenario, result, seed=1, quick=True, started=started, wall_s=wall_s)
-    report.write(built, tmp_path)
+        run_one(scenario, tmp_path, RunSettings(seed=1, quick=True, progress=False, backend="nvml"))
 
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["errors"] == 0, data["latency"]
-    assert wall_s < 20, wall_s
+    assert data["wall_s"] < 20, data["wall_s"]
     assert (data["backend"], data["gpus"], data["devices"]) == ("nvml", 1, 1)
     for measure in ("Allocate", "Allocate x16", "floor-grpclib Allocate", "GetPreferredAllocation", "admission"):
         assert data["latency"][measure]["count"] > 0, measure
     assert data["latency"]["admission (1 container)"]["count"] == data["churn"]["pods_admitted"] > 0
     assert data["churn"]["kubelet_restarts"] == 1 and data["latency"]["re-registration"]["count"] == 2
     assert data["plugin"]["exit_code"] == 0
+
+
+def _run_json(folder: Path, scenario: str, allocate_p50_p99: tuple[float, float], rss_mb: tuple[float, float]) -> Path:
+    """A results.json of the fields medians reads: one latency measure, one ratio, the RSS and start facts."""
+    folder.mkdir()
+    p50, p99 = allocate_p50_p99
+    run = {
+        "scenario": scenario,
+        "errors": 0,
+        "latency": {"Allocate": {"count": 10, "p50_ms": p50, "p99_ms": p99}, "unmeasured": {"count": 0}},
+        "ratios_to_floors": {"Allocate / floor-grpclib": {"p50_ms": p50 / 0.5, "p99_ms": p99 / 2}},
+        "plugin": {"idle_rss_mb": rss_mb[0], "rss_after_run_mb": rss_mb[1]},
+        "start_to_registration_ms": 300.0,
+    }
+    (folder / "results.json").write_text(json.dumps(run))
+    return folder
+
+
+def test_medians_put_runs_side_by_side_with_the_median_of_each_figure(tmp_path: Path) -> None:
+    """`python -m benchmarks.medians` prints each run's figure and the median of each statistic on its own; runs
+    of different scenarios are refused."""
+    folders = [
+        _run_json(tmp_path / "a", "nvml", (0.4, 0.7), (58.0, 59.4)),
+        _run_json(tmp_path / "b", "nvml", (0.3, 1.1), (58.1, 59.6)),
+        _run_json(tmp_path / "c", "nvml", (0.5, 0.9), (57.9, 59.3)),
+    ]
+    result = CliRunner().invoke(medians.main, [str(f) for f in folders])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "| figure | a | b | c | median |" in lines
+    assert "| Allocate p50 / p99 (ms) | 0.400 / 0.700 | 0.300 / 1.100 | 0.500 / 0.900 | 0.400 / 0.900 |" in lines
+    assert (
+        "| Allocate / floor-grpclib, p50 / p99 | 0.80x / 0.35x | 0.60x / 0.55x | 1.00x / 0.45x | 0.80x / 0.45x |"
+        in lines
+    )
+    assert "| RSS idle / after the run (MB) | 58.0 / 59.4 | 58.1 / 59.6 | 57.9 / 59.3 | 58.0 / 59.4 |" in lines
+    assert "| start to registration (ms) | 300 | 300 | 300 | 300 |" in lines
+    # Not measured in the runs: no row.
+    assert not any("unmeasured" in line or "own side" in line for line in lines)
+    other = _run_json(tmp_path / "d", "restarts", (0.4, 0.7), (63.8, 63.9))
+    refused = CliRunner().invoke(medians.main, [str(folders[0]), str(other)])
+    assert refused.exit_code == 2 and "different scenarios" in refused.output
+
+
+def test_plots_of_a_run_without_calls_have_no_empty_legend(tmp_path: Path) -> None:
+    """A run of one kubelet restart alone (no RPC measure, one sample) still plots, without matplotlib's warning
+    about a legend with nothing in it (warnings fail the tests)."""
+    clock = Clock()
+    registered = clock.latencies("re-registration")
+    registered.record(clock.origin_s, 0.004)
+    paths = plots.write(RunResult({}, {registered.name: registered}, [], [0.5]), tmp_path)
+    assert [path.read_bytes()[:4] for path in paths] == [b"\x89PNG"] * 2

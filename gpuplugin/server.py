@@ -30,7 +30,7 @@ from gpuplugin.allocation import AllocationPolicy, build_policy
 from gpuplugin.api import pluginregistration
 from gpuplugin.api import v1beta1 as api
 from gpuplugin.backend import AllocationPolicyKind, Backend, CustomAllocate, PreferredAllocation, PreStart
-from gpuplugin.codec import PrecodedCodec, repeated_field
+from gpuplugin.codec import PrecodedCodec, encode_preferred_response, repeated_field
 from gpuplugin.errors import InvalidRequest, NotServing, RequestError, UnhealthyDevices, UnknownDevices, grpc_status
 from gpuplugin.model import (
     MAX_DEVICE_ID_LENGTH,
@@ -185,7 +185,8 @@ CLOSED_STREAMS_REMEMBERED = 1024
 
 
 class _Server(Server):
-    """grpclib's server, closing the connections it accepted when it closes.
+    """grpclib's server, bounding h2's memory of closed streams and closing the connections it accepted when it
+    closes.
 
     grpclib's ``close()`` stops listening and cancels the requests running, but leaves connections open: a request
     arriving on one afterwards (a kubelet mid-burst at SIGTERM) starts a handler that nothing waits for, destroyed
@@ -194,6 +195,8 @@ class _Server(Server):
 
     def __init__(self, handlers: Sequence[Any], codec: PrecodedCodec) -> None:
         super().__init__(handlers, codec=codec)
+        # A class attribute of h2's, read when a connection is made: it applies to every connection from now on.
+        H2Connection.MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
         self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
 
     def _protocol_factory(self) -> H2Protocol:
@@ -208,11 +211,6 @@ class _Server(Server):
             connection = getattr(protocol, "connection", None)
             if connection is not None:
                 connection.close()
-
-
-def bound_closed_streams() -> None:
-    """Bound h2's record of closed streams for every connection made from now on (a class attribute of h2's)."""
-    H2Connection.MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
 
 
 class ResourceServer:
@@ -311,7 +309,6 @@ class ResourceServer:
     async def reserve(self) -> None:
         """Serve on a new socket and register again; the old socket is closed only once the new one serves."""
         path = self._settings.kubelet_dir / socket_name(self._settings.socket_prefix, self.resource)
-        bound_closed_streams()
         server = _Server([self], codec=PrecodedCodec())
         await server.start(path=str(path))
         old_server, self._server, self.socket_path = self._server, server, path
@@ -543,7 +540,7 @@ class ResourceServer:
                 container.available_deviceIDs, container.must_include_deviceIDs, container.allocation_size
             )
             responses.append([i.encode() for i in chosen])
-        return wire.encode_preferred_response(responses)
+        return encode_preferred_response(responses)
 
     async def pre_start_container(self, request: wire.PreStartContainerRequest) -> bytes:
         """Let a PreStart backend prepare the devices; the kubelet gives this 30 s."""

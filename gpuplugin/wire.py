@@ -1,4 +1,4 @@
-"""Exact, fast protobuf (proto3) decoders for the requests the kubelet sends, and the GetPreferredAllocation encoder.
+"""Exact, fast protobuf (proto3) decoders for the requests the kubelet sends (the responses are encoded in codec).
 
 betterproto2's generic decoding costs far more than the handlers themselves, so the four request types are decoded
 here by hand. Each class has grpclib's ``FromString(bytes)`` and the attribute names of the generated messages, so it
@@ -8,7 +8,7 @@ and anything malformed raises :class:`WireError`, never another exception.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, TypeVar
 
@@ -20,7 +20,6 @@ __all__ = [
     "PreStartContainerRequest",
     "PreferredAllocationRequest",
     "WireError",
-    "encode_preferred_response",
 ]
 
 
@@ -79,6 +78,10 @@ def _skip(data: bytes, i: int, end: int, key: int) -> int:
     if i > end:
         raise WireError("field runs past the end of its message")
     return i
+
+
+# The decoders below each write out the key and length reads instead of sharing a helper: a call per field makes an
+# Allocate request of eight IDs about a third slower to decode.
 
 
 def _strings_1(data: bytes, i: int, end: int) -> list[str]:
@@ -244,32 +247,3 @@ _EMPTY: Final = Empty()
 def _why(exc: IndexError | UnicodeDecodeError) -> str:
     # An IndexError can only come from reading past the buffer in the middle of a varint or key.
     return "invalid UTF-8 in a string field" if isinstance(exc, UnicodeDecodeError) else "truncated message"
-
-
-_LENGTH_KEYS: Final = [bytes([_KEY_1_LEN, n]) for n in range(0x80)]
-"""Key of field 1 (length-delimited) and a one-byte length, for every length that fits one byte."""
-
-
-def _key_1_and_length(n: int) -> bytes:
-    if n < 0x80:
-        return _LENGTH_KEYS[n]
-    out = bytearray([_KEY_1_LEN])
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def encode_preferred_response(chosen_per_container: Sequence[Sequence[bytes]]) -> bytes:
-    """The wire form of a PreferredAllocationResponse: one container response per entry, of UTF-8 device IDs.
-
-    Byte for byte what betterproto2 makes of ``PreferredAllocationResponse(container_responses=[
-    ContainerPreferredAllocationResponse(device_i_ds=[...]), ...])``.
-    """
-    out: list[bytes] = []
-    for ids in chosen_per_container:
-        body = b"".join([_key_1_and_length(len(i)) + i for i in ids])
-        out.append(_key_1_and_length(len(body)))
-        out.append(body)
-    return b"".join(out)

@@ -1,4 +1,4 @@
-"""The precoded codec and the hand-built wire form of a repeated message field."""
+"""The precoded codec and the hand-built wire form of the responses."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gpuplugin.api import v1beta1 as api
-from gpuplugin.codec import PrecodedCodec, encode_varint, repeated_field
+from gpuplugin.codec import PrecodedCodec, encode_preferred_response, encode_varint, repeated_field
 
 
 def decode_varint(data: bytes) -> tuple[int, int]:
@@ -70,6 +70,17 @@ def test_repeated_field_uses_the_field_number() -> None:
     """The tag carries the field number with wire type 2 (length-delimited)."""
     assert repeated_field(1, [b"ab"]) == b"\x0a\x02ab"
     assert repeated_field(20, [b""]) == b"\xa2\x01\x00"
+
+
+@given(st.lists(st.lists(st.text(max_size=150), max_size=12), max_size=4))
+def test_preferred_response_matches_betterproto(chosen: list[list[str]]) -> None:
+    """encode_preferred_response is byte for byte betterproto2's PreferredAllocationResponse."""
+    expected = bytes(
+        api.PreferredAllocationResponse(
+            container_responses=[api.ContainerPreferredAllocationResponse(device_i_ds=ids) for ids in chosen]
+        )
+    )
+    assert encode_preferred_response([[i.encode() for i in ids] for ids in chosen]) == expected
 
 
 @pytest.mark.parametrize(

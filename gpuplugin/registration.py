@@ -46,8 +46,8 @@ async def register_until_done(
     resource: str,
     options: api.DevicePluginOptions,
     settings: RegistrationSettings,
-    wake: asyncio.Event | None = None,
-    on_unreachable: Callable[[str], None] | None = None,
+    wake: asyncio.Event,
+    on_unreachable: Callable[[str], None],
 ) -> int:
     """Register ``resource`` served at ``endpoint``; returns the number of attempts it took.
 
@@ -65,14 +65,11 @@ async def register_until_done(
         except GRPCError as exc:
             raise RegistrationRejected(f"kubelet refused {resource}: {exc.status.name}: {exc.message}") from None
         except (TimeoutError, OSError, ConnectionError) as exc:
-            if attempts == 1 and on_unreachable is not None:
+            if attempts == 1:
                 on_unreachable(str(exc) or type(exc).__name__)
-        if wake is None:
-            await asyncio.sleep(delay)
-        else:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), delay)
-            wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), delay)
+        wake.clear()
         delay = min(delay * 2, settings.max_retry_s)
 
 

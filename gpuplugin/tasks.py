@@ -39,9 +39,6 @@ class TaskSet:
         elif not expect_end:
             log.error("task ended unexpectedly", task=task.get_name())
 
-    def __len__(self) -> int:
-        return len(self._tasks)
-
     async def aclose(self) -> None:
         """Cancel every task and wait for all of them to finish."""
         self._closing = True

@@ -197,21 +197,17 @@ async def test_new_fault_restarts_the_quiet_period(make: Callable[..., Harness])
     assert h.probes[0][1] - second >= 0.15
 
 
-async def test_fatal_fault_stays(make: Callable[..., Harness]) -> None:
-    """A fatal XID keeps the GPU Unhealthy: no probe, no recovery after the quiet period."""
+@pytest.mark.parametrize(
+    ("xids", "actions"),
+    [
+        pytest.param([79], [XidAction.FATAL], id="fatal"),
+        pytest.param([79, 62], [XidAction.FATAL, XidAction.RECOVER], id="recoverable-after-fatal"),
+    ],
+)
+async def test_fatal_fault_stays(make: Callable[..., Harness], xids: list[int], actions: list[XidAction]) -> None:
+    """A fatal XID keeps the GPU Unhealthy, no probe and no recovery; a recoverable XID after it changes nothing."""
     h = make(quiet_s=0.01)
-    assert h.tracker.xid("GPU-1", 79) is XidAction.FATAL
-    await asyncio.sleep(0.1)
-    assert h.healths() == [("GPU-1", Health.UNHEALTHY)]
-    assert h.probes == []
-    assert h.tracker.is_faulted("GPU-1")
-
-
-async def test_recoverable_xid_does_not_soften_a_fatal_fault(make: Callable[..., Harness]) -> None:
-    """A recoverable XID after a fatal one neither recovers the GPU nor emits anything."""
-    h = make(quiet_s=0.01)
-    h.tracker.xid("GPU-1", 79)
-    assert h.tracker.xid("GPU-1", 62) is XidAction.RECOVER
+    assert [h.tracker.xid("GPU-1", x) for x in xids] == actions
     await asyncio.sleep(0.1)
     assert h.healths() == [("GPU-1", Health.UNHEALTHY)]
     assert h.probes == []

@@ -270,6 +270,8 @@ class ResourceServer:
         """Serve for a new backend (a reloaded config); register again if the options it implies changed."""
         self._backend = backend
         self._custom = backend if isinstance(backend, CustomAllocate) else None
+        # Cached responses may hold the old backend's container specs (CustomAllocate).
+        self._cache = {}
         options = _options(backend)
         options.get_preferred_allocation_available |= self.options.get_preferred_allocation_available
         if options != self.options:

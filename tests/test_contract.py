@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +18,16 @@ from h2.connection import H2Connection
 
 from backends.mock import MockBackend
 from backends.mock import create as create_mock
+from gpuplugin import wire
 from gpuplugin.api import v1beta1 as api
 from gpuplugin.health import HealthPolicy
 from gpuplugin.manager import Manager, ManagerSettings
+from gpuplugin.model import ContainerSpec, DeviceTree
 from gpuplugin.registry import BackendContext
-from gpuplugin.server import CLOSED_STREAMS_REMEMBERED, ServerSettings
+from gpuplugin.server import CLOSED_STREAMS_REMEMBERED, ResourceServer, ServerSettings
 from gpuplugin.simulator import KubeletSimulator
 from gpuplugin.watcher import WatcherSettings
+from tests.fakes import StaticBackend, gpu_tree
 
 GPU = "nvidia.com/gpu"
 #: Within the one second the contract allows for noticing a kubelet restart.
@@ -320,3 +323,34 @@ async def test_oversized_request_refused_before_decoding(workdir: Path) -> None:
         assert "bytes; at most 4194304" in str(caught.value.message)
         response = await allocate(n, [n.ids()[0]])
         assert response.container_responses[0].envs["NVIDIA_VISIBLE_DEVICES"] == n.ids()[0]
+
+
+class _CustomSpecs(StaticBackend):
+    """A StaticBackend that builds every container spec itself, marked with its own name."""
+
+    def __init__(self, tree: DeviceTree, mark: str) -> None:
+        super().__init__(tree)
+        self.mark = mark
+
+    def container_spec(self, resource: str, device_ids: Sequence[str]) -> ContainerSpec | None:
+        return ContainerSpec(env={"BACKEND": self.mark})
+
+
+async def test_a_new_backend_answers_allocate_with_its_own_specs_not_the_cached_ones(workdir: Path) -> None:
+    """After use_backend (a reload), Allocate of a device set answered before comes from the new backend."""
+    tree = gpu_tree(2)
+    ((resource, devices),) = tree.by_resource().items()
+    server = ResourceServer(resource, _CustomSpecs(tree, "old"), ServerSettings(kubelet_dir=workdir))
+    await server.update(devices, tree)
+    device = devices[0].id
+    request = wire.AllocateRequest.FromString(
+        bytes(api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=[device])]))
+    )
+
+    def envs() -> dict[str, str]:
+        (container,) = api.AllocateResponse.parse(server.allocate(request)).container_responses
+        return dict(container.envs)
+
+    assert envs() == {"BACKEND": "old"}
+    server.use_backend(_CustomSpecs(tree, "new"))
+    assert envs() == {"BACKEND": "new"}

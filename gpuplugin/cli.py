@@ -17,7 +17,7 @@ import structlog
 
 from gpuplugin import logs
 from gpuplugin.backend import BackendUnavailable
-from gpuplugin.daemon import Daemon, make_backend, pipeline, settings_from_text
+from gpuplugin.daemon import Daemon, served_tree, settings_from_text
 from gpuplugin.probes import ProbeServerError
 from gpuplugin.registry import UnknownBackend, backend_names, load_factory
 from gpuplugin.settings import LOG_FORMATS, ConfigError, Overrides, PluginSettings
@@ -32,7 +32,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def load_settings(config: Path | None, overrides: Overrides) -> PluginSettings:
+def load_settings(config: Path | None, overrides: Overrides) -> tuple[PluginSettings, str | None]:
+    """The settings and the config file's text they come from; a bad file or backend exits with one line."""
     text = None
     if config is not None:
         try:
@@ -40,7 +41,12 @@ def load_settings(config: Path | None, overrides: Overrides) -> PluginSettings:
             text = config.read_text(encoding="utf-8")
         except OSError as exc:
             fail(f"cannot read config file {config}: {exc.strerror}", 2)
-    return settings_from_text(text, str(config) if config else "config", overrides)
+    try:
+        settings = settings_from_text(text, str(config) if config else "config", overrides)
+        load_factory(settings.backend)
+    except (ConfigError, UnknownBackend) as exc:
+        fail(str(exc), 2)
+    return settings, text
 
 
 _common = [
@@ -191,12 +197,13 @@ def serve(**params: Any) -> None:
 
     The config file is reloaded when it changes and on SIGHUP, which also rediscovers the devices.
     """
-    settings = _settings_or_exit(
+    overrides = overrides_from(
         params, kubelet_dir=params.get("kubelet_dir"), metrics_address=params.get("metrics_address")
     )
+    settings, text = load_settings(params.get("config"), overrides)
     logs.configure(settings.log_format, settings.log_level)
     try:
-        daemon = Daemon(settings, config=params.get("config"), overrides=_overrides(params))
+        daemon = Daemon(settings, config=params.get("config"), config_text=text, overrides=overrides)
     except ValueError as exc:
         fail(f"backend {settings.backend}: {exc}", 2)
     try:
@@ -223,25 +230,12 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def _overrides(params: Mapping[str, Any]) -> Overrides:
-    return overrides_from(params, kubelet_dir=params.get("kubelet_dir"), metrics_address=params.get("metrics_address"))
-
-
-def _settings_or_exit(params: Mapping[str, Any], **extra: Any) -> PluginSettings:
-    try:
-        settings = load_settings(params.get("config"), overrides_from(params, **extra))
-        load_factory(settings.backend)
-    except (ConfigError, UnknownBackend) as exc:
-        fail(str(exc), 2)
-    return settings
-
-
 @main.command()
 @common_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def devices(as_json: bool, **params: Any) -> None:
     """List the devices the backend sees, as it would serve them."""
-    settings = _settings_or_exit(params)
+    settings, _ = load_settings(params.get("config"), overrides_from(params))
     logs.configure(settings.log_format, params.get("log_level") or "warning")
     try:
         if params.get("state_dir") is None:
@@ -264,15 +258,8 @@ def devices(as_json: bool, **params: Any) -> None:
 
 
 async def _devices(settings: PluginSettings) -> list[dict[str, Any]]:
-    backend = make_backend(settings)
-    await backend.start()
-    try:
-        tree = await backend.discover()
-    finally:
-        await backend.aclose()
-    # What the kubelet would be served: replicas and strategies applied (no CDI files are written here).
-    for transform in pipeline(settings)[0]:
-        tree = transform(tree)
+    # Replicas and strategies applied; no CDI spec file is written.
+    tree = await served_tree(settings)
     return [
         {
             "resource": d.resource,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,11 +21,12 @@ import structlog
 from gpuplugin.backend import Backend, BackendUnavailable
 from gpuplugin.cdi import spec_writer_for
 from gpuplugin.manager import Manager, ServerFactory, TreeSink, TreeTransform
+from gpuplugin.model import DeviceTree
 from gpuplugin.probes import ProbeServer
 from gpuplugin.registry import BackendContext, load_factory
-from gpuplugin.reload import ConfigWatcher, read_text
+from gpuplugin.reload import ConfigWatcher
 from gpuplugin.server import ResourceServer
-from gpuplugin.settings import ConfigError, Overrides, PluginSettings, parse_config, resolve
+from gpuplugin.settings import Overrides, PluginSettings, parse_config, resolve
 from gpuplugin.strategies import DeviceListStrategy
 from gpuplugin.tasks import TaskSet
 
@@ -56,6 +57,19 @@ def pipeline(settings: PluginSettings) -> tuple[list[TreeTransform], list[TreeSi
     return transforms, [] if writer is None else [writer]
 
 
+async def served_tree(settings: PluginSettings) -> DeviceTree:
+    """What the kubelet would be served: the backend's discovery through the config's transforms (no sink runs)."""
+    backend = make_backend(settings)
+    await backend.start()
+    try:
+        tree = await backend.discover()
+    finally:
+        await backend.aclose()
+    for transform in pipeline(settings)[0]:
+        tree = transform(tree)
+    return tree
+
+
 def settings_from_text(
     text: str | None, source: str, overrides: Overrides, env: Mapping[str, str] = os.environ
 ) -> PluginSettings:
@@ -63,25 +77,29 @@ def settings_from_text(
     return resolve(overrides, data, env, source)
 
 
-@dataclass(frozen=True, slots=True)
-class _BackendPart:
-    """The settings whose change needs a new backend."""
+#: The settings a reload applies: a change of these three by a new backend, of the others by re-applying the
+#: transforms and sinks.
+_BACKEND_SETTINGS = ("backend", "backend_options", "health")
+_RELOADED_SETTINGS = {*_BACKEND_SETTINGS, "sharing", "strategies", "cdi"}
+#: The rest are read once, at start; derived, so that a new setting is named when a reload cannot apply it.
+_RESTART_SETTINGS = tuple(f.name for f in fields(PluginSettings) if f.name not in _RELOADED_SETTINGS)
 
-    backend: str
-    options: Mapping[str, Any]
-    health: Any
 
-    @classmethod
-    def of(cls, settings: PluginSettings) -> _BackendPart:
-        return cls(settings.backend, settings.backend_options, settings.health)
+def _changed(new: PluginSettings, old: PluginSettings, names: Iterable[str]) -> list[str]:
+    return [name for name in names if getattr(new, name) != getattr(old, name)]
 
 
 class Daemon:
     """Serves until stopped; reloads its config file when it changes or on SIGHUP."""
 
-    def __init__(self, settings: PluginSettings, *, config: Path | None, overrides: Overrides) -> None:
+    def __init__(
+        self, settings: PluginSettings, *, config: Path | None, overrides: Overrides, config_text: str | None = None
+    ) -> None:
+        """``config_text``: the text of ``config`` that ``settings`` come from; the watcher reloads on any other.
+        Not read again here: an edit made since would then pass for the text being served, and never apply."""
         self.settings = settings
         self._config = config
+        self._config_text = config_text
         self._overrides = overrides
         transforms, sinks = pipeline(settings)
         # Metrics exist only where the probe server serves them: prometheus_client costs memory and start-up time.
@@ -115,7 +133,7 @@ class Daemon:
         loop.set_default_executor(ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="gpuplugin-io"))
         watcher = None
         if self._config is not None:
-            watcher = ConfigWatcher(self._config, self.reload, initial_text=await self._read_config())
+            watcher = ConfigWatcher(self._config, self.reload, initial_text=self._config_text)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup, watcher)
@@ -147,40 +165,25 @@ class Daemon:
             await watcher.check()
         await self.manager.rediscover()
 
-    async def _read_config(self) -> str | None:
-        if self._config is None:
-            return None
-        try:
-            return await read_text(self._config)
-        except OSError:
-            return None
-
     async def reload(self, text: str) -> None:
         """Apply a new config text; a bad one is refused with one log line and the current config keeps serving."""
         async with self._reloading:
-            source = str(self._config)
+            old = self.settings
             try:
-                new = settings_from_text(text, source, self._overrides)
-            except ConfigError as exc:
+                new = settings_from_text(text, str(self._config), self._overrides)
+                backend = make_backend(new) if _changed(new, old, _BACKEND_SETTINGS) else None
+            except (LookupError, ValueError) as exc:  # a ConfigError, an unknown backend, options it refuses
                 self.refused += 1
                 log.error("config refused; the current config keeps serving", error=str(exc))
                 return
-            old = self.settings
             if new == old:
                 log.info("config reloaded; nothing changed")
                 return
-            for name in ("manager", "log_format", "log_level", "state_dir"):
-                if getattr(new, name) != getattr(old, name):
-                    log.warning("config change needs a restart to apply", setting=name)
+            for name in _changed(new, old, _RESTART_SETTINGS):
+                log.warning("config change needs a restart to apply", setting=name)
             transforms, sinks = pipeline(new)
             # Unchanged CDI settings keep their writer: a new one would delete and rewrite the same spec files.
             keep_sinks = (new.strategies, new.cdi) == (old.strategies, old.cdi)
-            try:
-                backend = make_backend(new) if _BackendPart.of(new) != _BackendPart.of(old) else None
-            except (LookupError, ValueError) as exc:
-                self.refused += 1
-                log.error("config refused; the current config keeps serving", error=str(exc))
-                return
             try:
                 await self.manager.reconfigure(
                     transforms=transforms, sinks=None if keep_sinks else sinks, backend=backend

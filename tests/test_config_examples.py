@@ -19,9 +19,9 @@ from backends.nvml import DeviceIdStrategy, NvmlBackend, NvmlSettings
 from backends.partitioned import Layout, PartitionedBackend, PartitionedSettings, Strategy, build_parent
 from backends.partitioned.backend import parent_context
 from gpuplugin.cdi import CdiSpecWriter
-from gpuplugin.daemon import make_backend, pipeline, settings_from_text
+from gpuplugin.daemon import make_backend, pipeline, served_tree, settings_from_text
 from gpuplugin.health import HealthPolicy
-from gpuplugin.model import AllocationPolicyKind, DeviceTree
+from gpuplugin.model import AllocationPolicyKind
 from gpuplugin.registry import BackendContext
 from gpuplugin.settings import _FLAGS, _PLUGIN_FLAGS, _PLUGIN_SECTION, _SECTIONS, Overrides, PluginSettings
 from gpuplugin.sharing import TimeSlicing
@@ -74,20 +74,6 @@ def check_backend_options(settings: PluginSettings) -> None:
             NvmlSettings.from_options(parent.options)
         else:
             MockSettings.from_options(parent.options, state_dir=settings.state_dir)
-
-
-async def served_tree(settings: PluginSettings) -> DeviceTree:
-    """What the daemon would serve: the backend's discovery through the config's transforms."""
-    backend = make_backend(settings)
-    await backend.start()
-    try:
-        tree = await backend.discover()
-    finally:
-        await backend.aclose()
-    transforms, _ = pipeline(settings)
-    for transform in transforms:
-        tree = transform(tree)
-    return tree
 
 
 def test_every_example_is_checked() -> None:

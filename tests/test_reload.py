@@ -101,7 +101,7 @@ async def running(workdir: Path, text: str, *, config_path: Path | None = None) 
     (workdir / "s").mkdir()
     settings = settings_from_text(text, str(path), overrides)
     async with KubeletSimulator(workdir / "k") as kubelet:
-        daemon = Daemon(settings, config=path, overrides=overrides)
+        daemon = Daemon(settings, config=path, overrides=overrides, config_text=text)
         stop = asyncio.Event()
         task = asyncio.create_task(daemon.run(stop), name="daemon")
         try:
@@ -183,6 +183,19 @@ async def test_renamed_resource_stops_the_old_name_and_registers_the_new(workdir
         assert not old_socket.exists()
 
 
+async def test_change_of_a_setting_read_at_start_is_named_and_the_rest_applies(workdir: Path) -> None:
+    """A reload changing settings read only at start (the metrics address, the log level) warns naming each one."""
+    async with running(workdir, config()) as node:
+        await node.settled(GPU, 2)
+        extra = "plugin: {metricsAddress: '127.0.0.1:0', logLevel: debug}\n"
+        with capture_logs() as logs:
+            write_atomically(node.config, config(replicas=2, extra=extra))
+            await node.settled(GPU, 4)
+        warned = [e["setting"] for e in logs if e["event"] == "config change needs a restart to apply"]
+        assert warned == ["log_level", "probes"]
+        assert node.daemon.reloads == 1
+
+
 @pytest.mark.parametrize(
     ("extra", "field"),
     [
@@ -237,6 +250,16 @@ async def test_configmap_symlink_swap_is_applied_within_a_second(workdir: Path) 
         await node.settled(GPU, 6)
         assert time.monotonic() - swapped < 1.0
         assert node.daemon.reloads == 1 and node.server() is server
+
+
+async def test_edit_before_the_daemon_runs_is_applied(workdir: Path) -> None:
+    """The file edited between loading the settings and starting the daemon: the watcher applies the edit."""
+    path = workdir / "etc" / "config.yaml"
+    path.parent.mkdir()
+    path.write_text(config(replicas=3), encoding="utf-8")
+    async with running(workdir, config(replicas=2), config_path=path) as node:
+        await node.settled(GPU, 6)
+        assert node.daemon.reloads == 1
 
 
 async def test_sighup_rereads_the_file_and_rediscovers(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -133,10 +133,9 @@ async def _story(
     tell(f"a pod after the restart got gpus {', '.join(index[i] for i in admission.device_ids(RESOURCE))}")
 
 
-#: GPU 0 as a mix of profiles, GPU 1 as seven of the smallest; those are time-sliced in two.
+#: GPU 0 as a mix of profiles, GPU 1 as seven of the smallest (of two mock GPUs); those are time-sliced in two.
 PARTITIONS = {
     "parent": "mock",
-    "parent_options": {"gpus": 2},
     "strategy": "mixed",
     "layout": "all-1g.18gb",
     "layouts": {0: ["3g.71gb", "2g.35gb", "1g.18gb", "1g.18gb"]},

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import stat
@@ -46,6 +47,8 @@ DEVICE_PLUGIN_TYPE = "DevicePlugin"
 _LIST_AND_WATCH = "/v1beta1.DevicePlugin/ListAndWatch"
 
 _T = TypeVar("_T")
+#: How a call to a plugin fails: its error status, its deadline, or its connection.
+_RPC_FAILURES = (grpclib.GRPCError, TimeoutError, OSError, grpclib.exceptions.StreamTerminatedError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -378,17 +381,17 @@ class KubeletSimulator:
 
     def endpoint_path(self, resource: str) -> Path:
         """The current endpoint's socket, for another client to dial (the benchmark's Go client)."""
-        endpoint = self._endpoints.get(resource)
-        if endpoint is None or endpoint.stopped:
-            raise LookupError(f"no connected device plugin for {resource}")
-        return self.directory / endpoint.endpoint
+        return self.directory / self._connected(resource).endpoint
 
     def stub(self, resource: str) -> v1beta1.DevicePluginStub:
         """A client on the current endpoint's connection, for tests that call RPCs directly."""
+        return self._connected(resource).stub
+
+    def _connected(self, resource: str) -> _Endpoint:
         endpoint = self._endpoints.get(resource)
         if endpoint is None or endpoint.stopped:
             raise LookupError(f"no connected device plugin for {resource}")
-        return endpoint.stub
+        return endpoint
 
     # A mandatory timeout on purpose (ASYNC109): a test that waits on the simulator must fail, never hang.
     async def wait_for(self, predicate: Callable[[], bool], timeout: float) -> None:  # noqa: ASYNC109
@@ -476,7 +479,7 @@ class KubeletSimulator:
             return await v1beta1.DevicePluginStub(channel).get_device_plugin_options(
                 v1beta1.Empty(), timeout=self.settings.options_timeout_s
             )
-        except (grpclib.GRPCError, TimeoutError, OSError, grpclib.exceptions.StreamTerminatedError) as exc:
+        except _RPC_FAILURES as exc:
             raise await self._reject(request, f"failed to get device plugin options: {exc!r}") from exc
 
     async def _reject(self, request: v1beta1.RegisterRequest, message: str) -> grpclib.GRPCError:
@@ -625,14 +628,14 @@ class KubeletSimulator:
             try:
                 await self._dial(channel)
                 info = await stub.get_info(pluginregistration.InfoRequest(), timeout=self.settings.get_info_timeout_s)
-            except (grpclib.GRPCError, TimeoutError, OSError, grpclib.exceptions.StreamTerminatedError) as exc:
+            except _RPC_FAILURES as exc:
                 log.warning("plugin watcher: GetInfo failed", socket=str(socket), error=repr(exc))
                 return
             error = await self._register_plugin(socket, info)
             status = pluginregistration.RegistrationStatus(plugin_registered=error is None, error=error or "")
             try:
                 await stub.notify_registration_status(status, timeout=self.settings.notify_timeout_s)
-            except (grpclib.GRPCError, TimeoutError, OSError, grpclib.exceptions.StreamTerminatedError) as exc:
+            except _RPC_FAILURES as exc:
                 log.warning("plugin watcher: NotifyRegistrationStatus failed", socket=str(socket), error=repr(exc))
         finally:
             channel.close()
@@ -795,15 +798,7 @@ class KubeletSimulator:
                 timeout=self.settings.pre_start_timeout_s,
             ),
         )
-        return ResourceAllocation(
-            resource=allocation.resource,
-            device_ids=allocation.device_ids,
-            response=allocation.response,
-            preferred=allocation.preferred,
-            preferred_allocation_s=allocation.preferred_allocation_s,
-            allocate_s=allocation.allocate_s,
-            pre_start_s=time.perf_counter() - began,
-        )
+        return dataclasses.replace(allocation, pre_start_s=time.perf_counter() - began)
 
     async def _call(self, pod: str, resource: str, method: str, call: Awaitable[_T]) -> _T:
         """One RPC to the plugin; any failure becomes an AdmissionError naming the method and the plugin's status."""

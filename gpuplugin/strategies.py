@@ -35,10 +35,9 @@ CDI_NAME_ATTRIBUTE = "cdi.name"
 #: CDI strategy removed it from Allocate, so that the spec writer can still put it in the CDI spec.
 CDI_EDITS_ATTRIBUTE = "cdi.containerEdits"
 
-#: CDI's rules (SPEC.md, "Kind"): the vendor is a DNS subdomain, the class ≤ 63 characters, starting with a letter
-#: (the reference parser's rule) and ending with an alphanumeric.
+#: CDI's vendor rule (SPEC.md, "Kind"): a DNS subdomain. Its class rule, a name starting with a letter (the
+#: reference parser's rule), is met by construction: see cdi_class.
 CDI_VENDOR = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-CDI_CLASS = re.compile(r"^[A-Za-z]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
 #: CDI's device name rule (SPEC.md, "CDI Devices"); the reference parser also admits ':', the spec text does not.
 CDI_DEVICE_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]*[A-Za-z0-9])?$")
 _ANNOTATION_NAME_MAX = 63

@@ -5,11 +5,26 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import structlog
+
+from backends.mock import MockBackend
+from backends.mock import create as create_mock
+from gpuplugin.api import v1beta1 as api
+from gpuplugin.health import HealthPolicy
+from gpuplugin.manager import Manager, ManagerSettings, TreeSink, TreeTransform
+from gpuplugin.registry import BackendContext
+from gpuplugin.server import ServerSettings
+from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.watcher import WatcherSettings
+
+MOCK_GPU = "nvidia.com/gpu"
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +54,66 @@ def workdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="gp-", dir="/tmp"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class MockNode:
+    """The manager on two mock GPUs, registered with the kubelet simulator over real unix sockets."""
+
+    kubelet: KubeletSimulator
+    manager: Manager
+    backend: MockBackend
+
+    def gpus(self) -> list[str]:
+        """The GPUs' device IDs as discovered, before time-slicing or a device-list strategy."""
+        return [d.id for d in self.manager.discovered.devices]
+
+    async def allocate(self, *ids: str, resource: str = MOCK_GPU) -> api.ContainerAllocateResponse:
+        """Allocate ``ids`` for one container, straight to the plugin (no admission); its one response."""
+        request = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=list(ids))])
+        (response,) = (await self.kubelet.stub(resource).allocate(request)).container_responses
+        return response
+
+
+class MockNodeFactory(Protocol):
+    def __call__(
+        self,
+        transforms: Sequence[TreeTransform],
+        sinks: Sequence[TreeSink] = (),
+        *,
+        resources: Sequence[str] = (MOCK_GPU,),
+    ) -> AbstractAsyncContextManager[MockNode]: ...
+
+
+@pytest.fixture
+def mock_node(workdir: Path) -> MockNodeFactory:
+    """Starts a MockNode in ``workdir`` serving through ``transforms`` and ``sinks``, once each of ``resources``
+    is registered with devices allocatable; closes it after the block."""
+
+    @asynccontextmanager
+    async def start(
+        transforms: Sequence[TreeTransform], sinks: Sequence[TreeSink] = (), *, resources: Sequence[str] = (MOCK_GPU,)
+    ) -> AsyncIterator[MockNode]:
+        async with KubeletSimulator(workdir) as kubelet:
+            backend = create_mock(
+                BackendContext(
+                    options={"control_socket": str(workdir / "mock.sock"), "gpus": 2},
+                    health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
+                    state_dir=workdir,
+                )
+            )
+            settings = ManagerSettings(
+                server=ServerSettings(kubelet_dir=workdir), watcher=WatcherSettings(poll_interval_s=0.05)
+            )
+            manager = Manager(backend, settings, transforms=transforms, sinks=sinks)
+            await manager.start()
+            try:
+                for resource in resources:
+                    await kubelet.wait_registered(resource, timeout=5)
+                await kubelet.wait_for(lambda: all(kubelet.allocatable(r) > 0 for r in resources), timeout=5)
+                assert isinstance(manager.backend, MockBackend)
+                yield MockNode(kubelet, manager, manager.backend)
+            finally:
+                await manager.aclose()
+
+    return start

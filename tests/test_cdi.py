@@ -7,19 +7,14 @@ import json
 import os
 import re
 import stat
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiofiles.os
 import pytest
 import yaml
 
-from backends.mock import MockBackend
-from backends.mock import create as create_mock
-from gpuplugin.api import v1beta1 as api
 from gpuplugin.cdi import (
     CDI_VERSION,
     CdiSettings,
@@ -29,16 +24,14 @@ from gpuplugin.cdi import (
     spec_file_name,
     spec_writer_for,
 )
-from gpuplugin.health import HealthPolicy
-from gpuplugin.manager import Manager, ManagerSettings, TreeSink, TreeTransform
 from gpuplugin.model import ContainerSpec, Device, DeviceNode, DeviceTree, frozen_mapping
-from gpuplugin.registry import BackendContext
-from gpuplugin.server import ServerSettings
 from gpuplugin.settings import ConfigError
 from gpuplugin.sharing import TimeSlicing
-from gpuplugin.simulator import KubeletSimulator
 from gpuplugin.strategies import DeviceListStrategy
-from gpuplugin.watcher import WatcherSettings
+from tests.fakes import until
+
+if TYPE_CHECKING:
+    from tests.conftest import MockNodeFactory
 
 GPU = "nvidia.com/gpu"
 VENDOR = "k8s.device-plugin.nvidia.com"
@@ -385,49 +378,7 @@ async def test_unwritable_directory_is_logged_not_raised(tmp_path: Path) -> None
     await writer.aclose()
 
 
-# End to end: the manager, the mock backend and the kubelet simulator over real unix sockets.
-
-
-@dataclass
-class Node:
-    kubelet: KubeletSimulator
-    manager: Manager
-    backend: MockBackend
-
-
-@asynccontextmanager
-async def node(
-    directory: Path, transforms: Sequence[TreeTransform], sinks: Sequence[TreeSink], resource: str = GPU
-) -> AsyncIterator[Node]:
-    async with KubeletSimulator(directory) as kubelet:
-        backend = create_mock(
-            BackendContext(
-                options={"control_socket": str(directory / "mock.sock"), "gpus": 2},
-                health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
-                state_dir=directory,
-            )
-        )
-        settings = ManagerSettings(
-            server=ServerSettings(kubelet_dir=directory), watcher=WatcherSettings(poll_interval_s=0.05)
-        )
-        manager = Manager(backend, settings, transforms=transforms, sinks=sinks)
-        await manager.start()
-        try:
-            await kubelet.wait_registered(resource, timeout=5)
-            await kubelet.wait_for(lambda: kubelet.allocatable(resource) > 0, timeout=5)
-            assert isinstance(manager.backend, MockBackend)
-            yield Node(kubelet, manager, manager.backend)
-        finally:
-            await manager.aclose()
-
-
-async def eventually(predicate: Callable[[], bool], timeout_s: float = 2.0) -> None:
-    # The spec follows the tree after the kubelet's stream does, so poll the file rather than the kubelet.
-    for _ in range(int(timeout_s / 0.01)):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"not true within {timeout_s} s")
+# End to end: the manager, the mock backend and the kubelet simulator over real unix sockets (conftest's mock_node).
 
 
 def spec_names(path: Path) -> list[str]:
@@ -437,37 +388,37 @@ def spec_names(path: Path) -> list[str]:
         return []
 
 
-async def test_spec_file_follows_the_served_devices(workdir: Path) -> None:
+async def test_spec_file_follows_the_served_devices(workdir: Path, mock_node: MockNodeFactory) -> None:
     """The spec appears at start describing every CDI name Allocate gives, follows an unplug, and goes at shutdown."""
     strategy = DeviceListStrategy.from_mapping({"deviceListStrategy": ["cdi-cri", "cdi-annotations"]})
     writer = spec_writer_for(strategy, CdiSettings(spec_dir=workdir / "cdi"))
     assert writer is not None
     path = workdir / "cdi" / FILE
-    async with node(workdir, [strategy.apply], [writer]) as n:
-        gpus = [d.id for d in n.manager.discovered.devices]
+    async with mock_node([strategy.apply], [writer]) as n:
+        gpus = n.gpus()
         spec = json.loads(path.read_text())
         assert_valid_spec(spec)
         assert [d["name"] for d in spec["devices"]] == gpus
-        request = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=gpus)])
-        (response,) = (await n.kubelet.stub(GPU).allocate(request)).container_responses
+        response = await n.allocate(*gpus)
         assert [c.name for c in response.cdi_devices] == [f"{spec['kind']}={d['name']}" for d in spec["devices"]]
         nodes = [e["deviceNodes"][0]["path"] for e in (d["containerEdits"] for d in spec["devices"])]
         assert nodes == ["/dev/nvidia0", "/dev/nvidia1"] and list(response.devices) == []
         n.backend.unplug(1)
-        await eventually(lambda: spec_names(path) == gpus[:1])
+        # The spec follows the tree after the kubelet's stream does, so poll the file rather than the kubelet.
+        await until(lambda: spec_names(path) == gpus[:1])
         n.backend.plug(1)
-        await eventually(lambda: spec_names(path) == gpus)
+        await until(lambda: spec_names(path) == gpus)
     assert not path.exists()
     assert os.listdir(workdir / "cdi") == []
 
 
-async def test_shared_resource_gets_its_own_spec(workdir: Path) -> None:
+async def test_shared_resource_gets_its_own_spec(workdir: Path, mock_node: MockNodeFactory) -> None:
     """With renamed time-slicing replicas, the spec is `<vendor>-gpu.shared.json` with one device per GPU."""
     shared = TimeSlicing.from_mapping({"renameByDefault": True, "resources": [{"name": GPU, "replicas": 3}]})
     strategy = DeviceListStrategy.from_mapping({"deviceListStrategy": "cdi-cri"})
     writer = CdiSpecWriter(CdiSettings(spec_dir=workdir / "cdi"))
-    async with node(workdir, [shared.apply, strategy.apply], [writer], resource=f"{GPU}.shared") as n:
+    async with mock_node([shared.apply, strategy.apply], [writer], resources=[f"{GPU}.shared"]) as n:
         spec = json.loads((workdir / "cdi" / f"{VENDOR}-gpu.shared.json").read_text())
         assert_valid_spec(spec)
-        assert [d["name"] for d in spec["devices"]] == [d.id for d in n.manager.discovered.devices]
+        assert [d["name"] for d in spec["devices"]] == n.gpus()
     assert os.listdir(workdir / "cdi") == []

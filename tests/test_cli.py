@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -14,68 +12,36 @@ from click.testing import CliRunner
 from gpuplugin.cli import main
 from gpuplugin.demo import run_demo
 from gpuplugin.simulator import KubeletSimulator
+from tests.test_reliability import serve, sockets_left
 
 GPU = "nvidia.com/gpu"
 
 
-async def start_serve(directory: Path, *extra: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gpuplugin",
-        "serve",
-        "--backend",
-        "mock",
-        "--kubelet-dir",
-        str(directory),
-        "--state-dir",
-        str(directory),
-        "--log-format",
-        "json",
-        *extra,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
 async def test_serve_registers_reloads_on_sighup_and_exits_cleanly_on_sigterm(workdir: Path) -> None:
     """``serve`` registers, rediscovers on SIGHUP, and on SIGTERM removes its sockets and exits 0."""
-    async with KubeletSimulator(workdir) as kubelet:
-        process = await start_serve(workdir, "--mock-gpus", "4")
-        try:
-            await kubelet.wait_for(lambda: kubelet.allocatable(GPU) == 4, timeout=20)
-            process.send_signal(signal.SIGHUP)
-            await asyncio.sleep(0.3)
-            assert process.returncode is None
-            process.send_signal(signal.SIGTERM)
-            _, stderr = await asyncio.wait_for(process.communicate(), 10)
-        finally:
-            if process.returncode is None:
-                process.kill()
-            returncode = await process.wait()
-        assert returncode == 0
+    async with (
+        KubeletSimulator(workdir) as kubelet,
+        serve(workdir, "--backend", "mock", "--mock-gpus", "4") as plugin,
+    ):
+        await kubelet.wait_for(lambda: kubelet.allocatable(GPU) == 4, timeout=20)
+        plugin.process.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.3)
+        assert plugin.process.returncode is None
+        assert await plugin.terminate() == 0
         await kubelet.wait_for(lambda: kubelet.allocatable(GPU) == 0, timeout=5)
-    events = [json.loads(line) for line in stderr.decode().splitlines() if line.strip()]
-    names = [e["event"] for e in events]
+    names = [e["event"] for e in plugin.events]
     assert "registered" in names and "SIGHUP: reloading" in names and names[-1] == "stopped"
-    assert all("level" in e and "timestamp" in e for e in events)
-    assert not [p for p in workdir.iterdir() if p.name.startswith("gpuplugin-") or p.name == "mock.sock"]
+    assert all("level" in e and "timestamp" in e for e in plugin.events)
+    assert plugin.other == [], "every line logged is JSON"
+    assert sockets_left(workdir) == []
 
 
 async def test_sigint_also_stops_cleanly(workdir: Path) -> None:
     """SIGINT stops the daemon like SIGTERM: exit 0, sockets removed."""
-    async with KubeletSimulator(workdir) as kubelet:
-        process = await start_serve(workdir)
-        try:
-            await kubelet.wait_for(lambda: kubelet.allocatable(GPU) == 8, timeout=20)
-            process.send_signal(signal.SIGINT)
-            await asyncio.wait_for(process.communicate(), 10)
-        finally:
-            if process.returncode is None:
-                process.kill()
-            returncode = await process.wait()
-    assert returncode == 0
+    async with KubeletSimulator(workdir) as kubelet, serve(workdir, "--backend", "mock") as plugin:
+        await kubelet.wait_for(lambda: kubelet.allocatable(GPU) == 8, timeout=20)
+        plugin.process.send_signal(signal.SIGINT)
+        assert await asyncio.wait_for(plugin.process.wait(), 10) == 0
     assert not [p for p in workdir.iterdir() if p.suffix == ".sock"]
 
 
@@ -95,16 +61,6 @@ def test_devices_table_has_a_header_and_a_row_per_gpu(workdir: Path) -> None:
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()
     assert lines[0].startswith("RESOURCE") and len(lines) == 3
-
-
-def test_bad_config_gives_one_line_and_exit_2(workdir: Path) -> None:
-    """A bad config file gets one message naming the field and a non-zero exit, no traceback."""
-    config = workdir / "config.yaml"
-    config.write_text("version: v1\nhealth:\n  recoveryQuietPeriodSeconds: soon\n")
-    result = CliRunner().invoke(main, ["serve", "--config", str(config), "--kubelet-dir", str(workdir)])
-    assert result.exit_code == 2
-    assert "health.recoveryQuietPeriodSeconds" in result.output
-    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
 def test_unknown_backend_is_refused(workdir: Path) -> None:

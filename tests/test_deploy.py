@@ -33,7 +33,7 @@ import yaml
 from click.testing import CliRunner
 from packaging.requirements import Requirement
 
-from gpuplugin.cli import main, serve
+from gpuplugin.cli import main
 from gpuplugin.settings import Overrides, PluginSettings, parse_config, resolve
 from gpuplugin.simulator import KubeletSimulator
 
@@ -739,12 +739,8 @@ async def test_e2e_steps_against_the_kubelet_simulator(
     config_path = Path(option(container["args"], "--config"))
     (host[str(config_path.parent)] / config_path.name).write_text(the(objects, "ConfigMap")["data"]["config.yaml"])
     args = [host[str(config_path.parent)] / config_path.name if a == str(config_path) else a for a in container["args"]]
-    probes = any("--metrics-address" in p.opts for p in serve.params)
     port = free_port()
-    if probes:
-        args[args.index("--metrics-address") + 1] = f"127.0.0.1:{port}"
-    else:  # the probe server is not in this checkout yet: run without it
-        del args[args.index("--metrics-address") : args.index("--metrics-address") + 2]
+    args[args.index("--metrics-address") + 1] = f"127.0.0.1:{port}"
     kubelet_dir = host[str(PluginSettings().manager.server.kubelet_dir)]
     state_dir = host[str(PluginSettings().state_dir)]
     socket_path = state_dir / Path(variables["MOCK_SOCKET"]).name
@@ -767,9 +763,8 @@ async def test_e2e_steps_against_the_kubelet_simulator(
             )
         try:
             await kubelet.wait_for(allocatable_is(kubelet, gpus), timeout=20)
-            if probes:
-                assert await http_status(port, "/healthz") == 200
-                await wait_http_ok(port, "/readyz")
+            assert await http_status(port, "/healthz") == 200
+            await wait_http_ok(port, "/readyz")
             # The pod of gpu-pod.yaml: 2 GPU IDs in NVIDIA_VISIBLE_DEVICES, 2 /dev/nvidiaN device nodes.
             admission = await kubelet.admit("gpu-smoke", [{GPU: 2}])
             response = admission.containers[0].allocations[GPU].response

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from gpuplugin.registry import BackendContext
 from gpuplugin.server import ServerSettings
 from gpuplugin.simulator import KubeletSimulator
 from gpuplugin.watcher import WatcherSettings
+from tests.fakes import until
 
 GPU = "nvidia.com/gpu"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -49,19 +48,15 @@ class Plant:
     async def scrape(self) -> Samples:
         status, text, _ = await self.get("/metrics")
         assert status == 200
-        return {
-            (s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
+        return parse(text)
 
 
-async def until(predicate: Callable[[], bool], timeout_s: float = 2.0) -> None:
-    """Poll for state the kubelet simulator does not announce (the plugin's own counters)."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
+def parse(exposition: str) -> Samples:
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(exposition)
+        for s in family.samples
+    }
 
 
 def sample(samples: Samples, name: str, **labels: str) -> float | None:
@@ -224,11 +219,7 @@ def test_observe_rpc_bucket_bounds_are_inclusive() -> None:
     metrics = Metrics()
     metrics.observe_rpc(GPU, "Allocate", RPC_BUCKETS_S[0], "OK")
     metrics.observe_rpc(GPU, "Allocate", 1.5, "OK")
-    samples = {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(metrics.render()[0].decode())
-        for s in family.samples
-    }
+    samples = parse(metrics.render()[0].decode())
     labels = {"resource": GPU, "method": "Allocate"}
     assert sample(samples, "gpuplugin_rpc_duration_seconds_bucket", le=str(RPC_BUCKETS_S[0]), **labels) == 1
     assert sample(samples, "gpuplugin_rpc_duration_seconds_bucket", le="1.0", **labels) == 1

@@ -29,7 +29,8 @@ from gpuplugin.probes import (
     ProbeSettings,
 )
 from gpuplugin.simulator import KubeletSimulator
-from tests.test_metrics import GPU, make_manager, node, plant, until
+from tests.fakes import until
+from tests.test_metrics import GPU, make_manager, node, plant
 
 LOCAL = ListenAddress("127.0.0.1", 0)
 

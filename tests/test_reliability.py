@@ -44,7 +44,7 @@ from gpuplugin.server import MAX_CONTAINERS, MAX_IDS_PER_LIST, ServerSettings
 from gpuplugin.settings import ConfigError, Overrides, PluginSettings
 from gpuplugin.simulator import KubeletSimulator
 from gpuplugin.watcher import WatcherSettings
-from tests.fakes import GPU_RESOURCE, StaticBackend, gpu_tree
+from tests.fakes import GPU_RESOURCE, StaticBackend, gpu_tree, until
 
 GPU = "nvidia.com/gpu"
 SHARED = "nvidia.com/gpu.shared"
@@ -84,13 +84,6 @@ async def running(kubelet: KubeletSimulator, manager: Manager, resource: str, co
         yield manager
     finally:
         await manager.aclose()
-
-
-async def eventually(predicate: Callable[[], bool], timeout_s: float = 2.0) -> None:
-    """Poll ``predicate`` until it holds; TimeoutError after ``timeout_s`` (for state the simulator cannot see)."""
-    async with asyncio.timeout(timeout_s):
-        while not predicate():  # noqa: ASYNC110 (the state polled has no event to wait on)
-            await asyncio.sleep(0.005)
 
 
 def open_fds() -> int:
@@ -146,10 +139,8 @@ async def test_fifty_kubelet_restarts_leave_one_socket_and_no_leaks(workdir: Pat
             await kubelet.restart()
             await kubelet.wait_registered(GPU, after=before, timeout=5)
             await kubelet.wait_for(lambda: kubelet.allocatable(GPU) == 8 and kubelet.stream_open(GPU), timeout=5)
-            await eventually(lambda: server.registered)
-            await eventually(
-                lambda: server.socket_path is not None and plugin_sockets(workdir) == [server.socket_path.name]
-            )
+            await until(lambda: server.registered)
+            await until(lambda: server.socket_path is not None and plugin_sockets(workdir) == [server.socket_path.name])
             # The new endpoint answers Allocate: a pod is admitted, then removed.
             admitted = await kubelet.admit(f"pod-{restart}", [{GPU: 1}])
             assert len(admitted.device_ids(GPU)) == 1
@@ -159,7 +150,7 @@ async def test_fifty_kubelet_restarts_leave_one_socket_and_no_leaks(workdir: Pat
                 baseline = (open_fds(), len(asyncio.all_tasks()))
         assert baseline is not None
         fds, tasks = baseline
-        await eventually(lambda: len(asyncio.all_tasks()) <= tasks)
+        await until(lambda: len(asyncio.all_tasks()) <= tasks)
         assert open_fds() - fds <= 2, f"{open_fds() - fds} file descriptors more after 45 restarts"
         assert manager.ready
 
@@ -225,7 +216,7 @@ async def test_cancelled_list_and_watch_streams_are_released_and_others_keep_rec
         async with KubeletSimulator(workdir) as kubelet, running(kubelet, mock_manager(workdir), GPU, 8) as manager:
             server = manager.servers[GPU]
             assert server.socket_path is not None
-            await eventually(lambda: server.open_streams == 1)
+            await until(lambda: server.open_streams == 1)
             channel = Channel(path=str(server.socket_path))
             dropped = Channel(path=str(server.socket_path))
             try:
@@ -260,7 +251,7 @@ async def test_cancelled_list_and_watch_streams_are_released_and_others_keep_rec
                     on_dropped = [watch(api.DevicePluginStub(dropped)) for _ in range(2)]
                     for stream in on_dropped:
                         await anext(stream)
-                    await eventually(lambda: server.open_streams == 1 + 2 + 3 + 1 + 1 + 2)
+                    await until(lambda: server.open_streams == 1 + 2 + 3 + 1 + 1 + 2)
                     await raw.cancel()
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -272,7 +263,7 @@ async def test_cancelled_list_and_watch_streams_are_released_and_others_keep_rec
                     with contextlib.suppress(*CONNECTION_ERRORS):
                         await stream.aclose()
                 # Only the simulator's stream and the two kept ones remain, before any device changes.
-                await eventually(lambda: server.open_streams == 3)
+                await until(lambda: server.open_streams == 3)
 
                 assert isinstance(manager.backend, MockBackend)
                 manager.backend.xid(3, 79)
@@ -281,7 +272,7 @@ async def test_cancelled_list_and_watch_streams_are_released_and_others_keep_rec
                     update = await asyncio.wait_for(anext(stream), 2)
                     assert [d.health for d in update.devices].count(str(Health.UNHEALTHY)) == 1
                     await stream.aclose()
-                await eventually(lambda: server.open_streams == 1)
+                await until(lambda: server.open_streams == 1)
             finally:
                 channel.close()
                 dropped.close()
@@ -358,7 +349,7 @@ async def test_backend_event_stream_raising_keeps_serving_the_last_tree(workdir:
             backend.push(unhealthy("GPU-1"))
             await kubelet.wait_for(lambda: kubelet.allocatable(GPU_RESOURCE) == 3, timeout=2)
             backend.break_events(BackendFailure("the driver went away"))
-            await eventually(lambda: any(e["event"].startswith("backend event stream failed") for e in logs))
+            await until(lambda: any(e["event"].startswith("backend event stream failed") for e in logs))
             await check_serves_last_tree(kubelet, GPU_RESOURCE, bad="GPU-1", good="GPU-0")
             assert kubelet.stream_open(GPU_RESOURCE) and kubelet.allocatable(GPU_RESOURCE) == 3
             # The kubelet's restarts are still followed.
@@ -427,7 +418,7 @@ async def test_sighup_rediscovery_failing_is_logged_and_the_daemon_keeps_serving
                 await kubelet.wait_for(lambda: kubelet.allocatable(GPU_RESOURCE) == 3, timeout=2)
                 backend.discover_error = BackendUnavailable("NVML: driver/library version mismatch")
                 os.kill(os.getpid(), signal.SIGHUP)
-                await eventually(lambda: any(e["event"] == "task failed" for e in logs))
+                await until(lambda: any(e["event"] == "task failed" for e in logs))
                 await check_serves_last_tree(kubelet, GPU_RESOURCE, bad="GPU-0", good="GPU-1")
             finally:
                 stop.set()
@@ -554,7 +545,7 @@ async def test_sigterm_during_an_allocate_burst_answers_or_fails_cleanly_and_exi
 
         try:
             callers = [asyncio.create_task(caller(stub, n)) for stub in stubs for n in range(60)]
-            await eventually(lambda: len(outcomes) >= 500, 20)
+            await until(lambda: len(outcomes) >= 500, 20)
             plugin.process.send_signal(signal.SIGTERM)
             async with asyncio.timeout(15):
                 await asyncio.gather(*callers)
@@ -919,7 +910,6 @@ def test_config_loader_fuzzed_documents_load_or_raise_config_error(
     data: Any, overrides: Overrides, env: dict[str, str]
 ) -> None:
     """Random documents of the config's known keys and random values give settings or a ConfigError, nothing else."""
-    # A known bug, pinned by test_device_list_strategy_with_a_nested_item_is_refused: drop this once it is fixed.
     load_or_refuse(render(data), overrides, env)
 
 

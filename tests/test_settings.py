@@ -176,10 +176,12 @@ def run_cli(tmp_path: Path, *args: str, config: str | None = None, env: dict[str
 
 
 def assert_one_line_error(result: Any, *needles: str) -> None:
-    assert result.exit_code not in (0, None), result.output
+    """Exit 2 (a usage error: retrying does not help) with one line on stderr holding each of ``needles``."""
+    assert result.exit_code == 2, result.output
     assert isinstance(result.exception, SystemExit), repr(result.exception)
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
+    assert len(result.output.strip().splitlines()) == 1, result.output
     assert "Traceback" not in result.output
     for needle in needles:
         assert needle in lines[0]
@@ -192,6 +194,7 @@ def assert_one_line_error(result: Any, *needles: str) -> None:
         ("plugin:\n  logFormat: xml\n", "plugin.logFormat"),
         ("health:\n  ignoredXids: nope\n", "health.ignoredXids"),
         ("health:\n  recoveryQuietPeriodSeconds: -3\n", "health.recoveryQuietPeriodSeconds"),
+        ("version: v1\nhealth:\n  recoveryQuietPeriodSeconds: soon\n", "health.recoveryQuietPeriodSeconds"),
         ("health:\n  bogus: 1\n", "health.bogus"),
         ("backend: 7\n", "backend"),
     ],

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from grpclib import GRPCError
 from grpclib.const import Status
 
-from backends.mock import MockBackend
-from backends.mock import create as create_mock
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.health import HealthPolicy
-from gpuplugin.manager import Manager, ManagerSettings, TreeSink, TreeTransform
+from gpuplugin.manager import TreeTransform
 from gpuplugin.model import (
     AllocationPolicyKind,
     ContainerSpec,
@@ -28,12 +21,12 @@ from gpuplugin.model import (
     ResourceRules,
     frozen_mapping,
 )
-from gpuplugin.registry import BackendContext
-from gpuplugin.server import ServerSettings
 from gpuplugin.settings import ConfigError
 from gpuplugin.sharing import SharingError, TimeSlicing
-from gpuplugin.simulator import AdmissionError, KubeletSimulator
-from gpuplugin.watcher import WatcherSettings
+from gpuplugin.simulator import AdmissionError
+
+if TYPE_CHECKING:
+    from tests.conftest import MockNodeFactory
 
 GPU = "nvidia.com/gpu"
 SHARED = "nvidia.com/gpu.shared"
@@ -252,110 +245,56 @@ def test_nvidia_config_is_accepted_as_is() -> None:
     assert config.resources[0].replicas == 10 and config.served_name(config.resources[0]) == GPU
 
 
-# End to end: the manager, the mock backend and the kubelet simulator over real unix sockets.
-
-
-@dataclass
-class Node:
-    kubelet: KubeletSimulator
-    manager: Manager
-    backend: MockBackend
-
-    def gpus(self) -> list[str]:
-        return [d.id for d in self.manager.discovered.devices]
-
-
-@asynccontextmanager
-async def node(
-    directory: Path,
-    transforms: Sequence[TreeTransform],
-    resources: Sequence[str],
-    *,
-    sinks: Sequence[TreeSink] = (),
-    options: Mapping[str, Any] | None = None,
-) -> AsyncIterator[Node]:
-    async with KubeletSimulator(directory) as kubelet:
-        backend = create_mock(
-            BackendContext(
-                options={"control_socket": str(directory / "mock.sock"), "gpus": 2, **(options or {})},
-                health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
-                state_dir=directory,
-            )
-        )
-        settings = ManagerSettings(
-            server=ServerSettings(kubelet_dir=directory), watcher=WatcherSettings(poll_interval_s=0.05)
-        )
-        manager = Manager(backend, settings, transforms=transforms, sinks=sinks)
-        await manager.start()
-        try:
-            for resource in resources:
-                await serving(kubelet, resource)
-            assert isinstance(manager.backend, MockBackend)
-            yield Node(kubelet, manager, manager.backend)
-        finally:
-            await manager.aclose()
-
-
-async def serving(kubelet: KubeletSimulator, resource: str) -> None:
-    await kubelet.wait_registered(resource, timeout=5)
-    await kubelet.wait_for(lambda: kubelet.allocatable(resource) > 0, timeout=5)
+# End to end: the manager, the mock backend and the kubelet simulator over real unix sockets (conftest's mock_node).
 
 
 def replicas(config: dict[str, Any]) -> list[TreeTransform]:
     return [TimeSlicing.from_mapping(config, PATH).apply]
 
 
-async def test_replicas_registered_under_the_original_name(workdir: Path) -> None:
+async def test_replicas_registered_under_the_original_name(mock_node: MockNodeFactory) -> None:
     """Without rename, the kubelet sees every replica under nvidia.com/gpu."""
-    async with node(workdir, replicas({"resources": [{"name": GPU, "replicas": 3}]}), [GPU]) as n:
+    async with mock_node(replicas({"resources": [{"name": GPU, "replicas": 3}]})) as n:
         gpus = n.gpus()
         assert sorted(n.kubelet.devices(GPU)) == sorted(f"{g}::{i}" for g in gpus for i in range(3))
         assert n.kubelet.allocatable(GPU) == 6
 
 
-async def test_replicas_registered_under_the_renamed_name(workdir: Path) -> None:
+async def test_replicas_registered_under_the_renamed_name(mock_node: MockNodeFactory) -> None:
     """With renameByDefault the replicas register as nvidia.com/gpu.shared and unselected GPUs stay nvidia.com/gpu."""
     config = {"renameByDefault": True, "resources": [{"name": GPU, "replicas": 4, "devices": [1]}]}
-    async with node(workdir, replicas(config), [GPU, SHARED]) as n:
+    async with mock_node(replicas(config), resources=[GPU, SHARED]) as n:
         gpus = n.gpus()
         assert n.kubelet.devices(GPU) == {gpus[0]: "Healthy"}
         assert sorted(n.kubelet.devices(SHARED)) == [f"{gpus[1]}::{i}" for i in range(4)]
 
 
-async def test_per_gpu_replica_counts(workdir: Path) -> None:
+async def test_per_gpu_replica_counts(mock_node: MockNodeFactory) -> None:
     """perGpu gives each GPU its own replica count, served through the kubelet."""
     config = {"resources": [{"name": GPU, "replicas": 2, "perGpu": {0: 5}}]}
-    async with node(workdir, replicas(config), [GPU]) as n:
+    async with mock_node(replicas(config)) as n:
         gpus = n.gpus()
         served = n.kubelet.devices(GPU)
         assert sum(1 for i in served if i.startswith(gpus[0])) == 5
         assert sum(1 for i in served if i.startswith(gpus[1])) == 2
 
 
-async def test_two_replicas_of_one_gpu_name_it_once(workdir: Path) -> None:
+async def test_two_replicas_of_one_gpu_name_it_once(mock_node: MockNodeFactory) -> None:
     """Allocate of two replicas of one GPU sets NVIDIA_VISIBLE_DEVICES to that GPU once, with its node once."""
-    async with node(workdir, replicas({"resources": [{"name": GPU, "replicas": 3}]}), [GPU]) as n:
+    async with mock_node(replicas({"resources": [{"name": GPU, "replicas": 3}]})) as n:
         first = n.gpus()[0]
-        request = api.AllocateRequest(
-            container_requests=[api.ContainerAllocateRequest(devices_ids=[f"{first}::0", f"{first}::2"])]
-        )
-        (response,) = (await n.kubelet.stub(GPU).allocate(request)).container_responses
+        response = await n.allocate(f"{first}::0", f"{first}::2")
         assert response.envs["NVIDIA_VISIBLE_DEVICES"] == first
         assert [d.container_path for d in response.devices] == ["/dev/nvidia0"]
 
 
-async def test_fail_requests_greater_than_one_refuses_two_replicas(workdir: Path) -> None:
+async def test_fail_requests_greater_than_one_refuses_two_replicas(mock_node: MockNodeFactory) -> None:
     """With failRequestsGreaterThanOne, Allocate of two replicas fails INVALID_ARGUMENT and one replica works."""
     config = {"failRequestsGreaterThanOne": True, "resources": [{"name": GPU, "replicas": 2}]}
-    async with node(workdir, replicas(config), [GPU]) as n:
+    async with mock_node(replicas(config)) as n:
         first = n.gpus()[0]
-        stub = n.kubelet.stub(GPU)
         with pytest.raises(GRPCError) as caught:
-            await stub.allocate(
-                api.AllocateRequest(
-                    container_requests=[api.ContainerAllocateRequest(devices_ids=[f"{first}::0", f"{first}::1"])]
-                )
-            )
+            await n.allocate(f"{first}::0", f"{first}::1")
         assert caught.value.status is Status.INVALID_ARGUMENT
         assert "at most 1" in str(caught.value.message)
         with pytest.raises(AdmissionError):
@@ -364,9 +303,9 @@ async def test_fail_requests_greater_than_one_refuses_two_replicas(workdir: Path
         assert len(one.device_ids(GPU)) == 1
 
 
-async def test_distributed_spreads_replicas_over_gpus(workdir: Path) -> None:
+async def test_distributed_spreads_replicas_over_gpus(mock_node: MockNodeFactory) -> None:
     """With the distributed policy, admission spreads replicas over GPUs, least loaded first."""
-    async with node(workdir, replicas({"resources": [{"name": GPU, "replicas": 4}]}), [GPU]) as n:
+    async with mock_node(replicas({"resources": [{"name": GPU, "replicas": 4}]})) as n:
         gpus = n.gpus()
         pair = await n.kubelet.admit("pair", [{GPU: 2}])
         assert sorted(i.split("::")[0] for i in pair.device_ids(GPU)) == sorted(gpus)
@@ -374,19 +313,19 @@ async def test_distributed_spreads_replicas_over_gpus(workdir: Path) -> None:
         assert sorted(s.device_ids(GPU)[0].split("::")[0] for s in singles) == sorted(gpus)
 
 
-async def test_packed_fills_one_gpu_first(workdir: Path) -> None:
+async def test_packed_fills_one_gpu_first(mock_node: MockNodeFactory) -> None:
     """With the packed policy, admission takes replicas of one GPU before touching the next."""
     config = {"allocationPolicy": "packed", "resources": [{"name": GPU, "replicas": 4}]}
-    async with node(workdir, replicas(config), [GPU]) as n:
+    async with mock_node(replicas(config)) as n:
         pair = await n.kubelet.admit("pair", [{GPU: 2}])
         (packed_gpu,) = {i.split("::")[0] for i in pair.device_ids(GPU)}
         more = await n.kubelet.admit("more", [{GPU: 2}])
         assert {i.split("::")[0] for i in more.device_ids(GPU)} == {packed_gpu}
 
 
-async def test_xid_marks_every_replica_of_the_gpu_unhealthy(workdir: Path) -> None:
+async def test_xid_marks_every_replica_of_the_gpu_unhealthy(mock_node: MockNodeFactory) -> None:
     """A fatal XID on one GPU turns all its replicas Unhealthy and leaves the other GPU's replicas Healthy."""
-    async with node(workdir, replicas({"resources": [{"name": GPU, "replicas": 3}]}), [GPU]) as n:
+    async with mock_node(replicas({"resources": [{"name": GPU, "replicas": 3}]})) as n:
         gpus = n.gpus()
         n.backend.xid(1, 79)
         await n.kubelet.wait_for(lambda: n.kubelet.allocatable(GPU) == 3, timeout=2)

@@ -6,10 +6,8 @@ import asyncio
 import functools
 import json
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpclib
@@ -160,24 +158,13 @@ PluginFactory = Callable[..., Awaitable[FakePlugin]]
 
 
 @pytest.fixture
-def directory(tmp_path: Path) -> Iterator[Path]:
-    """tmp_path when a socket path fits in it (about 107 bytes), else a short directory under /tmp."""
-    if len(str(tmp_path)) < 70:
-        yield tmp_path
-        return
-    short = Path(tempfile.mkdtemp(prefix="sim-", dir="/tmp"))
-    yield short
-    shutil.rmtree(short, ignore_errors=True)
-
-
-@pytest.fixture
-async def simulator(directory: Path) -> AsyncIterator[KubeletSimulator]:
-    async with KubeletSimulator(directory, SimulatorSettings(dial_timeout_s=0.5)) as simulator:
+async def simulator(workdir: Path) -> AsyncIterator[KubeletSimulator]:
+    async with KubeletSimulator(workdir, SimulatorSettings(dial_timeout_s=0.5)) as simulator:
         yield simulator
 
 
 @pytest.fixture
-async def plugins(directory: Path) -> AsyncIterator[PluginFactory]:
+async def plugins(workdir: Path) -> AsyncIterator[PluginFactory]:
     """Start fake plugins on sockets in the directory; all are closed at the end."""
     started: list[FakePlugin] = []
 
@@ -185,7 +172,7 @@ async def plugins(directory: Path) -> AsyncIterator[PluginFactory]:
         endpoint: str, devices: Sequence[str] = ("gpu-0", "gpu-1", "gpu-2"), **kwargs: object
     ) -> FakePlugin:
         plugin = FakePlugin(devices, **kwargs)  # type: ignore[arg-type]
-        await plugin.serve(directory / endpoint)
+        await plugin.serve(workdir / endpoint)
         started.append(plugin)
         return plugin
 
@@ -219,12 +206,10 @@ def test_extended_resource_names() -> None:
     assert not is_extended_resource_name("example.com/" + "x" * 64)
 
 
-async def test_register_asks_options_first(
-    simulator: KubeletSimulator, plugins: PluginFactory, directory: Path
-) -> None:
+async def test_register_asks_options_first(simulator: KubeletSimulator, plugins: PluginFactory, workdir: Path) -> None:
     """Register returns only after GetDevicePluginOptions was answered, then ListAndWatch opens."""
     plugin = await plugins("plugin-a.sock", pre_start=True)
-    await register(directory, "plugin-a.sock")
+    await register(workdir, "plugin-a.sock")
     assert plugin.calls[0] == "GetDevicePluginOptions"
     [registration] = simulator.registrations
     assert registration.resource == RESOURCE
@@ -246,12 +231,12 @@ async def test_register_asks_options_first(
     ],
 )
 async def test_bad_registration_rejected(
-    simulator: KubeletSimulator, plugins: PluginFactory, directory: Path, version: str, resource: str, reason: str
+    simulator: KubeletSimulator, plugins: PluginFactory, workdir: Path, version: str, resource: str, reason: str
 ) -> None:
     """A wrong version or a non-extended resource name gets a gRPC error and no connection."""
     plugin = await plugins("plugin-a.sock")
     with pytest.raises(grpclib.GRPCError) as caught:
-        await register(directory, "plugin-a.sock", resource, version=version)
+        await register(workdir, "plugin-a.sock", resource, version=version)
     assert caught.value.status is Status.UNKNOWN
     assert reason in (caught.value.message or "")
     assert simulator.registrations == []
@@ -259,10 +244,10 @@ async def test_bad_registration_rejected(
     assert plugin.calls == []
 
 
-async def test_unreachable_endpoint_rejected(simulator: KubeletSimulator, directory: Path) -> None:
+async def test_unreachable_endpoint_rejected(simulator: KubeletSimulator, workdir: Path) -> None:
     """Register fails when the plugin's socket cannot be dialled within the dial timeout."""
     with pytest.raises(grpclib.GRPCError, match="failed to dial"):
-        await register(directory, "missing.sock")
+        await register(workdir, "missing.sock")
     assert simulator.registrations == []
 
 
@@ -357,32 +342,32 @@ async def test_allocate_error_frees_pod(simulator: KubeletSimulator, plugins: Pl
     assert simulator.pods() == []
 
 
-async def test_remove_pod_frees(simulator: KubeletSimulator, plugins: PluginFactory, directory: Path) -> None:
+async def test_remove_pod_frees(simulator: KubeletSimulator, plugins: PluginFactory, workdir: Path) -> None:
     """Removing a pod frees its devices and rewrites the checkpoint."""
     await registered(simulator, plugins)
     await simulator.admit("pod-a", [{RESOURCE: 3}])
     assert simulator.free(RESOURCE) == 0
     await simulator.remove_pod("pod-a")
     assert simulator.free(RESOURCE) == 3
-    assert json.loads((directory / CHECKPOINT_FILE).read_text()) == {}
+    assert json.loads((workdir / CHECKPOINT_FILE).read_text()) == {}
     await simulator.remove_pod("pod-a")
 
 
-async def test_checkpoint_written(simulator: KubeletSimulator, plugins: PluginFactory, directory: Path) -> None:
+async def test_checkpoint_written(simulator: KubeletSimulator, plugins: PluginFactory, workdir: Path) -> None:
     """After admission the checkpoint maps pod to container to resource to device IDs."""
     await registered(simulator, plugins, preferred=False)
     await simulator.admit("pod-a", [{RESOURCE: 2}, {}])
-    checkpoint = json.loads((directory / CHECKPOINT_FILE).read_text())
+    checkpoint = json.loads((workdir / CHECKPOINT_FILE).read_text())
     # As upstream, only containers that got devices appear.
     assert checkpoint == {"pod-a": {"container-0": {RESOURCE: ["gpu-0", "gpu-1"]}}}
-    assert [n for n in await asyncio.to_thread(os.listdir, directory) if n.startswith(".")] == []
+    assert [n for n in await asyncio.to_thread(os.listdir, workdir) if n.startswith(".")] == []
 
 
-async def test_newest_registration_wins(simulator: KubeletSimulator, plugins: PluginFactory, directory: Path) -> None:
+async def test_newest_registration_wins(simulator: KubeletSimulator, plugins: PluginFactory, workdir: Path) -> None:
     """A second registration for a resource replaces the first; the old stream is closed without zeroing anything."""
     await registered(simulator, plugins, "plugin-a.sock")
     newer = await plugins("plugin-b.sock", ("gpu-x",))
-    await register(directory, "plugin-b.sock")
+    await register(workdir, "plugin-b.sock")
     await simulator.wait_for(lambda: simulator.devices(RESOURCE) == {"gpu-x": "Healthy"}, TIMEOUT_S)
     assert [r.endpoint for r in simulator.registrations] == ["plugin-a.sock", "plugin-b.sock"]
     assert simulator.stream_ends == []
@@ -417,17 +402,17 @@ async def test_stream_error_zeroes_allocatable(simulator: KubeletSimulator, plug
         simulator.stub(RESOURCE)
 
 
-async def test_restart(simulator: KubeletSimulator, plugins: PluginFactory, directory: Path) -> None:
+async def test_restart(simulator: KubeletSimulator, plugins: PluginFactory, workdir: Path) -> None:
     """A restart wipes sockets but not the checkpoint, keeps pods' devices, and accepts re-registration."""
     await registered(simulator, plugins, "plugin-a.sock", preferred=False)
     await simulator.admit("pod-a", [{RESOURCE: 1}])
-    (directory / "subdir").mkdir()
-    (directory / "stale-file").write_text("x")
+    (workdir / "subdir").mkdir()
+    (workdir / "stale-file").write_text("x")
     count = len(simulator.registrations)
 
     restart = await simulator.restart()
 
-    names = sorted(await asyncio.to_thread(os.listdir, directory))
+    names = sorted(await asyncio.to_thread(os.listdir, workdir))
     assert names == sorted([CHECKPOINT_FILE, KUBELET_SOCKET, "subdir"])
     assert simulator.devices(RESOURCE) == {}
     assert simulator.allocatable(RESOURCE) == 0
@@ -437,7 +422,7 @@ async def test_restart(simulator: KubeletSimulator, plugins: PluginFactory, dire
         await simulator.admit("pod-b", [{RESOURCE: 1}])
 
     await plugins("plugin-a-2.sock", preferred=False)
-    await register(directory, "plugin-a-2.sock")
+    await register(workdir, "plugin-a-2.sock")
     registration = await simulator.wait_registered(RESOURCE, after=count, timeout=TIMEOUT_S)
     assert registration.endpoint == "plugin-a-2.sock"
     assert registration.monotonic_s >= restart.served_monotonic_s >= restart.started_monotonic_s
@@ -465,12 +450,12 @@ async def test_wait_for_times_out(simulator: KubeletSimulator) -> None:
     assert time.monotonic() - began < 1.0
 
 
-async def test_aclose_removes_socket(directory: Path, plugins: PluginFactory) -> None:
+async def test_aclose_removes_socket(workdir: Path, plugins: PluginFactory) -> None:
     """Closing the simulator drops plugin streams, stops serving and removes kubelet.sock."""
-    simulator = KubeletSimulator(directory, SimulatorSettings(dial_timeout_s=0.5))
+    simulator = KubeletSimulator(workdir, SimulatorSettings(dial_timeout_s=0.5))
     await simulator.start()
     plugin = await registered(simulator, plugins)
     await simulator.aclose()
-    assert not (directory / KUBELET_SOCKET).exists()
+    assert not (workdir / KUBELET_SOCKET).exists()
     assert plugin.calls.count("ListAndWatch") == 1
     await simulator.aclose()

@@ -4,24 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Mapping, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from backends.mock import create as create_mock
 from gpuplugin.api import v1beta1 as api
-from gpuplugin.health import HealthPolicy
-from gpuplugin.manager import Manager, ManagerSettings, TreeTransform
 from gpuplugin.model import ContainerSpec, Device, DeviceNode, DeviceTree, Mount, frozen_mapping, merge_specs
-from gpuplugin.registry import BackendContext
-from gpuplugin.server import ServerSettings
 from gpuplugin.settings import ConfigError
 from gpuplugin.sharing import TimeSlicing
-from gpuplugin.simulator import KubeletSimulator
 from gpuplugin.strategies import (
     CDI_EDITS_ATTRIBUTE,
     CDI_NAME_ATTRIBUTE,
@@ -29,7 +19,9 @@ from gpuplugin.strategies import (
     DeviceListStrategyKind,
     cdi_kind,
 )
-from gpuplugin.watcher import WatcherSettings
+
+if TYPE_CHECKING:
+    from tests.conftest import MockNodeFactory
 
 GPU = "nvidia.com/gpu"
 KIND = "k8s.device-plugin.nvidia.com/gpu"
@@ -251,46 +243,7 @@ def test_section_must_be_a_mapping() -> None:
         DeviceListStrategy.from_mapping("envvar", PATH)
 
 
-# End to end: the manager, the mock backend and the kubelet simulator over real unix sockets.
-
-
-@dataclass
-class Node:
-    kubelet: KubeletSimulator
-    manager: Manager
-
-    def gpus(self) -> list[str]:
-        return [d.id for d in self.manager.discovered.devices]
-
-    async def allocate(self, *ids: str) -> api.ContainerAllocateResponse:
-        request = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=list(ids))])
-        (response,) = (await self.kubelet.stub(GPU).allocate(request)).container_responses
-        return response
-
-
-@asynccontextmanager
-async def node(
-    directory: Path, transforms: Sequence[TreeTransform], options: Mapping[str, Any] | None = None
-) -> AsyncIterator[Node]:
-    async with KubeletSimulator(directory) as kubelet:
-        backend = create_mock(
-            BackendContext(
-                options={"control_socket": str(directory / "mock.sock"), "gpus": 2, **(options or {})},
-                health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
-                state_dir=directory,
-            )
-        )
-        settings = ManagerSettings(
-            server=ServerSettings(kubelet_dir=directory), watcher=WatcherSettings(poll_interval_s=0.05)
-        )
-        manager = Manager(backend, settings, transforms=transforms)
-        await manager.start()
-        try:
-            await kubelet.wait_registered(GPU, timeout=5)
-            await kubelet.wait_for(lambda: kubelet.allocatable(GPU) > 0, timeout=5)
-            yield Node(kubelet, manager)
-        finally:
-            await manager.aclose()
+# End to end: the manager, the mock backend and the kubelet simulator over real unix sockets (conftest's mock_node).
 
 
 def summary(response: api.ContainerAllocateResponse) -> dict[str, Any]:
@@ -377,17 +330,17 @@ NODES = [("/dev/null", "/dev/nvidia0", "rw"), ("/dev/null", "/dev/nvidia1", "rw"
         ),
     ],
 )
-async def test_allocate_response_per_strategy(workdir: Path, kinds: list[str], expected: Any) -> None:
+async def test_allocate_response_per_strategy(mock_node: MockNodeFactory, kinds: list[str], expected: Any) -> None:
     """Allocate of two GPUs answers with exactly the envs, mounts, nodes, annotations and CDI names of the strategy."""
-    async with node(workdir, [strategy(*kinds).apply]) as n:
+    async with mock_node([strategy(*kinds).apply]) as n:
         a, b = n.gpus()
         assert summary(await n.allocate(a, b)) == expected(a, b)
 
 
-async def test_replicas_with_cdi_name_their_gpu_once(workdir: Path) -> None:
+async def test_replicas_with_cdi_name_their_gpu_once(mock_node: MockNodeFactory) -> None:
     """With time-slicing and cdi-cri, two replicas of one GPU give one CDI name in the response."""
     shared = TimeSlicing.from_mapping({"resources": [{"name": GPU, "replicas": 2}]}, "sharing.timeSlicing")
-    async with node(workdir, [shared.apply, strategy("cdi-cri", "cdi-annotations").apply]) as n:
+    async with mock_node([shared.apply, strategy("cdi-cri", "cdi-annotations").apply]) as n:
         first = n.gpus()[0]
         response = await n.allocate(f"{first}::0", f"{first}::1")
         assert [c.name for c in response.cdi_devices] == [f"{KIND}={first}"]

@@ -44,7 +44,8 @@ def latency_cdf(measures: Mapping[str, Latencies], path: Path) -> None:
     axes.set_title("Latency distribution")
     axes.grid(True, which="both", alpha=0.3)
     if axes.get_legend_handles_labels()[0]:  # none where no measure has two samples (a single restart)
-        axes.legend(fontsize="small")
+        # A fixed place: "best" searches the data, and on large runs matplotlib warns that it is slow.
+        axes.legend(fontsize="small", loc="lower right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -69,7 +70,7 @@ def latency_over_time(result: RunResult, path: Path) -> None:
     axes.set_title("Latency over time (red: GPU unhealthy, green: healthy again, dashed: kubelet restart)")
     axes.grid(True, which="both", alpha=0.3)
     if axes.get_legend_handles_labels()[0]:  # none where the run made no calls (restarts alone)
-        axes.legend(fontsize="small", markerscale=4)
+        axes.legend(fontsize="small", markerscale=4, loc="upper right")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -315,7 +315,8 @@ def test_nvml_run_counts_what_registers_and_skips_flaps(tmp_path: Path, monkeypa
 
 def test_nvml_quick_run_on_a_one_gpu_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`nvml --backend nvml --quick` on a one-GPU node (a 1-GPU mock stands in): every phase sized to the node, ends
-    in seconds with 0 errors. It used to hang at the churn, whose two-container pods never fit one GPU."""
+    (within the 60 s guard, not a timing) with 0 errors. It used to hang at the churn, whose two-container pods
+    never fit one GPU."""
     monkeypatch.setattr(runner, "plugin_argv", _nvml_stand_in(1))
     [scenario] = select("nvml", "nvml", True, {})
     with _fails_after(60):
@@ -323,7 +324,6 @@ def test_nvml_quick_run_on_a_one_gpu_node(tmp_path: Path, monkeypatch: pytest.Mo
 
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["errors"] == 0, data["latency"]
-    assert data["wall_s"] < 20, data["wall_s"]
     assert (data["backend"], data["gpus"], data["devices"]) == ("nvml", 1, 1)
     for measure in ("Allocate", "Allocate x16", "floor-grpclib Allocate", "GetPreferredAllocation", "admission"):
         assert data["latency"][measure]["count"] > 0, measure

@@ -136,6 +136,11 @@ class HealthTracker:
     def is_faulted(self, gpu: str, instance: tuple[int, int] | None = None) -> bool:
         return (gpu, instance) in self._faults
 
+    def faults(self) -> dict[tuple[str, tuple[int, int] | None], tuple[str, int | None]]:
+        """The faults held now by (GPU, instance): reason and XID. A fault that escalated (a recoverable XID, then a
+        fatal one) shows the one in force, which no event announces."""
+        return {key: (fault.reason, fault.xid) for key, fault in self._faults.items()}
+
     def _fail(self, key: tuple[str, tuple[int, int] | None], fault: _Fault) -> None:
         previous = self._faults.get(key)
         # A fatal fault is never softened by a later recoverable one.

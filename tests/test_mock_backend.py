@@ -417,3 +417,15 @@ async def test_close_with_a_recovery_pending_leaves_no_task(workdir: Path) -> No
     await b.start()
     b.xid(0, 63)
     await b.aclose()
+
+
+async def test_status_shows_the_fault_in_force_after_it_escalates(
+    backend: MockBackend, events: AsyncGenerator[BackendEvent, None]
+) -> None:
+    """A recoverable XID then a fatal one: status names the fatal XID, which no health event announced."""
+    backend.xid(2, 63)
+    assert (await next_health(events)).health is Health.UNHEALTHY
+    backend.xid(2, 79)
+    (fault,) = backend.status()[2].faults
+    assert (fault.xid, fault.reason) == (79, "XID 79")
+    assert backend.status()[2].health is Health.UNHEALTHY

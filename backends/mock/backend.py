@@ -42,7 +42,7 @@ _FaultKey = tuple[int, tuple[int, int] | None]
 
 @dataclass(frozen=True, slots=True)
 class Fault:
-    """A fault a GPU (or one partition of it) is Unhealthy for, as last emitted."""
+    """A fault a GPU (or one partition of it) is Unhealthy for, as the health tracker holds it."""
 
     reason: str
     xid: int | None = None
@@ -78,7 +78,6 @@ class MockBackend:
         self._tracker = HealthTracker(policy=ctx.health_policy, emit=self._on_health, probe=self._probe)
         self._present: set[int] = set()
         self._lost: set[int] = set()
-        self._faults: dict[_FaultKey, Fault] = {}
         self._index_of: dict[str, int] = {}
         self._server: ControlServer | None = None
         self.xid_counts: Counter[tuple[int, XidAction]] = Counter()
@@ -183,9 +182,10 @@ class MockBackend:
 
     def status(self) -> tuple[GpuStatus, ...]:
         statuses = []
+        held = self._faults()
         for index, device in enumerate(self._require_inventory().devices):
-            faults = tuple(fault for (i, _), fault in self._faults.items() if i == index)
-            whole = (index, None) in self._faults
+            faults = tuple(fault for (i, _), fault in held.items() if i == index)
+            whole = (index, None) in held
             statuses.append(
                 GpuStatus(
                     index=index,
@@ -236,17 +236,18 @@ class MockBackend:
         return self._inventory
 
     def _tree(self) -> DeviceTree:
-        unhealthy = {i for i, instance in self._faults if instance is None}
+        unhealthy = {i for i, instance in self._faults() if instance is None}
         return self._require_inventory().tree(self._present, unhealthy)
 
+    def _faults(self) -> dict[_FaultKey, Fault]:
+        """The tracker's faults by (GPU index, instance): the one record of them, escalations included."""
+        return {
+            (self._index_of[gpu], instance): Fault(reason=reason, xid=xid, instance=instance)
+            for (gpu, instance), (reason, xid) in self._tracker.faults().items()
+            if gpu in self._index_of
+        }
+
     def _on_health(self, event: HealthChanged) -> None:
-        index = self._index_of.get(event.gpu)
-        if index is not None:
-            key = (index, event.instance)
-            if event.health is Health.UNHEALTHY:
-                self._faults[key] = Fault(reason=event.reason, xid=event.xid, instance=event.instance)
-            else:
-                self._faults.pop(key, None)
         self._events.put_nowait(event)
 
     async def _probe(self, gpu: str) -> bool:

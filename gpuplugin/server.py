@@ -179,7 +179,7 @@ def socket_name(prefix: str, resource: str) -> str:
 
 
 #: Closed streams h2 remembers per connection, to answer a late frame on a finished stream correctly. h2's default,
-#: 65,536, is about 10 MB on the kubelet's one long-lived connection once that many pods have started; a unary
+#: 65,536, is about 8 MB on the kubelet's one long-lived connection once that many pods have started; a unary
 #: RPC's stray frames arrive within a few streams of its end.
 CLOSED_STREAMS_REMEMBERED = 1024
 

@@ -62,13 +62,13 @@ class CdiSettings:
         if data is None:
             return cls()
         if not isinstance(data, dict):
-            raise _config_error(path, f"must be a mapping, got {type(data).__name__}")
+            raise ConfigError.at(path, f"must be a mapping, got {type(data).__name__}")
         spec_dir = data.get("cdiSpecDir", str(DEFAULT_SPEC_DIR))
         if not isinstance(spec_dir, str) or not spec_dir.startswith("/"):
-            raise _config_error(f"{path}.cdiSpecDir", f"must be an absolute directory path, got {spec_dir!r}")
+            raise ConfigError.at(f"{path}.cdiSpecDir", f"must be an absolute directory path, got {spec_dir!r}")
         spec_format = data.get("cdiSpecFormat", "json")
         if spec_format not in SPEC_FORMATS:
-            raise _config_error(
+            raise ConfigError.at(
                 f"{path}.cdiSpecFormat", f"must be one of {', '.join(SPEC_FORMATS)}, got {spec_format!r}"
             )
         return cls(spec_dir=Path(spec_dir), format=spec_format)
@@ -231,7 +231,3 @@ def _spec(kind: str, devices: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
 async def _remove_quietly(path: str) -> None:
     with contextlib.suppress(OSError):
         await aiofiles.os.remove(path)
-
-
-def _config_error(path: str, message: str) -> ConfigError:
-    return ConfigError(f"{path}: {message}")

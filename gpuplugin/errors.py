@@ -20,6 +20,11 @@ _IDS_SHOWN = 10
 class ConfigError(ValueError):
     """A setting is wrong; the message names it and what was expected. Retrying does not help."""
 
+    @classmethod
+    def at(cls, path: str, message: str) -> ConfigError:
+        """The error of the setting at ``path`` (``sharing.timeSlicing.resources[0].replicas``)."""
+        return cls(f"{path}: {message}")
+
 
 def config_key(key: object) -> str:
     """A config key as it can stand in a one-line message: plain keys as they are, odd ones quoted and cut."""

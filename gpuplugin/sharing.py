@@ -41,10 +41,6 @@ class SharingError(ValueError):
     """Time-slicing cannot turn a discovered device into replicas (an ID too long); retrying does not help."""
 
 
-def _config_error(path: str, message: str) -> ConfigError:
-    return ConfigError(f"{path}: {message}")
-
-
 @dataclass(frozen=True, slots=True)
 class SharedResource:
     """One entry of ``timeSlicing.resources``: which devices of a resource are replicated, how often, as what."""
@@ -103,7 +99,7 @@ class TimeSlicing:
         if raw_resources is None:
             raw_resources = []
         if not isinstance(raw_resources, list):
-            raise _config_error(f"{path}.resources", f"must be a list, got {type(raw_resources).__name__}")
+            raise ConfigError.at(f"{path}.resources", f"must be a list, got {type(raw_resources).__name__}")
         rename_by_default = _bool(section, "renameByDefault", path)
         resources = tuple(_resource(item, f"{path}.resources[{i}]") for i, item in enumerate(raw_resources))
         seen: dict[str, int] = {}
@@ -111,18 +107,18 @@ class TimeSlicing:
         for i, resource in enumerate(resources):
             where = f"{path}.resources[{i}]"
             if resource.name in seen:
-                raise _config_error(
+                raise ConfigError.at(
                     f"{where}.name", f"{resource.name!r} is already shared by resources[{seen[resource.name]}]"
                 )
             seen[resource.name] = i
             target = _target(resource, rename_by_default)
             if not is_extended_resource_name(target):
                 field_name = "rename" if resource.rename is not None else "name"
-                raise _config_error(
+                raise ConfigError.at(
                     f"{where}.{field_name}", f"{target!r} is not an extended resource name (domain/name)"
                 )
             if target in targets:
-                raise _config_error(
+                raise ConfigError.at(
                     f"{where}.rename", f"{target!r} is already the name of resources[{targets[target]}]"
                 )
             targets[target] = i
@@ -208,13 +204,13 @@ def _resource(data: Any, path: str) -> SharedResource:
     _no_unknown(section, {"name", "replicas", "rename", "devices", "perGpu", "allocationPolicy"}, path)
     name = section.get("name")
     if not isinstance(name, str) or not is_extended_resource_name(name):
-        raise _config_error(f"{path}.name", f"must be an extended resource name (domain/name), got {name!r}")
+        raise ConfigError.at(f"{path}.name", f"must be an extended resource name (domain/name), got {name!r}")
     replicas = section.get("replicas")
     if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 2:
-        raise _config_error(f"{path}.replicas", f"must be an integer ≥ 2, got {replicas!r}")
+        raise ConfigError.at(f"{path}.replicas", f"must be an integer ≥ 2, got {replicas!r}")
     rename = section.get("rename")
     if rename is not None and not isinstance(rename, str):
-        raise _config_error(f"{path}.rename", f"must be an extended resource name (domain/name), got {rename!r}")
+        raise ConfigError.at(f"{path}.rename", f"must be an extended resource name (domain/name), got {rename!r}")
     return SharedResource(
         name=name,
         replicas=replicas,
@@ -229,7 +225,7 @@ def _devices(value: Any, path: str) -> tuple[GpuRef, ...] | None:
     if value is None or value == "all":
         return None
     if not isinstance(value, list):
-        raise _config_error(path, f'must be "all" or a list of GPU indices and UUIDs, got {value!r}')
+        raise ConfigError.at(path, f'must be "all" or a list of GPU indices and UUIDs, got {value!r}')
     return tuple(_gpu_ref(item, f"{path}[{i}]") for i, item in enumerate(value))
 
 
@@ -237,13 +233,13 @@ def _per_gpu(value: Any, path: str) -> Mapping[GpuRef, int]:
     if value is None:
         return MappingProxyType({})
     if not isinstance(value, dict):
-        raise _config_error(path, f"must be a mapping of GPU index or UUID to replicas, got {type(value).__name__}")
+        raise ConfigError.at(path, f"must be a mapping of GPU index or UUID to replicas, got {type(value).__name__}")
     counts: dict[GpuRef, int] = {}
     for key, count in value.items():
         where = f"{path}.{config_key(key)}"
         ref = _gpu_ref(key, where)
         if not _is_int(count) or count < 1:
-            raise _config_error(where, f"must be an integer ≥ 1 (1: not shared), got {count!r}")
+            raise ConfigError.at(where, f"must be an integer ≥ 1 (1: not shared), got {count!r}")
         counts[ref] = count
     return MappingProxyType(counts)
 
@@ -253,7 +249,7 @@ def _gpu_ref(value: Any, path: str) -> GpuRef:
         return int(value)
     if isinstance(value, str) and value.strip():
         return value.strip()
-    raise _config_error(path, f"must be a GPU index (≥ 0) or UUID, got {value!r}")
+    raise ConfigError.at(path, f"must be a GPU index (≥ 0) or UUID, got {value!r}")
 
 
 def _policy(section: Mapping[str, Any], path: str) -> AllocationPolicyKind | None:
@@ -262,14 +258,14 @@ def _policy(section: Mapping[str, Any], path: str) -> AllocationPolicyKind | Non
         return None
     allowed = [str(p) for p in REPLICA_POLICIES]
     if value not in allowed:
-        raise _config_error(f"{path}.allocationPolicy", f"must be one of {', '.join(allowed)}, got {value!r}")
+        raise ConfigError.at(f"{path}.allocationPolicy", f"must be one of {', '.join(allowed)}, got {value!r}")
     return AllocationPolicyKind(value)
 
 
 def _bool(section: Mapping[str, Any], key: str, path: str) -> bool:
     value = section.get(key, False)
     if not isinstance(value, bool):
-        raise _config_error(f"{path}.{key}", f"must be true or false, got {value!r}")
+        raise ConfigError.at(f"{path}.{key}", f"must be true or false, got {value!r}")
     return value
 
 
@@ -280,11 +276,11 @@ def _is_int(value: Any) -> bool:
 
 def _mapping(data: Any, path: str) -> Mapping[str, Any]:
     if not isinstance(data, dict):
-        raise _config_error(path, f"must be a mapping, got {type(data).__name__}")
+        raise ConfigError.at(path, f"must be a mapping, got {type(data).__name__}")
     return data
 
 
 def _no_unknown(section: Mapping[str, Any], known: set[str], path: str) -> None:
     unknown = sorted(config_key(k) for k in section if k not in known)
     if unknown:
-        raise _config_error(f"{path}.{unknown[0]}", f"unknown setting (known: {', '.join(sorted(known))})")
+        raise ConfigError.at(f"{path}.{unknown[0]}", f"unknown setting (known: {', '.join(sorted(known))})")

@@ -93,16 +93,16 @@ class DeviceListStrategy:
         if data is None:
             return cls()
         if not isinstance(data, dict):
-            raise _config_error(path, f"must be a mapping, got {type(data).__name__}")
+            raise ConfigError.at(path, f"must be a mapping, got {type(data).__name__}")
         default = cls()
         prefix = data.get("cdiAnnotationPrefix", default.cdi_annotation_prefix)
         if not isinstance(prefix, str) or not _valid_annotation_prefix(prefix):
-            raise _config_error(
+            raise ConfigError.at(
                 f"{path}.cdiAnnotationPrefix", f"must be a DNS subdomain followed by '/', got {prefix!r}"
             )
         vendor = data.get("cdiVendor", default.cdi_vendor)
         if not isinstance(vendor, str) or len(vendor) > 253 or not CDI_VENDOR.match(vendor):
-            raise _config_error(f"{path}.cdiVendor", f"must be a DNS subdomain (CDI vendor), got {vendor!r}")
+            raise ConfigError.at(f"{path}.cdiVendor", f"must be a DNS subdomain (CDI vendor), got {vendor!r}")
         return cls(
             strategies=_strategies(data.get("deviceListStrategy"), f"{path}.deviceListStrategy"),
             cdi_annotation_prefix=prefix,
@@ -212,13 +212,13 @@ def _strategies(value: Any, path: str) -> tuple[DeviceListStrategyKind, ...]:
     items = value.split(",") if isinstance(value, str) else value
     allowed = ", ".join(str(k) for k in DeviceListStrategyKind)
     if not isinstance(items, list) or not items:
-        raise _config_error(path, f"must be a strategy or a non-empty list of them ({allowed}), got {value!r}")
+        raise ConfigError.at(path, f"must be a strategy or a non-empty list of them ({allowed}), got {value!r}")
     chosen: dict[DeviceListStrategyKind, None] = {}
     for i, item in enumerate(items):
         where = path if isinstance(value, str) else f"{path}[{i}]"
         name = item.strip() if isinstance(item, str) else None
         if name not in {str(k) for k in DeviceListStrategyKind}:
-            raise _config_error(where, f"must be one of {allowed}, got {item!r}")
+            raise ConfigError.at(where, f"must be one of {allowed}, got {item!r}")
         chosen[DeviceListStrategyKind(name)] = None
     return tuple(chosen)
 
@@ -226,7 +226,3 @@ def _strategies(value: Any, path: str) -> tuple[DeviceListStrategyKind, ...]:
 def _valid_annotation_prefix(prefix: str) -> bool:
     domain, slash, rest = prefix.partition("/")
     return bool(slash) and not rest and len(domain) <= 253 and CDI_VENDOR.match(domain) is not None
-
-
-def _config_error(path: str, message: str) -> ConfigError:
-    return ConfigError(f"{path}: {message}")

@@ -150,9 +150,10 @@ def overrides_from(params: Mapping[str, Any], **extra: Any) -> Overrides:
 
 
 class _Commands(click.Group):
-    """Subcommands whose imports are heavy load only when called: ``serve`` starts without matplotlib."""
+    """Subcommands whose imports are heavy load only when called: ``serve`` starts without matplotlib or the mock's
+    control client."""
 
-    lazy: ClassVar[dict[str, str]] = {"bench": "benchmarks.cli:bench"}
+    lazy: ClassVar[dict[str, str]] = {"bench": "benchmarks.cli:bench", "mock": "backends.mock.cli:mock_cli"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})
@@ -288,12 +289,3 @@ def demo(quiet_period: float, gpus: int, log_level: str) -> None:
         f"done: registration {report.registration_ms:.1f} ms, unhealthy {report.unhealthy_ms:.1f} ms after the XID, "
         f"recovery {report.recovery_s:.1f} s, re-registration {report.reregistration_ms:.1f} ms"
     )
-
-
-def _add_commands() -> None:
-    from backends.mock.cli import mock_cli
-
-    main.add_command(mock_cli, name="mock")
-
-
-_add_commands()

@@ -15,14 +15,10 @@ import pytest
 import structlog
 
 from backends.mock import MockBackend
-from backends.mock import create as create_mock
 from gpuplugin.api import v1beta1 as api
-from gpuplugin.health import HealthPolicy
-from gpuplugin.manager import Manager, ManagerSettings, TreeSink, TreeTransform
-from gpuplugin.registry import BackendContext
-from gpuplugin.server import ServerSettings
+from gpuplugin.manager import Manager, TreeSink, TreeTransform
 from gpuplugin.simulator import KubeletSimulator
-from gpuplugin.watcher import WatcherSettings
+from tests.fakes import mock_manager
 
 MOCK_GPU = "nvidia.com/gpu"
 
@@ -95,17 +91,7 @@ def mock_node(workdir: Path) -> MockNodeFactory:
         transforms: Sequence[TreeTransform], sinks: Sequence[TreeSink] = (), *, resources: Sequence[str] = (MOCK_GPU,)
     ) -> AsyncIterator[MockNode]:
         async with KubeletSimulator(workdir) as kubelet:
-            backend = create_mock(
-                BackendContext(
-                    options={"control_socket": str(workdir / "mock.sock"), "gpus": 2},
-                    health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
-                    state_dir=workdir,
-                )
-            )
-            settings = ManagerSettings(
-                server=ServerSettings(kubelet_dir=workdir), watcher=WatcherSettings(poll_interval_s=0.05)
-            )
-            manager = Manager(backend, settings, transforms=transforms, sinks=sinks)
+            manager = mock_manager(workdir, {"gpus": 2}, transforms=transforms, sinks=sinks)
             await manager.start()
             try:
                 for resource in resources:

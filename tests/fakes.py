@@ -14,8 +14,11 @@ from pathlib import Path
 
 from grpclib.server import Server
 
+from backends.mock import create as create_mock
 from gpuplugin.api import v1beta1 as api
 from gpuplugin.backend import AllocationPolicyKind, Backend, BackendEvent, InventoryChanged
+from gpuplugin.health import HealthPolicy
+from gpuplugin.manager import Manager, ManagerSettings, ServerFactory, TreeSink, TreeTransform
 from gpuplugin.model import (
     ContainerSpec,
     Device,
@@ -28,6 +31,9 @@ from gpuplugin.model import (
     frozen_mapping,
     links_from_pairs,
 )
+from gpuplugin.registry import BackendContext
+from gpuplugin.server import ResourceServer, ServerSettings
+from gpuplugin.watcher import WatcherSettings
 
 GPU_RESOURCE = "example.com/gpu"
 SHARED_RESOURCE = "example.com/gpu.shared"
@@ -210,3 +216,29 @@ async def until(predicate: Callable[[], object], timeout_s: float = 2.0) -> None
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
+
+
+def mock_manager(
+    directory: Path,
+    options: Mapping[str, object] | None = None,
+    *,
+    inotify: bool = True,
+    plugins_registry_dir: Path | None = None,
+    server_factory: ServerFactory = ResourceServer,
+    transforms: Sequence[TreeTransform] = (),
+    sinks: Sequence[TreeSink] = (),
+) -> Manager:
+    """A Manager over the mock backend serving in ``directory`` (its control socket there too): partitions heal
+    after 50 ms of quiet, the kubelet directory is polled every 50 ms where inotify is off."""
+    backend = create_mock(
+        BackendContext(
+            options={"control_socket": str(directory / "mock.sock"), **(options or {})},
+            health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
+            state_dir=directory,
+        )
+    )
+    server = ServerSettings(kubelet_dir=directory)
+    if plugins_registry_dir is not None:
+        server = replace(server, plugins_registry_dir=plugins_registry_dir)
+    settings = ManagerSettings(server=server, watcher=WatcherSettings(use_inotify=inotify, poll_interval_s=0.05))
+    return Manager(backend, settings, server_factory=server_factory, transforms=transforms, sinks=sinks)

@@ -17,17 +17,13 @@ from grpclib.const import Status
 from h2.connection import H2Connection
 
 from backends.mock import MockBackend
-from backends.mock import create as create_mock
 from gpuplugin import wire
 from gpuplugin.api import v1beta1 as api
-from gpuplugin.health import HealthPolicy
-from gpuplugin.manager import Manager, ManagerSettings
+from gpuplugin.manager import Manager
 from gpuplugin.model import ContainerSpec, DeviceTree
-from gpuplugin.registry import BackendContext
 from gpuplugin.server import CLOSED_STREAMS_REMEMBERED, ResourceServer, ServerSettings
 from gpuplugin.simulator import KubeletSimulator
-from gpuplugin.watcher import WatcherSettings
-from tests.fakes import StaticBackend, gpu_tree
+from tests.fakes import StaticBackend, gpu_tree, mock_manager
 
 GPU = "nvidia.com/gpu"
 #: Within the one second the contract allows for noticing a kubelet restart.
@@ -46,18 +42,7 @@ class Node:
 
 
 def make_manager(directory: Path, options: Mapping[str, Any] | None = None, *, inotify: bool = True) -> Manager:
-    backend = create_mock(
-        BackendContext(
-            options={"control_socket": str(directory / "mock.sock"), **(options or {})},
-            health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
-            state_dir=directory,
-        )
-    )
-    settings = ManagerSettings(
-        server=ServerSettings(kubelet_dir=directory),
-        watcher=WatcherSettings(use_inotify=inotify, poll_interval_s=0.05),
-    )
-    return Manager(backend, settings)
+    return mock_manager(directory, options, inotify=inotify)
 
 
 @asynccontextmanager

@@ -15,15 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backends.mock import MockBackend
 from gpuplugin.api import v1beta1 as api
-from gpuplugin.health import HealthPolicy
-from gpuplugin.manager import Manager, ManagerSettings
+from gpuplugin.manager import Manager
 from gpuplugin.metrics import RPC_BUCKETS_S, Metrics
 from gpuplugin.probes import ListenAddress, ProbeServer, ProbeSettings
-from gpuplugin.registry import BackendContext
-from gpuplugin.server import ServerSettings
 from gpuplugin.simulator import KubeletSimulator
-from gpuplugin.watcher import WatcherSettings
-from tests.fakes import until
+from tests.fakes import mock_manager, until
 
 GPU = "nvidia.com/gpu"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -64,17 +60,7 @@ def sample(samples: Samples, name: str, **labels: str) -> float | None:
 
 
 def make_manager(directory: Path, metrics: Metrics) -> Manager:
-    backend = MockBackend(
-        BackendContext(
-            options={"control_socket": str(directory / "mock.sock")},
-            health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
-            state_dir=directory,
-        )
-    )
-    settings = ManagerSettings(
-        server=ServerSettings(kubelet_dir=directory), watcher=WatcherSettings(poll_interval_s=0.05)
-    )
-    manager = Manager(backend, settings, server_factory=metrics.server_factory)
+    manager = mock_manager(directory, server_factory=metrics.server_factory)
     metrics.attach(manager)
     return manager
 

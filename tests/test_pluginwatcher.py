@@ -13,17 +13,14 @@ from pathlib import Path
 import structlog
 from grpclib.client import Channel
 
-from backends.mock import create as create_mock
 from gpuplugin.api import pluginregistration as watcher_api
 from gpuplugin.api import v1beta1 as api
-from gpuplugin.health import HealthPolicy
-from gpuplugin.manager import Manager, ManagerSettings
+from gpuplugin.manager import Manager
 from gpuplugin.pluginwatcher import DEVICE_PLUGIN_TYPE, WatcherSocket, plugin_info
 from gpuplugin.registration import DEPRECATION_FILE
-from gpuplugin.registry import BackendContext
-from gpuplugin.server import ResourceServer, ServerSettings
+from gpuplugin.server import ResourceServer
 from gpuplugin.simulator import KubeletSimulator, SimulatorSettings
-from gpuplugin.watcher import WatcherSettings
+from tests.fakes import mock_manager
 
 GPU = "nvidia.com/gpu"
 TIMEOUT_S = 5.0
@@ -38,18 +35,7 @@ def sockets_in(directory: Path) -> list[Path]:
 
 
 def make_manager(directory: Path) -> Manager:
-    backend = create_mock(
-        BackendContext(
-            options={"control_socket": str(directory / "mock.sock")},
-            health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
-            state_dir=directory,
-        )
-    )
-    settings = ManagerSettings(
-        server=ServerSettings(kubelet_dir=directory, plugins_registry_dir=registry_of(directory)),
-        watcher=WatcherSettings(poll_interval_s=0.05),
-    )
-    return Manager(backend, settings)
+    return mock_manager(directory, plugins_registry_dir=registry_of(directory))
 
 
 @asynccontextmanager

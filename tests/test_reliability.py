@@ -32,19 +32,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from backends.mock import MockBackend
-from backends.mock import create as create_mock
 from gpuplugin.api import v1beta1 as api
 from gpuplugin.backend import BackendEvent, BackendUnavailable, HealthChanged
 from gpuplugin.daemon import Daemon, settings_from_text
-from gpuplugin.health import HealthPolicy
 from gpuplugin.manager import Manager, ManagerSettings
 from gpuplugin.model import MAX_DEVICE_ID_LENGTH, DeviceTree, Health
-from gpuplugin.registry import BackendContext
 from gpuplugin.server import MAX_CONTAINERS, MAX_IDS_PER_LIST, ServerSettings
 from gpuplugin.settings import ConfigError, Overrides, PluginSettings
 from gpuplugin.simulator import KubeletSimulator
 from gpuplugin.watcher import WatcherSettings
-from tests.fakes import GPU_RESOURCE, StaticBackend, gpu_tree, until
+from tests.fakes import GPU_RESOURCE, StaticBackend, gpu_tree, mock_manager, until
 
 GPU = "nvidia.com/gpu"
 SHARED = "nvidia.com/gpu.shared"
@@ -55,17 +52,6 @@ CONNECTION_ERRORS = (StreamTerminatedError, ProtocolError, ConnectionError, OSEr
 
 
 # In-process set-ups.
-
-
-def mock_manager(directory: Path, *, inotify: bool = True) -> Manager:
-    backend = create_mock(
-        BackendContext(
-            options={"control_socket": str(directory / "mock.sock")},
-            health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
-            state_dir=directory,
-        )
-    )
-    return Manager(backend, manager_settings(directory, inotify=inotify))
 
 
 def manager_settings(directory: Path, *, inotify: bool = True) -> ManagerSettings:

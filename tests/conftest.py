@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ from backends.mock import MockBackend
 from gpuplugin.api import v1beta1 as api
 from gpuplugin.manager import Manager, TreeSink, TreeTransform
 from gpuplugin.simulator import KubeletSimulator
-from tests.fakes import mock_manager
+from tests.fakes import mock_manager, short_tmp_dir
 
 MOCK_GPU = "nvidia.com/gpu"
 
@@ -47,9 +45,8 @@ def _fresh_logging() -> Iterator[None]:
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A short directory under /tmp: unix socket paths must stay under 108 bytes, and tmp_path can be longer."""
-    path = Path(tempfile.mkdtemp(prefix="gp-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    with short_tmp_dir() as path:
+        yield path
 
 
 @dataclass

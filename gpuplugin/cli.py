@@ -18,6 +18,7 @@ import structlog
 from gpuplugin import logs
 from gpuplugin.backend import BackendUnavailable
 from gpuplugin.daemon import Daemon, served_tree, settings_from_text
+from gpuplugin.instance import InstanceLockError
 from gpuplugin.probes import ProbeServerError
 from gpuplugin.registry import UnknownBackend, backend_names, load_factory
 from gpuplugin.settings import LOG_FORMATS, ConfigError, Overrides, PluginSettings
@@ -193,13 +194,23 @@ def main() -> None:
     envvar="GPUPLUGIN_METRICS_ADDRESS",
     help="Serve /metrics, /healthz and /readyz on HOST:PORT, :PORT or [IPv6]:PORT. Default: off.",
 )
+@click.option(
+    "--instance-wait",
+    type=click.FloatRange(min=0),
+    envvar="GPUPLUGIN_INSTANCE_WAIT",
+    help="Seconds to wait while another gpuplugin holds the state directory's lock; 0: exit at once. "
+    "Default: wait until it stops.",
+)
 def serve(**params: Any) -> None:
     """Serve the backend's devices to the kubelet until SIGTERM or SIGINT.
 
     The config file is reloaded when it changes and on SIGHUP, which also rediscovers the devices.
     """
     overrides = overrides_from(
-        params, kubelet_dir=params.get("kubelet_dir"), metrics_address=params.get("metrics_address")
+        params,
+        kubelet_dir=params.get("kubelet_dir"),
+        metrics_address=params.get("metrics_address"),
+        instance_wait_s=params.get("instance_wait"),
     )
     settings, text = load_settings(params.get("config"), overrides)
     logs.configure(settings.log_format, settings.log_level)
@@ -210,7 +221,7 @@ def serve(**params: Any) -> None:
     try:
         with asyncio.Runner(loop_factory=loop_factory(params.get("event_loop") or "auto")) as runner:
             runner.run(daemon.run(asyncio.Event()))
-    except (BackendUnavailable, ProbeServerError) as exc:
+    except (BackendUnavailable, ProbeServerError, InstanceLockError) as exc:
         fail(str(exc))
     except ValueError as exc:
         # A backend's own settings are checked when it starts (the mock reads its YAML file then).

@@ -20,6 +20,7 @@ import structlog
 
 from gpuplugin.backend import Backend, BackendUnavailable
 from gpuplugin.cdi import spec_writer_for
+from gpuplugin.instance import InstanceLock, remove_dead_sockets
 from gpuplugin.manager import Manager, ServerFactory, TreeSink, TreeTransform
 from gpuplugin.model import DeviceTree
 from gpuplugin.probes import ProbeServer
@@ -137,14 +138,19 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup, watcher)
+        server = self.settings.manager.server
+        instance = InstanceLock(self.settings.state_dir)
         log.info("starting", backend=self.settings.backend, kubelet_dir=str(self.settings.manager.server.kubelet_dir))
         try:
             if self.probes is not None:
                 # Before the manager: /healthz answers and /readyz says why not ready while we start.
                 await self.probes.start()
-            await self.manager.start()
-            if watcher is not None:
-                self._tasks.spawn(watcher.run(), "config watcher")
+            # One instance per node: wait for (or refuse) another one's lock; nothing is served until it is ours.
+            if await instance.acquire(self.settings.instance_wait_s, stop=stop):
+                await remove_dead_sockets(server.kubelet_dir, server.socket_prefix)
+                await self.manager.start()
+                if watcher is not None:
+                    self._tasks.spawn(watcher.run(), "config watcher")
             await stop.wait()
         finally:
             log.info("stopping")
@@ -152,6 +158,8 @@ class Daemon:
                 loop.remove_signal_handler(sig)
             await self._tasks.aclose()
             await self.manager.aclose()
+            # After the manager: our sockets are gone before the next instance takes over.
+            instance.release()
             if self.probes is not None:
                 await self.probes.aclose()
         log.info("stopped")

@@ -11,6 +11,7 @@ import functools
 import itertools
 import os
 import re
+import secrets
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -32,6 +33,7 @@ from gpuplugin.api import v1beta1 as api
 from gpuplugin.backend import AllocationPolicyKind, Backend, CustomAllocate, PreferredAllocation, PreStart
 from gpuplugin.codec import PrecodedCodec, encode_preferred_response, repeated_field
 from gpuplugin.errors import InvalidRequest, NotServing, RequestError, UnhealthyDevices, UnknownDevices, grpc_status
+from gpuplugin.instance import SocketIdentity, remove_if_ours
 from gpuplugin.model import (
     MAX_DEVICE_ID_LENGTH,
     ContainerSpec,
@@ -50,6 +52,8 @@ log = structlog.get_logger("gpuplugin.server")
 
 _SOCKET_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _socket_counter = itertools.count()
+#: Random per process; 8 hex digits keep the name short (sun_path has 108 bytes) and collisions out of reach.
+_INSTANCE_TOKEN = secrets.token_hex(4)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,8 +178,12 @@ async def receive(stream: Stream[Any, Any], method: str) -> Any:
 
 
 def socket_name(prefix: str, resource: str) -> str:
-    """A fresh socket name per serve: a stale socket of an earlier run can never collide with it."""
-    return f"{prefix}-{_SOCKET_SAFE.sub('_', resource)}-{os.getpid()}-{next(_socket_counter)}.sock"
+    """A fresh socket name per serve: a stale socket of an earlier run can never collide with it.
+
+    The PID alone is the same (1) in every container, so a random token per process tells apart instances in
+    different PID namespaces that share the kubelet's directory.
+    """
+    return f"{prefix}-{_SOCKET_SAFE.sub('_', resource)}-{os.getpid()}-{_INSTANCE_TOKEN}-{next(_socket_counter)}.sock"
 
 
 #: Closed streams h2 remembers per connection, to answer a late frame on a finished stream correctly. h2's default,
@@ -238,6 +246,8 @@ class ResourceServer:
         self._cache: dict[tuple[str, ...], bytes] = {}
         self._server: Server | None = None
         self.socket_path: Path | None = None
+        self._socket_identity: SocketIdentity | None = None
+        """The inode of the socket we created: a file of that name that differs is not ours to remove."""
         self._tasks = TaskSet(f"server {resource}")
         self._registration: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -313,12 +323,16 @@ class ResourceServer:
         path = self._settings.kubelet_dir / socket_name(self._settings.socket_prefix, self.resource)
         server = _Server([self], codec=PrecodedCodec())
         await server.start(path=str(path))
+        old_path, old_identity = self.socket_path, self._socket_identity
+        self._socket_identity = await asyncio.to_thread(SocketIdentity.of, path)
         old_server, self._server, self.socket_path = self._server, server, path
         self._log.debug("serving", socket=str(path))
         self._start_registration()
         if old_server is not None:
             old_server.close()
             await old_server.wait_closed()
+        if old_path is not None:
+            await asyncio.to_thread(remove_if_ours, old_path, old_identity)
 
     def register_again(self) -> None:
         """Register now (the kubelet restarted): a registration still retrying retries at once, else a new one."""
@@ -391,7 +405,8 @@ class ResourceServer:
             )
 
     def socket_missing(self) -> bool:
-        return self.socket_path is not None and not self.socket_path.exists()
+        """Our socket file is gone, or another file took its name. Blocking: call it in a thread."""
+        return self.socket_path is not None and SocketIdentity.of(self.socket_path) != self._socket_identity
 
     async def stop(self) -> None:
         """Tell every stream the list is empty (allocatable drops to zero at once), stop serving, remove the socket."""
@@ -407,7 +422,8 @@ class ResourceServer:
             await self._server.wait_closed()
             self._server = None
         if self.socket_path is not None:
-            self.socket_path.unlink(missing_ok=True)
+            # Only the file we created: another instance's socket of the same name stays.
+            await asyncio.to_thread(remove_if_ours, self.socket_path, self._socket_identity)
         self._log.info("stopped")
 
     # The RPCs. grpclib calls the handlers from __mapping__; each goes through grpc_status exactly once.

@@ -44,6 +44,9 @@ class PluginSettings:
     strategies: DeviceListStrategy = field(default_factory=DeviceListStrategy)
     """How Allocate names devices to the runtime (``flags.plugin.deviceListStrategy``)."""
     cdi: CdiSettings = field(default_factory=CdiSettings)
+    instance_wait_s: float | None = None
+    """How long (seconds, 0 or more) to wait for another instance's lock on the state directory; None: as long as
+    it takes (a rollout's new pod takes over when the old one stops), 0: exit at once with one line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,7 @@ class Overrides:
     mig_strategy: str | None = None
     device_list_strategy: str | None = None
     """Comma-separated, as NVIDIA's ``--device-list-strategy``."""
+    instance_wait_s: float | None = None
     backend_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Per backend name: the options its own flags set; only the chosen backend's apply."""
 
@@ -167,6 +171,7 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
         sharing=sharing,
         strategies=strategies,
         cdi=cdi,
+        instance_wait_s=overrides.instance_wait_s,
     )
 
 

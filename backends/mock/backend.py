@@ -15,6 +15,7 @@ from backends.mock.control import (
     ControlRequest,
     ControlRequestError,
     ControlServer,
+    ControlSocketBusy,
     LoseRequest,
     PlugRequest,
     RecoverRequest,
@@ -108,6 +109,10 @@ class MockBackend:
         server = ControlServer(settings.control_socket, self.handle)
         try:
             await server.start()
+        except ControlSocketBusy as e:
+            raise BackendUnavailable(
+                f"mock: {e}; one mock backend per control socket (another gpuplugin with this state directory?)"
+            ) from None
         except OSError as e:
             raise BackendUnavailable(
                 f"mock: cannot listen on control socket {settings.control_socket}: {e.strerror or e}; "

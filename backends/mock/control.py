@@ -26,6 +26,7 @@ from typing import Any
 import aiofiles.os
 import structlog
 
+from gpuplugin.instance import SocketIdentity, listened_on, remove_if_ours
 from gpuplugin.tasks import TaskSet
 
 log = structlog.get_logger("gpuplugin.mock")
@@ -38,6 +39,10 @@ DEFAULT_LOST_REASON = "GPU has fallen off the bus"
 
 class ControlRequestError(ValueError):
     """A control request is malformed or names something that does not exist; resending it does not help."""
+
+
+class ControlSocketBusy(OSError):
+    """Another mock backend listens on the control socket's path; its socket is not taken over."""
 
 
 class ControlUnavailable(ConnectionError):
@@ -168,13 +173,21 @@ class ControlServer:
         self._server: asyncio.Server | None = None
         self._connections = TaskSet("mock-control")
         self._writers: set[asyncio.StreamWriter] = set()
+        self._identity: SocketIdentity | None = None
+        """The socket file we created; another backend's file at the same path is never removed."""
 
     async def start(self) -> None:
+        """Listen on ``path``. Raises ControlSocketBusy when another mock backend listens there (its socket is
+        left alone; asyncio would replace it), OSError when the socket cannot be made."""
         await aiofiles.os.makedirs(self.path.parent, exist_ok=True)
+        if await asyncio.to_thread(listened_on, str(self.path)):
+            raise ControlSocketBusy(f"another mock backend listens on {self.path}")
         # A plain callback, not a coroutine: connections then run in our TaskSet, which cancels them on close.
         self._server = await asyncio.start_unix_server(self._accept, path=self.path, limit=MAX_LINE_BYTES)
         # Whoever can connect can mark GPUs unhealthy.
         await asyncio.to_thread(os.chmod, self.path, 0o600)
+        # After the chmod, which changes the file's ctime.
+        self._identity = await asyncio.to_thread(SocketIdentity.of, self.path)
         log.info("mock control listening", socket=str(self.path))
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -233,8 +246,7 @@ class ControlServer:
                 writer.close()
             self._writers.clear()
             await server.wait_closed()
-            with contextlib.suppress(FileNotFoundError):
-                await aiofiles.os.remove(self.path)
+            await asyncio.to_thread(remove_if_ours, self.path, self._identity)
 
 
 async def control(

@@ -7,10 +7,11 @@ atomically, rewritten only when their content changes, and removed when their ki
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -32,6 +33,7 @@ from gpuplugin.strategies import (
     cdi_kind,
     container_edits,
 )
+from gpuplugin.tasks import TaskSet
 
 log = structlog.get_logger("gpuplugin.cdi")
 
@@ -116,47 +118,110 @@ def render(spec: Mapping[str, Any], spec_format: SpecFormat) -> bytes:
     return (json.dumps(spec, indent=2) + "\n").encode()
 
 
+#: Seconds between retries of a failed write (doubling from the first to the last): a directory made writable
+#: again is noticed within half a minute, and a broken one costs a few syscalls a minute.
+RETRY_FIRST_S = 1.0
+RETRY_MAX_S = 30.0
+
+
 class CdiSpecWriter:
-    """Writes the CDI specs of every published tree; removes what it wrote on close. A TreeSink."""
+    """Writes the CDI specs of every published tree; removes what it wrote on close. A TreeSink.
+
+    What failed is kept in ``problem`` (the readiness probe shows it) and retried in the background until a write
+    succeeds; ``missing`` tells Allocate which CDI devices have no spec on disk, so it never names one.
+    """
 
     def __init__(self, settings: CdiSettings = CdiSettings(), *, vendor: str = DEFAULT_CDI_VENDOR) -> None:
         self.settings = settings
         self.vendor = vendor
         self._written: dict[Path, bytes] = {}
         """What is on disk, as we last wrote it: a file is rewritten only when its content differs."""
+        self._described: dict[Path, frozenset[str]] = {}
+        """The CDI device names (``kind=name``) each file on disk describes."""
+        self._on_disk: frozenset[str] = frozenset()
+        self._problems: dict[Path, str] = {}
+        self._tree: DeviceTree | None = None
+        self._publishing = asyncio.Lock()
+        self._tasks = TaskSet("cdi")
+        self._retry: asyncio.Task[None] | None = None
 
     @property
     def files(self) -> tuple[Path, ...]:
         """The spec files written and not yet removed."""
         return tuple(self._written)
 
+    @property
+    def problem(self) -> str | None:
+        """Why the specs on disk differ from the served devices, one line; None when they match."""
+        if not self._problems:
+            return None
+        return "; ".join(f"{path}: {error}" for path, error in sorted(self._problems.items()))
+
+    def missing(self, names: Iterable[str]) -> list[str]:
+        """Those of ``names`` (CDI device names, ``kind=name``) that no spec file on disk describes."""
+        return [name for name in names if name not in self._on_disk]
+
     async def publish(self, tree: DeviceTree) -> None:
         """Write the specs of ``tree`` that changed and remove those of kinds that vanished.
 
-        Failures are logged, not raised: serving the devices matters more, and the next tree retries.
+        Failures are logged and kept in ``problem``, not raised: serving the devices matters more. A background
+        retry writes them once it can (and any later tree retries too).
         """
-        wanted = {
-            self.settings.spec_dir / spec_file_name(kind, self.settings.format): render(spec, self.settings.format)
-            for kind, spec in build_specs(tree, self.vendor).items()
+        async with self._publishing:
+            self._tree = tree
+            await self._publish(tree)
+        if self._problems and (self._retry is None or self._retry.done()):
+            self._retry = self._tasks.spawn(self._retry_until_written(), "spec retry", expect_end=True)
+
+    async def _publish(self, tree: DeviceTree) -> None:
+        specs = build_specs(tree, self.vendor)
+        path_of = {kind: self.settings.spec_dir / spec_file_name(kind, self.settings.format) for kind in specs}
+        wanted = {path_of[kind]: render(spec, self.settings.format) for kind, spec in specs.items()}
+        names = {
+            path_of[kind]: frozenset(f"{kind}={d['name']}" for d in spec["devices"]) for kind, spec in specs.items()
         }
+        # A kind no longer served is no longer a problem.
+        self._problems = {p: error for p, error in self._problems.items() if p in wanted}
         if wanted:
             try:
                 await aiofiles.os.makedirs(self.settings.spec_dir, exist_ok=True)
             except OSError as exc:
-                log.error("cannot create the CDI spec directory", directory=str(self.settings.spec_dir), error=str(exc))
+                error = f"cannot create the directory: {exc.strerror or exc}"
+                log.error("cannot create the CDI spec directory", directory=str(self.settings.spec_dir), error=error)
+                self._problems = dict.fromkeys(wanted, error)
+                self._update_on_disk()
                 return
         for path, content in wanted.items():
             if self._written.get(path) != content:
-                await self._write(path, content)
+                await self._write(path, content, names[path])
+            else:
+                self._problems.pop(path, None)
         for path in [p for p in self._written if p not in wanted]:
             await self._remove(path)
+        self._update_on_disk()
+
+    def _update_on_disk(self) -> None:
+        self._on_disk = frozenset().union(*self._described.values())
+
+    async def _retry_until_written(self) -> None:
+        delay_s = RETRY_FIRST_S
+        while self._problems and self._tree is not None:
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, RETRY_MAX_S)
+            async with self._publishing:
+                await self._publish(self._tree)
+        log.info("CDI specs in place again", directory=str(self.settings.spec_dir))
 
     async def aclose(self) -> None:
         """Remove every spec file written: without the plugin, nothing may allocate these devices."""
-        for path in list(self._written):
-            await self._remove(path)
+        await self._tasks.aclose()
+        async with self._publishing:
+            for path in list(self._written):
+                await self._remove(path)
+            self._problems.clear()
+            self._update_on_disk()
 
-    async def _write(self, path: Path, content: bytes) -> None:
+    async def _write(self, path: Path, content: bytes, names: frozenset[str]) -> None:
         # Runtimes read these files at any moment: a temporary file in the same directory, renamed over the
         # target, means a reader sees the old content or the new one, never a part. The name does not end in
         # .json or .yaml, so a runtime scanning the directory ignores it.
@@ -173,10 +238,13 @@ class CdiSpecWriter:
             await aiofiles.os.replace(temporary, path)
         except OSError as exc:
             log.error("cannot write a CDI spec", file=str(path), error=str(exc))
+            self._problems[path] = f"cannot write: {exc.strerror or exc}"
             if temporary is not None:
                 await _remove_quietly(temporary)
             return
         self._written[path] = content
+        self._described[path] = names
+        self._problems.pop(path, None)
         log.info("CDI spec written", file=str(path))
 
     async def _remove(self, path: Path) -> None:
@@ -188,6 +256,7 @@ class CdiSpecWriter:
             log.error("cannot remove a CDI spec", file=str(path), error=str(exc))
             return
         del self._written[path]
+        self._described.pop(path, None)
         log.info("CDI spec removed", file=str(path))
 
 

@@ -66,6 +66,19 @@ class UnhealthyDevices(RequestError):
         super().__init__(f"unhealthy devices for {resource}: {show_ids(ids)}")
 
 
+class CdiSpecMissing(RequestError):
+    """The devices' CDI specs are not on disk (a write failed): a response naming them would fail the container at
+    creation, later and less clearly. It may succeed once the spec is written."""
+
+    status = Status.FAILED_PRECONDITION
+
+    def __init__(self, resource: str, names: Iterable[str]) -> None:
+        super().__init__(
+            f"{resource}: no CDI spec on disk for {show_ids(names)}: the plugin could not write it (its /readyz and "
+            "log say why)"
+        )
+
+
 def show_ids(ids: Iterable[str]) -> str:
     listed = sorted(set(ids))
     shown = ", ".join(repr(i[:80]) for i in listed[:_IDS_SHOWN])

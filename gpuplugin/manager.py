@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -137,7 +137,24 @@ class Manager:
     @property
     def ready(self) -> bool:
         """Every resource is served, registered, and has a ListAndWatch stream open."""
-        return bool(self.servers) and all(s.registered and s.open_streams > 0 for s in self.servers.values())
+        return (
+            bool(self.servers)
+            and not self.sink_problems()
+            and all(s.registered and s.open_streams > 0 for s in self.servers.values())
+        )
+
+    def sink_problems(self) -> list[str]:
+        """What the sinks could not put in place (a CDI spec not written), one line each; empty when all is."""
+        return [problem for sink in self._sinks if isinstance(problem := getattr(sink, "problem", None), str)]
+
+    def missing_specs(self, names: Iterable[str]) -> list[str]:
+        """Those of the CDI device names ``names`` that no sink has a spec on disk for."""
+        wanted = list(names)
+        for sink in self._sinks:
+            missing = getattr(sink, "missing", None)
+            if missing is not None:
+                return list(missing(wanted))
+        return []
 
     async def apply(self, discovered: DeviceTree) -> None:
         """Serve ``discovered`` through the transforms: new resources start, changed ones update, vanished ones stop."""
@@ -148,6 +165,9 @@ class Manager:
                 tree = transform(tree)
             links_changed = tree.links != self.tree.links or tree.rules != self.tree.rules
             self.tree = tree
+            # Sinks first: a CDI spec is on disk before Allocate can name its device.
+            for sink in self._sinks:
+                await sink.publish(tree)
             grouped = tree.by_resource()
             for name in [n for n in self.servers if n not in grouped]:
                 log.info("resource removed", resource=name)
@@ -158,12 +178,11 @@ class Manager:
                 if server is None:
                     log.info("resource added", resource=name, devices=len(served))
                     server = self._server_factory(name, self.backend, self.settings.server)
+                    server.missing_specs = self.missing_specs
                     self.servers[name] = server
                     await server.start(served, tree)
                 elif links_changed or server.view is None or tuple(server.view.devices.values()) != served:
                     await server.update(served, tree)
-            for sink in self._sinks:
-                await sink.publish(tree)
 
     def _with_health(self, devices: Sequence[Device]) -> tuple[Device, ...]:
         if not self._faults:

@@ -132,9 +132,10 @@ def not_ready_reasons(manager: Manager) -> list[str]:
     """Why the manager is not ready, one short line per resource; empty when it is."""
     if manager.ready:
         return []
+    # A CDI spec not on disk: Allocate refuses those devices, so the node is not ready whatever else holds.
+    reasons = [f"CDI spec not written: {problem}" for problem in manager.sink_problems()]
     if not manager.servers:
-        return ["no resource served"]
-    reasons = []
+        return [*reasons, "no resource served"]
     for name, server in sorted(manager.servers.items()):
         if not server.registered:
             reasons.append(f"{name}: not registered with the kubelet")

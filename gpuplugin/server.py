@@ -14,7 +14,7 @@ import re
 import secrets
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,15 @@ from gpuplugin.api import pluginregistration
 from gpuplugin.api import v1beta1 as api
 from gpuplugin.backend import AllocationPolicyKind, Backend, CustomAllocate, PreferredAllocation, PreStart
 from gpuplugin.codec import PrecodedCodec, encode_preferred_response, repeated_field
-from gpuplugin.errors import InvalidRequest, NotServing, RequestError, UnhealthyDevices, UnknownDevices, grpc_status
+from gpuplugin.errors import (
+    CdiSpecMissing,
+    InvalidRequest,
+    NotServing,
+    RequestError,
+    UnhealthyDevices,
+    UnknownDevices,
+    grpc_status,
+)
 from gpuplugin.instance import SocketIdentity, remove_if_ours
 from gpuplugin.model import (
     MAX_DEVICE_ID_LENGTH,
@@ -46,6 +54,7 @@ from gpuplugin.model import (
 )
 from gpuplugin.pluginwatcher import DEFAULT_PLUGINS_REGISTRY_DIR, WatcherSocket, plugin_info
 from gpuplugin.registration import RegistrationSettings, plugin_watcher_wanted, register_until_done
+from gpuplugin.strategies import CDI_NAME_ATTRIBUTE
 from gpuplugin.tasks import TaskSet
 
 log = structlog.get_logger("gpuplugin.server")
@@ -85,6 +94,8 @@ class ResourceView:
     """What the policy was built from: the same key means the same policy (health alone does not matter)."""
     rules: ResourceRules
     version: int
+    cdi_names: Mapping[str, str] = field(default_factory=dict)
+    """The CDI device name of each device that has one (a CDI strategy is on), by ID."""
 
     @classmethod
     def build(
@@ -122,6 +133,7 @@ class ResourceView:
             policy_key=policy_key,
             rules=tree.rules_of(resource),
             version=version,
+            cdi_names={d.id: name for d in devices if (name := d.attributes.get(CDI_NAME_ATTRIBUTE)) is not None},
         )
 
 
@@ -254,6 +266,8 @@ class ResourceServer:
         self._watcher: WatcherSocket | None = None
         self._watcher_registered = asyncio.Event()
         self._unreachable_logged = False
+        self.missing_specs: Callable[[Iterable[str]], Sequence[str]] | None = None
+        """Which CDI device names have no spec on disk (the CDI writer's ``missing``); None: nothing to check."""
         self.registrations = 0
         self.open_streams = 0
 
@@ -509,6 +523,11 @@ class ResourceServer:
             cached = self._encode_container(view, ids)
         if view.unhealthy and not view.unhealthy.isdisjoint(ids):
             raise UnhealthyDevices(self.resource, view.unhealthy.intersection(ids))
+        if view.cdi_names and self.missing_specs is not None:
+            # A CDI name without its spec on disk fails the container at creation: refuse it here, clearly.
+            missing = self.missing_specs(view.cdi_names[i] for i in ids if i in view.cdi_names)
+            if missing:
+                raise CdiSpecMissing(self.resource, missing)
         return cached
 
     def _encode_container(self, view: ResourceView, ids: tuple[str, ...]) -> bytes:

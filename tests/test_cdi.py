@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 import aiofiles.os
 import pytest
 import yaml
+from grpclib import GRPCError
+from grpclib.const import Status
 
 from gpuplugin.cdi import (
     CDI_VERSION,
@@ -25,6 +27,7 @@ from gpuplugin.cdi import (
     spec_writer_for,
 )
 from gpuplugin.model import ContainerSpec, Device, DeviceNode, DeviceTree, frozen_mapping
+from gpuplugin.probes import not_ready_reasons
 from gpuplugin.settings import ConfigError
 from gpuplugin.sharing import TimeSlicing
 from gpuplugin.strategies import DeviceListStrategy
@@ -422,3 +425,83 @@ async def test_shared_resource_gets_its_own_spec(workdir: Path, mock_node: MockN
         assert_valid_spec(spec)
         assert [d["name"] for d in spec["devices"]] == n.gpus()
     assert os.listdir(workdir / "cdi") == []
+
+
+# Truthful readiness: a spec that is not on disk is a problem, never a name Allocate gives.
+
+
+async def test_a_spec_that_cannot_be_written_is_a_problem_until_a_retry_writes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unwritable spec directory sets `problem` and `missing` names the devices; the background retry writes
+    the spec once the directory can be made, and both clear."""
+    monkeypatch.setattr("gpuplugin.cdi.RETRY_FIRST_S", 0.01)
+    blocker = tmp_path / "cdi"
+    blocker.write_text("")
+    writer = writer_for(blocker)
+    await writer.publish(served(gpu(0), gpu(1)))
+    assert writer.problem is not None and str(blocker / FILE) in writer.problem
+    assert "cannot create the directory" in writer.problem
+    names = [f"{KIND}=GPU-0000", f"{KIND}=GPU-0001"]
+    assert writer.missing(names) == names
+    blocker.unlink()
+    await until(lambda: writer.problem is None)
+    assert writer.missing(names) == []
+    assert spec_names_in(blocker / FILE) == ["GPU-0000", "GPU-0001"]
+    await writer.aclose()
+
+
+async def test_a_failed_rewrite_leaves_only_the_old_devices_on_disk(
+    spec_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a new spec cannot replace the old one, the devices the old file describes still count as on disk and
+    the new one does not."""
+    monkeypatch.setattr("gpuplugin.cdi.RETRY_FIRST_S", 60.0)
+    writer = writer_for(spec_dir)
+    await writer.publish(served(gpu(0)))
+
+    async def failing_replace(src: Any, dst: Any) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(aiofiles.os, "replace", failing_replace)
+    await writer.publish(served(gpu(0), gpu(1)))
+    assert writer.problem == f"{spec_dir / FILE}: cannot write: Read-only file system"
+    assert writer.missing([f"{KIND}=GPU-0000", f"{KIND}=GPU-0001"]) == [f"{KIND}=GPU-0001"]
+    monkeypatch.undo()
+    await writer.aclose()
+    assert writer.problem is None
+
+
+def spec_names_in(path: Path) -> list[str]:
+    return [d["name"] for d in json.loads(path.read_text())["devices"]]
+
+
+async def test_allocate_refuses_devices_without_a_spec_and_readyz_says_why(
+    workdir: Path, mock_node: MockNodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the spec unwritable, Allocate fails FAILED_PRECONDITION naming the CDI device and the node is not ready
+    (the reason names the file); once a retry writes it, Allocate answers and the CDI reason is gone."""
+    monkeypatch.setattr("gpuplugin.cdi.RETRY_FIRST_S", 0.05)
+    real_replace = aiofiles.os.replace
+
+    async def failing_replace(src: Any, dst: Any) -> None:
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(aiofiles.os, "replace", failing_replace)
+    strategy = DeviceListStrategy.from_mapping({"deviceListStrategy": "cdi-cri"})
+    writer = spec_writer_for(strategy, CdiSettings(spec_dir=workdir / "cdi"))
+    assert writer is not None
+    async with mock_node([strategy.apply], [writer]) as n:
+        gpus = n.gpus()
+        with pytest.raises(GRPCError) as refused:
+            await n.allocate(gpus[0])
+        assert refused.value.status is Status.FAILED_PRECONDITION
+        assert f"no CDI spec on disk for '{KIND}={gpus[0]}'" in str(refused.value.message)
+        assert not n.manager.ready
+        reasons = not_ready_reasons(n.manager)
+        assert reasons[0] == f"CDI spec not written: {workdir / 'cdi' / FILE}: cannot write: Read-only file system"
+        monkeypatch.setattr(aiofiles.os, "replace", real_replace)
+        await until(lambda: writer.problem is None, 5)
+        response = await n.allocate(gpus[0])
+        assert [c.name for c in response.cdi_devices] == [f"{KIND}={gpus[0]}"]
+        assert not [r for r in not_ready_reasons(n.manager) if r.startswith("CDI")]

@@ -22,6 +22,7 @@ from gpuplugin.instance import InstanceLockError
 from gpuplugin.probes import ProbeServerError
 from gpuplugin.registry import UnknownBackend, backend_names, load_factory
 from gpuplugin.settings import LOG_FORMATS, ConfigError, Overrides, PluginSettings
+from gpuplugin.tasks import TaskFailing
 
 log = structlog.get_logger("gpuplugin")
 
@@ -221,7 +222,7 @@ def serve(**params: Any) -> None:
     try:
         with asyncio.Runner(loop_factory=loop_factory(params.get("event_loop") or "auto")) as runner:
             runner.run(daemon.run(asyncio.Event()))
-    except (BackendUnavailable, ProbeServerError, InstanceLockError) as exc:
+    except (BackendUnavailable, ProbeServerError, InstanceLockError, TaskFailing) as exc:
         fail(str(exc))
     except ValueError as exc:
         # A backend's own settings are checked when it starts (the mock reads its YAML file then).

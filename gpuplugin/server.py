@@ -40,6 +40,7 @@ from gpuplugin.errors import (
     UnhealthyDevices,
     UnknownDevices,
     grpc_status,
+    status_code,
 )
 from gpuplugin.instance import SocketIdentity, remove_if_ours
 from gpuplugin.model import (
@@ -480,7 +481,7 @@ class ResourceServer:
 
         async def handle(stream: Stream[Any, Any]) -> None:
             started = time.perf_counter()
-            outcome = "OK"
+            code = "OK"
             try:
                 request = await receive(stream, method)
                 with grpc_status(method):
@@ -489,18 +490,18 @@ class ResourceServer:
                         response = await response
                 await stream.send_message(response)
             except BaseException as exc:
-                outcome = type(exc).__name__
+                code = status_code(exc)
                 raise
             finally:
-                self._observe(method, started, outcome)
+                self._observe(method, started, code)
 
         return handle
 
-    def _observe(self, method: str, started: float, outcome: str) -> None:
+    def _observe(self, method: str, started: float, code: str) -> None:
         elapsed = time.perf_counter() - started
-        self._log.debug("rpc", method=method, latency_ms=round(elapsed * 1000, 3), outcome=outcome)
+        self._log.debug("rpc", method=method, latency_ms=round(elapsed * 1000, 3), code=code)
         if self._on_rpc is not None:
-            self._on_rpc(self.resource, method, elapsed, outcome)
+            self._on_rpc(self.resource, method, elapsed, code)
 
     def _current(self) -> ResourceView:
         view = self._view

@@ -24,6 +24,7 @@ from gpuplugin.backend import Backend
 from gpuplugin.manager import Manager
 from gpuplugin.model import Health
 from gpuplugin.server import ResourceServer, ServerSettings
+from gpuplugin.tasks import Supervisor
 
 #: Allocate answers from a cache in tens of microseconds; anything near a second means the loop was blocked.
 RPC_BUCKETS_S: Final = (
@@ -83,6 +84,7 @@ class Metrics:
         """By (resource, method); read at scrape time."""
         self._manager: Manager | None = None
         self._loop_lag: Callable[[], float] | None = None
+        self.supervisor: Supervisor | None = None
         self.registry.register(_ManagerCollector(self, version or package_version()))
         # process_* (CPU seconds, resident memory, open file descriptors, start time) and python_info: what an
         # operator graphs first. The process collector reads /proc/self at scrape time, memory not disk.
@@ -100,6 +102,10 @@ class Metrics:
     def watch_loop(self, lag_s: Callable[[], float] | None) -> None:
         """Report the event loop's lag (measured by the probe server) as ``gpuplugin_event_loop_lag_seconds``."""
         self._loop_lag = lag_s
+
+    def watch_tasks(self, supervisor: Supervisor) -> None:
+        """Report the restarts of this supervisor's tasks as ``gpuplugin_task_restarts_total``."""
+        self.supervisor = supervisor
 
     @property
     def loop_lag(self) -> Callable[[], float] | None:
@@ -175,6 +181,11 @@ class _Families:
         self.loop_lag = GaugeMetricFamily(
             "gpuplugin_event_loop_lag_seconds", "How late the event loop ran a timer, at the last measurement."
         )
+        self.task_restarts = CounterMetricFamily(
+            "gpuplugin_task_restarts",
+            "Restarts of a long-lived task after it failed or ended unexpectedly (owner:name, as logged).",
+            labels=("task",),
+        )
 
     def all(self) -> list[Metric]:
         return [
@@ -190,6 +201,7 @@ class _Families:
             self.xid_events,
             self.backend_errors,
             self.loop_lag,
+            self.task_restarts,
         ]
 
 
@@ -214,6 +226,10 @@ class _ManagerCollector:
         lag_s = self._metrics.loop_lag
         if lag_s is not None:
             f.loop_lag.add_metric([], lag_s())
+        supervisor = self._metrics.supervisor
+        if supervisor is not None:
+            for task, count in sorted(supervisor.restarts.items()):
+                f.task_restarts.add_metric([task], count)
         manager = self._metrics.manager
         if manager is not None:
             self._read(manager, f)

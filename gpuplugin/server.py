@@ -361,12 +361,11 @@ class ResourceServer:
             self._registration.cancel()
         assert self.socket_path is not None
         self._wake.clear()
-        if plugin_watcher_wanted(self._settings.kubelet_dir):
-            # The kubelet asked for its plugin watcher (upstream's stub skips Register then).
-            registering = self._register_with_watcher(self.socket_path)
-        else:
-            registering = self._register(self.socket_path)
-        self._registration = self._tasks.spawn(registering, "register", expect_end=True)
+        path = self.socket_path
+        # The kubelet asked for its plugin watcher (upstream's stub skips Register then).
+        register = self._register_with_watcher if plugin_watcher_wanted(self._settings.kubelet_dir) else self._register
+        # Supervised: a refused registration (or any failure) is tried again with backoff, and counted.
+        self._registration = self._tasks.supervise(lambda: register(path), "register", expect_end=True)
 
     async def _register(self, path: Path) -> None:
         await self._close_watcher()

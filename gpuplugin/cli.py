@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib
+import importlib.metadata
 import json
+import math
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -18,11 +20,11 @@ import structlog
 from gpuplugin import logs
 from gpuplugin.backend import BackendUnavailable
 from gpuplugin.daemon import Daemon, served_tree, settings_from_text
+from gpuplugin.health import MAX_QUIET_PERIOD_S
 from gpuplugin.instance import InstanceLockError
 from gpuplugin.probes import ProbeServerError
 from gpuplugin.registry import UnknownBackend, backend_names, load_factory
-from gpuplugin.settings import LOG_FORMATS, ConfigError, Overrides, PluginSettings
-from gpuplugin.tasks import TaskFailing
+from gpuplugin.settings import LOG_FORMATS, LOG_LEVELS, ConfigError, Overrides, PluginSettings, read_config
 
 log = structlog.get_logger("gpuplugin")
 
@@ -36,14 +38,9 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def load_settings(config: Path | None, overrides: Overrides) -> tuple[PluginSettings, str | None]:
     """The settings and the config file's text they come from; a bad file or backend exits with one line."""
-    text = None
-    if config is not None:
-        try:
-            # Read before the event loop starts: nothing is blocked by it.
-            text = config.read_text(encoding="utf-8")
-        except OSError as exc:
-            fail(f"cannot read config file {config}: {exc.strerror}", 2)
     try:
+        # Read before the event loop starts: nothing is blocked by it.
+        text = None if config is None else read_config(config)
         settings = settings_from_text(text, str(config) if config else "config", overrides)
         load_factory(settings.backend)
     except (ConfigError, UnknownBackend) as exc:
@@ -153,7 +150,7 @@ def overrides_from(params: Mapping[str, Any], **extra: Any) -> Overrides:
 
 class _Commands(click.Group):
     """Subcommands whose imports are heavy load only when called: ``serve`` starts without matplotlib or the mock's
-    control client."""
+    control client. Usage errors, like every other error, are one line on stderr."""
 
     lazy: ClassVar[dict[str, str]] = {"bench": "benchmarks.cli:bench", "mock": "backends.mock.cli:mock_cli"}
 
@@ -170,8 +167,48 @@ class _Commands(click.Group):
             return command
         return super().get_command(ctx, cmd_name)
 
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Run as click does, but say a usage error in one line (click's own takes four), exit status 2."""
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        try:
+            result = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else "gpuplugin"
+            fail(f"{exc.format_message()} (see {where} --help)", exc.exit_code)
+        except click.ClickException as exc:
+            fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            fail("aborted", 1)
+        # Without standalone mode click returns the exit status of --help and --version instead of exiting.
+        sys.exit(result if isinstance(result, int) else 0)
+
+
+def package_version() -> str:
+    """The installed package's version; ``unknown`` when run from a source tree that was never installed."""
+    try:
+        return importlib.metadata.version("gpuplugin")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(f"gpuplugin {package_version()}")
+        ctx.exit()
+
+
+def _finite(_ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Refuse NaN and infinity, which click's FloatRange lets through."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"must be a finite number, got {value}", param=param)
+    return value
+
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option(
+    "--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version, help="Print the version."
+)
 def main() -> None:
     """A Kubernetes device plugin for GPUs, with NVML, mock and partitioned backends."""
 
@@ -222,8 +259,11 @@ def serve(**params: Any) -> None:
     try:
         with asyncio.Runner(loop_factory=loop_factory(params.get("event_loop") or "auto")) as runner:
             runner.run(daemon.run(asyncio.Event()))
-    except (BackendUnavailable, ProbeServerError, InstanceLockError, TaskFailing) as exc:
+    except (BackendUnavailable, ProbeServerError, InstanceLockError) as exc:
         fail(str(exc))
+    except ConfigError as exc:
+        # Found once the devices are known: replicas too many for the kubelet to receive.
+        fail(str(exc), 2)
     except ValueError as exc:
         # A backend's own settings are checked when it starts (the mock reads its YAML file then).
         fail(f"backend {settings.backend}: {exc}", 2)
@@ -259,6 +299,11 @@ def devices(as_json: bool, **params: Any) -> None:
             rows = asyncio.run(_devices(settings))
     except BackendUnavailable as exc:
         fail(str(exc))
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    except ValueError as exc:
+        # A backend's own settings are checked when it starts (the mock reads its YAML file then).
+        fail(f"backend {settings.backend}: {exc}", 2)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -287,16 +332,31 @@ async def _devices(settings: PluginSettings) -> list[dict[str, Any]]:
 
 
 @main.command()
-@click.option("--quiet-period", type=float, default=1.0, show_default=True, help="Seconds before a GPU recovers.")
-@click.option("--gpus", type=int, default=8, show_default=True, help="Fake GPUs on the demo node.")
-@click.option("--log-level", default="error", show_default=True, help="Plugin log level during the demo.")
+@click.option(
+    "--quiet-period",
+    type=click.FloatRange(0, MAX_QUIET_PERIOD_S),
+    callback=_finite,
+    default=1.0,
+    show_default=True,
+    help="Seconds before a GPU recovers.",
+)
+@click.option("--gpus", type=click.IntRange(min=1), default=8, show_default=True, help="Fake GPUs on the demo node.")
+@click.option(
+    "--log-level", type=click.Choice(LOG_LEVELS), default="error", show_default=True, help="Plugin log level."
+)
 def demo(quiet_period: float, gpus: int, log_level: str) -> None:
     """Run the mock backend against the kubelet simulator, in a temporary directory, and report what happens."""
-    from gpuplugin.demo import run_demo
+    from gpuplugin.demo import BURST, run_demo
 
+    needed = sum(n for _, containers in BURST for n in containers)
+    if gpus < needed:
+        fail(f"--gpus: the demo's burst of pods takes {needed} GPUs, got {gpus}", 2)
     logs.configure("console", log_level)
     click.echo(f"gpuplugin demo: {gpus} mock GPUs, kubelet simulator, all in one process")
-    report = asyncio.run(run_demo(quiet_period_s=quiet_period, gpus=gpus, say=click.echo))
+    try:
+        report = asyncio.run(run_demo(quiet_period_s=quiet_period, gpus=gpus, say=click.echo))
+    except ValueError as exc:  # the mock's own bounds (at most 1024 GPUs)
+        fail(f"--gpus: {exc}", 2)
     click.echo(
         f"done: registration {report.registration_ms:.1f} ms, unhealthy {report.unhealthy_ms:.1f} ms after the XID, "
         f"recovery {report.recovery_s:.1f} s, re-registration {report.reregistration_ms:.1f} ms"

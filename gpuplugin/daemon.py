@@ -20,7 +20,9 @@ import structlog
 
 from gpuplugin.backend import Backend, BackendUnavailable
 from gpuplugin.cdi import spec_writer_for
+from gpuplugin.errors import ConfigError
 from gpuplugin.instance import InstanceLock, remove_dead_sockets
+from gpuplugin.limits import check_tree
 from gpuplugin.manager import Manager, ServerFactory, TreeSink, TreeTransform
 from gpuplugin.model import DeviceTree
 from gpuplugin.probes import ProbeServer
@@ -29,7 +31,7 @@ from gpuplugin.reload import ConfigWatcher
 from gpuplugin.server import ResourceServer
 from gpuplugin.settings import Overrides, PluginSettings, parse_config, resolve
 from gpuplugin.strategies import DeviceListStrategy
-from gpuplugin.tasks import Supervisor, TaskFailing, TaskSet, supervising
+from gpuplugin.tasks import TaskSet
 
 if TYPE_CHECKING:
     from gpuplugin.metrics import Metrics
@@ -54,6 +56,8 @@ def pipeline(settings: PluginSettings) -> tuple[list[TreeTransform], list[TreeSi
         transforms.append(settings.sharing.apply)
     if settings.strategies != DeviceListStrategy():
         transforms.append(settings.strategies.apply)
+    # Last: a resource the kubelet could not receive is refused before any server or sink sees it.
+    transforms.append(check_tree)
     writer = spec_writer_for(settings.strategies, settings.cdi)
     return transforms, [] if writer is None else [writer]
 
@@ -118,25 +122,17 @@ class Daemon:
             sinks=sinks,
             server_factory=server_factory,
         )
-        # Every supervised task of this process reports here (through ``supervising`` in run).
-        self.supervisor = Supervisor(settings.manager.supervision, on_give_up=self._give_up)
-        self._stop: asyncio.Event | None = None
-        self.failure: TaskFailing | None = None
-        """The task that kept failing and ended the daemon, if one did."""
         self.probes: ProbeServer | None = None
         if self.metrics is not None:
             self.metrics.attach(self.manager)
-            self.metrics.watch_tasks(self.supervisor)
-            self.probes = ProbeServer(self.manager, self.metrics, settings.probes, supervisor=self.supervisor)
+            self.probes = ProbeServer(self.manager, self.metrics, settings.probes)
         self._tasks = TaskSet("daemon")
         self._reloading = asyncio.Lock()
         self.reloads = 0
         self.refused = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Start serving; return once ``stop`` is set and everything is closed. Raises TaskFailing, once everything
-        is closed, when a supervised task kept failing past its grace period."""
-        self._stop = stop
+        """Start serving; return once ``stop`` is set and everything is closed."""
         loop = asyncio.get_running_loop()
         # NVML and file I/O go to threads; a few suffice, and each idle thread costs memory (its malloc arena).
         loop.set_default_executor(ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="gpuplugin-io"))
@@ -146,17 +142,9 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup, watcher)
+        server = self.settings.manager.server
         instance = InstanceLock(self.settings.state_dir)
         log.info("starting", backend=self.settings.backend, kubelet_dir=str(self.settings.manager.server.kubelet_dir))
-        with supervising(self.supervisor):
-            await self._serve(stop, watcher, instance)
-        if self.failure is not None:
-            raise self.failure
-        log.info("stopped")
-
-    async def _serve(self, stop: asyncio.Event, watcher: ConfigWatcher | None, instance: InstanceLock) -> None:
-        loop = asyncio.get_running_loop()
-        server = self.settings.manager.server
         try:
             if self.probes is not None:
                 # Before the manager: /healthz answers and /readyz says why not ready while we start.
@@ -166,7 +154,7 @@ class Daemon:
                 await remove_dead_sockets(server.kubelet_dir, server.socket_prefix)
                 await self.manager.start()
                 if watcher is not None:
-                    self._tasks.supervise(watcher.run, "config watcher")
+                    self._tasks.spawn(watcher.run(), "config watcher")
             await stop.wait()
         finally:
             log.info("stopping")
@@ -178,13 +166,7 @@ class Daemon:
             instance.release()
             if self.probes is not None:
                 await self.probes.aclose()
-            self.supervisor.close()
-
-    def _give_up(self, failure: TaskFailing) -> None:
-        log.critical("stopping: a task keeps failing", task=failure.task, reason=failure.reason)
-        self.failure = failure
-        if self._stop is not None:
-            self._stop.set()
+        log.info("stopped")
 
     def _on_sighup(self, watcher: ConfigWatcher | None) -> None:
         log.info("SIGHUP: reloading")
@@ -218,6 +200,11 @@ class Daemon:
                 await self.manager.reconfigure(
                     transforms=transforms, sinks=None if keep_sinks else sinks, backend=backend
                 )
+            except ConfigError as exc:  # found once the devices are known: too many replicas for the kubelet
+                self.refused += 1
+                log.error("config refused; back to the current config", error=str(exc))
+                await self._restore(old, backend_replaced=backend is not None, sinks_replaced=not keep_sinks)
+                return
             except (BackendUnavailable, ValueError) as exc:
                 self.refused += 1
                 log.error("config refused: its backend does not start; back to the current config", error=str(exc))

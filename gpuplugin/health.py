@@ -23,6 +23,10 @@ log = structlog.get_logger("gpuplugin.health")
 DEFAULT_IGNORED_XIDS = frozenset({13, 31, 43, 45, 68, 109})
 #: The GPU needs a reset or the node a reboot: no quiet period brings it back.
 DEFAULT_FATAL_XIDS = frozenset({48, 79, 92, 94, 95, 119, 120})
+#: The largest XID number a setting may name: NVIDIA's catalogue ends below 200; this leaves room to grow.
+MAX_XID = 1023
+#: The longest recovery quiet period (seconds): a day. Longer is a GPU that never recovers; use fatalXids.
+MAX_QUIET_PERIOD_S = 86400.0
 
 
 class XidAction(enum.StrEnum):
@@ -45,13 +49,14 @@ class HealthPolicy:
     """How faults turn into health changes."""
 
     ignored_xids: frozenset[int] = DEFAULT_IGNORED_XIDS
-    """XIDs that leave health unchanged (application errors)."""
+    """XIDs that leave health unchanged (application errors). XIDs in every set are 0 to ``MAX_XID``."""
     fatal_xids: frozenset[int] = DEFAULT_FATAL_XIDS
     """XIDs after which a GPU stays Unhealthy; every other XID is recoverable."""
     forced_xids: frozenset[int] = frozenset()
     """XIDs that always count, even if ignored above (``DP_ENABLE_HEALTHCHECKS``)."""
     recovery_quiet_period_s: float = 30.0
-    """Seconds without a new XID before a recoverable GPU is probed and returned to Healthy."""
+    """Seconds (0 to ``MAX_QUIET_PERIOD_S``) without a new XID before a recoverable GPU is probed and returned to
+    Healthy."""
     checks_enabled: bool = True
     """False turns health checking off altogether (``DP_DISABLE_HEALTHCHECKS=all``)."""
     xids_enabled: bool = True
@@ -86,9 +91,12 @@ class HealthPolicy:
 
 def _xid(variable: str, word: str) -> int:
     try:
-        return int(word)
+        xid = int(word)
     except ValueError:
-        raise HealthPolicyError(f"{variable}: {word!r} is not an XID number, 'xids' or 'all'") from None
+        raise HealthPolicyError(f"{variable}: {word[:20]!r} is not an XID number, 'xids' or 'all'") from None
+    if not 0 <= xid <= MAX_XID:
+        raise HealthPolicyError(f"{variable}: XID {xid} is out of range 0..{MAX_XID}")
+    return xid
 
 
 Probe = Callable[[str], Awaitable[bool]]

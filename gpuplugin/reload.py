@@ -16,6 +16,8 @@ from pathlib import Path
 import aiofiles
 import structlog
 
+from gpuplugin.errors import ConfigError
+from gpuplugin.settings import MAX_CONFIG_BYTES, decode_config
 from gpuplugin.watcher import inotify_or_polling
 
 log = structlog.get_logger("gpuplugin.reload")
@@ -30,14 +32,16 @@ class ReloadSettings:
     use_inotify: bool = True
 
 
-async def read_text(path: Path) -> str:
-    """The file's text, read off the event loop."""
-    async with aiofiles.open(path, encoding="utf-8") as f:
-        return await f.read()
+async def read_bytes(path: Path) -> bytes:
+    """The file's content, read off the event loop: ``MAX_CONFIG_BYTES`` and one more at most, so that a huge
+    file is refused without being read."""
+    async with aiofiles.open(path, "rb") as f:
+        return await f.read(MAX_CONFIG_BYTES + 1)
 
 
-def fingerprint(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+def fingerprint(content: str | bytes) -> str:
+    """Equal for a text and its UTF-8 bytes."""
+    return hashlib.sha256(content.encode() if isinstance(content, str) else content).hexdigest()
 
 
 class ConfigWatcher:
@@ -59,17 +63,24 @@ class ConfigWatcher:
     async def check(self) -> None:
         """Read the file and report it if its content is new (also what SIGHUP triggers)."""
         try:
-            text = await read_text(self._path)
+            content = await read_bytes(self._path)
         except OSError as exc:
             # Mid-swap, or deleted: keep serving the old config, and say why once per state.
             if self._seen != "missing":
                 log.warning("config file unreadable; keeping the current config", path=str(self._path), error=str(exc))
                 self._seen = "missing"
             return
-        seen = fingerprint(text)
-        if seen != self._seen:
-            self._seen = seen
-            await self._on_change(text)
+        seen = fingerprint(content)
+        if seen == self._seen:
+            return
+        self._seen = seen
+        try:
+            text = decode_config(content, str(self._path))
+        except ConfigError as exc:
+            # Not a config at all: refused here, once per content, as the daemon refuses a bad one.
+            log.error("config refused; the current config keeps serving", error=str(exc))
+            return
+        await self._on_change(text)
 
     async def run(self) -> None:
         await inotify_or_polling(

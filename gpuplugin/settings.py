@@ -11,18 +11,20 @@ from typing import Any
 
 from gpuplugin.cdi import CdiSettings
 from gpuplugin.errors import ConfigError, config_key
-from gpuplugin.health import HealthPolicy, HealthPolicyError
+from gpuplugin.health import MAX_QUIET_PERIOD_S, MAX_XID, HealthPolicy, HealthPolicyError
 from gpuplugin.logs import LogFormat
 from gpuplugin.manager import ManagerSettings
 from gpuplugin.probes import AddressError, ListenAddress, ProbeSettings
 from gpuplugin.sharing import TimeSlicing
 from gpuplugin.strategies import DeviceListStrategy
 
-__all__ = ["ConfigError", "Overrides", "PluginSettings", "parse_config", "resolve"]
+__all__ = ["MAX_CONFIG_BYTES", "ConfigError", "Overrides", "PluginSettings", "decode_config", "parse_config", "resolve"]
 
 CONFIG_VERSION = "v1"
 LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+#: The largest config file read: what a Kubernetes ConfigMap holds (1 MiB). A larger file is refused unread.
+MAX_CONFIG_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +69,35 @@ class Overrides:
     """Per backend name: the options its own flags set; only the chosen backend's apply."""
 
 
+def decode_config(data: bytes, source: str) -> str:
+    """The text of a config file read as at most ``MAX_CONFIG_BYTES + 1`` bytes; ConfigError if too big or not
+    UTF-8."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_CONFIG_BYTES} bytes (1 MiB, what a ConfigMap holds)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x})") from None
+
+
+def read_config(path: Path) -> str:
+    """Read a config file (blocking: before the event loop starts); ConfigError naming the file if it cannot be."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    return decode_config(data, str(path))
+
+
 def parse_config(text: str, source: str) -> dict[str, Any]:
     """Parse and check the top level of a config file."""
     import yaml  # here: a plugin started without a config file never pays for it (1 MB, tens of ms)
 
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
     except yaml.YAMLError as exc:
         where = ""
         mark = getattr(exc, "problem_mark", None)
@@ -270,8 +295,12 @@ def _health(section: Mapping[str, Any], source: str) -> HealthPolicy:
     known = {"ignoredXids", "fatalXids", "enabledXids", "recoveryQuietPeriodSeconds", "enabled"}
     _no_unknown(section, known, source, "health")
     quiet = section.get("recoveryQuietPeriodSeconds", base.recovery_quiet_period_s)
-    if not isinstance(quiet, int | float) or isinstance(quiet, bool) or quiet < 0:
-        raise ConfigError(f"{source}: health.recoveryQuietPeriodSeconds: must be a number ≥ 0, got {quiet!r}")
+    # ``not <=``: NaN fails it too.
+    if not isinstance(quiet, int | float) or isinstance(quiet, bool) or not 0 <= quiet <= MAX_QUIET_PERIOD_S:
+        raise ConfigError(
+            f"{source}: health.recoveryQuietPeriodSeconds: must be a number of seconds from 0 to "
+            f"{MAX_QUIET_PERIOD_S:g}, got {quiet!r}"
+        )
     enabled = section.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError(f"{source}: health.enabled: must be true or false, got {enabled!r}")
@@ -288,8 +317,10 @@ def _xids(section: Mapping[str, Any], key: str, source: str, default: frozenset[
     value = section.get(key)
     if value is None:
         return default
-    if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-        raise ConfigError(f"{source}: health.{key}: must be a list of XID numbers, got {value!r}")
+    if not isinstance(value, list) or not all(
+        isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_XID for x in value
+    ):
+        raise ConfigError(f"{source}: health.{key}: must be a list of XID numbers (0 to {MAX_XID}), got {value!r}")
     return frozenset(value)
 
 

@@ -11,9 +11,10 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeGuard
 
 from gpuplugin.errors import ConfigError, config_key
+from gpuplugin.limits import KUBELET_MAX_MESSAGE_BYTES, MAX_DEVICES_PER_RESOURCE, MAX_LIST_MESSAGE_BYTES
 from gpuplugin.model import (
     MAX_DEVICE_ID_LENGTH,
     AllocationPolicyKind,
@@ -32,13 +33,20 @@ REPLICA_SEPARATOR = "::"
 REPLICA_ATTRIBUTE = "replica"
 #: Policies that make sense for replicas; topology scoring is about links between distinct GPUs.
 REPLICA_POLICIES = (AllocationPolicyKind.DISTRIBUTED, AllocationPolicyKind.PACKED)
+#: Replicas of one GPU at most: what one resource may serve in all (see gpuplugin.limits). The replicas of all
+#: the GPUs of a resource together are held to the same bound when the GPUs are known, before any is built.
+MAX_REPLICAS = MAX_DEVICES_PER_RESOURCE
+#: Entries of a ``devices`` list or ``perGpu`` mapping at most: far above any node's GPUs (8 or 16), and low
+#: enough that matching them against every GPU stays cheap.
+MAX_LISTED_GPUS = 1024
 
 GpuRef = int | str
 """A GPU named in the config: its index (an int, or a string of digits) or its UUID."""
 
 
-class SharingError(ValueError):
-    """Time-slicing cannot turn a discovered device into replicas (an ID too long); retrying does not help."""
+class SharingError(ConfigError):
+    """Time-slicing cannot turn the discovered devices into replicas (an ID too long, too many replicas for the
+    kubelet); retrying does not help, changing the config does."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,13 +56,14 @@ class SharedResource:
     name: str
     """The resource whose devices are replicated, e.g. ``nvidia.com/gpu``."""
     replicas: int
-    """Replicas per GPU (count, ≥ 2) unless ``per_gpu`` says otherwise for that GPU."""
+    """Replicas per GPU (count, 2 to ``MAX_REPLICAS``) unless ``per_gpu`` says otherwise for that GPU."""
     rename: str | None = None
     """The resource name the replicas are served as; None: ``name``, or ``name.shared`` with renameByDefault."""
     devices: tuple[GpuRef, ...] | None = None
     """The GPUs replicated (NVIDIA's ``devices``); None means all. The others stay whole under ``name``."""
     per_gpu: Mapping[GpuRef, int] = field(default_factory=lambda: MappingProxyType({}))
-    """Replica counts (≥ 1) of single GPUs, overriding ``replicas``; 1 leaves that GPU whole and unshared."""
+    """Replica counts (1 to ``MAX_REPLICAS``) of single GPUs, overriding ``replicas``; 1 leaves that GPU whole.
+    At most ``MAX_LISTED_GPUS`` entries, as ``devices``."""
     allocation_policy: AllocationPolicyKind | None = None
     """How GetPreferredAllocation picks replicas of this resource; None: the time-slicing default."""
 
@@ -83,6 +92,8 @@ class TimeSlicing:
     compute, and NVIDIA's users rely on this to catch such requests."""
     allocation_policy: AllocationPolicyKind = AllocationPolicyKind.DISTRIBUTED
     """Default policy for replicas: distributed, so that pods land on idle GPUs first (NVIDIA's default)."""
+    path: str = field(default="sharing.timeSlicing", compare=False)
+    """Where in the config these settings are, for errors found once the devices are known."""
 
     @classmethod
     def from_mapping(cls, data: Any, path: str = "sharing.timeSlicing") -> TimeSlicing:
@@ -127,20 +138,50 @@ class TimeSlicing:
             rename_by_default=rename_by_default,
             fail_requests_greater_than_one=_bool(section, "failRequestsGreaterThanOne", path),
             allocation_policy=_policy(section, path) or AllocationPolicyKind.DISTRIBUTED,
+            path=path,
         )
 
     def served_name(self, resource: SharedResource) -> str:
         """The resource name ``resource``'s replicas are served as."""
         return _target(resource, self.rename_by_default)
 
+    def _check_counts(self, tree: DeviceTree, shared: Mapping[str, SharedResource]) -> None:
+        """Refuse replica counts whose devices, with the unshared ones of the same name, would be too many."""
+        totals: dict[str, int] = {}
+        causes: dict[str, tuple[SharedResource, list[int]]] = {}
+        for device in tree.devices:
+            resource = shared.get(device.resource)
+            count = 1 if resource is None else resource.replicas_of(device)
+            name = device.resource if resource is None or count < 2 else self.served_name(resource)
+            totals[name] = totals.get(name, 0) + count
+            if resource is not None and count >= 2:
+                causes.setdefault(name, (resource, []))[1].append(count)
+        for name, total in totals.items():
+            if total <= MAX_DEVICES_PER_RESOURCE:
+                continue
+            resource, counts = causes.get(name, (None, []))
+            if resource is None:
+                continue  # Not made by replicas: gpuplugin.limits.check_tree names it.
+            where = f"{self.path}.resources[{self.resources.index(resource)}]"
+            field_name = "replicas" if not resource.per_gpu else "replicas/perGpu"
+            each = f"{counts[0]}" if min(counts) == max(counts) else f"up to {max(counts)}"
+            raise SharingError(
+                f"{where}.{field_name}: {len(counts)} GPUs with {each} replicas each make {total} devices of {name}; "
+                f"a resource may have at most {MAX_DEVICES_PER_RESOURCE}, what fits in its "
+                f"ListAndWatch message ({MAX_LIST_MESSAGE_BYTES // 2**20} MiB, half the kubelet's "
+                f"{KUBELET_MAX_MESSAGE_BYTES // 2**20} MiB limit)"
+            )
+
     def apply(self, tree: DeviceTree) -> DeviceTree:
         """Replace each shared device by its replicas, in place, and set the rules of the shared resources.
 
-        Raises SharingError when a replica ID would exceed the kubelet's 63 characters.
+        Raises SharingError when a replica ID would exceed the kubelet's 63 characters, or when a resource would
+        have more devices than its ListAndWatch message can carry; the latter is counted before any is built.
         """
         if not self.resources:
             return tree
         shared = {r.name: r for r in self.resources}
+        self._check_counts(tree, shared)
         devices: list[Device] = []
         served: dict[str, SharedResource] = {}
         for device in tree.devices:
@@ -206,8 +247,12 @@ def _resource(data: Any, path: str) -> SharedResource:
     if not isinstance(name, str) or not is_extended_resource_name(name):
         raise ConfigError.at(f"{path}.name", f"must be an extended resource name (domain/name), got {name!r}")
     replicas = section.get("replicas")
-    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 2:
-        raise ConfigError.at(f"{path}.replicas", f"must be an integer ≥ 2, got {replicas!r}")
+    if not _is_int(replicas) or not 2 <= replicas <= MAX_REPLICAS:
+        raise ConfigError.at(
+            f"{path}.replicas",
+            f"must be an integer from 2 to {MAX_REPLICAS} (what one resource's ListAndWatch message holds), "
+            f"got {replicas!r}",
+        )
     rename = section.get("rename")
     if rename is not None and not isinstance(rename, str):
         raise ConfigError.at(f"{path}.rename", f"must be an extended resource name (domain/name), got {rename!r}")
@@ -226,6 +271,8 @@ def _devices(value: Any, path: str) -> tuple[GpuRef, ...] | None:
         return None
     if not isinstance(value, list):
         raise ConfigError.at(path, f'must be "all" or a list of GPU indices and UUIDs, got {value!r}')
+    if len(value) > MAX_LISTED_GPUS:
+        raise ConfigError.at(path, f"lists {len(value)} GPUs; at most {MAX_LISTED_GPUS}")
     return tuple(_gpu_ref(item, f"{path}[{i}]") for i, item in enumerate(value))
 
 
@@ -234,12 +281,14 @@ def _per_gpu(value: Any, path: str) -> Mapping[GpuRef, int]:
         return MappingProxyType({})
     if not isinstance(value, dict):
         raise ConfigError.at(path, f"must be a mapping of GPU index or UUID to replicas, got {type(value).__name__}")
+    if len(value) > MAX_LISTED_GPUS:
+        raise ConfigError.at(path, f"names {len(value)} GPUs; at most {MAX_LISTED_GPUS}")
     counts: dict[GpuRef, int] = {}
     for key, count in value.items():
         where = f"{path}.{config_key(key)}"
         ref = _gpu_ref(key, where)
-        if not _is_int(count) or count < 1:
-            raise ConfigError.at(where, f"must be an integer ≥ 1 (1: not shared), got {count!r}")
+        if not _is_int(count) or not 1 <= count <= MAX_REPLICAS:
+            raise ConfigError.at(where, f"must be an integer from 1 (not shared) to {MAX_REPLICAS}, got {count!r}")
         counts[ref] = count
     return MappingProxyType(counts)
 
@@ -269,7 +318,7 @@ def _bool(section: Mapping[str, Any], key: str, path: str) -> bool:
     return value
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     # YAML's true/false are ints to Python; a replica count of "true" is a typo, not 1.
     return isinstance(value, int) and not isinstance(value, bool)
 

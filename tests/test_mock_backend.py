@@ -194,25 +194,34 @@ async def test_yaml_config_is_read_at_start_and_options_override_it(workdir: Pat
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"gpus": "x"}, "mock.gpus: must be a positive integer, got 'x'"),
-        ({"gpus": 0}, "mock.gpus: must be a positive integer, got 0"),
-        ({"gpus": True}, "mock.gpus: must be a positive integer, got True"),
-        ({"gpus": 100000}, "mock.gpus: must be at most 1024"),
-        ({"memory_mib": -1}, "mock.memory_mib: must be a positive integer, got -1"),
-        ({"numa_nodes": "two"}, "mock.numa_nodes: must be a positive integer, got 'two'"),
+        ({"gpus": "x"}, "mock.gpus: must be an integer from 1 to 1024, got 'x'"),
+        ({"gpus": 0}, "mock.gpus: must be an integer from 1 to 1024, got 0"),
+        ({"gpus": True}, "mock.gpus: must be an integer from 1 to 1024, got True"),
+        ({"gpus": 100000}, "mock.gpus: must be an integer from 1 to 1024, got 100000"),
+        ({"memory_mib": -1}, "mock.memory_mib: must be an integer from 1 to 1048576, got -1"),
+        ({"numa_nodes": "two"}, "mock.numa_nodes: must be an integer from 1 to 1024, got 'two'"),
         ({"model": ""}, "mock.model: must be a non-empty string"),
         ({"resource": "gpu"}, "mock.resource: resource name 'gpu' is not an extended resource"),
         ({"gpu": 8}, "mock.gpu: unknown setting"),
         ({"nvlink_groups": [[0, 9]]}, "mock.nvlink_groups[0]: GPU index 9 out of range 0..7"),
         ({"nvlink_groups": [[0, 1], [2, 2]]}, "mock.nvlink_groups[1]: lists a GPU twice"),
-        ({"nvlink_groups": [{"gpus": [0, 1], "links": 0}]}, "mock.nvlink_groups[0].links: must be a positive integer"),
+        (
+            {"nvlink_groups": [{"gpus": [0, 1], "links": 0}]},
+            "mock.nvlink_groups[0].links: must be an integer from 1 to 64",
+        ),
         ({"nvlink_groups": [{"links": 4}]}, "mock.nvlink_groups[0].gpus: missing"),
-        ({"nvlink_groups": [[0, "a"]]}, "mock.nvlink_groups[0][1]: must be an integer of at least 0, got 'a'"),
-        ({"nvlink_groups": "all"}, "mock.nvlink_groups: must be a list, got 'all'"),
+        ({"nvlink_groups": [[0, "a"]]}, "mock.nvlink_groups[0][1]: must be an integer from 0 to 1023, got 'a'"),
+        ({"nvlink_groups": "all"}, "mock.nvlink_groups: must be a list, got str"),
         ({"gpus": 4, "pcie_switches": [[0, 1], [4, 5]]}, "mock.pcie_switches[1]: GPU index 4 out of range 0..3"),
         ({"pcie_switches": [[0, 1], [1, 2]]}, "mock.pcie_switches[1]: GPU 1 is already behind switch 0"),
         ({"device_node_host_path": "dev/null"}, "mock.device_node_host_path: must be an absolute path"),
         ({"control_socket": "/tmp/" + "s" * 120}, "mock.control_socket: "),
+        ({"memory_mib": 2**20 + 1}, "mock.memory_mib: must be an integer from 1 to 1048576, got 1048577"),
+        ({"numa_nodes": 1025}, "mock.numa_nodes: must be an integer from 1 to 1024, got 1025"),
+        ({"nvlink_groups": [{"gpus": [0, 1], "links": 65}]}, "mock.nvlink_groups[0].links: must be an integer from 1"),
+        ({"nvlink_groups": [[0, 1]] * 513}, "mock.nvlink_groups: has 513 entries, at most 512"),
+        ({"pcie_switches": [[0]] * 1025}, "mock.pcie_switches: has 1025 entries, at most 1024"),
+        ({"gpus": "9" * 5000}, "mock.gpus: must be an integer from 1 to 1024, got '99999"),
     ],
 )
 def test_a_bad_setting_raises_one_error_naming_it(options: dict[str, Any], message: str) -> None:
@@ -235,16 +244,21 @@ def test_settings_built_in_code_are_checked_too() -> None:
         (None, "mock.config: cannot read"),
         ("- 1\n- 2\n", "mock.config: .* must hold a mapping of mock settings, got list"),
         ("gpus: [\n", "mock.config: .* is not valid YAML"),
-        ("gpus: eight\n", "mock.gpus: must be a positive integer, got 'eight'"),
+        (b"gpus: \xff\n", "mock.config: .* is not UTF-8 text"),
+        ("gpus: " + "[" * 5000 + "\n", "mock.config: .* (nested too deeply|is not valid YAML)"),
+        ("gpus: eight\n", "mock.gpus: must be an integer from 1 to 1024, got 'eight'"),
         ("nvlink_groups: [[0, 8]]\n", r"mock.nvlink_groups\[0\]: GPU index 8 out of range 0..7"),
     ],
 )
 async def test_a_bad_config_file_raises_an_error_naming_the_setting(
-    workdir: Path, content: str | None, message: str
+    workdir: Path, content: str | bytes | None, message: str
 ) -> None:
-    """A missing, malformed or invalid YAML file raises MockConfigError naming `mock.config` or the bad field."""
+    """A missing, malformed, non-UTF-8 or invalid YAML file raises MockConfigError naming `mock.config` or the bad
+    field."""
     config = workdir / "mock.yaml"
-    if content is not None:
+    if isinstance(content, bytes):
+        config.write_bytes(content)
+    elif content is not None:
         config.write_text(content)
     with pytest.raises(MockConfigError, match=f"^{message}"):
         await load_settings({"config": str(config)}, state_dir=workdir)

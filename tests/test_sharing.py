@@ -170,14 +170,44 @@ def test_nothing_shared_returns_the_same_tree(section: dict[str, Any] | None) ->
 
 # Validation.
 
+#: The start of the error for a replica count out of range; the value follows.
+REPLICAS_RANGE = "resources[0].replicas: must be an integer from 2 to 24672 (what one resource's ListAndWatch message"
+REPLICAS_RANGE += " holds), got"
+
 
 @pytest.mark.parametrize(
     ("section", "message"),
     [
-        ({"resources": [{"name": GPU, "replicas": 1}]}, "resources[0].replicas: must be an integer ≥ 2, got 1"),
-        ({"resources": [{"name": GPU, "replicas": "4"}]}, "resources[0].replicas: must be an integer ≥ 2, got '4'"),
-        ({"resources": [{"name": GPU, "replicas": True}]}, "resources[0].replicas: must be an integer ≥ 2"),
-        ({"resources": [{"name": GPU}]}, "resources[0].replicas: must be an integer ≥ 2, got None"),
+        (
+            {"resources": [{"name": GPU, "replicas": 1}]},
+            REPLICAS_RANGE + " 1",
+        ),
+        (
+            {"resources": [{"name": GPU, "replicas": "4"}]},
+            REPLICAS_RANGE + " '4'",
+        ),
+        ({"resources": [{"name": GPU, "replicas": True}]}, "resources[0].replicas: must be an integer from 2 to"),
+        (
+            {"resources": [{"name": GPU, "replicas": 24673}]},
+            "resources[0].replicas: must be an integer from 2 to 24672",
+        ),
+        ({"resources": [{"name": GPU, "replicas": 10**8}]}, "resources[0].replicas: must be an integer from 2 to"),
+        (
+            {"resources": [{"name": GPU, "replicas": 2, "perGpu": {0: 24673}}]},
+            "resources[0].perGpu.0: must be an integer from 1 (not shared) to 24672, got 24673",
+        ),
+        (
+            {"resources": [{"name": GPU, "replicas": 2, "devices": list(range(1025))}]},
+            "resources[0].devices: lists 1025 GPUs; at most 1024",
+        ),
+        (
+            {"resources": [{"name": GPU, "replicas": 2, "perGpu": dict.fromkeys(range(1025), 2)}]},
+            "resources[0].perGpu: names 1025 GPUs; at most 1024",
+        ),
+        (
+            {"resources": [{"name": GPU}]},
+            REPLICAS_RANGE + " None",
+        ),
         ({"resources": [{"name": "gpu", "replicas": 2}]}, "resources[0].name: must be an extended resource name"),
         ({"resources": [{"name": "kubernetes.io/gpu", "replicas": 2}]}, "resources[0].name: must be an extended"),
         ({"resources": [{"name": GPU, "replicas": 2, "rename": "bad name"}]}, "resources[0].rename: 'bad name'"),
@@ -186,7 +216,7 @@ def test_nothing_shared_returns_the_same_tree(section: dict[str, Any] | None) ->
         ({"resources": [{"name": GPU, "replicas": 2, "devices": [0, -1]}]}, "resources[0].devices[1]: must be a GPU"),
         (
             {"resources": [{"name": GPU, "replicas": 2, "perGpu": {0: 0}}]},
-            "resources[0].perGpu.0: must be an integer ≥ 1",
+            "resources[0].perGpu.0: must be an integer from 1 (not shared) to 24672, got 0",
         ),
         ({"resources": [{"name": GPU, "replicas": 2, "perGpu": [1]}]}, "resources[0].perGpu: must be a mapping"),
         ({"resources": [{"name": GPU, "replicas": 2, "perGpu": {-2: 2}}]}, "resources[0].perGpu.-2: must be a GPU"),

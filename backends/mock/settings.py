@@ -17,6 +17,16 @@ DEFAULT_CONTROL_SOCKET = Path("/run/gpuplugin/mock.sock")
 DEFAULT_NVLINKS = 18
 #: The link table grows with the square of this; more is almost surely a typo.
 MAX_GPUS = 1024
+#: The most memory a fake GPU may report (MiB): 1 TiB, several times any GPU's.
+MAX_MEMORY_MIB = 1024 * 1024
+#: Linux's most NUMA nodes (MAX_NUMNODES with NODES_SHIFT 10); NUMA node IDs travel to the kubelet as int64.
+MAX_NUMA_NODES = 1024
+#: NVLink links between a pair of GPUs at most: NVLink 5 gives a GPU 18, so this is room, not a target.
+MAX_NVLINKS = 64
+#: NVLink groups at most: pairs covering every GPU; each pair of GPUs is checked against every group.
+MAX_NVLINK_GROUPS = MAX_GPUS // 2
+#: The largest mock config file read (bytes), as for the plugin's own config.
+MAX_CONFIG_BYTES = 1024 * 1024
 #: sun_path is 108 bytes on Linux, one of them the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
 
@@ -32,7 +42,7 @@ class NVLinkGroup:
     gpus: tuple[int, ...]
     """GPU indices in the group."""
     links: int = DEFAULT_NVLINKS
-    """Active NVLink links between each pair of the group (count)."""
+    """Active NVLink links between each pair of the group (count, 1 to ``MAX_NVLINKS`` = 64)."""
 
 
 def even_pairs(gpus: int) -> tuple[tuple[int, ...], ...]:
@@ -45,19 +55,21 @@ class MockSettings:
     """What the fake node looks like. ``from_options`` derives the topology defaults from ``gpus``."""
 
     gpus: int = 8
-    """Number of fake GPUs (count); an HGX board has 8."""
+    """Number of fake GPUs (count, 1 to ``MAX_GPUS`` = 1024); an HGX board has 8."""
     model: str = "NVIDIA H200"
     """Product name each GPU reports."""
     memory_mib: int = 143771
-    """Memory of each GPU (MiB), what an H200 reports."""
+    """Memory of each GPU (MiB, 1 to ``MAX_MEMORY_MIB``), what an H200 reports."""
     resource: str = "nvidia.com/gpu"
     """Extended resource name the GPUs are served as."""
     node_name: str = "mock-node"
     """Seed of the GPU UUIDs (text): the same name gives the same UUIDs on every start."""
     numa_nodes: int = 2
-    """NUMA nodes (count) the GPUs are split across evenly, the first GPUs on NUMA node 0."""
+    """NUMA nodes (count, 1 to ``MAX_NUMA_NODES`` = 1024) the GPUs are split across evenly, the first GPUs on
+    NUMA node 0."""
     nvlink_groups: tuple[NVLinkGroup, ...] = (NVLinkGroup(tuple(range(8))),)
-    """NVLink domains; a pair in several groups has the sum of their links. Default: one NVSwitch for all GPUs."""
+    """NVLink domains (at most ``MAX_NVLINK_GROUPS``); a pair in several groups has the sum of their links.
+    Default: one NVSwitch for all GPUs."""
     pcie_switches: tuple[tuple[int, ...], ...] = even_pairs(8)
     """GPU indices behind each PCIe switch, a GPU behind one at most. Default: consecutive pairs."""
     control_socket: Path = DEFAULT_CONTROL_SOCKET
@@ -82,19 +94,21 @@ class MockSettings:
             values[key] = value
 
         default = cls()
-        gpus = _integer("mock.gpus", values.get("gpus", default.gpus), minimum=1)
-        if gpus > MAX_GPUS:
-            raise MockConfigError(f"mock.gpus: must be at most {MAX_GPUS}, got {gpus}")
+        gpus = _integer("mock.gpus", values.get("gpus", default.gpus), minimum=1, maximum=MAX_GPUS)
         socket_default = DEFAULT_CONTROL_SOCKET if state_dir is None else Path(state_dir) / "mock.sock"
         groups = values.get("nvlink_groups")
         switches = values.get("pcie_switches")
         return cls(
             gpus=gpus,
             model=_text("mock.model", values.get("model", default.model)),
-            memory_mib=_integer("mock.memory_mib", values.get("memory_mib", default.memory_mib), minimum=1),
+            memory_mib=_integer(
+                "mock.memory_mib", values.get("memory_mib", default.memory_mib), minimum=1, maximum=MAX_MEMORY_MIB
+            ),
             resource=_text("mock.resource", values.get("resource", default.resource)),
             node_name=_text("mock.node_name", values.get("node_name", default.node_name)),
-            numa_nodes=_integer("mock.numa_nodes", values.get("numa_nodes", default.numa_nodes), minimum=1),
+            numa_nodes=_integer(
+                "mock.numa_nodes", values.get("numa_nodes", default.numa_nodes), minimum=1, maximum=MAX_NUMA_NODES
+            ),
             nvlink_groups=(NVLinkGroup(tuple(range(gpus))),) if groups is None else _nvlink_groups(groups),
             pcie_switches=even_pairs(gpus) if switches is None else _index_lists("mock.pcie_switches", switches),
             control_socket=Path(_text("mock.control_socket", values.get("control_socket", socket_default))),
@@ -110,16 +124,24 @@ async def load_settings(options: Mapping[str, Any], *, state_dir: Path | None = 
     if path is None:
         return MockSettings.from_options(options, state_dir=state_dir)
     try:
-        async with aiofiles.open(Path(path), encoding="utf-8") as f:
-            text = await f.read()
+        async with aiofiles.open(Path(path), "rb") as f:
+            data = await f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise MockConfigError(f"mock.config: cannot read {path}: {e.strerror or e}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise MockConfigError(f"mock.config: {path} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MockConfigError(f"mock.config: {path} is not UTF-8 text (byte {e.start})") from None
     import yaml  # here: a mock without a config file never loads it
 
     try:
         loaded = yaml.safe_load(text)
+    except RecursionError:
+        raise MockConfigError(f"mock.config: {path} is nested too deeply") from None
     except yaml.YAMLError as e:
-        raise MockConfigError(f"mock.config: {path} is not valid YAML: {e}") from None
+        raise MockConfigError(f"mock.config: {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, Mapping):
@@ -127,16 +149,17 @@ async def load_settings(options: Mapping[str, Any], *, state_dir: Path | None = 
     return MockSettings.from_options({**loaded, **options}, state_dir=state_dir)
 
 
-def _integer(name: str, value: object, *, minimum: int) -> int:
+def _integer(name: str, value: object, *, minimum: int, maximum: int = MAX_GPUS - 1) -> int:
+    """An integer from ``minimum`` to ``maximum``; the default maximum is a GPU index's."""
     # Command-line flags arrive as text; YAML gives ints. bool is an int to Python, never to an operator.
     number: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
-    elif isinstance(value, str) and value.strip().isdecimal():
+    elif isinstance(value, str) and value.strip().isdecimal() and len(value.strip()) <= 20:
         number = int(value.strip())
-    if number is None or number < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer of at least {minimum}"
-        raise MockConfigError(f"{name}: must be {kind}, got {value!r}")
+    if number is None or not minimum <= number <= maximum:
+        shown = repr(value) if not isinstance(value, str) or len(value) <= 40 else repr(value[:40] + "…")
+        raise MockConfigError(f"{name}: must be an integer from {minimum} to {maximum}, got {shown}")
     return number
 
 
@@ -148,9 +171,11 @@ def _text(name: str, value: object) -> str:
     return value
 
 
-def _sequence(name: str, value: object) -> Sequence[object]:
+def _sequence(name: str, value: object, maximum: int = MAX_GPUS) -> Sequence[object]:
     if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-        raise MockConfigError(f"{name}: must be a list, got {value!r}")
+        raise MockConfigError(f"{name}: must be a list, got {type(value).__name__}")
+    if len(value) > maximum:
+        raise MockConfigError(f"{name}: has {len(value)} entries, at most {maximum}")
     return value
 
 
@@ -163,7 +188,7 @@ def _index_lists(name: str, value: object) -> tuple[tuple[int, ...], ...]:
 
 def _nvlink_groups(value: object) -> tuple[NVLinkGroup, ...]:
     groups: list[NVLinkGroup] = []
-    for i, group in enumerate(_sequence("mock.nvlink_groups", value)):
+    for i, group in enumerate(_sequence("mock.nvlink_groups", value, MAX_NVLINK_GROUPS)):
         name = f"mock.nvlink_groups[{i}]"
         links: object = DEFAULT_NVLINKS
         if isinstance(group, Mapping):
@@ -175,15 +200,19 @@ def _nvlink_groups(value: object) -> tuple[NVLinkGroup, ...]:
             links = group.get("links", DEFAULT_NVLINKS)
             group, name = group["gpus"], f"{name}.gpus"
         gpus = tuple(_integer(f"{name}[{j}]", gpu, minimum=0) for j, gpu in enumerate(_sequence(name, group)))
-        groups.append(NVLinkGroup(gpus, _integer(f"mock.nvlink_groups[{i}].links", links, minimum=1)))
+        groups.append(
+            NVLinkGroup(gpus, _integer(f"mock.nvlink_groups[{i}].links", links, minimum=1, maximum=MAX_NVLINKS))
+        )
     return tuple(groups)
 
 
 def _check_settings(s: MockSettings) -> None:
     """Checks that hold however the settings were built (from options or in code)."""
-    _integer("mock.gpus", s.gpus, minimum=1)
-    _integer("mock.memory_mib", s.memory_mib, minimum=1)
-    _integer("mock.numa_nodes", s.numa_nodes, minimum=1)
+    _integer("mock.gpus", s.gpus, minimum=1, maximum=MAX_GPUS)
+    _integer("mock.memory_mib", s.memory_mib, minimum=1, maximum=MAX_MEMORY_MIB)
+    _integer("mock.numa_nodes", s.numa_nodes, minimum=1, maximum=MAX_NUMA_NODES)
+    if len(s.nvlink_groups) > MAX_NVLINK_GROUPS:
+        raise MockConfigError(f"mock.nvlink_groups: has {len(s.nvlink_groups)} groups, at most {MAX_NVLINK_GROUPS}")
     for name in ("model", "node_name", "device_node_host_path"):
         _text(f"mock.{name}", getattr(s, name))
     try:
@@ -199,7 +228,7 @@ def _check_settings(s: MockSettings) -> None:
         )
     for i, group in enumerate(s.nvlink_groups):
         _check_indices(f"mock.nvlink_groups[{i}]", group.gpus, s.gpus)
-        _integer(f"mock.nvlink_groups[{i}].links", group.links, minimum=1)
+        _integer(f"mock.nvlink_groups[{i}].links", group.links, minimum=1, maximum=MAX_NVLINKS)
     switch_of: dict[int, int] = {}
     for i, switch in enumerate(s.pcie_switches):
         _check_indices(f"mock.pcie_switches[{i}]", switch, s.gpus)

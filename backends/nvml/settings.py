@@ -12,6 +12,10 @@ from gpuplugin.model import ContainerSpec, Device
 
 #: Longest event wait allowed: the health thread checks its stop flag between waits, so this bounds shutdown.
 MAX_EVENT_WAIT_TIMEOUT_MS = 10_000
+#: Longest backoff (seconds) between NVML retries: an hour; longer leaves a repaired node idle for no reason.
+MAX_BACKOFF_S = 3600.0
+#: Most consecutive failed event waits tolerated before every GPU is marked Unhealthy.
+MAX_WAIT_ERROR_THRESHOLD = 1000
 
 
 class NvmlSettingsError(ValueError):
@@ -53,13 +57,17 @@ class NvmlSettings:
     fail_on_init_error: bool = True
     """Raise when NVML cannot start (True), or serve nothing and retry in the background (False)."""
     retry_backoff_initial_s: float = 1.0
-    """Seconds before the first retry of a failed init, rediscovery or event wait; doubles on each failure."""
+    """Seconds (above 0, at most ``rediscover_backoff_max_s``) before the first retry of a failed init,
+    rediscovery or event wait; doubles on each failure."""
     rediscover_backoff_max_s: float = 60.0
-    """Ceiling in seconds of that backoff: a minute keeps a broken node's logs readable."""
+    """Ceiling in seconds of that backoff (at most ``MAX_BACKOFF_S``, an hour): a minute keeps a broken node's logs
+    readable."""
     event_wait_timeout_ms: int = 1000
-    """Milliseconds one NVML event wait blocks; it bounds how long shutdown waits for the thread (NVIDIA: 5 s)."""
+    """Milliseconds (1 to 10,000) one NVML event wait blocks; it bounds how long shutdown waits for the thread
+    (NVIDIA: 5 s)."""
     wait_error_threshold: int = 3
-    """Consecutive failed event waits after which every GPU is marked Unhealthy (until a wait succeeds again)."""
+    """Consecutive failed event waits (1 to ``MAX_WAIT_ERROR_THRESHOLD``) after which every GPU is marked Unhealthy
+    (until a wait succeeds again)."""
     sysfs_root: str = "/sys"
     """Where sysfs is mounted; NUMA nodes are read from ``<sysfs_root>/bus/pci/devices/<bus id>/numa_node``."""
     report_mig_devices: bool = False
@@ -84,8 +92,14 @@ class NvmlSettings:
                 f"event_wait_timeout_ms: {self.event_wait_timeout_ms} is outside 1..{MAX_EVENT_WAIT_TIMEOUT_MS}"
                 " (it bounds how long shutdown waits for the health thread)"
             )
-        if self.wait_error_threshold < 1:
-            raise NvmlSettingsError(f"wait_error_threshold: {self.wait_error_threshold} must be at least 1")
+        if not 1 <= self.wait_error_threshold <= MAX_WAIT_ERROR_THRESHOLD:
+            raise NvmlSettingsError(
+                f"wait_error_threshold: {self.wait_error_threshold} is outside 1..{MAX_WAIT_ERROR_THRESHOLD}"
+            )
+        if not self.rediscover_backoff_max_s <= MAX_BACKOFF_S:
+            raise NvmlSettingsError(
+                f"rediscover_backoff_max_s: {self.rediscover_backoff_max_s:g} is above {MAX_BACKOFF_S:g} (an hour)"
+            )
         if not 0 < self.retry_backoff_initial_s <= self.rediscover_backoff_max_s:
             raise NvmlSettingsError(
                 f"retry_backoff_initial_s: {self.retry_backoff_initial_s:g} must be above 0 and at most"

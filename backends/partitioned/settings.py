@@ -14,6 +14,10 @@ from gpuplugin.model import AllocationPolicyKind
 
 _GPU_KEY = re.compile(r"^(?:gpu\s*)?(\d+)$", re.IGNORECASE)
 _WHOLE = frozenset({"none", "whole", ""})
+#: Partitions of one GPU at most: MIG makes at most 7 GPU instances on every MIG-capable GPU (A100 to B200).
+MAX_PARTITIONS_PER_GPU = 7
+#: Entries of ``layouts`` at most: far above any node's GPUs; the mock's own bound.
+MAX_LAYOUTS = 1024
 
 
 class PartitionedConfigError(ValueError):
@@ -45,6 +49,7 @@ class Layout:
     """How one GPU is sliced: a list of profiles, as many of one profile as fit, or not at all."""
 
     profiles: tuple[str, ...] = ()
+    """The partitions, ``MAX_PARTITIONS_PER_GPU`` (7) at most."""
     fill: str | None = None
     """``all-<profile>``: as many partitions of it as the GPU holds."""
 
@@ -80,7 +85,7 @@ class PartitionedSettings:
     layout: Layout = Layout(fill="1g.18gb")
     """Layout of every GPU without an entry in ``layouts``; default the most partitions (7 of 1g.18gb)."""
     layouts: Mapping[GpuKey, Layout] = field(default_factory=lambda: MappingProxyType({}))
-    """Per GPU, by index or UUID; a UUID entry wins over an index entry."""
+    """Per GPU, by index or UUID (``MAX_LAYOUTS`` entries at most); a UUID entry wins over an index entry."""
     profiles: ProfileSource = ProfileSource.H200
     """``h200`` (the default geometry) or ``nvml`` (read from each GPU; needs the ``nvml`` parent)."""
     allocation_policy: AllocationPolicyKind = AllocationPolicyKind.DISTRIBUTED
@@ -136,7 +141,20 @@ def check_layout(name: str, layout: Layout, table: ProfileTable) -> None:
 
 def parse_layout(name: str, value: object) -> Layout:
     """``all-1g.18gb``, ``none``, a profile or comma-separated profiles, a list of profiles, ``{all: 1g.18gb}`` or
-    ``{1g.18gb: 3, 2g.35gb: 2}``."""
+    ``{1g.18gb: 3, 2g.35gb: 2}``; at most ``MAX_PARTITIONS_PER_GPU`` partitions."""
+    layout = _parse_layout(name, value)
+    _at_most(name, len(layout.profiles))
+    return layout
+
+
+def _at_most(name: str, partitions: int) -> None:
+    if partitions > MAX_PARTITIONS_PER_GPU:
+        raise PartitionedConfigError(
+            f"{name}: {partitions} partitions; a GPU holds at most {MAX_PARTITIONS_PER_GPU} (MIG's limit)"
+        )
+
+
+def _parse_layout(name: str, value: object) -> Layout:
     if isinstance(value, str):
         text = value.strip()
         if text.lower() in _WHOLE:
@@ -149,9 +167,11 @@ def parse_layout(name: str, value: object) -> Layout:
             return Layout(fill=_profile(f"{name}.all", value["all"]))
         profiles: list[str] = []
         for profile, count in value.items():
+            # Each count is bounded before the list grows: a count of a billion is refused, not allocated.
             profiles += [_profile(name, profile)] * _count(f"{name}.{profile}", count)
         return Layout(profiles=tuple(profiles))
     if isinstance(value, Sequence) and not isinstance(value, bytes):
+        _at_most(name, len(value))
         return Layout(profiles=tuple(_profile(f"{name}[{i}]", p) for i, p in enumerate(value)))
     raise PartitionedConfigError(
         f"{name}: must be all-<profile>, none, a list of profiles or a mapping of profile to count, got {value!r}"
@@ -165,9 +185,9 @@ def _profile(name: str, value: object) -> str:
 
 
 def _count(name: str, value: object) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_PARTITIONS_PER_GPU:
         return value
-    raise PartitionedConfigError(f"{name}: must be a count (a whole number of at least 0), got {value!r}")
+    raise PartitionedConfigError(f"{name}: must be a count from 0 to {MAX_PARTITIONS_PER_GPU}, got {value!r}")
 
 
 def _gpu_key(name: str, key: object) -> GpuKey:
@@ -182,6 +202,8 @@ def _gpu_key(name: str, key: object) -> GpuKey:
 def _layouts(name: str, value: object) -> Mapping[GpuKey, Layout]:
     if not isinstance(value, Mapping):
         raise PartitionedConfigError(f"{name}: must map GPU indices or UUIDs to layouts, got {value!r}")
+    if len(value) > MAX_LAYOUTS:
+        raise PartitionedConfigError(f"{name}: {len(value)} entries; at most {MAX_LAYOUTS}")
     layouts: dict[GpuKey, Layout] = {}
     for raw_key, raw in value.items():
         key = _gpu_key(name, raw_key)

@@ -1,0 +1,380 @@
+"""Bounds: what one resource may serve (its ListAndWatch message must reach the kubelet), every numeric setting's
+range, and a config parser that only ever answers with settings or one ConfigError."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from backends.nvml import NvmlSettings, NvmlSettingsError
+from backends.partitioned import PartitionedConfigError, PartitionedSettings
+from gpuplugin.api import v1beta1 as api
+from gpuplugin.cli import main
+from gpuplugin.errors import ConfigError
+from gpuplugin.health import MAX_XID, HealthPolicy, HealthPolicyError
+from gpuplugin.limits import (
+    KUBELET_MAX_MESSAGE_BYTES,
+    LARGE_NUMA_NODE,
+    MAX_DEVICE_ENTRY_BYTES,
+    MAX_DEVICES_PER_RESOURCE,
+    MAX_LIST_MESSAGE_BYTES,
+    ResourceTooLarge,
+    check_tree,
+    device_entry_bytes,
+    list_message_bytes,
+)
+from gpuplugin.model import MAX_DEVICE_ID_LENGTH, ContainerSpec, Device, DeviceTree
+from gpuplugin.settings import MAX_CONFIG_BYTES, Overrides, decode_config, parse_config, resolve
+from gpuplugin.sharing import SharingError, TimeSlicing
+from tests.test_settings import assert_one_line_error
+
+GPU = "nvidia.com/gpu"
+SOURCE = "test.yaml"
+
+
+def gpus(count: int, resource: str = GPU) -> DeviceTree:
+    """``count`` whole GPUs with UUID-like IDs, NUMA node 0 and 1 alternately."""
+    return DeviceTree(
+        devices=tuple(
+            Device(
+                id=f"GPU-{i:08d}-0000-0000-0000-000000000000",
+                resource=resource,
+                gpu=f"GPU-{i:08d}-0000-0000-0000-000000000000",
+                spec=ContainerSpec(),
+                numa_node=i % 2,
+                attributes={"index": str(i)},
+            )
+            for i in range(count)
+        )
+    )
+
+
+def shared(replicas: int, **extra: Any) -> TimeSlicing:
+    return TimeSlicing.from_mapping({"resources": [{"name": GPU, "replicas": replicas, **extra}]})
+
+
+# The ListAndWatch message's size.
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    device_id=st.text(min_size=1, max_size=MAX_DEVICE_ID_LENGTH),
+    health=st.sampled_from(["Healthy", "Unhealthy"]),
+    numa=st.none() | st.integers(min_value=-(2**63), max_value=2**63 - 1),
+)
+def test_computed_entry_size_is_the_encoded_size(device_id: str, health: str, numa: int | None) -> None:
+    """The size computed for a device is what protobuf encodes for it, for any ID, health and NUMA node."""
+    topology = None if numa is None else api.TopologyInfo(nodes=[api.NumaNode(id=numa)])
+    message = api.ListAndWatchResponse(devices=[api.Device(id=device_id, health=health, topology=topology)])
+    assert device_entry_bytes(device_id, health, numa) == len(bytes(message))
+
+
+def test_the_most_devices_of_the_longest_ids_encode_within_the_limit() -> None:
+    """MAX_DEVICES_PER_RESOURCE unhealthy devices with 63-character IDs encode to at most 2 MiB, half of 4 MiB."""
+    worst = api.Device(
+        id="x" * MAX_DEVICE_ID_LENGTH, health="Unhealthy", topology=api.TopologyInfo(nodes=[api.NumaNode(id=1023)])
+    )
+    assert len(bytes(api.ListAndWatchResponse(devices=[worst]))) == MAX_DEVICE_ENTRY_BYTES
+    assert device_entry_bytes("x" * MAX_DEVICE_ID_LENGTH, "Unhealthy", LARGE_NUMA_NODE) == MAX_DEVICE_ENTRY_BYTES
+    encoded = bytes(api.ListAndWatchResponse(devices=[worst] * MAX_DEVICES_PER_RESOURCE))
+    assert len(encoded) <= MAX_LIST_MESSAGE_BYTES <= KUBELET_MAX_MESSAGE_BYTES // 2
+    assert MAX_DEVICES_PER_RESOURCE == 24672
+
+
+def test_a_resource_whose_message_is_too_big_is_refused() -> None:
+    """check_tree refuses a resource of too many devices, or of IDs whose bytes overflow the message."""
+    assert check_tree(gpus(8)) == gpus(8)
+    many = DeviceTree(
+        devices=tuple(
+            Device(id=f"d{i}", resource=GPU, gpu=f"d{i}", spec=ContainerSpec())
+            for i in range(MAX_DEVICES_PER_RESOURCE + 1)
+        )
+    )
+    with pytest.raises(ResourceTooLarge, match=rf"^{GPU}: {MAX_DEVICES_PER_RESOURCE + 1} devices; .* at most"):
+        check_tree(many)
+    # 4-byte characters: 63 of them take 252 bytes, so fewer devices than the count bound fill the message.
+    wide = DeviceTree(
+        devices=tuple(
+            Device(id=f"{i:06d}" + "😀" * 57, resource=GPU, gpu=str(i), spec=ContainerSpec()) for i in range(9000)
+        )
+    )
+    assert list_message_bytes(wide.devices) > MAX_LIST_MESSAGE_BYTES
+    with pytest.raises(ResourceTooLarge, match=r"ListAndWatch message would take \d+ bytes"):
+        check_tree(wide)
+    assert isinstance(ResourceTooLarge("x"), ConfigError)
+
+
+# Replicas: bounded before they are built.
+
+
+def test_replicas_beyond_one_resource_are_refused_at_parse_time() -> None:
+    """``replicas: 100000000`` is a ConfigError naming the field and the limit, before any device is known."""
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"^sharing\.timeSlicing\.resources\[0\]\.replicas: must be an integer "):
+        shared(10**8)
+    assert time.perf_counter() - started < 0.1
+
+
+def test_replicas_times_gpus_are_counted_before_replicas_are_built() -> None:
+    """20000 replicas of 8 GPUs (160,000 devices, a 10 MB message) are refused by count, naming the field."""
+    sharing = shared(20000)
+    started = time.perf_counter()
+    with pytest.raises(SharingError) as caught:
+        sharing.apply(gpus(8))
+    assert time.perf_counter() - started < 0.1, "refused by counting, not by building 160,000 replicas"
+    message = str(caught.value)
+    assert message.startswith("sharing.timeSlicing.resources[0].replicas: 8 GPUs with 20000 replicas each make 160000 ")
+    assert f"at most {MAX_DEVICES_PER_RESOURCE}" in message and "4 MiB" in message
+    assert isinstance(caught.value, ConfigError)
+
+
+def test_the_largest_replica_count_that_fits_is_served() -> None:
+    """Replicas that make exactly MAX_DEVICES_PER_RESOURCE devices are served, and fit the message."""
+    per_gpu = MAX_DEVICES_PER_RESOURCE // 8
+    tree = check_tree(shared(per_gpu).apply(gpus(8)))
+    assert len(tree.devices) == per_gpu * 8
+    assert list_message_bytes(tree.devices) <= MAX_LIST_MESSAGE_BYTES
+
+
+def test_unshared_gpus_of_the_same_name_count_too() -> None:
+    """Replicas of GPU 0 plus the whole GPUs left under the same name are counted together, perGpu counts too."""
+    sharing = shared(2, perGpu={0: MAX_DEVICES_PER_RESOURCE})
+    with pytest.raises(SharingError, match=r"resources\[0\]\.replicas/perGpu: 8 GPUs with up to 24672 replicas each"):
+        sharing.apply(gpus(8))
+    only_first = shared(MAX_DEVICES_PER_RESOURCE, devices=[0])
+    with pytest.raises(SharingError, match=r"1 GPUs with 24672 replicas each make 24679 devices"):
+        only_first.apply(gpus(8))
+    renamed = TimeSlicing.from_mapping(
+        {"resources": [{"name": GPU, "replicas": MAX_DEVICES_PER_RESOURCE, "devices": [0], "rename": "a.com/s"}]}
+    )
+    assert len(renamed.apply(gpus(8)).devices) == MAX_DEVICES_PER_RESOURCE + 7
+
+
+# Ranges of numeric settings.
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("health:\n  recoveryQuietPeriodSeconds: .nan\n", "health.recoveryQuietPeriodSeconds: must be a number"),
+        ("health:\n  recoveryQuietPeriodSeconds: .inf\n", "health.recoveryQuietPeriodSeconds: must be a number"),
+        ("health:\n  recoveryQuietPeriodSeconds: 86401\n", "from 0 to 86400, got 86401"),
+        ("health:\n  fatalXids: [79, 1024]\n", "health.fatalXids: must be a list of XID numbers (0 to 1023)"),
+        ("health:\n  ignoredXids: [-1]\n", "health.ignoredXids: must be a list of XID numbers (0 to 1023)"),
+        ("health:\n  enabledXids: [99999999999]\n", "health.enabledXids: must be a list of XID numbers"),
+    ],
+)
+def test_health_ranges_name_the_field(text: str, message: str) -> None:
+    """Quiet periods are finite seconds from 0 to a day; XIDs are 0 to MAX_XID."""
+    with pytest.raises(ConfigError) as caught:
+        resolve(Overrides(), parse_config(text, SOURCE), {}, SOURCE)
+    assert str(caught.value).startswith(f"{SOURCE}: "), str(caught.value)
+    assert message in str(caught.value)
+
+
+def test_the_ends_of_the_health_ranges_are_accepted() -> None:
+    """0 s and a day of quiet, XID 0 and MAX_XID are all valid."""
+    for quiet in (0, 86400):
+        text = f"health:\n  recoveryQuietPeriodSeconds: {quiet}\n  fatalXids: [0, {MAX_XID}]\n"
+        policy = resolve(Overrides(), parse_config(text, SOURCE), {}, SOURCE).health
+        assert policy.recovery_quiet_period_s == quiet and policy.fatal_xids == {0, MAX_XID}
+
+
+@pytest.mark.parametrize("value", ["1024", "-1", "9" * 30, "1" * 5000])
+def test_xids_from_the_environment_are_bounded(value: str) -> None:
+    """DP_ENABLE_HEALTHCHECKS with an XID out of range is refused naming the variable."""
+    with pytest.raises(HealthPolicyError, match=r"^DP_ENABLE_HEALTHCHECKS: "):
+        HealthPolicy().with_env({"DP_ENABLE_HEALTHCHECKS": value})
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"wait_error_threshold": 0}, "wait_error_threshold: 0 is outside 1..1000"),
+        ({"wait_error_threshold": 1001}, "wait_error_threshold: 1001 is outside 1..1000"),
+        ({"event_wait_timeout_ms": 10001}, "event_wait_timeout_ms: 10001 is outside 1..10000"),
+        ({"rediscover_backoff_max_s": 3601}, "rediscover_backoff_max_s: 3601 is above 3600"),
+        ({"retry_backoff_initial_s": 0}, "retry_backoff_initial_s: 0 must be above 0"),
+        ({"retry_backoff_initial_s": "nan"}, "retry_backoff_initial_s: 'nan' is not a number of seconds"),
+    ],
+)
+def test_nvml_ranges_name_the_field(options: dict[str, Any], message: str) -> None:
+    """Every numeric NVML setting has a range, and leaving it names the setting."""
+    with pytest.raises(NvmlSettingsError, match=f"^{message}"):
+        NvmlSettings.from_options(options)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"layout": {"1g.18gb": 10**9}}, r"partitioned.layout.1g.18gb: must be a count from 0 to 7, got 1000000000"),
+        ({"layout": {"1g.18gb": 4, "2g.35gb": 4}}, r"partitioned.layout: 8 partitions; a GPU holds at most 7"),
+        ({"layout": ["1g.18gb"] * 100000}, r"partitioned.layout: 100000 partitions"),
+        ({"layout": ",".join(["1g.18gb"] * 8)}, r"partitioned.layout: 8 partitions"),
+        ({"layouts": dict.fromkeys(range(1025), "none")}, r"partitioned.layouts: 1025 entries; at most 1024"),
+    ],
+)
+def test_partition_counts_are_bounded(options: dict[str, Any], message: str) -> None:
+    """A layout holds at most 7 partitions (MIG's limit), refused before a huge count is multiplied out."""
+    started = time.perf_counter()
+    with pytest.raises(PartitionedConfigError, match=f"^{message}"):
+        PartitionedSettings.from_options(options)
+    assert time.perf_counter() - started < 0.5
+
+
+# The config file itself.
+
+
+def test_a_config_that_is_not_utf8_or_too_big_is_a_config_error() -> None:
+    """Bytes that are not UTF-8, or more than a ConfigMap holds, are a ConfigError naming the file."""
+    with pytest.raises(ConfigError, match=rf"^{SOURCE}: not UTF-8 text \(byte 12 is 0xff\)"):
+        decode_config(b"version: v1\n\xff: 1\n", SOURCE)
+    with pytest.raises(ConfigError, match=rf"^{SOURCE}: larger than {MAX_CONFIG_BYTES} bytes"):
+        decode_config(b"#" * (MAX_CONFIG_BYTES + 1), SOURCE)
+    assert decode_config("version: v1 # é\n".encode(), SOURCE) == "version: v1 # é\n"
+
+
+def test_deeply_nested_yaml_is_a_config_error() -> None:
+    """YAML nested deeper than Python's recursion is refused as a config, not a RecursionError."""
+    with pytest.raises(ConfigError, match=rf"^{SOURCE}: "):
+        parse_config("a: " + "[" * 100_000 + "\n", SOURCE)
+
+
+#: Keys the parser knows, so that random mappings reach deep into it.
+_KEYS = [
+    "version", "plugin", "backend", "health", "allocation", "flags", "sharing", "timeSlicing", "resources", "name",
+    "replicas", "rename", "devices", "perGpu", "allocationPolicy", "renameByDefault", "failRequestsGreaterThanOne",
+    "mock", "nvml", "partitioned", "gpus", "ignoredXids", "fatalXids", "enabledXids", "recoveryQuietPeriodSeconds",
+    "enabled", "kubeletDir", "logFormat", "logLevel", "stateDir", "metricsAddress", "pluginsRegistryDir",
+    "migStrategy", "deviceListStrategy", "cdiAnnotationPrefix", "cdiVendor", "cdiSpecDir", "cdiSpecFormat", "policy",
+    "mps", "resources", "imex", "passDeviceSpecs", "deviceIDStrategy", "failOnInitError",
+]  # fmt: skip
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=20)
+    | st.sampled_from(["v1", GPU, "all", "mixed", "envvar", "cdi-cri", "json", "info", "/abs", "nvidia.com/gpu.x"])
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(st.sampled_from(_KEYS) | st.integers() | st.text(max_size=8), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=6))
+def test_random_config_mappings_give_settings_or_one_config_error(config: dict[str, Any]) -> None:
+    """Whatever a YAML file holds, resolving it gives settings or a one-line ConfigError, never another exception."""
+    try:
+        resolve(Overrides(), {"version": "v1", **config}, {}, SOURCE)
+    except ConfigError as exc:
+        error = exc
+    else:
+        return
+    assert str(error).startswith(f"{SOURCE}: ")
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=200) | st.binary(max_size=200).map(lambda b: b.decode("latin-1")))
+def test_random_config_text_gives_a_mapping_or_one_config_error(text: str) -> None:
+    """Any text at all is parsed to a mapping of sections, or refused with a ConfigError naming the file."""
+    error: ConfigError | None = None
+    try:
+        resolve(Overrides(), parse_config(text, SOURCE), {}, SOURCE)
+    except ConfigError as exc:
+        error = exc
+    assert error is None or str(error).startswith(f"{SOURCE}: ")
+
+
+# The command line: one line and exit 2 for each finding.
+
+
+def invoke(*args: str) -> Any:
+    return CliRunner().invoke(main, list(args), catch_exceptions=True)
+
+
+def test_cli_refuses_a_non_utf8_config_in_one_line(tmp_path: Path) -> None:
+    """``--config`` naming a file that is not UTF-8 exits 2 with one line, not a UnicodeDecodeError."""
+    config = tmp_path / "bin.yaml"
+    config.write_bytes(b"version: v1\n\xff\xfe: x\n")
+    for command in ("serve", "devices"):
+        assert_one_line_error(invoke(command, "--config", str(config)), "bin.yaml", "not UTF-8")
+
+
+def test_cli_refuses_a_config_that_is_a_directory_or_too_big(tmp_path: Path) -> None:
+    """A directory as the config, or a file bigger than a ConfigMap, exits 2 with one line naming it."""
+    assert_one_line_error(invoke("devices", "--config", str(tmp_path)), "--config", "is a directory")
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (MAX_CONFIG_BYTES + 1))
+    assert_one_line_error(invoke("devices", "--config", str(big)), "big.yaml", "larger than")
+
+
+@pytest.mark.parametrize("gpus", ["0", "2000", "x"])
+def test_cli_devices_refuses_bad_mock_gpus_in_one_line(tmp_path: Path, gpus: str) -> None:
+    """``devices --mock-gpus 0`` (or too many, or not a number) exits 2 with one line, as ``serve`` does."""
+    result = invoke("devices", "--mock-gpus", gpus, "--state-dir", str(tmp_path))
+    assert_one_line_error(result, "gpus")
+
+
+def test_cli_devices_refuses_a_bad_mock_config_in_one_line(tmp_path: Path) -> None:
+    """A mock config file that is missing, not UTF-8 or invalid exits 2 with one line naming it."""
+    binary = tmp_path / "mock.yaml"
+    binary.write_bytes(b"\xff")
+    for path, needle in ((binary, "not UTF-8"), (tmp_path / "absent.yaml", "cannot read")):
+        result = invoke("devices", "--mock-config", str(path), "--state-dir", str(tmp_path))
+        assert_one_line_error(result, "mock.config", needle)
+
+
+@pytest.mark.parametrize(("replicas", "field"), [(100_000_000, "must be an integer"), (20000, "160000 devices")])
+def test_cli_refuses_too_many_replicas_in_one_line(tmp_path: Path, replicas: int, field: str) -> None:
+    """Replicas the kubelet could not receive exit 2 with one line naming the field, from serve and devices."""
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"version: v1\nsharing:\n  timeSlicing:\n    resources: [{{name: {GPU}, replicas: {replicas}}}]\n"
+    )
+    (tmp_path / "k").mkdir()
+    (tmp_path / "s").mkdir()
+    started = time.perf_counter()
+    for command in (("devices",), ("serve", "--kubelet-dir", str(tmp_path / "k"), "--log-level", "critical")):
+        result = invoke(*command, "--config", str(config), "--state-dir", str(tmp_path / "s"))
+        assert_one_line_error(result, "sharing.timeSlicing.resources[0].replicas", field)
+    assert time.perf_counter() - started < 10
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["demo", "--gpus", "0"], "--gpus"),
+        (["demo", "--gpus", "3"], "8 GPUs"),
+        (["demo", "--quiet-period", "nan"], "--quiet-period"),
+        (["demo", "--quiet-period", "-1"], "--quiet-period"),
+        (["demo", "--log-level", "loud"], "--log-level"),
+        (["devices", "--no-such-flag"], "--no-such-flag"),
+        (["no-such-command"], "no-such-command"),
+        (["serve", "--event-loop", "tokio"], "--event-loop"),
+    ],
+)
+def test_usage_errors_are_one_line(args: list[str], needle: str) -> None:
+    """A bad flag, value or command is one line on stderr and exit 2, not click's four-line usage block."""
+    assert_one_line_error(invoke(*args), needle)
+
+
+def test_version_prints_the_package_version() -> None:
+    """``gpuplugin --version`` prints the installed package's version and exits 0."""
+    from importlib.metadata import version
+
+    result = invoke("--version")
+    assert result.exit_code == 0, result.output
+    assert result.output == f"gpuplugin {version('gpuplugin')}\n"

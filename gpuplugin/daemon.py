@@ -25,6 +25,7 @@ from gpuplugin.instance import InstanceLock, remove_dead_sockets
 from gpuplugin.limits import check_tree
 from gpuplugin.manager import Manager, ServerFactory, TreeSink, TreeTransform
 from gpuplugin.model import DeviceTree
+from gpuplugin.mps import MpsBackend
 from gpuplugin.probes import ProbeServer
 from gpuplugin.registry import BackendContext, load_factory
 from gpuplugin.reload import ConfigWatcher
@@ -44,9 +45,12 @@ IO_THREADS = 4
 
 def make_backend(settings: PluginSettings) -> Backend:
     factory = load_factory(settings.backend)
-    return factory(
+    backend = factory(
         BackendContext(options=settings.backend_options, health_policy=settings.health, state_dir=settings.state_dir)
     )
+    if settings.mps is not None:
+        backend = MpsBackend(backend, settings.mps)
+    return backend
 
 
 def pipeline(settings: PluginSettings) -> tuple[list[TreeTransform], list[TreeSink]]:
@@ -82,9 +86,9 @@ def settings_from_text(
     return resolve(overrides, data, env, source)
 
 
-#: The settings a reload applies: a change of these three by a new backend, of the others by re-applying the
-#: transforms and sinks.
-_BACKEND_SETTINGS = ("backend", "backend_options", "health")
+#: The settings a reload applies: a change of these four by a new backend (MPS sharing owns control daemons), of the
+#: others by re-applying the transforms and sinks.
+_BACKEND_SETTINGS = ("backend", "backend_options", "health", "mps")
 _RELOADED_SETTINGS = {*_BACKEND_SETTINGS, "sharing", "strategies", "cdi"}
 #: The rest are read once, at start; derived, so that a new setting is named when a reload cannot apply it.
 _RESTART_SETTINGS = tuple(f.name for f in fields(PluginSettings) if f.name not in _RELOADED_SETTINGS)

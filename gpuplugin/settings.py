@@ -14,6 +14,7 @@ from gpuplugin.errors import ConfigError, config_key
 from gpuplugin.health import MAX_QUIET_PERIOD_S, MAX_XID, HealthPolicy, HealthPolicyError
 from gpuplugin.logs import LogFormat
 from gpuplugin.manager import ManagerSettings
+from gpuplugin.mps import MpsSharing, absolute_path
 from gpuplugin.probes import AddressError, ListenAddress, ProbeSettings
 from gpuplugin.sharing import TimeSlicing
 from gpuplugin.strategies import DeviceListStrategy
@@ -43,6 +44,8 @@ class PluginSettings:
     probes: ProbeSettings = field(default_factory=ProbeSettings)
     sharing: TimeSlicing | None = None
     """Time-slicing replicas (``sharing.timeSlicing``); None: every device served once."""
+    mps: MpsSharing | None = None
+    """MPS replicas with enforced limits (``sharing.mps``, with ``flags.mpsRoot``); None: no MPS sharing."""
     strategies: DeviceListStrategy = field(default_factory=DeviceListStrategy)
     """How Allocate names devices to the runtime (``flags.plugin.deviceListStrategy``)."""
     cdi: CdiSettings = field(default_factory=CdiSettings)
@@ -177,6 +180,7 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
     backend, options = _backend(overrides, config, flags, plugin_flags, shared_policy, source)
     with _prefixed(source):
         sharing = _time_slicing(_section(config, "sharing", source), shared_policy, source)
+        mps = _mps(_section(config, "sharing", source), flags, shared_policy)
         strategies = DeviceListStrategy.from_mapping(plugin_flags, "flags.plugin")
         cdi = CdiSettings.from_mapping(plugin_flags, "flags.plugin")
     return PluginSettings(
@@ -194,6 +198,7 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
         log_level=log_level.lower(),
         state_dir=state_dir,
         sharing=sharing,
+        mps=mps,
         strategies=strategies,
         cdi=cdi,
         instance_wait_s=overrides.instance_wait_s,
@@ -254,15 +259,25 @@ def _backend(
 
 
 def _time_slicing(sharing: Mapping[str, Any], shared_policy: str | None, source: str) -> TimeSlicing | None:
-    if "mps" in sharing:
-        raise ConfigError(f"{source}: sharing.mps: MPS sharing is not supported; use sharing.timeSlicing")
-    _no_unknown(sharing, {"timeSlicing"}, source, "sharing")
+    _no_unknown(sharing, {"timeSlicing", "mps"}, source, "sharing")
+    if sharing.get("mps") is not None and sharing.get("timeSlicing") is not None:
+        raise ConfigError.at("sharing.mps", "cannot be combined with sharing.timeSlicing; choose one")
     section = sharing.get("timeSlicing")
     if section is None:
         return None
     if shared_policy is not None and isinstance(section, dict):
         section = {"allocationPolicy": shared_policy, **section}
     return TimeSlicing.from_mapping(section, "sharing.timeSlicing")
+
+
+def _mps(sharing: Mapping[str, Any], flags: Mapping[str, Any], shared_policy: str | None) -> MpsSharing | None:
+    section = sharing.get("mps")
+    if section is None:
+        return None
+    if shared_policy is not None and isinstance(section, dict):
+        section = {"allocationPolicy": shared_policy, **section}
+    root = flags.get("mpsRoot")
+    return MpsSharing.from_mapping(section, root=None if root is None else absolute_path(root, "flags.mpsRoot"))
 
 
 @contextlib.contextmanager

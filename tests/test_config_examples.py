@@ -47,7 +47,7 @@ EXAMPLES: Mapping[str, Mapping[str, int] | None] = {
 #: Files that leave the backend to the DaemonSet overlay: they must also load with the NVML backend chosen.
 OVERLAY_CHOSEN = [n for n in sorted(EXAMPLES) if "backend" not in yaml.safe_load((EXAMPLES_DIR / n).read_text())]
 #: NVIDIA's keys that load but configure NVIDIA's own tools; full.yaml shows them as comments only.
-IGNORED_NVIDIA_FLAGS = {"gfd", "mpsRoot"}
+IGNORED_NVIDIA_FLAGS = {"gfd"}
 IGNORED_NVIDIA_PLUGIN_FLAGS = {"nvidiaCTKPath", "containerDriverRoot"}
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
@@ -25,6 +25,7 @@ from gpuplugin.backend import (
     PreferredAllocation,
 )
 from gpuplugin.model import Device, DeviceTree
+from gpuplugin.mps import ControlDaemons, with_daemon_health
 from gpuplugin.registry import BackendContext, UnknownBackend, load_factory
 
 log = structlog.get_logger("gpuplugin.partitioned")
@@ -60,6 +61,8 @@ class PartitionedBackend:
 
     Health events pass through unchanged: the core fans a GPU's event out to all its partitions and an event
     naming (GPU instance, compute instance) to that partition alone. An inventory change is sliced again.
+    MPS partitions come with their GPU's control daemon, supervised here; while it does not answer, the GPU's
+    MPS partitions are served Unhealthy.
     """
 
     name = "partitioned"
@@ -70,6 +73,8 @@ class PartitionedBackend:
         """The backend whose GPUs are sliced; tests reach the mock's fault injection through it."""
         self._tree = DeviceTree()
         self._closed = False
+        self.daemons = ControlDaemons(settings.mps, "partitioned")
+        """The MPS control daemons of the GPUs with MPS partitions."""
 
     def allocation_policy(self, resource: str) -> AllocationPolicyKind:
         """Partition resources: the configured policy; the parent's whole GPUs: the parent's choice."""
@@ -85,7 +90,9 @@ class PartitionedBackend:
         await self.parent.start()
         try:
             self._tree = self.slice(await self.parent.discover())
+            await self.daemons.ensure(self._tree)
         except BaseException:
+            await self.daemons.aclose()
             await self.parent.aclose()
             raise
         log.info(
@@ -95,15 +102,21 @@ class PartitionedBackend:
             gpus=len(self._tree.gpus()),
             partitions=dict(profile_counts(self._tree)),
             resources=list(self._tree.resources),
+            mps=self.settings.uses_mps,
         )
 
     async def discover(self) -> DeviceTree:
         """The parent's tree, sliced again (so a rediscovery sees the parent's current GPUs)."""
         self._tree = self.slice(await self.parent.discover())
-        return self._tree
+        await self.daemons.ensure(self._tree)
+        return self.daemons.fold(self._tree)
 
-    async def events(self) -> AsyncGenerator[BackendEvent, None]:
-        """The parent's events: health as it is, inventory sliced again, until cancelled."""
+    def events(self) -> AsyncIterator[BackendEvent]:
+        """The parent's events: health as it is, inventory sliced again, and a new tree when a daemon stops or
+        starts answering; until cancelled."""
+        return with_daemon_health(self._sliced_events(), self.daemons, lambda: self.daemons.fold(self._tree))
+
+    async def _sliced_events(self) -> AsyncGenerator[BackendEvent, None]:
         stream = self.parent.events()
         try:
             async for event in stream:
@@ -117,8 +130,9 @@ class PartitionedBackend:
                     log.error("new inventory cannot be partitioned; serving the previous one", error=str(error))
                     continue
                 self._tree = tree
+                await self.daemons.ensure(tree)
                 log.info("inventory changed", partitions=dict(profile_counts(tree)))
-                yield InventoryChanged(tree)
+                yield InventoryChanged(self.daemons.fold(tree))
         finally:
             aclose = getattr(stream, "aclose", None)
             if aclose is not None:
@@ -129,6 +143,7 @@ class PartitionedBackend:
         if self._closed:
             return
         self._closed = True
+        await self.daemons.aclose()
         await self.parent.aclose()
 
     def slice(self, parent: DeviceTree) -> DeviceTree:

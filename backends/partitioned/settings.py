@@ -10,7 +10,9 @@ from types import MappingProxyType
 from typing import Any
 
 from backends.partitioned.profiles import BUILT_IN_TABLES, ProfileError, ProfileTable
+from gpuplugin.errors import ConfigError
 from gpuplugin.model import AllocationPolicyKind
+from gpuplugin.mps import ControlDaemonSettings
 
 _GPU_KEY = re.compile(r"^(?:gpu\s*)?(\d+)$", re.IGNORECASE)
 _WHOLE = frozenset({"none", "whole", ""})
@@ -33,6 +35,17 @@ class Strategy(enum.StrEnum):
     """Partitions served under the parent's name (``nvidia.com/gpu``); all must be one profile."""
     MIXED = "mixed"
     """One resource per profile: ``nvidia.com/mig-<profile>``."""
+
+
+class Isolation(enum.StrEnum):
+    """What makes a partition of a GPU without MIG a partition."""
+
+    AUTO = "auto"
+    """MPS over the nvml parent (real GPUs), simulated over the mock (kind clusters)."""
+    MPS = "mps"
+    """The whole GPU with MPS limits from the profile: its memory, and its compute slices as a thread percentage."""
+    SIMULATED = "simulated"
+    """A made-up MIG UUID and ``/dev/null`` capability nodes: env only, for clusters without GPUs."""
 
 
 class ProfileSource(enum.StrEnum):
@@ -90,6 +103,17 @@ class PartitionedSettings:
     """``h200`` (the default geometry) or ``nvml`` (read from each GPU; needs the ``nvml`` parent)."""
     allocation_policy: AllocationPolicyKind = AllocationPolicyKind.DISTRIBUTED
     """How GetPreferredAllocation picks partitions: ``distributed`` over GPUs (NVIDIA's default) or ``packed``."""
+    isolation: Isolation = Isolation.AUTO
+    """How partitions of GPUs without MIG are made (real MIG devices are always served as they are)."""
+    mps: ControlDaemonSettings = field(default_factory=ControlDaemonSettings)
+    """The per-GPU MPS control daemons of MPS partitions: ``root``, ``command``, ``probe_interval_s``."""
+
+    @property
+    def uses_mps(self) -> bool:
+        """Whether partitions of GPUs without MIG are MPS partitions."""
+        if self.isolation is Isolation.AUTO:
+            return self.parent == "nvml"
+        return self.isolation is Isolation.MPS
 
     def __post_init__(self) -> None:
         if self.parent == "partitioned":
@@ -248,6 +272,13 @@ def _allocation_policy(name: str, value: object) -> AllocationPolicyKind:
         raise PartitionedConfigError(f"{name}: must be one of {choices}, got {value!r}") from None
 
 
+def _mps(name: str, value: object) -> ControlDaemonSettings:
+    try:
+        return ControlDaemonSettings.from_mapping(value, name)
+    except ConfigError as error:
+        raise PartitionedConfigError(str(error)) from None
+
+
 _CONVERTERS: Mapping[str, Converter] = MappingProxyType(
     {
         "parent": _parent,
@@ -257,5 +288,7 @@ _CONVERTERS: Mapping[str, Converter] = MappingProxyType(
         "layouts": _layouts,
         "profiles": _enum(ProfileSource),
         "allocation_policy": _allocation_policy,
+        "isolation": _enum(Isolation),
+        "mps": _mps,
     }
 )

@@ -14,6 +14,7 @@ from backends.partitioned.placement import LayoutError, Placement, fill, place
 from backends.partitioned.profiles import ProfileError, ProfileTable, profile_name
 from backends.partitioned.settings import PartitionedSettings, Strategy
 from gpuplugin.model import ContainerSpec, Device, DeviceNode, DeviceTree, ResourceRules, frozen_mapping
+from gpuplugin.mps import MPS_GPU_ATTRIBUTE, ControlDaemonSettings, MpsShare, mps_spec, thread_percentage
 from gpuplugin.strategies import VISIBLE_DEVICES
 
 log = structlog.get_logger("gpuplugin.partitioned")
@@ -42,6 +43,11 @@ class _Partition:
 def partition_id(parent_uuid: str, gpu_instance: int, compute_instance: int) -> str:
     """A simulated partition's ID in the MIG UUID form, the same for the same parent and instance on every start."""
     return f"MIG-{uuid.uuid5(_MIG_NAMESPACE, f'{parent_uuid}/{gpu_instance}/{compute_instance}')}"
+
+
+def mps_partition_id(parent_uuid: str, gpu_instance: int) -> str:
+    """An MPS partition's ID: its GPU's UUID and its number, so no made-up MIG UUID ever reaches a runtime."""
+    return f"{parent_uuid}::mps{gpu_instance}"
 
 
 def cap_minors(gpu_minor: int, gpu_instance: int, compute_instance: int) -> tuple[int, int]:
@@ -82,7 +88,14 @@ def simulated_spec(parent: ContainerSpec, device_id: str, caps: tuple[int, int])
     )
 
 
-def _simulated(device: Device, index: int, placements: tuple[Placement, ...]) -> list[Device]:
+def _simulated(
+    device: Device,
+    index: int,
+    placements: tuple[Placement, ...],
+    table: ProfileTable,
+    mps: ControlDaemonSettings | None,
+) -> list[Device]:
+    """The partitions of one whole GPU: MPS partitions with ``mps``, else simulated MIG devices."""
     parent_uuid = _uuid(device)
     minor_text = device.attributes.get("minor", "")
     minor = int(minor_text) if minor_text.isdecimal() else index
@@ -90,8 +103,8 @@ def _simulated(device: Device, index: int, placements: tuple[Placement, ...]) ->
     for number, placement in enumerate(placements):
         # GPU instances numbered from 1 in slice order; one compute instance spanning each (ID 0), as mig-parted makes.
         gi, ci = number + 1, 0
-        device_id = partition_id(parent_uuid, gi, ci)
         profile = placement.profile
+        device_id = partition_id(parent_uuid, gi, ci) if mps is None else mps_partition_id(parent_uuid, gi)
         attributes = {
             "profile": profile.name,
             "parent_uuid": parent_uuid,
@@ -102,8 +115,16 @@ def _simulated(device: Device, index: int, placements: tuple[Placement, ...]) ->
             "memory_mib": str(profile.memory_mib),
             "gpu_instance_id": str(gi),
             "compute_instance_id": str(ci),
-            "simulated": "true",
         }
+        if mps is None:
+            attributes["simulated"] = "true"
+            spec = simulated_spec(device.spec, device_id, cap_minors(minor, gi, ci))
+        else:
+            share = MpsShare(profile.memory_mib, thread_percentage(profile.compute_slices, table.compute_slices))
+            attributes.update(
+                {"isolation": "mps", MPS_GPU_ATTRIBUTE: parent_uuid, "thread_percentage": str(share.thread_percentage)}
+            )
+            spec = mps_spec(device.spec, parent_uuid, share, mps)
         if "model" in device.attributes:
             attributes["model"] = device.attributes["model"]
         partitions.append(
@@ -111,7 +132,7 @@ def _simulated(device: Device, index: int, placements: tuple[Placement, ...]) ->
                 id=device_id,
                 resource=device.resource,
                 gpu=device.gpu,
-                spec=simulated_spec(device.spec, device_id, cap_minors(minor, gi, ci)),
+                spec=spec,
                 numa_node=device.numa_node,
                 health=device.health,
                 instance=(gi, ci),
@@ -145,7 +166,7 @@ def _real(device: Device, position: int) -> Device:
 
 def _placements(
     device: Device, index: int, settings: PartitionedSettings, table_of: TableOf
-) -> tuple[Placement, ...] | None:
+) -> tuple[tuple[Placement, ...], ProfileTable] | None:
     layout, source = settings.layout_of(index, _uuid(device))
     if layout.whole:
         return None
@@ -153,8 +174,8 @@ def _placements(
     try:
         table = table_of(device)
         if layout.fill is not None:
-            return fill(label, table.get(layout.fill), table, source=source)
-        return place(label, [table.get(name) for name in layout.profiles], table, source=source)
+            return fill(label, table.get(layout.fill), table, source=source), table
+        return place(label, [table.get(name) for name in layout.profiles], table, source=source), table
     except ProfileError as error:
         raise LayoutError(f"partitioned.{source}.gpu {label}: {error}") from None
 
@@ -176,12 +197,13 @@ def slice_tree(parent: DeviceTree, settings: PartitionedSettings, table_of: Tabl
             real = _real(device, position)
             partitions.append(_Partition(real, real.attributes["profile"], str(index)))
             continue
-        placements = _placements(device, index, settings, table_of)
-        if placements is None:
+        placed = _placements(device, index, settings, table_of)
+        if placed is None:
             whole.append(device)
             continue
+        mps = settings.mps if settings.uses_mps else None
         partitions += [
-            _Partition(p, p.attributes["profile"], str(index)) for p in _simulated(device, index, placements)
+            _Partition(p, p.attributes["profile"], str(index)) for p in _simulated(device, index, *placed, mps)
         ]
     unknown = [key for key in settings.layouts if key not in seen]
     if unknown:
@@ -190,7 +212,13 @@ def slice_tree(parent: DeviceTree, settings: PartitionedSettings, table_of: Tabl
     rules = dict(parent.rules)
     for device in served:
         if device.instance is not None:
-            rules[device.resource] = ResourceRules(allocation_policy=settings.allocation_policy)
+            # One MPS client has one share; a second partition would need a second client, so one per container.
+            per_container = 1 if MPS_GPU_ATTRIBUTE in device.attributes else None
+            if rules.get(device.resource, ResourceRules()).max_devices_per_container == 1:
+                per_container = 1
+            rules[device.resource] = ResourceRules(
+                allocation_policy=settings.allocation_policy, max_devices_per_container=per_container
+            )
     return DeviceTree(devices=tuple(served), links=parent.links, rules=MappingProxyType(rules))
 
 

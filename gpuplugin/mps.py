@@ -1,0 +1,557 @@
+"""MPS: GPUs shared with enforced limits, through NVIDIA's Multi-Process Service, and the control daemons behind it.
+
+Each MPS device (a replica of ``sharing.mps`` or a partition of the partitioned backend on a GPU without MIG)
+names its whole GPU to the runtime and tells the CUDA client its share: ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`` (device
+memory, enforced by the MPS server: an allocation beyond it fails) and ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` (the
+share of the GPU's SMs its kernels may use). Clients reach their GPU's control daemon through its pipe directory,
+mounted into the container.
+
+One control daemon per GPU, started and supervised here: partitions of different profiles on one GPU are
+different resources but must share one MPS server, and a daemon that fails takes down the clients of one GPU only.
+Until a daemon answers, every MPS device on its GPU is served Unhealthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import structlog
+
+from gpuplugin.backend import AllocationPolicyKind, Backend, BackendEvent, InventoryChanged, PreferredAllocation
+from gpuplugin.errors import ConfigError, config_key
+from gpuplugin.model import ContainerSpec, Device, DeviceTree, Health, Mount, ResourceRules, frozen_mapping
+from gpuplugin.sharing import REPLICA_ATTRIBUTE, SharingError, TimeSlicing
+from gpuplugin.tasks import TaskSet
+
+log = structlog.get_logger("gpuplugin.mps")
+
+PIPE_DIRECTORY = "CUDA_MPS_PIPE_DIRECTORY"
+LOG_DIRECTORY = "CUDA_MPS_LOG_DIRECTORY"
+MEMORY_LIMIT = "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"
+THREAD_PERCENTAGE = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
+#: The attribute an MPS device carries its GPU's UUID in; its control daemon is that GPU's.
+MPS_GPU_ATTRIBUTE = "mps_gpu"
+DEFAULT_ROOT = Path("/run/nvidia/mps")
+#: What the control program prints when no daemon listens on its pipe directory.
+_NOT_RUNNING = "Cannot find MPS control daemon"
+
+
+@dataclass(frozen=True, slots=True)
+class MpsShare:
+    """One MPS client's share of its GPU."""
+
+    memory_mib: int | None
+    """Pinned device memory limit (MiB, ≥ 1); None: no limit (the GPU's memory is unknown)."""
+    thread_percentage: int
+    """Active thread percentage (1 to 100): the share of the GPU's SMs its kernels may occupy."""
+
+
+@dataclass(frozen=True, slots=True)
+class ControlDaemonSettings:
+    """Where the per-GPU MPS control daemons keep their pipes and logs, how they are run and watched."""
+
+    root: Path = DEFAULT_ROOT
+    """Host directory (absolute) holding ``<gpu uuid>/pipe`` and ``<gpu uuid>/log``; NVIDIA's ``mpsRoot``."""
+    command: tuple[str, ...] = ("nvidia-cuda-mps-control",)
+    """The control program with any prefix (``chroot /driver-root nvidia-cuda-mps-control`` in a container)."""
+    probe_interval_s: float = 5.0
+    """Seconds (> 0) between liveness queries of a running daemon: how late a dead daemon is noticed, at the
+    cost of one short-lived process per GPU per interval."""
+    answer_timeout_s: float = 10.0
+    """Seconds (> 0) a started daemon has to answer, and a query to return, before it counts as not answering."""
+    max_restart_delay_s: float = 30.0
+    """Seconds (≥ 1) between restarts of a daemon that keeps failing; the delay doubles from 1 s up to this."""
+
+    def pipe_dir(self, uuid: str) -> Path:
+        return self.root / uuid / "pipe"
+
+    def log_dir(self, uuid: str) -> Path:
+        return self.root / uuid / "log"
+
+    @classmethod
+    def from_mapping(cls, data: Any, path: str) -> ControlDaemonSettings:
+        """Read ``root``, ``command``, ``probeIntervalSeconds``, ``answerTimeoutSeconds``; raises ConfigError."""
+        if data is None:
+            return cls()
+        if not isinstance(data, Mapping):
+            raise ConfigError.at(path, f"must be a mapping, got {type(data).__name__}")
+        keys = {
+            "root": "root",
+            "command": "command",
+            "probeIntervalSeconds": "probe_interval_s",
+            "probe_interval_s": "probe_interval_s",
+            "answerTimeoutSeconds": "answer_timeout_s",
+            "answer_timeout_s": "answer_timeout_s",
+        }
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            name = keys.get(str(key))
+            if name is None:
+                known = ", ".join(k for k in keys if "_" not in k)
+                raise ConfigError.at(f"{path}.{config_key(key)}", f"unknown setting (known: {known})")
+            where = f"{path}.{key}"
+            if name == "root":
+                values[name] = absolute_path(value, where)
+            elif name == "command":
+                values[name] = _command(value, where)
+            else:
+                if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                    raise ConfigError.at(where, f"must be a number of seconds > 0, got {value!r}")
+                values[name] = float(value)
+        return cls(**values)
+
+
+def absolute_path(value: Any, path: str) -> Path:
+    """A host directory from the config: absolute, since the daemon's working directory means nothing on a node."""
+    if not isinstance(value, str | Path) or not str(value).startswith("/") or "\0" in str(value):
+        raise ConfigError.at(path, f"must be an absolute path, got {value!r}")
+    return Path(value)
+
+
+def _command(value: Any, path: str) -> tuple[str, ...]:
+    words = value.split() if isinstance(value, str) else value
+    if not isinstance(words, list | tuple) or not words or not all(isinstance(w, str) and w for w in words):
+        raise ConfigError.at(path, f"must be a command (a string or a list of words), got {value!r}")
+    return tuple(words)
+
+
+def thread_percentage(compute_slices: int, of_slices: int) -> int:
+    """A partition's share of the SMs, rounded down so that the shares of a full GPU never sum past 100."""
+    return max(1, compute_slices * 100 // of_slices)
+
+
+def mps_spec(parent: ContainerSpec, uuid: str, share: MpsShare, daemons: ControlDaemonSettings) -> ContainerSpec:
+    """The whole GPU's spec plus what an MPS client needs: its limits, the daemon's pipe directory and its mount."""
+    pipe = str(daemons.pipe_dir(uuid))
+    env = {
+        **parent.env,
+        PIPE_DIRECTORY: pipe,
+        LOG_DIRECTORY: str(daemons.log_dir(uuid)),
+        THREAD_PERCENTAGE: str(share.thread_percentage),
+    }
+    if share.memory_mib is not None:
+        # Ordinal 0: the container sees its one GPU, and the daemon's server exposes only that GPU.
+        env[MEMORY_LIMIT] = f"0={share.memory_mib}M"
+    # Same path inside: the variable then names the mount on the node and in the container alike.
+    mount = Mount(host_path=pipe, container_path=pipe, read_only=False)
+    return dataclasses.replace(parent, env=frozen_mapping(env), mounts=(*parent.mounts, mount))
+
+
+def gpu_uuid(device: Device) -> str:
+    """The UUID of the GPU a device lives on, as its backend reported it."""
+    return device.attributes.get("parent_uuid") or device.attributes.get("uuid") or device.gpu
+
+
+@dataclass(frozen=True, slots=True)
+class MpsLimits:
+    """Explicit limits of one ``sharing.mps`` resource; None: the equal split of the GPU."""
+
+    memory_mib: int | None = None
+    """Pinned device memory per replica (MiB, ≥ 1)."""
+    thread_percentage: int | None = None
+    """Active thread percentage per replica (1 to 100)."""
+    where: str = field(default="sharing.mps", compare=False)
+    """The config entry they come from, for errors found once the GPUs are known."""
+
+
+#: Keys of a ``sharing.mps.resources[]`` entry beyond time-slicing's.
+_LIMIT_KEYS = {"memoryLimitMiB": "memory_mib", "activeThreadPercentage": "thread_percentage"}
+
+
+@dataclass(frozen=True, slots=True)
+class MpsSharing:
+    """NVIDIA's ``sharing.mps``: each GPU of a resource served as N MPS clients with enforced shares; per-GPU
+    counts, renames and explicit limits beyond NVIDIA. A TreeTransform (``apply``) of the served tree."""
+
+    replicas: TimeSlicing = field(default_factory=TimeSlicing)
+    """Which GPUs become how many replicas, under which names: the same keys as ``sharing.timeSlicing``."""
+    limits: Mapping[str, MpsLimits] = field(default_factory=lambda: MappingProxyType({}))
+    """Per shared resource name, explicit limits; a resource without one splits its GPU equally."""
+    daemons: ControlDaemonSettings = field(default_factory=ControlDaemonSettings)
+
+    @classmethod
+    def from_mapping(cls, data: Any, path: str = "sharing.mps", *, root: Path | None = None) -> MpsSharing:
+        """Validate the ``mps`` mapping of a config file (``root``: ``flags.mpsRoot``); raises ConfigError."""
+        if not isinstance(data, dict):
+            raise ConfigError.at(path, f"must be a mapping, got {type(data).__name__}")
+        section = dict(data)
+        daemons = ControlDaemonSettings.from_mapping(section.pop("daemon", None), f"{path}.daemon")
+        if root is not None:
+            daemons = dataclasses.replace(daemons, root=root)
+        limits: dict[str, MpsLimits] = {}
+        resources = section.get("resources")
+        if isinstance(resources, list):
+            stripped = []
+            for i, item in enumerate(resources):
+                if isinstance(item, dict):
+                    values = {_LIMIT_KEYS[k]: item[k] for k in _LIMIT_KEYS if k in item}
+                    limit = _limits(values, f"{path}.resources[{i}]")
+                    if limit != MpsLimits():
+                        limits[str(item.get("name"))] = limit
+                    item = {k: v for k, v in item.items() if k not in _LIMIT_KEYS}
+                stripped.append(item)
+            section["resources"] = stripped
+        replicas = TimeSlicing.from_mapping(section, path)
+        # Limits are looked up by the name the replicas are served as.
+        served = {r.name: replicas.served_name(r) for r in replicas.resources}
+        return cls(
+            replicas=replicas,
+            limits=MappingProxyType({served.get(name, name): limit for name, limit in limits.items()}),
+            daemons=daemons,
+        )
+
+    def apply(self, tree: DeviceTree) -> DeviceTree:
+        """Replace each shared GPU by its MPS replicas; one replica per container, as one client has one share.
+
+        Raises SharingError when explicit limits of a GPU's replicas add up to more than the GPU has.
+        """
+        replicated = self.replicas.apply(tree)
+        if replicated is tree:
+            return tree
+        shared = {self.replicas.served_name(r) for r in self.replicas.resources}
+        counts: dict[tuple[str, str], int] = {}
+        for device in replicated.devices:
+            if device.resource in shared and REPLICA_ATTRIBUTE in device.attributes:
+                key = (device.resource, device.gpu)
+                counts[key] = counts.get(key, 0) + 1
+        devices = []
+        for device in replicated.devices:
+            count = counts.get((device.resource, device.gpu))
+            if count is None or REPLICA_ATTRIBUTE not in device.attributes:
+                devices.append(device)
+                continue
+            share = self._share(device, count)
+            uuid = gpu_uuid(device)
+            devices.append(
+                dataclasses.replace(
+                    device,
+                    spec=mps_spec(device.spec, uuid, share, self.daemons),
+                    attributes=frozen_mapping({**device.attributes, MPS_GPU_ATTRIBUTE: uuid}),
+                )
+            )
+        rules = dict(replicated.rules)
+        for name in shared & set(replicated.resources):
+            rules[name] = dataclasses.replace(rules.get(name, ResourceRules()), max_devices_per_container=1)
+        return dataclasses.replace(replicated, devices=tuple(devices), rules=MappingProxyType(rules))
+
+    def _share(self, device: Device, count: int) -> MpsShare:
+        limits = self.limits.get(device.resource, MpsLimits())
+        memory_text = device.attributes.get("memory_mib", "")
+        total = int(memory_text) if memory_text.isdecimal() else None
+        memory = limits.memory_mib
+        if memory is None and total is not None:
+            memory = total // count
+        if memory is not None and total is not None and memory * count > total:
+            raise SharingError(
+                f"{limits.where}.memoryLimitMiB: {count} replicas of {memory} MiB need {memory * count} MiB, "
+                f"GPU {device.gpu} has {total} MiB"
+            )
+        threads = limits.thread_percentage or max(1, 100 // count)
+        return MpsShare(memory_mib=memory, thread_percentage=threads)
+
+
+def _limits(values: Mapping[str, Any], path: str) -> MpsLimits:
+    memory = values.get("memory_mib")
+    if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool) or memory < 1):
+        raise ConfigError.at(f"{path}.memoryLimitMiB", f"must be a whole number of MiB ≥ 1, got {memory!r}")
+    threads = values.get("thread_percentage")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 100):
+        raise ConfigError.at(f"{path}.activeThreadPercentage", f"must be a whole number 1 to 100, got {threads!r}")
+    return MpsLimits(memory_mib=memory, thread_percentage=threads, where=path)
+
+
+# The control daemons.
+
+
+@dataclass(slots=True)
+class DaemonState:
+    """What an operator and the figures want to know about one GPU's control daemon."""
+
+    uuid: str
+    answering: bool = False
+    starts: int = 0
+    """Launches so far, the first included."""
+    last_start_s: float | None = None
+    """Seconds from launching the daemon to its first answer, at its last successful start."""
+    last_error: str | None = None
+
+
+class ControlDaemon:
+    """One GPU's ``nvidia-cuda-mps-control -d``: launched, queried, restarted, and quit on its own pipe directory."""
+
+    def __init__(self, uuid: str, settings: ControlDaemonSettings, on_change: Callable[[], None]) -> None:
+        self.uuid = uuid
+        self.settings = settings
+        self.state = DaemonState(uuid)
+        self._on_change = on_change
+
+    def environment(self) -> dict[str, str]:
+        """The daemon's environment: its GPU alone, its own pipe and log directories."""
+        return {
+            **os.environ,
+            "CUDA_VISIBLE_DEVICES": self.uuid,
+            PIPE_DIRECTORY: str(self.settings.pipe_dir(self.uuid)),
+            LOG_DIRECTORY: str(self.settings.log_dir(self.uuid)),
+        }
+
+    async def query(self, command: str) -> str | None:
+        """Send one command to the daemon; its answer, or None when no daemon answers in time."""
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *self.settings.command,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self.environment(),
+            )
+        except OSError as error:
+            self.state.last_error = str(error)
+            return None
+        try:
+            answer = process.communicate(f"{command}\n".encode())
+            out, _ = await asyncio.wait_for(answer, self.settings.answer_timeout_s)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            self.state.last_error = f"{command!r} got no answer in {self.settings.answer_timeout_s:g} s"
+            return None
+        text = out.decode(errors="replace").strip()
+        if process.returncode != 0 or _NOT_RUNNING in text:
+            self.state.last_error = text or f"exit status {process.returncode}"
+            return None
+        return text
+
+    async def launch(self) -> bool:
+        """Start the daemon (it forks into the background) and wait until it answers; True once it does."""
+        self.state.starts += 1
+        started = time.perf_counter()
+        await asyncio.to_thread(_make_dirs, self.settings.pipe_dir(self.uuid), self.settings.log_dir(self.uuid))
+        try:
+            # Its output goes to its log directory; a pipe here would be held open by the forked daemon.
+            process = await asyncio.create_subprocess_exec(
+                *self.settings.command,
+                "-d",
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+                env=self.environment(),
+                start_new_session=True,
+            )
+            await asyncio.wait_for(process.wait(), self.settings.answer_timeout_s)
+        except (OSError, TimeoutError) as error:
+            self.state.last_error = str(error) or type(error).__name__
+            return False
+        # An exit status of 1 may mean "already running" (after a missed probe): an answer settles it.
+        deadline = started + self.settings.answer_timeout_s
+        while True:
+            if await self.query("get_server_list") is not None:
+                self.state.last_start_s = time.perf_counter() - started
+                self.state.last_error = None
+                return True
+            if time.perf_counter() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+
+    async def supervise(self) -> None:
+        """Keep the daemon answering: launch it, query it every probe interval, restart it when it stops."""
+        delay_s = 1.0
+        while True:
+            if not self.state.answering:
+                if await self.launch():
+                    start_s = round(self.state.last_start_s or 0, 3)
+                    log.info("mps control daemon answering", gpu=self.uuid, start_s=start_s)
+                    self._set(answering=True)
+                    delay_s = 1.0
+                    continue
+                error = self.state.last_error
+                log.error("mps control daemon did not start", gpu=self.uuid, error=error, retry_in_s=delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, self.settings.max_restart_delay_s)
+                continue
+            await asyncio.sleep(self.settings.probe_interval_s)
+            if await self.query("get_server_list") is None:
+                error = self.state.last_error
+                log.error("mps control daemon stopped answering; restarting", gpu=self.uuid, error=error)
+                self._set(answering=False)
+
+    def _set(self, *, answering: bool) -> None:
+        self.state.answering = answering
+        self._on_change()
+
+    async def quit(self) -> None:
+        """Ask the daemon to quit (``echo quit | nvidia-cuda-mps-control``) and wait until it no longer answers."""
+        if await self.query("quit") is None:
+            return
+        deadline = time.perf_counter() + self.settings.answer_timeout_s
+        # Nothing announces the daemon's exit but its silence.
+        while time.perf_counter() < deadline:
+            if await self.query("get_server_list") is None:
+                return
+            await asyncio.sleep(0.05)
+
+
+def _make_dirs(*paths: Path) -> None:
+    for path in paths:
+        path.mkdir(parents=True, exist_ok=True)
+
+
+class ControlDaemons:
+    """The control daemons of the GPUs that have MPS devices; marks those devices Unhealthy while theirs is down."""
+
+    def __init__(self, settings: ControlDaemonSettings, owner: str) -> None:
+        self.settings = settings
+        self.daemons: dict[str, ControlDaemon] = {}
+        self._tasks = TaskSet(f"mps:{owner}")
+        self._supervisors: dict[str, asyncio.Task[None]] = {}
+        self._changed = asyncio.Event()
+
+    def states(self) -> Mapping[str, DaemonState]:
+        return {uuid: daemon.state for uuid, daemon in self.daemons.items()}
+
+    async def ensure(self, tree: DeviceTree) -> None:
+        """Run a daemon for each GPU with MPS devices in ``tree``, quit the others; new ones get one launch first."""
+        wanted = {d.attributes[MPS_GPU_ATTRIBUTE] for d in tree.devices if MPS_GPU_ATTRIBUTE in d.attributes}
+        for uuid in [u for u in self.daemons if u not in wanted]:
+            self._supervisors.pop(uuid).cancel()
+            await self.daemons.pop(uuid).quit()
+        new = [ControlDaemon(uuid, self.settings, self._changed.set) for uuid in sorted(wanted - set(self.daemons))]
+        if not new:
+            return
+        # The first launch here, so that the first tree served already shows which daemons answer.
+        answered = await asyncio.gather(*(daemon.launch() for daemon in new))
+        for daemon, ok in zip(new, answered, strict=True):
+            daemon.state.answering = ok
+            self.daemons[daemon.uuid] = daemon
+            log.info(
+                "mps control daemon started" if ok else "mps control daemon did not start",
+                gpu=daemon.uuid,
+                start_s=None if daemon.state.last_start_s is None else round(daemon.state.last_start_s, 3),
+                pipe_dir=str(self.settings.pipe_dir(daemon.uuid)),
+                error=daemon.state.last_error,
+            )
+            self._supervisors[daemon.uuid] = self._tasks.spawn(daemon.supervise(), f"daemon {daemon.uuid}")
+
+    def fold(self, tree: DeviceTree) -> DeviceTree:
+        """``tree`` with every MPS device whose GPU's daemon does not answer marked Unhealthy."""
+        down = {uuid for uuid, daemon in self.daemons.items() if not daemon.state.answering}
+        if not down:
+            return tree
+        return dataclasses.replace(
+            tree,
+            devices=tuple(
+                dataclasses.replace(d, health=Health.UNHEALTHY) if d.attributes.get(MPS_GPU_ATTRIBUTE) in down else d
+                for d in tree.devices
+            ),
+        )
+
+    async def changed(self) -> None:
+        """Wait until some daemon starts or stops answering."""
+        await self._changed.wait()
+        self._changed.clear()
+
+    async def aclose(self) -> None:
+        """Stop supervising and quit every daemon."""
+        await self._tasks.aclose()
+        self._supervisors.clear()
+        daemons = list(self.daemons.values())
+        self.daemons.clear()
+        await asyncio.gather(*(daemon.quit() for daemon in daemons))
+
+
+async def with_daemon_health(
+    events: AsyncIterator[BackendEvent], daemons: ControlDaemons, current: Callable[[], DeviceTree]
+) -> AsyncGenerator[BackendEvent, None]:
+    """``events`` as they come, and a new tree (``current()``) each time a daemon starts or stops answering."""
+    queue: asyncio.Queue[BackendEvent | BaseException | None] = asyncio.Queue()
+    tasks = TaskSet("mps events")
+
+    async def pump() -> None:
+        try:
+            async for event in events:
+                queue.put_nowait(event)
+            queue.put_nowait(None)
+        except Exception as error:
+            queue.put_nowait(error)
+
+    async def watch() -> None:
+        while True:
+            await daemons.changed()
+            queue.put_nowait(InventoryChanged(current()))
+
+    tasks.spawn(pump(), "backend events", expect_end=True)
+    tasks.spawn(watch(), "daemon health")
+    try:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        await tasks.aclose()
+        aclose = getattr(events, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+class MpsBackend:
+    """A backend whose GPUs are shared by ``sharing.mps``: its replicas, and the control daemons they need."""
+
+    def __init__(self, inner: Backend, sharing: MpsSharing) -> None:
+        self.inner = inner
+        self.sharing = sharing
+        self.name = inner.name
+        self.daemons = ControlDaemons(sharing.daemons, inner.name)
+        self._tree = DeviceTree()
+
+    def allocation_policy(self, resource: str) -> AllocationPolicyKind:
+        """Replicas: the sharing policy; the inner backend's whole GPUs: its own choice."""
+        rule = self._tree.rules_of(resource).allocation_policy
+        if rule is not None:
+            return rule
+        if isinstance(self.inner, PreferredAllocation):
+            return self.inner.allocation_policy(resource)
+        return AllocationPolicyKind.TOPOLOGY
+
+    async def start(self) -> None:
+        await self.inner.start()
+        try:
+            await self._shared(await self.inner.discover())
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _shared(self, tree: DeviceTree) -> DeviceTree:
+        self._tree = self.sharing.apply(tree)
+        await self.daemons.ensure(self._tree)
+        return self.daemons.fold(self._tree)
+
+    async def discover(self) -> DeviceTree:
+        return await self._shared(await self.inner.discover())
+
+    def events(self) -> AsyncIterator[BackendEvent]:
+        return with_daemon_health(self._inner_events(), self.daemons, lambda: self.daemons.fold(self._tree))
+
+    async def _inner_events(self) -> AsyncGenerator[BackendEvent, None]:
+        stream = self.inner.events()
+        try:
+            async for event in stream:
+                yield InventoryChanged(await self._shared(event.tree)) if isinstance(event, InventoryChanged) else event
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    async def aclose(self) -> None:
+        """Quit the daemons, then close the inner backend."""
+        await self.daemons.aclose()
+        await self.inner.aclose()

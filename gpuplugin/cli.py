@@ -25,6 +25,7 @@ from gpuplugin.instance import InstanceLockError
 from gpuplugin.probes import ProbeServerError
 from gpuplugin.registry import UnknownBackend, backend_names, load_factory
 from gpuplugin.settings import LOG_FORMATS, LOG_LEVELS, ConfigError, Overrides, PluginSettings, read_config
+from gpuplugin.tasks import TaskFailing
 
 log = structlog.get_logger("gpuplugin")
 
@@ -259,7 +260,7 @@ def serve(**params: Any) -> None:
     try:
         with asyncio.Runner(loop_factory=loop_factory(params.get("event_loop") or "auto")) as runner:
             runner.run(daemon.run(asyncio.Event()))
-    except (BackendUnavailable, ProbeServerError, InstanceLockError) as exc:
+    except (BackendUnavailable, ProbeServerError, InstanceLockError, TaskFailing) as exc:
         fail(str(exc))
     except ConfigError as exc:
         # Found once the devices are known: replicas too many for the kubelet to receive.

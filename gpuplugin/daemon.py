@@ -32,7 +32,7 @@ from gpuplugin.reload import ConfigWatcher
 from gpuplugin.server import ResourceServer
 from gpuplugin.settings import Overrides, PluginSettings, parse_config, resolve
 from gpuplugin.strategies import DeviceListStrategy
-from gpuplugin.tasks import TaskSet
+from gpuplugin.tasks import Supervisor, TaskFailing, TaskSet, supervising
 
 if TYPE_CHECKING:
     from gpuplugin.metrics import Metrics
@@ -126,17 +126,25 @@ class Daemon:
             sinks=sinks,
             server_factory=server_factory,
         )
+        # Every supervised task of this process reports here (through ``supervising`` in run).
+        self.supervisor = Supervisor(settings.manager.supervision, on_give_up=self._give_up)
+        self._stop: asyncio.Event | None = None
+        self.failure: TaskFailing | None = None
+        """The task that kept failing and ended the daemon, if one did."""
         self.probes: ProbeServer | None = None
         if self.metrics is not None:
             self.metrics.attach(self.manager)
-            self.probes = ProbeServer(self.manager, self.metrics, settings.probes)
+            self.metrics.watch_tasks(self.supervisor)
+            self.probes = ProbeServer(self.manager, self.metrics, settings.probes, supervisor=self.supervisor)
         self._tasks = TaskSet("daemon")
         self._reloading = asyncio.Lock()
         self.reloads = 0
         self.refused = 0
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Start serving; return once ``stop`` is set and everything is closed."""
+        """Start serving; return once ``stop`` is set and everything is closed. Raises TaskFailing, once everything
+        is closed, when a supervised task kept failing past its grace period."""
+        self._stop = stop
         loop = asyncio.get_running_loop()
         # NVML and file I/O go to threads; a few suffice, and each idle thread costs memory (its malloc arena).
         loop.set_default_executor(ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="gpuplugin-io"))
@@ -146,9 +154,17 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup, watcher)
-        server = self.settings.manager.server
         instance = InstanceLock(self.settings.state_dir)
         log.info("starting", backend=self.settings.backend, kubelet_dir=str(self.settings.manager.server.kubelet_dir))
+        with supervising(self.supervisor):
+            await self._serve(stop, watcher, instance)
+        if self.failure is not None:
+            raise self.failure
+        log.info("stopped")
+
+    async def _serve(self, stop: asyncio.Event, watcher: ConfigWatcher | None, instance: InstanceLock) -> None:
+        loop = asyncio.get_running_loop()
+        server = self.settings.manager.server
         try:
             if self.probes is not None:
                 # Before the manager: /healthz answers and /readyz says why not ready while we start.
@@ -158,7 +174,7 @@ class Daemon:
                 await remove_dead_sockets(server.kubelet_dir, server.socket_prefix)
                 await self.manager.start()
                 if watcher is not None:
-                    self._tasks.spawn(watcher.run(), "config watcher")
+                    self._tasks.supervise(watcher.run, "config watcher")
             await stop.wait()
         finally:
             log.info("stopping")
@@ -170,7 +186,13 @@ class Daemon:
             instance.release()
             if self.probes is not None:
                 await self.probes.aclose()
-        log.info("stopped")
+            self.supervisor.close()
+
+    def _give_up(self, failure: TaskFailing) -> None:
+        log.critical("stopping: a task keeps failing", task=failure.task, reason=failure.reason)
+        self.failure = failure
+        if self._stop is not None:
+            self._stop.set()
 
     def _on_sighup(self, watcher: ConfigWatcher | None) -> None:
         log.info("SIGHUP: reloading")

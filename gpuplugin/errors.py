@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -83,6 +84,16 @@ def show_ids(ids: Iterable[str]) -> str:
     listed = sorted(set(ids))
     shown = ", ".join(repr(i[:80]) for i in listed[:_IDS_SHOWN])
     return shown + (f" and {len(listed) - _IDS_SHOWN} more" if len(listed) > _IDS_SHOWN else "")
+
+
+def status_code(exc: BaseException) -> str:
+    """The gRPC status code, by name, that a call ended by ``exc`` ends with, for metrics: a GRPCError's own (every
+    request error has become one in grpc_status), CANCELLED for a call the client gave up, else UNKNOWN."""
+    if isinstance(exc, GRPCError):
+        return exc.status.name
+    if isinstance(exc, asyncio.CancelledError):
+        return Status.CANCELLED.name
+    return Status.UNKNOWN.name
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import structlog
 from gpuplugin.backend import Backend, HealthChanged, InventoryChanged
 from gpuplugin.model import Device, DeviceTree, Health
 from gpuplugin.server import ResourceServer, ServerSettings
-from gpuplugin.tasks import TaskSet
+from gpuplugin.tasks import SupervisionSettings, TaskSet
 from gpuplugin.watcher import SocketWatcher, WatcherSettings
 
 log = structlog.get_logger("gpuplugin.manager")
@@ -41,6 +41,8 @@ class TreeSink(Protocol):
 class ManagerSettings:
     server: ServerSettings = field(default_factory=ServerSettings)
     watcher: WatcherSettings = field(default_factory=WatcherSettings)
+    supervision: SupervisionSettings = field(default_factory=SupervisionSettings)
+    """How the daemon's long-lived tasks are restarted, and when one that keeps failing ends the process."""
 
 
 class Manager:
@@ -68,6 +70,8 @@ class Manager:
         self._faults: dict[HealthKey, HealthChanged] = {}
         self._tasks = TaskSet("manager")
         self._follower: asyncio.Task[None] | None = None
+        self.kubelet_dir_missing = False
+        """The kubelet's directory does not exist (not created yet, or removed): nothing can be served."""
         self._lock = asyncio.Lock()
         self.health_changes: Counter[tuple[str, int | None]] = Counter()
         """Health events seen, by (health, XID)."""
@@ -76,15 +80,17 @@ class Manager:
         """Start the backend, serve what it discovers, and follow its events and the kubelet's restarts."""
         await self.backend.start()
         await self.apply(await self.backend.discover())
-        self._follower = self._tasks.spawn(self._follow_backend(), "backend events")
+        self._follower = self._tasks.supervise(self._follow_backend, "backend events")
         watcher = SocketWatcher(
             self.settings.server.kubelet_dir,
             self._kubelet_socket_created,
             self._socket_deleted,
             self.settings.watcher,
             owned=lambda: [s.socket_path.name for s in self.servers.values() if s.socket_path is not None],
+            on_watching=self._serve_unserved,
+            on_missing=self._kubelet_dir_gone,
         )
-        self._tasks.spawn(watcher.run(), "socket watcher")
+        self._tasks.supervise(watcher.run, "socket watcher")
 
     async def rediscover(self) -> None:
         """Ask the backend for its devices again and serve the result (SIGHUP)."""
@@ -122,7 +128,7 @@ class Manager:
         for server in self.servers.values():
             server.use_backend(backend)
         await self.apply(tree)
-        self._follower = self._tasks.spawn(self._follow_backend(), "backend events")
+        self._follower = self._tasks.supervise(self._follow_backend, "backend events")
 
     async def aclose(self) -> None:
         """Stop following events, tell the kubelet every resource is gone, remove our sockets, close the backend."""
@@ -139,6 +145,7 @@ class Manager:
         """Every resource is served, registered, and has a ListAndWatch stream open."""
         return (
             bool(self.servers)
+            and not self.kubelet_dir_missing
             and not self.sink_problems()
             and all(s.registered and s.open_streams > 0 for s in self.servers.values())
         )
@@ -180,7 +187,12 @@ class Manager:
                     server = self._server_factory(name, self.backend, self.settings.server)
                     server.missing_specs = self.missing_specs
                     self.servers[name] = server
-                    await server.start(served, tree)
+                    try:
+                        await server.start(served, tree)
+                    except FileNotFoundError:
+                        if not await self._kubelet_dir_gone_now():
+                            raise
+                        # Served (with its devices already set) once the socket watcher sees the directory again.
                 elif links_changed or server.view is None or tuple(server.view.devices.values()) != served:
                     await server.update(served, tree)
 
@@ -228,33 +240,20 @@ class Manager:
         return device.gpu == event.gpu and (event.instance is None or device.instance == event.instance)
 
     async def _follow_backend(self) -> None:
-        """Apply the backend's events; if its stream fails, log it and follow a new one after a backoff."""
-        delay_s = 1.0
-        while True:
-            try:
-                async for event in self.backend.events():
-                    delay_s = 1.0
-                    if isinstance(event, InventoryChanged):
-                        log.info("inventory changed", devices=len(event.tree.devices))
-                        await self.apply(event.tree)
-                    else:
-                        await self.on_health(event)
-                log.error("backend event stream ended; following it again", backend=self.backend.name)
-            except Exception as exc:
-                log.error(
-                    "backend event stream failed; serving the last tree and following it again",
-                    backend=self.backend.name,
-                    error=str(exc) or type(exc).__name__,
-                    retry_in_s=delay_s,
-                )
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, 30.0)
+        """Apply the backend's events. Supervised: if the stream fails or ends, the last tree keeps serving and the
+        stream is followed again after a backoff."""
+        async for event in self.backend.events():
+            if isinstance(event, InventoryChanged):
+                log.info("inventory changed", devices=len(event.tree.devices))
+                await self.apply(event.tree)
+            else:
+                await self.on_health(event)
 
     async def _kubelet_socket_created(self) -> None:
         log.info("kubelet socket created; registering again")
         for server in list(self.servers.values()):
-            if await asyncio.to_thread(server.socket_missing):
-                await server.reserve()
+            if await asyncio.to_thread(_unserved, server):
+                await self._reserve(server)
             else:
                 server.register_again()
 
@@ -262,4 +261,38 @@ class Manager:
         for server in list(self.servers.values()):
             if server.socket_path is not None and server.socket_path.name == name:
                 log.info("our socket was deleted; serving again", resource=server.resource, socket=name)
-                await server.reserve()
+                await self._reserve(server)
+
+    async def _serve_unserved(self) -> None:
+        """The socket watcher watches the directory (again): serve every resource whose socket is missing (the
+        directory is new, or the watcher restarted after missing events), and hurry registrations still retrying."""
+        self.kubelet_dir_missing = False
+        for server in list(self.servers.values()):
+            if await asyncio.to_thread(_unserved, server):
+                await self._reserve(server)
+            elif not server.registered:
+                server.register_again()
+
+    def _kubelet_dir_gone(self) -> None:
+        self.kubelet_dir_missing = True
+
+    async def _kubelet_dir_gone_now(self) -> bool:
+        """Whether the kubelet directory is missing (checked now); if so, remembered until the watcher sees it."""
+        if await asyncio.to_thread(self.settings.server.kubelet_dir.is_dir):
+            return False
+        self.kubelet_dir_missing = True
+        return True
+
+    async def _reserve(self, server: ResourceServer) -> None:
+        """Serve ``server`` on a new socket; where the directory has just gone, leave it to the socket watcher."""
+        try:
+            await server.reserve()
+        except FileNotFoundError:
+            if not await self._kubelet_dir_gone_now():
+                raise
+            log.debug("kubelet directory gone; serving again once it is back", resource=server.resource)
+
+
+def _unserved(server: ResourceServer) -> bool:
+    """Whether ``server`` has no socket in the directory (never served there, or deleted); blocks."""
+    return server.socket_path is None or not server.socket_path.exists()

@@ -15,7 +15,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
@@ -24,6 +24,7 @@ from gpuplugin.backend import Backend
 from gpuplugin.manager import Manager
 from gpuplugin.model import Health
 from gpuplugin.server import ResourceServer, ServerSettings
+from gpuplugin.tasks import Supervisor
 
 #: Allocate answers from a cache in tens of microseconds; anything near a second means the loop was blocked.
 RPC_BUCKETS_S: Final = (
@@ -49,15 +50,15 @@ _OK: Final = "OK"
 
 
 class RpcStats:
-    """One (resource, method)'s RPC counts: per latency bucket (not cumulative), their sum, and per outcome."""
+    """One (resource, method)'s RPC counts: per latency bucket (not cumulative), their sum, and per status code."""
 
-    __slots__ = ("buckets", "outcomes", "sum_s")
+    __slots__ = ("buckets", "codes", "sum_s")
 
     def __init__(self) -> None:
         self.buckets = [0] * len(_LE)
         self.sum_s = 0.0
         # OK from the start: a rate over it exists from the first call, before any error happens.
-        self.outcomes: dict[str, int] = {_OK: 0}
+        self.codes: dict[str, int] = {_OK: 0}
 
     def cumulative(self) -> list[tuple[str, float]]:
         total, buckets = 0, []
@@ -83,7 +84,12 @@ class Metrics:
         """By (resource, method); read at scrape time."""
         self._manager: Manager | None = None
         self._loop_lag: Callable[[], float] | None = None
+        self.supervisor: Supervisor | None = None
         self.registry.register(_ManagerCollector(self, version or package_version()))
+        # process_* (CPU seconds, resident memory, open file descriptors, start time) and python_info: what an
+        # operator graphs first. The process collector reads /proc/self at scrape time, memory not disk.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
 
     def attach(self, manager: Manager) -> None:
         """Report this manager's state (devices, streams, registrations, health counters) on every scrape."""
@@ -97,11 +103,15 @@ class Metrics:
         """Report the event loop's lag (measured by the probe server) as ``gpuplugin_event_loop_lag_seconds``."""
         self._loop_lag = lag_s
 
+    def watch_tasks(self, supervisor: Supervisor) -> None:
+        """Report the restarts of this supervisor's tasks as ``gpuplugin_task_restarts_total``."""
+        self.supervisor = supervisor
+
     @property
     def loop_lag(self) -> Callable[[], float] | None:
         return self._loop_lag
 
-    def observe_rpc(self, resource: str, method: str, seconds: float, outcome: str) -> None:
+    def observe_rpc(self, resource: str, method: str, seconds: float, code: str) -> None:
         """Record one answered RPC: the resource server's ``on_rpc`` hook, on the Allocate path; event loop only."""
         stats = self.rpc.get((resource, method))
         if stats is None:
@@ -109,7 +119,7 @@ class Metrics:
         # bisect_left: the first bucket whose bound is >= seconds, Prometheus' "le".
         stats.buckets[bisect_left(RPC_BUCKETS_S, seconds)] += 1
         stats.sum_s += seconds
-        stats.outcomes[outcome] = stats.outcomes.get(outcome, 0) + 1
+        stats.codes[code] = stats.codes.get(code, 0) + 1
 
     def server_factory(self, resource: str, backend: Backend, settings: ServerSettings) -> ResourceServer:
         """A ``Manager`` server factory whose resource servers report every RPC here."""
@@ -132,8 +142,8 @@ class _Families:
         )
         self.rpc_total = CounterMetricFamily(
             "gpuplugin_rpc",
-            "Device-plugin RPCs answered, by outcome (OK, or the class of the exception that ended the call).",
-            labels=("resource", "method", "outcome"),
+            "Device-plugin RPCs answered, by the gRPC status code they ended with (OK, INVALID_ARGUMENT, ...).",
+            labels=("resource", "method", "code"),
         )
         self.build = InfoMetricFamily("gpuplugin_build", "The running gpuplugin.", labels=("version", "python"))
         self.devices = GaugeMetricFamily(
@@ -171,6 +181,11 @@ class _Families:
         self.loop_lag = GaugeMetricFamily(
             "gpuplugin_event_loop_lag_seconds", "How late the event loop ran a timer, at the last measurement."
         )
+        self.task_restarts = CounterMetricFamily(
+            "gpuplugin_task_restarts",
+            "Restarts of a long-lived task after it failed or ended unexpectedly (owner:name, as logged).",
+            labels=("task",),
+        )
 
     def all(self) -> list[Metric]:
         return [
@@ -186,6 +201,7 @@ class _Families:
             self.xid_events,
             self.backend_errors,
             self.loop_lag,
+            self.task_restarts,
         ]
 
 
@@ -205,11 +221,15 @@ class _ManagerCollector:
         f.build.add_metric([self._version, platform.python_version()], {})
         for (resource, method), stats in self._metrics.rpc.items():
             f.rpc_duration.add_metric([resource, method], stats.cumulative(), stats.sum_s)
-            for outcome, count in stats.outcomes.items():
-                f.rpc_total.add_metric([resource, method, outcome], count)
+            for code, count in stats.codes.items():
+                f.rpc_total.add_metric([resource, method, code], count)
         lag_s = self._metrics.loop_lag
         if lag_s is not None:
             f.loop_lag.add_metric([], lag_s())
+        supervisor = self._metrics.supervisor
+        if supervisor is not None:
+            for task, count in sorted(supervisor.restarts.items()):
+                f.task_restarts.add_metric([task], count)
         manager = self._metrics.manager
         if manager is not None:
             self._read(manager, f)

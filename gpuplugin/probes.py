@@ -1,7 +1,8 @@
 """Liveness, readiness and metrics over HTTP: ``/healthz``, ``/readyz`` and ``/metrics`` on ``--metrics-address``.
 
-``/healthz`` answers 200 while the event loop keeps time (a small task measures how late it runs a timer);
-``/readyz`` answers 200 only while every resource is served, registered and watched by the kubelet; ``/metrics``
+``/healthz`` answers 200 while the event loop keeps time (a small task measures how late it runs a timer) and no
+supervised task keeps failing; ``/readyz`` answers 200 only while every resource is served, registered and watched
+by the kubelet (waiting for the kubelet's directory is healthy, but not ready); ``/metrics``
 is the Prometheus exposition. Answers name resources and counts only: nothing from the environment or the config.
 """
 
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 import h11
 import structlog
 
-from gpuplugin.tasks import TaskSet
+from gpuplugin.tasks import Supervisor, TaskSet
 
 if TYPE_CHECKING:
     from gpuplugin.manager import Manager
@@ -134,6 +135,8 @@ def not_ready_reasons(manager: Manager) -> list[str]:
         return []
     # A CDI spec not on disk: Allocate refuses those devices, so the node is not ready whatever else holds.
     reasons = [f"CDI spec not written: {problem}" for problem in manager.sink_problems()]
+    if manager.kubelet_dir_missing:
+        return [*reasons, f"kubelet directory {manager.settings.server.kubelet_dir} does not exist; waiting for it"]
     if not manager.servers:
         return [*reasons, "no resource served"]
     for name, server in sorted(manager.servers.items()):
@@ -152,14 +155,22 @@ class ProbeServer:
     """
 
     def __init__(
-        self, manager: Manager, metrics: Metrics, settings: ProbeSettings, *, clock: Clock = time.monotonic
+        self,
+        manager: Manager,
+        metrics: Metrics,
+        settings: ProbeSettings,
+        *,
+        clock: Clock = time.monotonic,
+        supervisor: Supervisor | None = None,
     ) -> None:
+        """``supervisor``: whose failing tasks turn ``/healthz`` red; without one, only the event loop's lag does."""
         if settings.address is None:
             raise ValueError("ProbeServer needs settings.address")
         self._address = settings.address
         self._manager = manager
         self._metrics = metrics
         self._settings = settings
+        self._supervisor = supervisor
         self.monitor = LoopLagMonitor(settings.loop_check_interval_s, clock)
         self._tasks = TaskSet("probes")
         self._server: asyncio.Server | None = None
@@ -173,10 +184,15 @@ class ProbeServer:
         return self._port
 
     def healthz(self) -> tuple[int, str]:
-        """200 while the event loop keeps time; 503 with the lag once it is later than ``max_loop_lag_s``."""
+        """200 while the event loop keeps time and no task keeps failing; 503 naming what does not."""
+        problems = []
         lag_s, limit_s = self.monitor.lag_s, self._settings.max_loop_lag_s
         if lag_s > limit_s:
-            return 503, f"event loop {lag_s:.1f} s late (limit {limit_s:g} s)\n"
+            problems.append(f"event loop {lag_s:.1f} s late (limit {limit_s:g} s)\n")
+        if self._supervisor is not None:
+            problems += [f"task {name} keeps failing: {why}\n" for name, why in self._supervisor.failing().items()]
+        if problems:
+            return 503, "".join(problems)
         return 200, "ok\n"
 
     def readyz(self) -> tuple[int, str]:
@@ -194,7 +210,7 @@ class ProbeServer:
             raise ProbeServerError(f"--metrics-address {self._address}: cannot listen: {exc.strerror or exc}") from None
         self._server = server
         self._port = int(server.sockets[0].getsockname()[1])
-        self._tasks.spawn(self.monitor.run(), "event-loop lag")
+        self._tasks.supervise(self.monitor.run, "event-loop lag")
         self._metrics.watch_loop(lambda: self.monitor.lag_s)
         log.info("serving probes and metrics", address=str(self._address), port=self._port)
 

@@ -12,6 +12,7 @@ from grpclib import GRPCError
 from grpclib.client import Channel
 
 from gpuplugin.api import v1beta1 as api
+from gpuplugin.tasks import jittered_backoff
 
 API_VERSION = "v1beta1"
 DEPRECATION_FILE = "DEPRECATION"
@@ -28,9 +29,10 @@ class RegistrationSettings:
     """How hard we try to reach the kubelet."""
 
     first_retry_s: float = 0.01
-    """The kubelet creates its socket a moment before it listens: retry fast at first."""
+    """The kubelet creates its socket a moment before it listens: retry fast at first (seconds, doubling, jittered
+    down by up to half)."""
     max_retry_s: float = 5.0
-    """Backoff ceiling while the kubelet is away (restarting, or not started yet)."""
+    """Backoff ceiling in seconds while the kubelet is away (restarting, or not started yet)."""
     call_timeout_s: float = 15.0
     """The kubelet dials us (for up to about 10 s) before it answers Register."""
 
@@ -55,7 +57,6 @@ async def register_until_done(
     wait short (the kubelet socket just appeared).
     """
     request = api.RegisterRequest(version=API_VERSION, endpoint=endpoint, resource_name=resource, options=options)
-    delay = settings.first_retry_s
     attempts = 0
     while True:
         attempts += 1
@@ -68,9 +69,10 @@ async def register_until_done(
             if attempts == 1:
                 on_unreachable(str(exc) or type(exc).__name__)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), delay)
+            await asyncio.wait_for(
+                wake.wait(), jittered_backoff(attempts, settings.first_retry_s, settings.max_retry_s)
+            )
         wake.clear()
-        delay = min(delay * 2, settings.max_retry_s)
 
 
 async def _register_once(kubelet_socket: Path, request: api.RegisterRequest, timeout_s: float) -> None:

@@ -40,6 +40,7 @@ from gpuplugin.errors import (
     UnhealthyDevices,
     UnknownDevices,
     grpc_status,
+    status_code,
 )
 from gpuplugin.instance import SocketIdentity, remove_if_ours
 from gpuplugin.model import (
@@ -360,12 +361,11 @@ class ResourceServer:
             self._registration.cancel()
         assert self.socket_path is not None
         self._wake.clear()
-        if plugin_watcher_wanted(self._settings.kubelet_dir):
-            # The kubelet asked for its plugin watcher (upstream's stub skips Register then).
-            registering = self._register_with_watcher(self.socket_path)
-        else:
-            registering = self._register(self.socket_path)
-        self._registration = self._tasks.spawn(registering, "register", expect_end=True)
+        path = self.socket_path
+        # The kubelet asked for its plugin watcher (upstream's stub skips Register then).
+        register = self._register_with_watcher if plugin_watcher_wanted(self._settings.kubelet_dir) else self._register
+        # Supervised: a refused registration (or any failure) is tried again with backoff, and counted.
+        self._registration = self._tasks.supervise(lambda: register(path), "register", expect_end=True)
 
     async def _register(self, path: Path) -> None:
         await self._close_watcher()
@@ -480,7 +480,7 @@ class ResourceServer:
 
         async def handle(stream: Stream[Any, Any]) -> None:
             started = time.perf_counter()
-            outcome = "OK"
+            code = "OK"
             try:
                 request = await receive(stream, method)
                 with grpc_status(method):
@@ -489,18 +489,18 @@ class ResourceServer:
                         response = await response
                 await stream.send_message(response)
             except BaseException as exc:
-                outcome = type(exc).__name__
+                code = status_code(exc)
                 raise
             finally:
-                self._observe(method, started, outcome)
+                self._observe(method, started, code)
 
         return handle
 
-    def _observe(self, method: str, started: float, outcome: str) -> None:
+    def _observe(self, method: str, started: float, code: str) -> None:
         elapsed = time.perf_counter() - started
-        self._log.debug("rpc", method=method, latency_ms=round(elapsed * 1000, 3), outcome=outcome)
+        self._log.debug("rpc", method=method, latency_ms=round(elapsed * 1000, 3), code=code)
         if self._on_rpc is not None:
-            self._on_rpc(self.resource, method, elapsed, outcome)
+            self._on_rpc(self.resource, method, elapsed, code)
 
     def _current(self) -> ResourceView:
         view = self._view

@@ -7,10 +7,12 @@ within ``poll_interval_s``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -22,7 +24,11 @@ KUBELET_SOCKET = "kubelet.sock"
 @dataclass(frozen=True, slots=True)
 class WatcherSettings:
     poll_interval_s: float = 0.2
-    """Only when inotify is unavailable; well inside the one second we allow for noticing a restart."""
+    """Seconds between two looks at the directory when inotify is unavailable, and at its parent while the
+    directory is missing; well inside the one second we allow for noticing a restart."""
+    settle_s: float = 0.05
+    """Seconds to wait after our socket is deleted before serving again, for the directory's own removal to show
+    (``rm -rf`` deletes the files first); far inside the one second we allow."""
     use_inotify: bool = True
 
 
@@ -40,7 +46,12 @@ async def inotify_or_polling(
 
 
 class SocketWatcher:
-    """Calls ``on_kubelet_socket`` when ``kubelet.sock`` appears, ``on_deleted(name)`` when a socket goes away."""
+    """Calls ``on_kubelet_socket`` when ``kubelet.sock`` appears, ``on_deleted(name)`` when a socket goes away.
+
+    The directory itself may be missing (the kubelet not installed yet) or removed and created again (a node agent
+    reinstalled): the watcher then calls ``on_missing``, waits for it, and calls ``on_watching`` once it watches it
+    again, as it does whenever it starts watching: whatever happened unwatched is for that callback to put right.
+    """
 
     def __init__(
         self,
@@ -49,26 +60,83 @@ class SocketWatcher:
         on_deleted: Callable[[str], Awaitable[None]],
         settings: WatcherSettings = WatcherSettings(),
         owned: Callable[[], Collection[str]] = tuple,
+        *,
+        on_watching: Callable[[], Awaitable[None]] | None = None,
+        on_missing: Callable[[], None] | None = None,
     ) -> None:
         self._dir = directory
         self._owned = owned
         self._on_kubelet_socket = on_kubelet_socket
         self._on_deleted = on_deleted
+        self._on_watching = on_watching
+        self._on_missing = on_missing
         self._settings = settings
+        self._use_inotify = settings.use_inotify
 
     async def run(self) -> None:
-        """Watch until cancelled."""
-        await inotify_or_polling(
-            self._run_inotify, self._run_polling, use_inotify=self._settings.use_inotify, what=str(self._dir)
-        )
+        """Watch until cancelled, through the directory's absences."""
+        first = True
+        while True:
+            if not await asyncio.to_thread(self._dir.is_dir):
+                await self._wait_for_directory(first)
+            first = False
+            if self._use_inotify:
+                try:
+                    watch = await asyncio.to_thread(_watch, self._dir)
+                except (ImportError, OSError) as exc:
+                    if not await asyncio.to_thread(self._dir.is_dir):
+                        continue  # gone again before the watch was set
+                    log.warning("inotify unavailable; polling instead", watched=str(self._dir), error=str(exc))
+                    self._use_inotify = False
+                else:
+                    if watch is None:
+                        continue  # replaced while the watch was set
+                    inotify, identity = watch
+                    with inotify:
+                        await self._follow_inotify(inotify, identity)
+                    continue
+            await self._run_polling()
 
-    async def _run_inotify(self) -> None:
-        from asyncinotify import Inotify, Mask
+    async def _wait_for_directory(self, first: bool) -> None:
+        """Poll until the directory exists; the parent may be missing too, so inotify on it would not do."""
+        if self._on_missing is not None:
+            self._on_missing()
+        what = "does not exist" if first else "removed"
+        log.warning(f"kubelet directory {what}; waiting for it", directory=str(self._dir))
+        while True:
+            await asyncio.sleep(self._settings.poll_interval_s)
+            if await asyncio.to_thread(self._dir.is_dir):
+                log.info("kubelet directory appeared; serving in it", directory=str(self._dir))
+                return
 
-        with Inotify() as inotify:
-            inotify.add_watch(self._dir, Mask.CREATE | Mask.DELETE | Mask.MOVED_TO | Mask.MOVED_FROM)
-            log.debug("watching with inotify", directory=str(self._dir))
-            async for event in inotify:
+    async def _watching(self) -> None:
+        if self._on_watching is not None:
+            await self._on_watching()
+
+    async def _follow_inotify(self, inotify: Any, identity: tuple[int, int]) -> None:
+        """Handle the directory's events until it is removed, moved away or replaced (``identity`` no longer the
+        one at its path)."""
+        from asyncinotify import Mask
+
+        gone = Mask.DELETE_SELF | Mask.MOVE_SELF | Mask.IGNORED | Mask.UNMOUNT
+        log.debug("watching with inotify", directory=str(self._dir))
+        await self._watching()
+        events = aiter(inotify)
+        while True:
+            batch = [await anext(events)]
+            if batch[0].mask & (Mask.DELETE | Mask.MOVED_FROM):
+                # ``rm -rf`` deletes our socket a moment before the directory: serving again at once would put a
+                # socket back into it, and the rmdir would fail. Look a moment further first.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._settings.settle_s):
+                        while True:
+                            batch.append(await anext(events))
+                # No DELETE_SELF comes while our old socket, bound in the removed directory, still pins it: look.
+                if await asyncio.to_thread(_directory_identity, self._dir) != identity:
+                    return
+            if any(event.mask & gone for event in batch):
+                return
+            for event in batch:
                 if event.name is None:
                     continue
                 name = str(event.name)
@@ -78,10 +146,18 @@ class SocketWatcher:
                     await self._on_deleted(name)
 
     async def _run_polling(self) -> None:
-        last, seen = await asyncio.to_thread(_snapshot, self._dir)
+        """Compare the directory with its last listing every poll interval, until the directory is gone."""
+        snapshot = await asyncio.to_thread(_snapshot, self._dir)
+        if snapshot is None:
+            return
+        last, seen = snapshot
+        await self._watching()
         while True:
             await asyncio.sleep(self._settings.poll_interval_s)
-            current, now = await asyncio.to_thread(_snapshot, self._dir)
+            snapshot = await asyncio.to_thread(_snapshot, self._dir)
+            if snapshot is None:
+                return
+            current, now = snapshot
             # Our own sockets too: one created and deleted between two polls is in neither listing.
             for name in (seen | set(self._owned())) - now:
                 await self._on_deleted(name)
@@ -91,9 +167,43 @@ class SocketWatcher:
             last = current
 
 
-def _snapshot(directory: Path) -> tuple[tuple[int, int] | None, set[str]]:
-    """The kubelet socket's identity and the other sockets' names (runs in a thread)."""
-    return _identity(directory / KUBELET_SOCKET), set(_socket_names(directory))
+def _watch(directory: Path) -> tuple[Any, tuple[int, int]] | None:
+    """An inotify instance watching ``directory``'s entries and its own removal, and the directory's identity; None
+    if it was replaced meanwhile. Raises where inotify is unavailable, or the directory is gone. Blocks."""
+    from asyncinotify import Inotify, Mask
+
+    before = _directory_identity(directory)
+    inotify = Inotify()
+    try:
+        inotify.add_watch(
+            directory,
+            Mask.CREATE | Mask.DELETE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE_SELF | Mask.MOVE_SELF,
+        )
+    except BaseException:
+        inotify.close()
+        raise
+    if before is None or _directory_identity(directory) != before:
+        inotify.close()
+        return None
+    return inotify, before
+
+
+def _directory_identity(directory: Path) -> tuple[int, int] | None:
+    """The directory's device and inode: a directory removed and created again has another. Blocks."""
+    try:
+        stat = directory.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return (stat.st_dev, stat.st_ino)
+
+
+def _snapshot(directory: Path) -> tuple[tuple[int, int] | None, set[str]] | None:
+    """The kubelet socket's identity and the other sockets' names; None without the directory (runs in a thread)."""
+    try:
+        names = {e.name for e in os.scandir(directory) if e.name != KUBELET_SOCKET and not e.is_dir()}
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return _identity(directory / KUBELET_SOCKET), names
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -102,10 +212,3 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return (stat.st_ino, stat.st_ctime_ns)
-
-
-def _socket_names(directory: Path) -> list[str]:
-    try:
-        return [e.name for e in os.scandir(directory) if e.name != KUBELET_SOCKET and not e.is_dir()]
-    except FileNotFoundError:
-        return []

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from backends.mock import MockBackend
 from gpuplugin.api import v1beta1 as api
 from gpuplugin.manager import Manager
-from gpuplugin.metrics import RPC_BUCKETS_S, Metrics
+from gpuplugin.metrics import RPC_BUCKETS_S, Metrics, package_version
 from gpuplugin.probes import ListenAddress, ProbeServer, ProbeSettings
 from gpuplugin.simulator import KubeletSimulator
 from tests.fakes import mock_manager, until
@@ -103,28 +103,35 @@ async def test_allocate_histogram_counts_admissions(workdir: Path) -> None:
         after = await p.scrape()
         for method in ("Allocate", "GetPreferredAllocation"):
             assert sample(after, "gpuplugin_rpc_duration_seconds_count", resource=GPU, method=method) == 3
-            assert sample(after, "gpuplugin_rpc_total", resource=GPU, method=method, outcome="OK") == 3
+            assert sample(after, "gpuplugin_rpc_total", resource=GPU, method=method, code="OK") == 3
             inf = sample(after, "gpuplugin_rpc_duration_seconds_bucket", resource=GPU, method=method, le="+Inf")
             assert inf == 3
             total_s = sample(after, "gpuplugin_rpc_duration_seconds_sum", resource=GPU, method=method)
             assert total_s is not None and 0 < total_s < 3.0
 
 
-async def test_failed_rpc_counted_apart_from_ok(workdir: Path) -> None:
-    """An Allocate the plugin refuses is timed and counted under its own outcome, not under OK."""
+def allocate_one(device_id: str) -> api.AllocateRequest:
+    return api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=[device_id])])
+
+
+async def test_failed_rpcs_counted_by_their_grpc_status_code(workdir: Path) -> None:
+    """Refused Allocates are timed and counted under their gRPC status code: an unknown device under
+    INVALID_ARGUMENT, an unhealthy one under FAILED_PRECONDITION, apart from each other and from OK."""
     async with node(workdir) as (p, kubelet):
-        request = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=["GPU-nope"])])
         with pytest.raises(GRPCError):
-            await kubelet.stub(GPU).allocate(request)
+            await kubelet.stub(GPU).allocate(allocate_one("GPU-nope"))
+        p.backend.xid(3, 79)
+        await kubelet.wait_for(lambda: kubelet.allocatable(GPU) == 7, timeout=2)
+        with pytest.raises(GRPCError):
+            await kubelet.stub(GPU).allocate(allocate_one(p.backend.status()[3].uuid))
         samples = await p.scrape()
-        outcomes = {
-            dict(labels)["outcome"]: value
+        codes = {
+            dict(labels)["code"]: value
             for (name, labels), value in samples.items()
             if name == "gpuplugin_rpc_total" and dict(labels)["method"] == "Allocate"
         }
-        assert outcomes.pop("OK") == 0
-        assert list(outcomes.values()) == [1]
-        assert sample(samples, "gpuplugin_rpc_duration_seconds_count", resource=GPU, method="Allocate") == 1
+        assert codes == {"OK": 0, "INVALID_ARGUMENT": 1, "FAILED_PRECONDITION": 1}
+        assert sample(samples, "gpuplugin_rpc_duration_seconds_count", resource=GPU, method="Allocate") == 2
 
 
 async def test_xid_moves_a_device_between_health_gauges(workdir: Path) -> None:
@@ -191,13 +198,25 @@ async def test_stream_gauge_drops_when_the_kubelet_goes(workdir: Path) -> None:
 
 
 async def test_build_info_and_loop_lag_reported(workdir: Path) -> None:
-    """Every scrape carries the build info with the package version and the event loop's lag."""
+    """Every scrape carries the build info with the package version (value 1) and the event loop's lag."""
     async with plant(workdir) as p:
         samples = await p.scrape()
-        build = [dict(labels) for name, labels in samples if name == "gpuplugin_build_info"]
-        assert len(build) == 1 and build[0]["version"]
+        build = [(dict(labels), value) for (name, labels), value in samples.items() if name == "gpuplugin_build_info"]
+        assert len(build) == 1 and build[0][0]["version"] == package_version() and build[0][1] == 1
         lag = sample(samples, "gpuplugin_event_loop_lag_seconds")
         assert lag is not None and 0 <= lag < 1
+
+
+async def test_process_and_platform_metrics_reported(workdir: Path) -> None:
+    """A scrape carries the process's CPU time, resident memory and open file descriptors, and python_info."""
+    async with plant(workdir) as p:
+        samples = await p.scrape()
+        resident = sample(samples, "process_resident_memory_bytes")
+        assert resident is not None and resident > 1024 * 1024
+        fds = sample(samples, "process_open_fds")
+        assert fds is not None and fds > 0
+        assert sample(samples, "process_cpu_seconds_total") is not None
+        assert [name for name, _ in samples if name == "python_info"] == ["python_info"]
 
 
 def test_observe_rpc_bucket_bounds_are_inclusive() -> None:

@@ -335,7 +335,7 @@ async def test_backend_event_stream_raising_keeps_serving_the_last_tree(workdir:
             backend.push(unhealthy("GPU-1"))
             await kubelet.wait_for(lambda: kubelet.allocatable(GPU_RESOURCE) == 3, timeout=2)
             backend.break_events(BackendFailure("the driver went away"))
-            await until(lambda: any(e["event"].startswith("backend event stream failed") for e in logs))
+            await until(lambda: any(e["event"] == "task failed; restarting" for e in logs))
             await check_serves_last_tree(kubelet, GPU_RESOURCE, bad="GPU-1", good="GPU-0")
             assert kubelet.stream_open(GPU_RESOURCE) and kubelet.allocatable(GPU_RESOURCE) == 3
             # The kubelet's restarts are still followed.
@@ -343,8 +343,10 @@ async def test_backend_event_stream_raising_keeps_serving_the_last_tree(workdir:
             await kubelet.restart()
             await kubelet.wait_registered(GPU_RESOURCE, after=before, timeout=2)
             await kubelet.wait_for(lambda: kubelet.allocatable(GPU_RESOURCE) == 3, timeout=2)
-    failed = [e for e in logs if e["event"].startswith("backend event stream failed")]
-    assert failed and failed[0]["error"] == "the driver went away"
+    failed = [e for e in logs if e["event"] == "task failed; restarting"]
+    assert [(e["task"], e["error"]) for e in failed] == [
+        ("manager:backend events", "BackendFailure: the driver went away")
+    ]
     assert not [e for e in logs if e["event"] == "task failed"]
 
 

@@ -185,7 +185,7 @@ class NvmlBackend:
         )
         self._watcher.start()
         if first:
-            self._tasks.spawn(self._rediscovery_worker(), "rediscovery")
+            self._tasks.supervise(self._rediscovery_worker, "rediscovery")
 
     async def _rediscovery_worker(self) -> None:
         """Discovers again when asked (a MIG change) or, while some GPU failed discovery, with backoff."""

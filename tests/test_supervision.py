@@ -1,0 +1,316 @@
+"""Supervision and the kubelet's directory: long-lived tasks that fail are restarted, counted, and reported when they
+keep failing; the plugin waits for a kubelet directory that does not exist yet or was removed and created again."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from itertools import count
+from pathlib import Path
+
+import pytest
+import structlog
+
+from gpuplugin.backend import BackendEvent
+from gpuplugin.daemon import Daemon
+from gpuplugin.manager import Manager, ManagerSettings
+from gpuplugin.probes import ListenAddress, ProbeSettings
+from gpuplugin.server import ServerSettings
+from gpuplugin.settings import Overrides, PluginSettings
+from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.tasks import SupervisionSettings, Supervisor, TaskFailing, TaskSet, jittered_backoff
+from gpuplugin.watcher import WatcherSettings
+from tests.fakes import GPU_RESOURCE, StaticBackend, gpu_tree, until
+from tests.test_probes import ask, request
+from tests.test_reliability import serve
+from tests.test_reload import config, write_atomically
+from tests.test_reload import running as running_daemon
+
+#: The issue's bound for a removed-and-recreated kubelet directory: registered with the new kubelet within 2 s.
+REREGISTER_S = 2.0
+#: Restarts fast enough for a test: five failures within the window make a task failing.
+QUICK = SupervisionSettings(first_backoff_s=0.01, max_backoff_s=0.05, failure_budget=5, exit_grace_s=0.3)
+
+
+class Flaky:
+    """A task body that fails its first ``failures`` runs, then runs until cancelled."""
+
+    def __init__(self, failures: int, error: BaseException | None = None) -> None:
+        self.failures = failures
+        self.error = error or RuntimeError("flaky")
+        self.runs = 0
+        self.running = asyncio.Event()
+
+    async def __call__(self) -> None:
+        self.runs += 1
+        if self.runs <= self.failures:
+            raise self.error
+        self.running.set()
+        await asyncio.Event().wait()
+
+
+def test_backoff_doubles_up_to_its_ceiling_and_stays_in_the_upper_half() -> None:
+    """The backoff doubles per attempt from the first wait up to the ceiling, each wait between half and all of it."""
+    assert [jittered_backoff(n, 0.1, 1.0, rng=lambda: 1.0) for n in (1, 2, 3, 4, 5, 100)] == [
+        0.1,
+        0.2,
+        0.4,
+        0.8,
+        1.0,
+        1.0,
+    ]
+    assert jittered_backoff(3, 0.1, 1.0, rng=lambda: 0.0) == pytest.approx(0.2)
+    assert jittered_backoff(10_000, 0.1, 30.0, rng=lambda: 0.5) == pytest.approx(22.5)
+
+
+@pytest.mark.parametrize("field", ["first_backoff_s", "failure_budget", "failure_window_s", "exit_grace_s"])
+def test_supervision_settings_out_of_range_are_refused_naming_the_field(field: str) -> None:
+    """A supervision setting outside its documented range is refused with its name."""
+    with pytest.raises(ValueError, match=f"supervision.{field}"):
+        SupervisionSettings(**{field: -1})
+
+
+async def test_a_failing_task_is_restarted_with_backoff_and_its_restarts_counted() -> None:
+    """A supervised task that raises (a MemoryError too) is started again, each restart counted under its name."""
+    supervisor = Supervisor(QUICK)
+    tasks = TaskSet("owner", supervisor)
+    flaky = Flaky(2, MemoryError())
+    with structlog.testing.capture_logs() as logs:
+        tasks.supervise(flaky, "flaky")
+        await asyncio.wait_for(flaky.running.wait(), 2)
+        await tasks.aclose()
+    assert supervisor.restarts == {"owner:flaky": 2}
+    assert [(e["event"], e["task"], e["error"]) for e in logs if e["log_level"] == "error"] == [
+        ("task failed; restarting", "owner:flaky", "MemoryError")
+    ] * 2
+    assert supervisor.failing() == {}
+
+
+async def test_a_task_that_ends_unexpectedly_is_restarted_and_one_expected_to_end_is_not() -> None:
+    """A supervised task that returns is started again unless it was expected to end."""
+    supervisor = Supervisor(QUICK)
+    tasks = TaskSet("owner", supervisor)
+    runs = count()
+    again = asyncio.Event()
+
+    async def ends() -> None:
+        if next(runs) == 1:
+            again.set()
+            await asyncio.Event().wait()
+
+    done_runs = count()
+
+    async def finishes() -> None:
+        next(done_runs)
+
+    tasks.supervise(ends, "ends")
+    finished = tasks.supervise(finishes, "finishes", expect_end=True)
+    await asyncio.wait_for(again.wait(), 2)
+    await asyncio.wait_for(finished, 2)
+    await tasks.aclose()
+    assert supervisor.restarts == {"owner:ends": 1, "owner:finishes": 0}
+    assert next(done_runs) == 1
+
+
+async def test_a_task_past_its_failure_budget_is_failing_and_given_up_after_the_grace_period() -> None:
+    """Five failures within the window name the task as failing; still failing after the grace, it is given up."""
+    given_up: list[TaskFailing] = []
+    supervisor = Supervisor(QUICK, on_give_up=given_up.append)
+    tasks = TaskSet("owner", supervisor)
+    flaky = Flaky(1_000_000, OSError("no such file"))
+    try:
+        tasks.supervise(flaky, "doomed")
+        await until(lambda: "owner:doomed" in supervisor.failing())
+        assert "last: OSError: no such file" in supervisor.failing()["owner:doomed"]
+        assert not given_up
+        await until(lambda: given_up, timeout_s=2)
+    finally:
+        await tasks.aclose()
+        supervisor.close()
+    assert given_up[0].task == "owner:doomed"
+    assert "owner:doomed keeps failing" in str(given_up[0])
+
+
+async def test_a_failing_task_that_runs_through_the_grace_period_recovers() -> None:
+    """A task that failed its budget but then runs without failing for the grace period is healthy again."""
+    given_up: list[TaskFailing] = []
+    supervisor = Supervisor(QUICK, on_give_up=given_up.append)
+    tasks = TaskSet("owner", supervisor)
+    flaky = Flaky(QUICK.failure_budget)
+    try:
+        tasks.supervise(flaky, "shaky")
+        await asyncio.wait_for(flaky.running.wait(), 2)
+        assert "owner:shaky" in supervisor.failing()
+        await until(lambda: not supervisor.failing(), timeout_s=2)
+    finally:
+        await tasks.aclose()
+        supervisor.close()
+    assert not given_up
+
+
+class BrokenEvents(StaticBackend):
+    """A backend whose event stream always fails at once."""
+
+    async def events(self) -> AsyncIterator[BackendEvent]:
+        raise OSError("the driver went away")
+        yield  # an async generator all the same
+
+
+async def http_get(port: int, path: str) -> tuple[int, str]:
+    answer, _ = await ask(port, request(path, "Connection: close"))
+    return answer.status, answer.body.decode()
+
+
+async def test_daemon_with_a_task_that_keeps_failing_turns_healthz_503_naming_it_and_ends_with_task_failing(
+    workdir: Path,
+) -> None:
+    """A backend event stream that keeps failing: restarts counted in /metrics, /healthz 503 naming the task, and
+    after the grace period the daemon closes everything and raises TaskFailing (the CLI exits 1)."""
+    settings = PluginSettings(
+        backend="mock",
+        manager=ManagerSettings(
+            server=ServerSettings(kubelet_dir=workdir),
+            supervision=SupervisionSettings(first_backoff_s=0.01, max_backoff_s=0.05, exit_grace_s=1.0),
+        ),
+        probes=ProbeSettings(address=ListenAddress("127.0.0.1", 0)),
+        state_dir=workdir,
+    )
+    daemon = Daemon(settings, config=None, overrides=Overrides())
+    backend = BrokenEvents(gpu_tree(2))
+    daemon.manager.backend = backend  # the mock the daemon made was never started
+    async with KubeletSimulator(workdir) as kubelet:
+        run = asyncio.create_task(daemon.run(asyncio.Event()))
+        try:
+            await kubelet.wait_registered(GPU_RESOURCE, timeout=5)
+            assert daemon.probes is not None
+            await until(lambda: daemon.supervisor.failing(), timeout_s=5)
+            status, body = await http_get(daemon.probes.port, "/healthz")
+            assert status == 503 and "task manager:backend events keeps failing" in body, body
+            assert "OSError: the driver went away" in body
+            _, metrics = await http_get(daemon.probes.port, "/metrics")
+            restarts = [line for line in metrics.splitlines() if line.startswith("gpuplugin_task_restarts_total")]
+            assert 'gpuplugin_task_restarts_total{task="manager:socket watcher"} 0.0' in restarts
+            assert any('task="manager:backend events"' in line and not line.endswith(" 0.0") for line in restarts)
+            with pytest.raises(TaskFailing, match="manager:backend events"):
+                await asyncio.wait_for(run, 5)
+        finally:
+            if not run.done():
+                run.cancel()
+    assert daemon.manager.servers == {}
+
+
+async def test_config_watcher_restarts_after_a_memory_error_and_a_later_edit_applies(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reload that raises MemoryError does not end the config watcher: it restarts and the next edit applies."""
+    original = Daemon.reload
+
+    async def reload(daemon: Daemon, text: str) -> None:
+        if "boom" in text:
+            raise MemoryError
+        await original(daemon, text)
+
+    monkeypatch.setattr(Daemon, "reload", reload)
+    async with running_daemon(workdir, config()) as node:
+        write_atomically(node.config, config() + "# boom\n")
+        await node.until(lambda: node.daemon.supervisor.restarts["daemon:config watcher"] >= 1)
+        write_atomically(node.config, config(replicas=2))
+        await node.settled("nvidia.com/gpu", 4)
+        assert node.daemon.reloads == 1
+
+
+def static_manager(kubelet_dir: Path, *, inotify: bool) -> Manager:
+    """A manager of two static GPUs serving in ``kubelet_dir``; the directory polled every 50 ms where watched so."""
+    settings = ManagerSettings(
+        server=ServerSettings(kubelet_dir=kubelet_dir),
+        watcher=WatcherSettings(use_inotify=inotify, poll_interval_s=0.05),
+    )
+    return Manager(StaticBackend(gpu_tree(2)), settings)
+
+
+@asynccontextmanager
+async def started(manager: Manager) -> AsyncIterator[Manager]:
+    await manager.start()
+    try:
+        yield manager
+    finally:
+        await manager.aclose()
+
+
+async def timed(step: Callable[[], Awaitable[object]]) -> float:
+    began = time.monotonic()
+    await step()
+    return time.monotonic() - began
+
+
+@pytest.mark.parametrize("inotify", [True, False], ids=["inotify", "polling"])
+async def test_kubelet_directory_removed_and_created_again_registers_with_the_new_kubelet_within_2s(
+    workdir: Path, inotify: bool
+) -> None:
+    """``rm -rf`` of the kubelet directory, ``mkdir`` and a new kubelet: registered with it within 2 s, no task
+    failed, not ready while the directory is missing."""
+    kubelet_dir = workdir / "device-plugins"
+    with structlog.testing.capture_logs() as logs:
+        async with started(static_manager(kubelet_dir, inotify=inotify)) as manager:
+            async with KubeletSimulator(kubelet_dir) as kubelet:
+                await kubelet.wait_for(lambda: manager.ready, timeout=5)
+            shutil.rmtree(kubelet_dir)
+            await until(lambda: not manager.ready)
+            await asyncio.sleep(0.3)  # the watcher has noticed and waits
+            kubelet_dir.mkdir()
+            async with KubeletSimulator(kubelet_dir) as kubelet:
+                spent = await timed(lambda: kubelet.wait_registered(GPU_RESOURCE, timeout=REREGISTER_S))
+                await kubelet.wait_for(lambda: manager.ready and kubelet.allocatable(GPU_RESOURCE) == 2, timeout=2)
+    assert spent < REREGISTER_S
+    assert not [e for e in logs if e["event"].startswith("task failed")]
+    assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["kubelet directory removed; waiting for it"]
+
+
+async def test_serve_survives_its_kubelet_directory_removed_and_created_again(workdir: Path) -> None:
+    """``gpuplugin serve`` registered, then ``rm -rf D; mkdir D`` and a kubelet started there: registered with
+    the new kubelet within 2 s, /healthz still 200, and no task failed."""
+    kubelet_dir, state_dir = workdir / "k", workdir / "s"
+    state_dir.mkdir()
+    async with serve(kubelet_dir, "--state-dir", str(state_dir), "--metrics-address", "127.0.0.1:0") as plugin:
+        async with KubeletSimulator(kubelet_dir) as kubelet:
+            await kubelet.wait_registered("nvidia.com/gpu", timeout=10)
+            port = (await plugin.wait_log(lambda e: e["event"] == "serving probes and metrics"))["port"]
+        shutil.rmtree(kubelet_dir)
+        await plugin.wait_log(lambda e: e["event"] == "kubelet directory removed; waiting for it")
+        kubelet_dir.mkdir()
+        async with KubeletSimulator(kubelet_dir) as kubelet:
+            spent = await timed(lambda: kubelet.wait_registered("nvidia.com/gpu", timeout=REREGISTER_S))
+            await kubelet.wait_for(lambda: kubelet.allocatable("nvidia.com/gpu") == 8, timeout=5)
+            assert (await http_get(port, "/healthz"))[0] == 200
+            assert (await http_get(port, "/readyz"))[0] == 200
+        assert await plugin.terminate() == 0
+    assert spent < REREGISTER_S
+    assert not [e for e in plugin.events if e["event"].startswith("task failed")]
+
+
+async def test_serve_with_a_missing_kubelet_directory_waits_for_it_and_registers_when_it_appears(
+    workdir: Path,
+) -> None:
+    """``serve`` with a kubelet directory that does not exist: one line naming it, /healthz 200 and /readyz 503
+    naming it while waiting, then served and registered once a kubelet creates it."""
+    kubelet_dir, state_dir = workdir / "not-yet" / "device-plugins", workdir / "s"
+    state_dir.mkdir()
+    async with serve(kubelet_dir, "--state-dir", str(state_dir), "--metrics-address", "127.0.0.1:0") as plugin:
+        port = (await plugin.wait_log(lambda e: e["event"] == "serving probes and metrics"))["port"]
+        waiting = await plugin.wait_log(lambda e: e["event"] == "kubelet directory does not exist; waiting for it")
+        assert waiting["directory"] == str(kubelet_dir)
+        assert (await http_get(port, "/healthz"))[0] == 200
+        status, body = await http_get(port, "/readyz")
+        assert status == 503 and str(kubelet_dir) in body
+        async with KubeletSimulator(kubelet_dir) as kubelet:
+            await kubelet.wait_registered("nvidia.com/gpu", timeout=REREGISTER_S)
+            await kubelet.wait_for(lambda: kubelet.allocatable("nvidia.com/gpu") == 8, timeout=5)
+            assert (await http_get(port, "/readyz"))[0] == 200
+        assert await plugin.terminate() == 0
+    assert plugin.other == [], plugin.other
+    problems = [e for e in plugin.events if e.get("level") in ("warning", "error", "critical")]
+    assert [e["event"] for e in problems][:1] == ["kubelet directory does not exist; waiting for it"]
+    assert not [e for e in problems if e["level"] in ("error", "critical")]

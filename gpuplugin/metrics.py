@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
@@ -21,6 +22,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 from gpuplugin.backend import Backend
+from gpuplugin.health import MAX_XID
 from gpuplugin.manager import Manager
 from gpuplugin.model import Health
 from gpuplugin.server import ResourceServer, ServerSettings
@@ -248,14 +250,28 @@ class _ManagerCollector:
             f.registrations.add_metric([resource], server.registrations)
             f.registered.add_metric([resource], 1 if server.registered else 0)
         f.ready.add_metric([], 1 if manager.ready else 0)
+        changes: Counter[tuple[str, str]] = Counter()
         for (health, xid), count in manager.health_changes.items():
-            f.health_changes.add_metric([health, "" if xid is None else str(xid)], count)
+            changes[(health, "" if xid is None else xid_label(xid))] += count
+        for labels, count in changes.items():
+            f.health_changes.add_metric(list(labels), count)
         backend = manager.backend
+        xids: Counter[tuple[str, str]] = Counter()
         for key, count in _counts(backend, "xid_counts").items():
             if isinstance(key, tuple) and len(key) == 2:
-                f.xid_events.add_metric([str(key[0]), str(key[1])], count)
+                xids[(xid_label(key[0]), str(key[1]))] += count
+        for labels, count in xids.items():
+            f.xid_events.add_metric(list(labels), count)
         for kind, count in _counts(backend, "fault_counts").items():
             f.backend_errors.add_metric([backend.name, str(kind)], count)
+
+
+def xid_label(xid: object) -> str:
+    """An XID as a label value: its number from 0 to ``MAX_XID``, else ``other``, so that no value a driver (or a
+    test) reports can add series without bound."""
+    if isinstance(xid, int) and not isinstance(xid, bool) and 0 <= xid <= MAX_XID:
+        return str(xid)
+    return "other"
 
 
 def _counts(backend: Backend, attribute: str) -> Mapping[object, int]:

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from backends.mock import MockBackend
 from gpuplugin.api import v1beta1 as api
+from gpuplugin.health import MAX_XID
 from gpuplugin.manager import Manager
 from gpuplugin.metrics import RPC_BUCKETS_S, Metrics, package_version
 from gpuplugin.probes import ListenAddress, ProbeServer, ProbeSettings
@@ -147,6 +148,20 @@ async def test_xid_moves_a_device_between_health_gauges(workdir: Path) -> None:
         assert sample(after, "gpuplugin_devices", resource=GPU, health="Unhealthy") == 1
         assert sample(after, "gpuplugin_xid_events_total", xid="79", action="fatal") == 1
         assert sample(after, "gpuplugin_health_changes_total", health="Unhealthy", xid="79") == 1
+
+
+async def test_xid_label_is_bounded_to_the_xid_range(workdir: Path) -> None:
+    """XIDs past the range (a driver's odd value, a typo) are counted under xid="other", never as new series."""
+    async with node(workdir) as (p, kubelet):
+        p.backend.xid(1, 99999999999)
+        p.backend.xid(2, MAX_XID + 1)
+        p.backend.xid(3, MAX_XID)
+        await kubelet.wait_for(lambda: kubelet.allocatable(GPU) == 5, timeout=2)
+        samples = await p.scrape()
+        xids = {dict(labels)["xid"] for (name, labels), _ in samples.items() if name == "gpuplugin_xid_events_total"}
+        assert xids == {"other", str(MAX_XID)}
+        assert sample(samples, "gpuplugin_xid_events_total", xid="other", action="recover") == 2
+        assert sample(samples, "gpuplugin_health_changes_total", health="Unhealthy", xid="other") == 2
 
 
 async def test_ignored_xid_counted_without_health_change(workdir: Path) -> None:

@@ -28,8 +28,9 @@ from backends.mock import (
     parse_request,
 )
 from backends.mock.cli import mock_cli
+from backends.partitioned import create as create_partitioned
 from gpuplugin.backend import BackendEvent, HealthChanged, InventoryChanged
-from gpuplugin.health import HealthPolicy
+from gpuplugin.health import MAX_XID, HealthPolicy
 from gpuplugin.model import Health
 from gpuplugin.registry import BackendContext
 
@@ -115,7 +116,15 @@ def test_valid_requests_parse_into_typed_requests(message: dict[str, Any], parse
         ({"op": "unplug", "gpu": 0, "force": True}, "unplug: unknown field force"),
         ({"op": "xid", "gpu": "0", "xid": 79}, "gpu: must be a non-negative integer, got '0'"),
         ({"op": "xid", "gpu": True, "xid": 79}, "gpu: must be a non-negative integer, got True"),
-        ({"op": "xid", "gpu": 0, "xid": -1}, "xid: must be a non-negative integer, got -1"),
+        ({"op": "xid", "gpu": 0, "xid": -1}, f"xid: must be an XID number from 0 to {MAX_XID}, got -1"),
+        (
+            {"op": "xid", "gpu": 0, "xid": 99999999999},
+            f"xid: must be an XID number from 0 to {MAX_XID}, got 99999999999",
+        ),
+        (
+            {"op": "xid", "gpu": 0, "xid": MAX_XID + 1},
+            f"xid: must be an XID number from 0 to {MAX_XID}, got {MAX_XID + 1}",
+        ),
         ({"op": "xid", "gpu": 0, "xid": 79, "instance": [1]}, "instance: must be [gpu_instance, compute_instance]"),
         ({"op": "lose", "gpu": 0, "reason": ""}, "reason: must be a non-empty string"),
     ],
@@ -243,15 +252,48 @@ async def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
 
 
 async def test_cli_xid_prints_the_action_and_fails_the_gpu(
-    sock: Path, events: AsyncGenerator[BackendEvent, None]
+    sock: Path, backend: MockBackend, events: AsyncGenerator[BackendEvent, None]
 ) -> None:
-    """`gpuplugin mock xid` prints the GPU and the action taken, and the GPU turns Unhealthy."""
+    """`gpuplugin mock xid` prints the GPU and the action taken, and the GPU (here a partition of it) turns
+    Unhealthy."""
+    backend.partitions_served({gpu_uuid("mock-node", 1): [(1, 0), (2, 1)]})
     result = await invoke("xid", "--gpu", "1", "--xid", "79", "--instance", "2,1", "--socket", str(sock))
     assert result.exit_code == 0, result.output
     assert result.output == f"GPU 1 ({gpu_uuid('mock-node', 1)}): XID 79 on instance 2,1: fatal\n"
     event = await next_event(events)
     assert isinstance(event, HealthChanged)
     assert (event.instance, event.health) == ((2, 1), Health.UNHEALTHY)
+
+
+async def test_cli_refuses_an_xid_out_of_range_with_one_line(sock: Path, backend: MockBackend) -> None:
+    """An XID past the range (99999999999) is refused with one line naming the range; nothing is counted."""
+    result = await invoke("xid", "--gpu", "0", "--xid", "99999999999", "--socket", str(sock))
+    assert result.exit_code == 1
+    assert result.output == f"Error: xid: must be an XID number from 0 to {MAX_XID}, got 99999999999\n"
+    assert not backend.xid_counts and all(s.faults == () for s in backend.status())
+
+
+async def test_cli_refuses_an_instance_on_a_whole_gpu_with_one_line(sock: Path, backend: MockBackend) -> None:
+    """--instance on a GPU served whole would change nothing: refused with one line, and nothing is raised."""
+    for command in (("xid", "--xid", "79"), ("recover",)):
+        result = await invoke(command[0], "--gpu", "0", *command[1:], "--instance", "1,0", "--socket", str(sock))
+        assert result.exit_code == 1
+        assert result.output == (
+            "Error: instance: GPU 0 is not partitioned (it is served whole); leave out the instance, or serve it "
+            "through the partitioned backend\n"
+        )
+    assert all(s.faults == () for s in backend.status())
+
+
+async def test_an_instance_must_be_one_of_the_gpus_served_partitions(sock: Path, backend: MockBackend) -> None:
+    """On a partitioned GPU the control takes its partitions only, and names them when refusing another."""
+    backend.partitions_served({gpu_uuid("mock-node", 0): [(2, 0), (1, 0)]})
+    refused = await control(sock, {"op": "xid", "gpu": 0, "xid": 79, "instance": [3, 0]})
+    assert refused == {"ok": False, "error": "instance: GPU 0 has no partition 3,0; it has 1,0 2,0"}
+    accepted = await control(sock, {"op": "xid", "gpu": 0, "xid": 79, "instance": [2, 0]})
+    assert accepted["ok"] and accepted["instance"] == [2, 0]
+    not_partitioned = await control(sock, {"op": "recover", "gpu": 1, "instance": [2, 0]})
+    assert not not_partitioned["ok"] and "GPU 1 is not partitioned" in not_partitioned["error"]
 
 
 async def test_cli_commands_drive_every_op(sock: Path, backend: MockBackend) -> None:
@@ -314,3 +356,20 @@ def test_cli_socket_defaults_to_the_backends_default_path() -> None:
     assert result.exit_code == 0
     assert "/run/gpuplugin/mock.sock" in result.output
     assert "GPUPLUGIN_MOCK_SOCKET" in result.output
+
+
+async def test_the_partitioned_backend_tells_the_mock_which_instances_exist(workdir: Path) -> None:
+    """Under the partitioned backend the control takes a served partition (7 per GPU by default) and refuses
+    another, over the socket as `gpuplugin mock` sends it."""
+    backend = create_partitioned(BackendContext(options={"parent_options": {"gpus": 2}}, state_dir=workdir))
+    await backend.start()
+    try:
+        sock = workdir / "mock.sock"
+        served = {d.instance for d in (await backend.discover()).devices if d.gpu == gpu_uuid("mock-node", 0)}
+        assert (1, 0) in served and (99, 0) not in served
+        accepted = await control(sock, {"op": "xid", "gpu": 0, "xid": 79, "instance": [1, 0]})
+        assert accepted["ok"] and accepted["action"] == "fatal"
+        refused = await control(sock, {"op": "xid", "gpu": 0, "xid": 79, "instance": [99, 0]})
+        assert not refused["ok"] and refused["error"].startswith("instance: GPU 0 has no partition 99,0; it has 1,0")
+    finally:
+        await backend.aclose()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -84,6 +84,9 @@ class MockBackend:
         self.xid_counts: Counter[tuple[int, XidAction]] = Counter()
         """XIDs raised, by (XID, action), for the metrics."""
         self.fault_counts: Counter[str] = Counter()
+        self._partitions: dict[int, frozenset[tuple[int, int]]] = {}
+        """Served partitions (GPU instance, compute instance) by GPU index, as a partitioned backend over this one
+        reports them; a GPU without any is served whole."""
         self._state = "new"
         if settings is not None:
             self._use(settings)
@@ -203,18 +206,29 @@ class MockBackend:
             )
         return tuple(statuses)
 
+    def partitions_served(self, partitions: Mapping[str, Collection[tuple[int, int]]]) -> None:
+        """The partitions now served on each GPU (by UUID), from the partitioned backend slicing this one: a control
+        request may name only those."""
+        self._partitions = {
+            self._index_of[gpu]: frozenset(instances)
+            for gpu, instances in partitions.items()
+            if gpu in self._index_of and instances
+        }
+
     def handle(self, request: ControlRequest) -> dict[str, Any]:
         """Apply one control request; the answer's fields, without ``ok``."""
         # CI scripts poll status; only faults are worth a line at info.
         (log.debug if isinstance(request, StatusRequest) else log.info)("mock control", request=request)
         match request:
             case XidRequest(gpu, xid, instance):
+                self._check_instance(gpu, instance)
                 action = self.xid(gpu, xid, instance)
                 return {**self._named(gpu), "xid": xid, "instance": instance, "action": str(action)}
             case LoseRequest(gpu, reason):
                 self.lose(gpu, reason)
                 return {**self._named(gpu), "lost": True}
             case RecoverRequest(gpu, instance):
+                self._check_instance(gpu, instance)
                 self.recover(gpu, instance)
                 return {**self._named(gpu), "instance": instance}
             case UnplugRequest(gpu):
@@ -223,6 +237,23 @@ class MockBackend:
                 return {**self._named(gpu), "present": True, "changed": self.plug(gpu)}
             case StatusRequest():
                 return {"gpus": [asdict(s) for s in self.status()]}
+
+    def _check_instance(self, gpu: int, instance: tuple[int, int] | None) -> None:
+        """A request's partition must be one served on that GPU: on a whole GPU it would change nothing."""
+        if instance is None:
+            return
+        self._uuid(gpu)
+        served = self._partitions.get(gpu)
+        if served is None:
+            raise ControlRequestError(
+                f"instance: GPU {gpu} is not partitioned (it is served whole); leave out the instance, or serve it "
+                "through the partitioned backend"
+            )
+        if instance not in served:
+            listed = " ".join(f"{gi},{ci}" for gi, ci in sorted(served))
+            raise ControlRequestError(
+                f"instance: GPU {gpu} has no partition {instance[0]},{instance[1]}; it has {listed}"
+            )
 
     def _named(self, gpu: int) -> dict[str, Any]:
         return {"gpu": gpu, "uuid": self._uuid(gpu)}

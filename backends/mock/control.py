@@ -26,6 +26,7 @@ from typing import Any
 import aiofiles.os
 import structlog
 
+from gpuplugin.health import MAX_XID
 from gpuplugin.instance import SocketIdentity, listened_on, remove_if_ours
 from gpuplugin.tasks import TaskSet
 
@@ -124,7 +125,7 @@ def parse_request(message: object) -> ControlRequest:
         raise ControlRequestError(f"{op}: unknown field {', '.join(unknown)}")
     match op:
         case "xid":
-            return XidRequest(_index(message, "gpu"), _index(message, "xid"), _instance(message))
+            return XidRequest(_index(message, "gpu"), _xid(message), _instance(message))
         case "lose":
             reason = message.get("reason", DEFAULT_LOST_REASON)
             if not isinstance(reason, str) or not reason:
@@ -144,6 +145,14 @@ def _index(message: Mapping[str, object], name: str) -> int:
     value = message[name]
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ControlRequestError(f"{name}: must be a non-negative integer, got {value!r}")
+    return value
+
+
+def _xid(message: Mapping[str, object]) -> int:
+    """An XID the driver could report: NVIDIA's catalogue ends below 200; the health policy's range leaves room."""
+    value = message["xid"]
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_XID:
+        raise ControlRequestError(f"xid: must be an XID number from 0 to {MAX_XID}, got {value!r}")
     return value
 
 

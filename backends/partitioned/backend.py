@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import structlog
@@ -36,6 +36,13 @@ class InstanceProfileSource(Protocol):
     """A parent that reports each GPU's GPU-instance profiles (the NVML backend with ``report_mig_devices``)."""
 
     def gpu_instance_profiles(self) -> Mapping[str, Sequence[InstanceProfileInfo]]: ...
+
+
+@runtime_checkable
+class PartitionListener(Protocol):
+    """A parent that checks what names a partition against the partitions served (the mock's fault injection)."""
+
+    def partitions_served(self, partitions: Mapping[str, Collection[tuple[int, int]]]) -> None: ...
 
 
 def parent_context(settings: PartitionedSettings, ctx: BackendContext) -> BackendContext:
@@ -148,7 +155,14 @@ class PartitionedBackend:
 
     def slice(self, parent: DeviceTree) -> DeviceTree:
         """The tree to serve for a parent tree. Raises LayoutError or StrategyError naming what is wrong."""
-        return slice_tree(parent, self.settings, self._table_of)
+        tree = slice_tree(parent, self.settings, self._table_of)
+        if isinstance(self.parent, PartitionListener):
+            served: dict[str, set[tuple[int, int]]] = {}
+            for device in tree.devices:
+                if device.instance is not None:
+                    served.setdefault(device.gpu, set()).add(device.instance)
+            self.parent.partitions_served(served)
+        return tree
 
     def _table_of(self, device: Device) -> ProfileTable:
         built_in = BUILT_IN_TABLES.get(str(self.settings.profiles))

@@ -320,6 +320,55 @@ async def test_backend_that_fails_to_start_is_refused_and_previous_backend_serve
 
 
 @pytest.mark.parametrize(
+    ("replicas", "message"),
+    [
+        pytest.param(5_000_000, "must be an integer from 2 to 24672", id="refused-when-read"),
+        pytest.param(20_000, "2 GPUs with 20000 replicas each make 40000 devices", id="refused-when-counted"),
+    ],
+)
+async def test_too_many_replicas_are_refused_on_reload_and_a_later_edit_applies(
+    workdir: Path, replicas: int, message: str
+) -> None:
+    """Replicas the kubelet could not receive are refused at once; the old config serves and the watcher lives."""
+    async with running(workdir, config(replicas=2)) as node:
+        await node.settled(GPU, 4)
+        before, server = node.daemon.settings, node.server()
+        with capture_logs() as logs:
+            started = time.perf_counter()
+            write_atomically(node.config, config(replicas=replicas))
+            await node.until(lambda: node.daemon.refused == 1)
+            assert time.perf_counter() - started < 2.0
+        refused = [e for e in logs if e["event"].startswith("config refused")]
+        assert len(refused) == 1 and refused[0]["log_level"] == "error"
+        assert refused[0]["error"].startswith(("sharing.timeSlicing.resources[0].replicas: ", str(node.config)))
+        assert "sharing.timeSlicing.resources[0].replicas" in refused[0]["error"] and message in refused[0]["error"]
+        assert node.daemon.settings is before and node.daemon.reloads == 0
+        assert node.server() is server and node.kubelet.stream_open(GPU) and node.stream_ends() == 0
+        assert len(node.daemon.manager.tree.devices) == 4
+        await node.settled(GPU, 4)
+        write_atomically(node.config, config(replicas=3))
+        await node.settled(GPU, 6)
+        assert node.daemon.reloads == 1 and node.server() is server
+
+
+async def test_a_config_that_is_not_utf8_is_refused_and_a_later_edit_applies(workdir: Path) -> None:
+    """An edit that leaves bytes that are not UTF-8 is refused with one line; the watcher applies the next one."""
+    async with running(workdir, config(replicas=2)) as node:
+        await node.settled(GPU, 4)
+        with capture_logs() as logs:
+            temporary = node.config.with_name(".bad.tmp")
+            temporary.write_bytes(b"version: v1\n\xff\xfe: 1\n")
+            os.replace(temporary, node.config)
+            await node.until(lambda: any(e["event"].startswith("config refused") for e in logs))
+        refused = [e for e in logs if e["event"].startswith("config refused")]
+        assert len(refused) == 1 and "not UTF-8" in refused[0]["error"] and str(node.config) in refused[0]["error"]
+        assert node.daemon.reloads == 0
+        write_atomically(node.config, config(replicas=3))
+        await node.settled(GPU, 6)
+        assert node.daemon.reloads == 1
+
+
+@pytest.mark.parametrize(
     ("bad", "field"),
     [
         pytest.param("backend: {name: partitioned, partitioned: {layout: all-9g.99gb}}\n", "9g.99gb", id="layout"),

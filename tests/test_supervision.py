@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import structlog
 
-from gpuplugin.backend import BackendEvent
 from gpuplugin.daemon import Daemon
 from gpuplugin.manager import Manager, ManagerSettings
 from gpuplugin.probes import ListenAddress, ProbeSettings
@@ -25,7 +24,7 @@ from gpuplugin.tasks import SupervisionSettings, Supervisor, TaskFailing, TaskSe
 from gpuplugin.watcher import WatcherSettings
 from tests.fakes import GPU_RESOURCE, StaticBackend, gpu_tree, until
 from tests.test_probes import ask, request
-from tests.test_reliability import serve
+from tests.test_reliability import FaultyBackend, serve
 from tests.test_reload import config, write_atomically
 from tests.test_reload import running as running_daemon
 
@@ -151,14 +150,6 @@ async def test_a_failing_task_that_runs_through_the_grace_period_recovers() -> N
     assert not given_up
 
 
-class BrokenEvents(StaticBackend):
-    """A backend whose event stream always fails at once."""
-
-    async def events(self) -> AsyncIterator[BackendEvent]:
-        raise OSError("the driver went away")
-        yield  # an async generator all the same
-
-
 async def http_get(port: int, path: str) -> tuple[int, str]:
     answer, _ = await ask(port, request(path, "Connection: close"))
     return answer.status, answer.body.decode()
@@ -179,7 +170,9 @@ async def test_daemon_with_a_task_that_keeps_failing_turns_healthz_503_naming_it
         state_dir=workdir,
     )
     daemon = Daemon(settings, config=None, overrides=Overrides())
-    backend = BrokenEvents(gpu_tree(2))
+    backend = FaultyBackend(gpu_tree(2))
+    for _ in range(1000):  # every subscription fails at once
+        backend.break_events(OSError("the driver went away"))
     daemon.manager.backend = backend  # the mock the daemon made was never started
     async with KubeletSimulator(workdir) as kubelet:
         run = asyncio.create_task(daemon.run(asyncio.Event()))
@@ -267,6 +260,30 @@ async def test_kubelet_directory_removed_and_created_again_registers_with_the_ne
     assert spent < REREGISTER_S
     assert not [e for e in logs if e["event"].startswith("task failed")]
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["kubelet directory removed; waiting for it"]
+
+
+@pytest.mark.parametrize("inotify", [True, False], ids=["inotify", "polling"])
+async def test_kubelet_directory_replaced_at_once_is_watched_again_and_registers_within_2s(
+    workdir: Path, inotify: bool
+) -> None:
+    """``rm -rf D; mkdir D`` in one go (the watcher never sees it missing): the new directory is watched, our socket
+    served in it and registered with the kubelet started there within 2 s."""
+    kubelet_dir = workdir / "device-plugins"
+    with structlog.testing.capture_logs() as logs:
+        async with started(static_manager(kubelet_dir, inotify=inotify)) as manager:
+            async with KubeletSimulator(kubelet_dir) as kubelet:
+                await kubelet.wait_for(lambda: manager.ready, timeout=5)
+            shutil.rmtree(kubelet_dir)
+            kubelet_dir.mkdir()
+            await asyncio.sleep(0.3)
+            async with KubeletSimulator(kubelet_dir) as kubelet:
+                spent = await timed(lambda: kubelet.wait_registered(GPU_RESOURCE, timeout=REREGISTER_S))
+                await kubelet.wait_for(lambda: manager.ready and kubelet.allocatable(GPU_RESOURCE) == 2, timeout=2)
+            # The socket watcher follows the new directory: a kubelet restart there is noticed too.
+            async with KubeletSimulator(kubelet_dir) as kubelet:
+                await kubelet.wait_for(lambda: manager.ready and kubelet.allocatable(GPU_RESOURCE) == 2, timeout=2)
+    assert spent < REREGISTER_S
+    assert not [e for e in logs if e["event"].startswith("task failed")]
 
 
 async def test_serve_survives_its_kubelet_directory_removed_and_created_again(workdir: Path) -> None:

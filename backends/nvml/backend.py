@@ -88,7 +88,7 @@ class NvmlBackend:
             if self.settings.fail_on_init_error:
                 raise
             log.warning("nvml unavailable; serving no gpus and retrying in the background", error=str(error))
-            self._tasks.spawn(self._retry_init(), "retry init", expect_end=True)
+            self._tasks.supervise(self._retry_init, "retry init", expect_end=True)
             return
         self._adopt(inventory)
 

@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import structlog
+from click.testing import CliRunner
 
+from gpuplugin.cli import main
 from gpuplugin.daemon import Daemon
 from gpuplugin.manager import Manager, ManagerSettings
 from gpuplugin.probes import ListenAddress, ProbeSettings
@@ -331,3 +333,19 @@ async def test_serve_with_a_missing_kubelet_directory_waits_for_it_and_registers
     problems = [e for e in plugin.events if e.get("level") in ("warning", "error", "critical")]
     assert [e["event"] for e in problems][:1] == ["kubelet directory does not exist; waiting for it"]
     assert not [e for e in problems if e["level"] in ("error", "critical")]
+
+
+def test_serve_exits_1_with_one_line_when_a_task_keeps_failing(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``serve`` whose daemon gives up on a task that keeps failing exits 1 with one line naming the task."""
+
+    async def gives_up(daemon: Daemon, stop: asyncio.Event) -> None:
+        raise TaskFailing("manager:socket watcher", "5 failures in 60 s, last: OSError: gone")
+
+    monkeypatch.setattr(Daemon, "run", gives_up)
+    args = ["serve", "--kubelet-dir", str(workdir), "--state-dir", str(workdir), "--log-format", "json"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        "gpuplugin: task manager:socket watcher keeps failing (5 failures in 60 s, last: OSError: gone); "
+        "exiting so that the kubelet restarts the plugin"
+    ]

@@ -33,6 +33,8 @@ import yaml
 from click.testing import CliRunner
 from packaging.requirements import Requirement
 
+from backends.mock import gpu_uuid
+from gpuplugin.cdi import CdiSettings
 from gpuplugin.cli import main
 from gpuplugin.settings import Overrides, PluginSettings, parse_config, resolve
 from gpuplugin.simulator import KubeletSimulator
@@ -236,8 +238,20 @@ def mounts(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {m["mountPath"]: m for m in plugin_container(objects)["volumeMounts"]}
 
 
+#: The node the tests pretend to run on, for the downward API's ``spec.nodeName``.
+NODE_NAME = "kind-worker"
+
+
 def env(objects: list[dict[str, Any]]) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in plugin_container(objects).get("env", [])}
+    """The container's environment as the kubelet would set it on node ``NODE_NAME``."""
+    variables = {}
+    for e in plugin_container(objects).get("env", []):
+        if "value" in e:
+            variables[e["name"]] = e["value"]
+        else:
+            assert e["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}, e
+            variables[e["name"]] = NODE_NAME
+    return variables
 
 
 def option(args: list[str], name: str) -> str:
@@ -429,6 +443,40 @@ def test_host_paths_are_the_kubelets_directories(overlay: str, rendered: dict[st
     assert set(volume_by_name) == {m["name"] for m in mount_by_path.values()}, "a volume without a mount, or reverse"
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_state_directory_is_the_hosts_so_the_instance_lock_spans_pods(
+    overlay: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    """The state directory (and the lock in it) is a hostPath: a second pod on the node (a rollout with maxSurge,
+    a second DaemonSet) sees the first's lock, which an emptyDir per pod would hide."""
+    objects = rendered[overlay]
+    state = mounts(objects)[str(PluginSettings().state_dir)]
+    assert volumes(objects)[state["name"]]["hostPath"] == {"path": "/run/gpuplugin", "type": "DirectoryOrCreate"}
+    assert not state.get("readOnly", False)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_cdi_spec_directory_is_mounted_writable_from_the_host(
+    overlay: str, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    """/var/run/cdi, where the CDI writer puts specs and runtimes read them, is the host's, writable, whatever the
+    config: a reload may turn a cdi-* strategy on (a read-only or missing directory failed every such Allocate)."""
+    objects = rendered[overlay]
+    spec_dir = str(CdiSettings().spec_dir)
+    cdi = mounts(objects)[spec_dir]
+    assert not cdi.get("readOnly", False)
+    assert volumes(objects)[cdi["name"]]["hostPath"] == {"path": spec_dir, "type": "DirectoryOrCreate"}
+    example = parse_config((DEPLOY / "examples" / "cdi.yaml").read_text(), "cdi.yaml")
+    assert example["flags"]["plugin"]["cdiSpecDir"] == spec_dir
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_node_name_comes_from_the_downward_api(overlay: str, rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """NODE_NAME is the pod's spec.nodeName, so the mock backend's UUIDs differ from node to node."""
+    (node_name,) = [e for e in plugin_container(rendered[overlay])["env"] if e["name"] == "NODE_NAME"]
+    assert node_name["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+
+
 def test_nvml_overlay_targets_gpu_nodes_with_the_driver_root_read_only(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
@@ -454,7 +502,7 @@ def test_mock_overlay_runs_anywhere_with_its_control_socket_on_the_host(
     """Mock: no node affinity, backend mock, the state directory (control socket) a hostPath, the kind image."""
     objects = rendered["mock"]
     assert "affinity" not in pod_spec(the(objects, "DaemonSet"))
-    assert env(objects) == {"GPUPLUGIN_BACKEND": "mock"}
+    assert env(objects) == {"GPUPLUGIN_BACKEND": "mock", "NODE_NAME": NODE_NAME}
     state = mounts(objects)[str(PluginSettings().state_dir)]
     assert volumes(objects)[state["name"]] == {
         "name": state["name"],
@@ -769,6 +817,8 @@ async def test_e2e_steps_against_the_kubelet_simulator(
             admission = await kubelet.admit("gpu-smoke", [{GPU: 2}])
             response = admission.containers[0].allocations[GPU].response
             assert len(response.envs["NVIDIA_VISIBLE_DEVICES"].split(",")) == 2
+            # Seeded by the node the pod runs on (NODE_NAME from the downward API), not a fixed name.
+            assert set(kubelet.devices(GPU)) == {gpu_uuid(NODE_NAME, i) for i in range(gpus)}
             assert all(re.fullmatch(r"/dev/nvidia\d+", d.container_path) for d in response.devices)
             assert len(response.devices) == 2
             # What busybox prints for that response, judged by the script's own lines.

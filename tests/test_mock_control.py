@@ -28,6 +28,8 @@ from backends.mock import (
     parse_request,
 )
 from backends.mock.cli import mock_cli
+from backends.mock.inventory import Inventory
+from backends.mock.settings import MockSettings
 from backends.partitioned import create as create_partitioned
 from gpuplugin.backend import BackendEvent, HealthChanged, InventoryChanged
 from gpuplugin.health import MAX_XID, HealthPolicy
@@ -373,3 +375,18 @@ async def test_the_partitioned_backend_tells_the_mock_which_instances_exist(work
         assert not refused["ok"] and refused["error"].startswith("instance: GPU 0 has no partition 99,0; it has 1,0")
     finally:
         await backend.aclose()
+
+
+# Every node its own UUIDs: the seed is the Kubernetes node's name.
+
+
+def test_uuids_are_seeded_by_the_kubernetes_node_name_unless_set() -> None:
+    """NODE_NAME (the downward API's spec.nodeName) seeds the UUIDs, so two nodes differ; node_name, if set, wins;
+    without either the seed stays mock-node."""
+    on_a = MockSettings.from_options({}, env={"NODE_NAME": "kind-worker"})
+    on_b = MockSettings.from_options({}, env={"NODE_NAME": "kind-worker2"})
+    assert (on_a.node_name, on_b.node_name) == ("kind-worker", "kind-worker2")
+    assert Inventory.build(on_a).devices[0].id == gpu_uuid("kind-worker", 0) != Inventory.build(on_b).devices[0].id
+    assert MockSettings.from_options({"node_name": "fixed"}, env={"NODE_NAME": "kind-worker"}).node_name == "fixed"
+    assert MockSettings.from_options({}, env={}).node_name == "mock-node"
+    assert MockSettings.from_options({}, env={"NODE_NAME": ""}).node_name == "mock-node"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -63,7 +64,8 @@ class MockSettings:
     resource: str = "nvidia.com/gpu"
     """Extended resource name the GPUs are served as."""
     node_name: str = "mock-node"
-    """Seed of the GPU UUIDs (text): the same name gives the same UUIDs on every start."""
+    """Seed of the GPU UUIDs (text): the same name gives the same UUIDs on every start. ``from_options`` takes the
+    Kubernetes node's name (``NODE_NAME``, from the downward API) unless set, so every node has its own UUIDs."""
     numa_nodes: int = 2
     """NUMA nodes (count, 1 to ``MAX_NUMA_NODES`` = 1024) the GPUs are split across evenly, the first GPUs on
     NUMA node 0."""
@@ -81,7 +83,9 @@ class MockSettings:
         _check_settings(self)
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], *, state_dir: Path | None = None) -> MockSettings:
+    def from_options(
+        cls, options: Mapping[str, Any], *, state_dir: Path | None = None, env: Mapping[str, str] = os.environ
+    ) -> MockSettings:
         """Validate settings given as plain values (a YAML mapping, command-line flags); None means unset."""
         known = {f.name for f in fields(cls)}
         values: dict[str, Any] = {}
@@ -105,7 +109,7 @@ class MockSettings:
                 "mock.memory_mib", values.get("memory_mib", default.memory_mib), minimum=1, maximum=MAX_MEMORY_MIB
             ),
             resource=_text("mock.resource", values.get("resource", default.resource)),
-            node_name=_text("mock.node_name", values.get("node_name", default.node_name)),
+            node_name=_text("mock.node_name", values.get("node_name", env.get("NODE_NAME") or default.node_name)),
             numa_nodes=_integer(
                 "mock.numa_nodes", values.get("numa_nodes", default.numa_nodes), minimum=1, maximum=MAX_NUMA_NODES
             ),

@@ -78,6 +78,8 @@ class _Record:
     """One supervised task's history."""
 
     failures: deque[float]
+    alive: int = 0
+    """Supervised loops of this name (a registration started afresh may overlap the one it replaces)."""
     running: bool = False
     failing_since: float | None = None
     failed_since_marked: bool = False
@@ -114,8 +116,24 @@ class Supervisor:
         }
 
     def started(self, name: str) -> None:
-        self._record(name).running = True
+        record = self._record(name)
+        record.alive += 1
+        record.running = True
         self.restarts[name] += 0
+
+    def ended(self, name: str) -> None:
+        """A supervised loop of ``name`` ended (its owner cancelled or closed it): a task gone fails no more."""
+        record = self._record(name)
+        record.alive -= 1
+        if record.alive > 0:
+            return
+        record.running = False
+        if record.failing_since is not None:
+            record.failing_since = None
+            record.failures.clear()
+            timer = self._timers.pop(name, None)
+            if timer is not None:
+                timer.cancel()
 
     def restarted(self, name: str) -> None:
         self._record(name).running = True
@@ -225,6 +243,14 @@ class TaskSet:
         self, start: Callable[[], Awaitable[object]], name: str, supervisor: Supervisor, expect_end: bool
     ) -> None:
         supervisor.started(name)
+        try:
+            await self._run_again_and_again(start, name, supervisor, expect_end)
+        finally:
+            supervisor.ended(name)
+
+    async def _run_again_and_again(
+        self, start: Callable[[], Awaitable[object]], name: str, supervisor: Supervisor, expect_end: bool
+    ) -> None:
         while True:
             exc_info: BaseException | None = None
             try:

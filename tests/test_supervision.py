@@ -135,6 +135,24 @@ async def test_a_task_past_its_failure_budget_is_failing_and_given_up_after_the_
     assert "owner:doomed keeps failing" in str(given_up[0])
 
 
+async def test_a_failing_task_its_owner_stops_is_failing_no_more_and_never_given_up() -> None:
+    """A task that kept failing and was then cancelled by its owner (a resource removed) ends nothing."""
+    given_up: list[TaskFailing] = []
+    supervisor = Supervisor(QUICK, on_give_up=given_up.append)
+    tasks = TaskSet("owner", supervisor)
+    try:
+        task = tasks.supervise(Flaky(1_000_000), "removed")
+        await until(lambda: supervisor.failing())
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert supervisor.failing() == {}
+        await asyncio.sleep(QUICK.exit_grace_s * 2)
+    finally:
+        await tasks.aclose()
+        supervisor.close()
+    assert not given_up
+
+
 async def test_a_failing_task_that_runs_through_the_grace_period_recovers() -> None:
     """A task that failed its budget but then runs without failing for the grace period is healthy again."""
     given_up: list[TaskFailing] = []

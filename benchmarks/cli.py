@@ -18,6 +18,7 @@ from benchmarks import plots, report
 from benchmarks.runner import RunSettings, run_scenario
 from benchmarks.scenarios import BACKENDS, FULL_SUITE, FULL_SUITE_NVML, SCENARIOS, Scenario, suite
 from gpuplugin import logs
+from gpuplugin.cli import FiniteRange
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -51,15 +52,18 @@ def list_scenarios() -> str:
     type=click.Path(file_okay=False, path_type=Path),
     help="Results folder. Default: benchmarks/results/<scenario>/; with several scenarios, one folder each in it.",
 )
-@click.option("--calls", type=int, help="Allocate calls per target (plugin and each floor).")
-@click.option("--preferred-calls", type=int, help="GetPreferredAllocation calls alone.")
-@click.option("--callers", type=int, help="Concurrent Allocate callers.")
-@click.option("--count", "restarts", type=int, help="Kubelet restarts in the restart phase.")
-@click.option("--gpus", type=int, help="Mock GPUs on the node.")
-@click.option("--duration", type=float, help="Seconds of churn (0 skips the churn).")
-@click.option("--rate", type=float, help="Pod arrivals per second, Poisson; 0: as fast as they are admitted.")
-@click.option("--kubelet-restarts", type=int, help="Kubelet restarts during the churn.")
-@click.option("--flap-rate", type=float, help="Health flaps per second during the churn; 0: none.")
+# Ranges: far beyond any useful run, so that a typo is one line and not a traceback or a run that never ends.
+@click.option("--calls", type=click.IntRange(0, 10**7), help="Allocate calls per target (plugin and each floor).")
+@click.option("--preferred-calls", type=click.IntRange(0, 10**7), help="GetPreferredAllocation calls alone.")
+@click.option("--callers", type=click.IntRange(1, 1024), help="Concurrent Allocate callers.")
+@click.option("--count", "restarts", type=click.IntRange(0, 10**4), help="Kubelet restarts in the restart phase.")
+@click.option("--gpus", type=click.IntRange(1, 1024), help="Mock GPUs on the node.")
+@click.option("--duration", type=FiniteRange(0, 86400), help="Seconds of churn (0 skips the churn).")
+@click.option(
+    "--rate", type=FiniteRange(0, 10**6), help="Pod arrivals per second, Poisson; 0: as fast as they are admitted."
+)
+@click.option("--kubelet-restarts", type=click.IntRange(0, 10**4), help="Kubelet restarts during the churn.")
+@click.option("--flap-rate", type=FiniteRange(0, 10**4), help="Health flaps per second during the churn; 0: none.")
 @click.option("--no-baselines", is_flag=True, help="Skip the grpclib and grpcio floors.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option(

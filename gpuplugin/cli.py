@@ -199,11 +199,14 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
         ctx.exit()
 
 
-def _finite(_ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    """Refuse NaN and infinity, which click's FloatRange lets through."""
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"must be a finite number, got {value}", param=param)
-    return value
+class FiniteRange(click.FloatRange):
+    """A FloatRange that also refuses NaN and infinity, which click's own lets through (NaN compares false)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -235,7 +238,7 @@ def main() -> None:
 )
 @click.option(
     "--instance-wait",
-    type=click.FloatRange(min=0),
+    type=FiniteRange(min=0),
     envvar="GPUPLUGIN_INSTANCE_WAIT",
     help="Seconds to wait while another gpuplugin holds the state directory's lock; 0: exit at once. "
     "Default: wait until it stops.",
@@ -335,8 +338,7 @@ async def _devices(settings: PluginSettings) -> list[dict[str, Any]]:
 @main.command()
 @click.option(
     "--quiet-period",
-    type=click.FloatRange(0, MAX_QUIET_PERIOD_S),
-    callback=_finite,
+    type=FiniteRange(0, MAX_QUIET_PERIOD_S),
     default=1.0,
     show_default=True,
     help="Seconds before a GPU recovers.",

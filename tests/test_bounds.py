@@ -364,6 +364,12 @@ def test_cli_refuses_too_many_replicas_in_one_line(tmp_path: Path, replicas: int
         (["devices", "--no-such-flag"], "--no-such-flag"),
         (["no-such-command"], "no-such-command"),
         (["serve", "--event-loop", "tokio"], "--event-loop"),
+        (["serve", "--instance-wait", "nan"], "--instance-wait"),
+        (["bench", "--calls", "-1"], "--calls"),
+        (["bench", "--callers", "0"], "--callers"),
+        (["bench", "--duration", "nan"], "--duration"),
+        (["bench", "--rate", "inf"], "--rate"),
+        (["bench", "--gpus", "0"], "--gpus"),
     ],
 )
 def test_usage_errors_are_one_line(args: list[str], needle: str) -> None:

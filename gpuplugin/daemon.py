@@ -155,6 +155,8 @@ class Daemon:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup, watcher)
         instance = InstanceLock(self.settings.state_dir)
+        # /readyz names the holder while we wait for it.
+        self.manager.instance_lock = instance
         log.info("starting", backend=self.settings.backend, kubelet_dir=str(self.settings.manager.server.kubelet_dir))
         with supervising(self.supervisor):
             await self._serve(stop, watcher, instance)

@@ -16,6 +16,7 @@ from typing import Protocol
 import structlog
 
 from gpuplugin.backend import Backend, HealthChanged, InventoryChanged
+from gpuplugin.instance import InstanceLock
 from gpuplugin.model import Device, DeviceTree, Health
 from gpuplugin.server import ResourceServer, ServerSettings
 from gpuplugin.tasks import SupervisionSettings, TaskSet
@@ -73,6 +74,8 @@ class Manager:
         self.kubelet_dir_missing = False
         """The kubelet's directory does not exist (not created yet, or removed): nothing can be served."""
         self._lock = asyncio.Lock()
+        self.instance_lock: InstanceLock | None = None
+        """The node's one-instance lock, when a daemon takes one before starting this manager (for /readyz)."""
         self.health_changes: Counter[tuple[str, int | None]] = Counter()
         """Health events seen, by (health, XID)."""
 

@@ -137,6 +137,9 @@ def not_ready_reasons(manager: Manager) -> list[str]:
     reasons = [f"CDI spec not written: {problem}" for problem in manager.sink_problems()]
     if manager.kubelet_dir_missing:
         return [*reasons, f"kubelet directory {manager.settings.server.kubelet_dir} does not exist; waiting for it"]
+    lock = manager.instance_lock
+    if lock is not None and lock.waiting_for is not None:
+        reasons.append(f"another gpuplugin ({lock.waiting_for}) holds {lock.path}; waiting for it to stop")
     if not manager.servers:
         return [*reasons, "no resource served"]
     for name, server in sorted(manager.servers.items()):

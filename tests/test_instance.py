@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from backends.mock import MockBackend
@@ -41,6 +42,13 @@ def dead_socket(path: Path) -> None:
     """A socket file nobody listens on, as a SIGKILLed instance leaves behind."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.bind(str(path))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
 
 
 def plugin_sockets(directory: Path) -> list[str]:
@@ -192,13 +200,20 @@ async def test_a_second_serve_with_no_wait_exits_with_one_line_and_the_first_kee
 
 
 async def test_a_second_serve_waits_and_takes_over_when_the_first_stops(workdir: Path) -> None:
-    """A second `serve` waits without registering; once the first stops it registers and serves every GPU."""
+    """A second `serve` waits without registering, /readyz naming the holder; once the first stops it registers
+    and serves every GPU."""
+    port = free_port()
     async with KubeletSimulator(workdir) as kubelet, serve(workdir, "--backend", "mock") as first:
         await kubelet.wait_registered(GPU, timeout=20)
-        async with serve(workdir, "--backend", "mock") as second:
+        async with serve(workdir, "--backend", "mock", "--metrics-address", f"127.0.0.1:{port}") as second:
             await second.wait_log(lambda e: e["event"] == "another gpuplugin serves this node; waiting for it to stop")
             await asyncio.sleep(0.5)
             assert len(kubelet.registrations) == 1
+            async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{port}/readyz") as response:
+                assert response.status == 503
+                assert f"another gpuplugin (PID {first.process.pid}) holds {workdir}/gpuplugin.lock" in (
+                    await response.text()
+                )
             assert await first.terminate() == 0
             await kubelet.wait_registered(GPU, after=1, timeout=20)
             await kubelet.wait_for(lambda: kubelet.allocatable(GPU) == 8 and kubelet.stream_open(GPU), timeout=5)

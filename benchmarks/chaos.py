@@ -300,6 +300,10 @@ class Chaos:
         self.kubelet: KubeletSimulator | None = None
         self.plugin = Plugin(work, self.kubelet_dir, self.state_dir, self.config, python)
         self._pods = 0
+        self.last_fault = "start"
+
+    def registrations(self) -> int:
+        return 0 if self.kubelet is None else len(self.kubelet.registrations)
 
     # The invariants.
 
@@ -329,12 +333,14 @@ class Chaos:
             out.append(f"{fds} file descriptors, over {self.settings.fd_limit}")
         return out
 
-    async def settled(self, kind: str) -> None:
-        """Wait until the invariants hold, /healthz included; record how long it took."""
-        started = time.monotonic()
+    async def settled(self, kind: str, started: float, registrations: int | None) -> None:
+        """Wait until the invariants hold, /healthz included, and (where ``registrations`` is given) the plugin has
+        registered again since; record how long it took from ``started``, when the fault was injected."""
         last: list[str] = []
         while True:
             last = self.problems()
+            if not last and registrations is not None and self.registrations() <= registrations:
+                last = ["not registered again yet"]
             if not last:
                 status = await http_status(self.port, "/healthz")
                 if status == 200:
@@ -358,7 +364,7 @@ class Chaos:
         while time.monotonic() < end:
             problems = self.problems()
             if problems:
-                self.figures.violations.append("; ".join(problems))
+                self.figures.violations.append(f"after {self.last_fault}: {'; '.join(problems)}")
                 return
             await asyncio.sleep(0.05)
 
@@ -393,6 +399,10 @@ class Chaos:
         model, rng = self.model, self.rng
         present = [i for i in range(model.gpus) if i not in model.unplugged]
         healthy = [i for i in present if i not in model.faulted]
+        started = time.monotonic()
+        # A fault that makes the plugin register again settles only once it has: until then the old stream can
+        # still show the right devices.
+        registrations = self.registrations() if kind in ("socket_deleted", "sigkill") else None
         match kind:
             case "xid" if healthy:
                 gpu = rng.choice(healthy)
@@ -442,7 +452,8 @@ class Chaos:
             case _:
                 return
         self.figures.faults[kind] += 1
-        await self.settled(kind)
+        self.last_fault = kind
+        await self.settled(kind, started, registrations)
 
     async def expect_ok(self, request: dict[str, Any]) -> None:
         answer = await self.control(request)
@@ -458,9 +469,11 @@ class Chaos:
         try:
             await self.kubelet.admit(name, [{RESOURCE: self.rng.choice((1, 2))}])
             self.figures.pods_admitted += 1
-        except AdmissionError:
-            # Not enough healthy devices, or the plugin re-registering: the kubelet fails the pod, as it should.
+        except AdmissionError as exc:
+            # Not enough healthy free devices: the kubelet fails the pod, as it should. Anything else is a finding.
             self.figures.pods_refused += 1
+            if "Available" not in str(exc) and "available" not in str(exc):
+                self.figures.violations.append(f"pod refused for another reason than capacity: {exc}")
         for pod in self.kubelet.pods()[:-2]:
             await self.kubelet.remove_pod(pod)
 
@@ -471,7 +484,7 @@ class Chaos:
         try:
             await self.start_kubelet()
             await self.start_plugin()
-            await self.settled("start")
+            await self.settled("start", started, None)
             kinds, weights = list(FAULTS), list(FAULTS.values())
             while time.monotonic() - started < self.settings.duration_s:
                 await self.inject(self.rng.choices(kinds, weights)[0])

@@ -1,3 +1,10 @@
-from benchmarks.cli import bench
+import sys
 
-bench()
+if sys.argv[1:2] == ["compare"]:
+    from benchmarks.compare import main
+
+    main(args=sys.argv[2:], prog_name="python -m benchmarks compare")
+else:
+    from benchmarks.cli import bench
+
+    bench()

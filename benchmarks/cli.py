@@ -7,6 +7,7 @@ import dataclasses
 import datetime
 import shlex
 import signal
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,7 +66,12 @@ def list_scenarios() -> str:
 @click.option("--kubelet-restarts", type=click.IntRange(0, 10**4), help="Kubelet restarts during the churn.")
 @click.option("--flap-rate", type=FiniteRange(0, 10**4), help="Health flaps per second during the churn; 0: none.")
 @click.option("--no-baselines", is_flag=True, help="Skip the grpclib and grpcio floors.")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (they are drawn only where stderr is a terminal).")
+@click.option(
+    "--allow-dirty",
+    is_flag=True,
+    help="Write into benchmarks/results/ although files differ from the commit (the results say so).",
+)
 @click.option(
     "--plugin-python",
     metavar="COMMAND",
@@ -80,6 +86,7 @@ def bench(
     seed: int,
     out: Path | None,
     plugin_python: str | None,
+    allow_dirty: bool,
     **overrides: Any,
 ) -> None:
     """Benchmark the plugin in its own process against the kubelet simulator. SCENARIO defaults to whole-8."""
@@ -87,10 +94,13 @@ def bench(
         click.echo("Scenarios:\n" + list_scenarios())
         return
     scenarios = select(scenario_name, backend, quick, overrides)
+    if not allow_dirty:
+        refuse_unrecorded(out or DEFAULT_OUT)
     logs.configure("console", "warning")
     # SIGTERM as Ctrl-C: asyncio.run cancels the run, and its cleanup stops the plugin and floor processes.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    progress = not overrides.get("no_progress")
+    # Bars redraw a line with \r: on a terminal only, never into a log.
+    progress = not overrides.get("no_progress") and sys.stderr.isatty()
     failed = False
     for scenario in scenarios:
         folder = out if out is not None and len(scenarios) == 1 else (out or DEFAULT_OUT) / scenario.name
@@ -105,6 +115,26 @@ def bench(
         failed = failed or errors > 0
     if failed:
         raise click.ClickException("errors during the run: see results.json")
+
+
+def refuse_unrecorded(out: Path) -> None:
+    """Refuse to write into benchmarks/results/ (the committed results) from a checkout whose files differ from its
+    commit, or where git cannot tell: the results would name a commit that is not the code measured."""
+    results = DEFAULT_OUT.resolve()
+    target = out.resolve()
+    if target != results and results not in target.parents:
+        return
+    git = report.git_state()
+    if git["dirty"] is False and git["commit"]:
+        return
+    if git["dirty"] is None or not git["commit"]:
+        why = "git cannot tell which commit this checkout is"
+    else:
+        why = f"files differ from commit {git['commit'][:12]}: {', '.join(git['changed'][:5])}"
+    raise click.UsageError(
+        f"refusing to write into {results}: {why}. Commit first, or write elsewhere with --out, or pass "
+        "--allow-dirty (the results record the changed files)."
+    )
 
 
 def select(scenario_name: str, backend: str, quick: bool, overrides: Mapping[str, Any]) -> list[Scenario]:
@@ -166,7 +196,8 @@ def run_one(scenario: Scenario, folder: Path, settings: RunSettings) -> int:
         scenario, result, seed=settings.seed, quick=settings.quick, started=started, wall_s=time.perf_counter() - began
     )
     report.write(built, folder)
-    plots.write(result, folder)
+    drawn = plots.write(result, folder)
+    report.write_html(built, folder, [(path, plots.caption(path)) for path in drawn])
     click.echo(report.markdown(built))
     click.echo(f"results in {folder}", err=True)
     return int(built["errors"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,6 +17,12 @@ _HIGHEST_US = 600_000_000
 _DIGITS = 3
 
 PERCENTILES = (50.0, 90.0, 99.0, 99.9)
+#: A measure's samples are cut, in the order they were taken, into at most this many consecutive chunks of at least
+#: CHUNK_MIN samples each; the spread of the chunks' percentiles is the run's own noise, which ``compare`` bootstraps.
+CHUNKS = 20
+CHUNK_MIN = 25
+#: The percentiles recorded per chunk.
+CHUNK_PERCENTILES = (50.0, 99.0)
 
 
 @dataclass
@@ -60,7 +68,26 @@ class Latencies:
             summary["throughput_per_s"] = count / self.wall_s
         if self.errors:
             summary["error_messages"] = dict(self.errors.most_common(5))
+        chunks = self.chunks()
+        if chunks:
+            summary["chunks"] = chunks
         return summary
+
+    def chunks(self) -> dict[str, list[float]]:
+        """``{"p50_ms": [...], "p99_ms": [...]}``: each percentile of each chunk of consecutive samples; empty
+        where there are too few samples for two chunks."""
+        count = min(CHUNKS, len(self.samples) // CHUNK_MIN)
+        if count < 2:
+            return {}
+        ordered = [s * 1000 for _, s in sorted(self.samples)]
+        bounds = [round(i * len(ordered) / count) for i in range(count + 1)]
+        pieces = [sorted(ordered[a:b]) for a, b in itertools.pairwise(bounds)]
+        return {f"p{p:g}_ms": [round(nearest_rank(piece, p), 4) for piece in pieces] for p in CHUNK_PERCENTILES}
+
+
+def nearest_rank(ordered: list[float], percentile: float) -> float:
+    """The nearest-rank percentile of sorted values."""
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(percentile / 100 * len(ordered)) - 1))]
 
 
 class Clock:

@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import dataclasses
 import datetime
 import functools
+import html as htmlmod
 import importlib.metadata
 import json
 import os
 import platform
+import re
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from benchmarks.nvidia_plugin import PREFIX as NVIDIA_PREFIX
 from benchmarks.runner import GO, RunResult
 from benchmarks.scenarios import Scenario
 
@@ -27,19 +31,26 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True, slots=True)
-class Reference:
-    """A figure of NVIDIA's Go plugin v0.20.0 (H200, 2 GPUs, NVLink, the kubelet's device-manager code) and our goal."""
+class Figure:
+    """A figure read from our plugin's measures and from NVIDIA's, taken in the same run, and our goal for it."""
 
     label: str
     measures: tuple[str, ...]
-    """Our measures, the first one present taken: the Go client's before the Python one's; or a dotted path into
-    the facts (``facts:plugin.idle_rss_mb``)."""
+    """The measures, the first one that both plugins have taken: the Go client's before the Python one's; or a
+    dotted path into the facts (``facts:plugin.idle_rss_mb``; NVIDIA's are under ``nvidia.``)."""
     statistic: str
-    """``p50_ms``, ``p99_ms``, ``throughput_per_s`` or ``value`` for facts."""
-    nvidia: float
-    goal: float
-    """The bound we must meet."""
-    lower_is_better: bool = True
+    """``p50_ms`` or ``p99_ms``; ``value`` for facts."""
+    within: float | None = None
+    """The goal as ours over NVIDIA's: at most this many times NVIDIA's figure."""
+    bound: float | None = None
+    """The goal as a bound on ours alone."""
+
+    @property
+    def goal(self) -> str:
+        """The goal in words; empty where there is none."""
+        if self.within is not None:
+            return "no slower than NVIDIA's" if self.within == 1 else f"within {self.within:g}x NVIDIA's"
+        return "" if self.bound is None else f"under {self.bound:g}"
 
 
 def _clients(measure: str) -> tuple[str, ...]:
@@ -47,19 +58,18 @@ def _clients(measure: str) -> tuple[str, ...]:
     return (f"{measure}{GO}", measure)
 
 
-REFERENCES = (
-    Reference("Allocate p50 (ms)", _clients("Allocate"), "p50_ms", 0.09, 0.18),
-    Reference("Allocate p99 (ms)", _clients("Allocate"), "p99_ms", 0.30, 0.60),
-    Reference("Allocate throughput (/s)", _clients("Allocate"), "throughput_per_s", 10_000, 5_000, False),
-    Reference("Allocate x16 p99 (ms)", _clients("Allocate x16"), "p99_ms", 1.0, 2.0),
-    Reference("GetPreferredAllocation p50 (ms)", _clients("GetPreferredAllocation"), "p50_ms", 0.35, 0.35),
-    Reference("GetPreferredAllocation p99 (ms)", _clients("GetPreferredAllocation"), "p99_ms", 2.2, 2.2),
-    Reference("admission p50 (ms)", (f"admission{GO}", "admission (1 container)"), "p50_ms", 0.93, 0.93),
-    Reference("admission p99 (ms)", (f"admission{GO}", "admission (1 container)"), "p99_ms", 4.2, 4.2),
-    Reference("re-registration median (ms)", ("re-registration",), "p50_ms", 3.6, 10.0),
-    Reference("idle RSS (MB)", ("facts:plugin.idle_rss_mb",), "value", 42, 60),
-    Reference("RSS after the run (MB)", ("facts:plugin.rss_after_run_mb",), "value", 50, 60),
-    Reference("start to registration (ms)", ("facts:start_to_registration_ms",), "value", 62, float("inf")),
+FIGURES = (
+    Figure("Allocate p50 (ms)", _clients("Allocate"), "p50_ms", within=2),
+    Figure("Allocate p99 (ms)", _clients("Allocate"), "p99_ms", within=2),
+    Figure("Allocate, 16 callers, p99 (ms)", _clients("Allocate x16"), "p99_ms", within=2),
+    Figure("GetPreferredAllocation p50 (ms)", _clients("GetPreferredAllocation"), "p50_ms", within=1),
+    Figure("GetPreferredAllocation p99 (ms)", _clients("GetPreferredAllocation"), "p99_ms", within=1),
+    Figure("admission p50 (ms)", (f"admission{GO}", "admission (1 container)"), "p50_ms", within=1),
+    Figure("admission p99 (ms)", (f"admission{GO}", "admission (1 container)"), "p99_ms", within=1),
+    Figure("re-registration median (ms)", ("re-registration",), "p50_ms", bound=10),
+    Figure("idle RSS (MB)", ("facts:plugin.idle_rss_mb",), "value", bound=60),
+    Figure("RSS after the run (MB)", ("facts:plugin.rss_after_run_mb",), "value", bound=60),
+    Figure("start to registration (ms)", ("facts:start_to_registration_ms",), "value"),
 )
 
 
@@ -140,10 +150,21 @@ def _git() -> dict[str, Any]:
             )
         except (OSError, subprocess.SubprocessError):
             return None
-        return done.stdout.strip()
+        return done.stdout
 
+    commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": None if status is None else bool(status)}
+    changed = [] if not status else [line[3:] for line in status.splitlines() if line.strip()]
+    return {
+        "commit": commit.strip() if commit else None,
+        "dirty": None if status is None else bool(changed),
+        "changed": changed[:20],
+    }
+
+
+def git_state() -> dict[str, Any]:
+    """The checkout's commit, whether files differ from it (None: git could not tell) and the first that do."""
+    return _git()
 
 
 def plain(value: Any) -> Any:
@@ -186,10 +207,11 @@ def _ratios(latency: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, flo
     """Our Allocate over each floor's, measured with the same client loop in the same run."""
     ratios: dict[str, dict[str, float]] = {}
     for name, ours in latency.items():
-        if not name.startswith("Allocate") or "churn" in name or not ours.get("count"):
+        base = name.removeprefix(NVIDIA_PREFIX)
+        if not base.startswith("Allocate") or "churn" in name or not ours.get("count"):
             continue
         # "Allocate x16 (Go client)" is compared with "floor-grpclib Allocate x16 (Go client)": same client, same run.
-        suffix = name.removeprefix("Allocate")
+        suffix = base.removeprefix("Allocate")
         for floor in ("floor-grpclib", "floor-grpcio"):
             theirs = latency.get(f"{floor} Allocate{suffix}")
             if theirs and theirs.get("count"):
@@ -207,36 +229,44 @@ def fact(report: Mapping[str, Any], path: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def _lookup(report: Mapping[str, Any], reference: Reference) -> tuple[str, float] | None:
-    """The measure the reference reads and its value, or None where none was measured."""
-    for measure in reference.measures:
-        if measure.startswith("facts:"):
-            value = fact(report, measure.removeprefix("facts:"))
-            if value is not None:
-                return measure, value
-            continue
-        stats = report["latency"].get(measure)
-        if stats and stats.get(reference.statistic) is not None:
-            return measure, float(stats[reference.statistic])
-    return None
+def _lookup(report: Mapping[str, Any], measure: str, statistic: str, nvidia: bool) -> float | None:
+    """Our value of a measure, or NVIDIA's from the same run; None where it was not measured."""
+    if measure.startswith("facts:"):
+        path = measure.removeprefix("facts:")
+        return fact(report, f"nvidia.{path}" if nvidia else path)
+    stats = report["latency"].get(f"{NVIDIA_PREFIX}{measure}" if nvidia else measure)
+    value = stats.get(statistic) if stats else None
+    return float(value) if value is not None else None
 
 
 def _against_nvidia(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each figure of ours, NVIDIA's from the same run where it was measured, the goal and whether it is met (only
+    where there is a goal; a goal relative to NVIDIA's is judged only where NVIDIA's was measured)."""
+    measured = "nvidia" in report
     rows = []
-    for reference in REFERENCES:
-        found = _lookup(report, reference)
-        if found is None:
+    for figure in FIGURES:
+        found = [(m, v) for m in figure.measures if (v := _lookup(report, m, figure.statistic, False)) is not None]
+        if measured:
+            # The first measure both have: both plugins read with the same client.
+            both = [(m, v) for m, v in found if _lookup(report, m, figure.statistic, True) is not None]
+            found = both or found
+        if not found:
             continue
-        measure, ours = found
-        met = ours <= reference.goal if reference.lower_is_better else ours >= reference.goal
+        measure, ours = found[0]
+        theirs = _lookup(report, measure, figure.statistic, True) if measured else None
+        met: bool | None = None
+        if figure.within is not None and theirs is not None:
+            met = ours <= figure.within * theirs
+        elif figure.bound is not None:
+            met = ours <= figure.bound
         rows.append(
             {
-                "figure": reference.label,
+                "figure": figure.label,
                 "measure": measure,
                 "ours": ours,
-                "nvidia_v0_20_0": reference.nvidia,
-                "ratio_to_nvidia": ours / reference.nvidia,
-                "goal": reference.goal,
+                "nvidia": theirs,
+                "ratio_to_nvidia": ours / theirs if theirs else None,
+                "goal": figure.goal,
                 "met": met,
             }
         )
@@ -261,7 +291,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"Machine: {machine['cpu']}, {machine['logical_cpus']} CPUs, load {machine['load_average_1m']:.2f}; "
         f"Python {env['python']['version']}; grpclib {env['libraries']['grpclib']}, "
         f"betterproto2 {env['libraries']['betterproto2']}, grpcio {env['libraries']['grpcio']}; "
-        f"commit {(env['git']['commit'] or '?')[:12]}{' (dirty)' if env['git']['dirty'] else ''}.",
+        f"Commit {env['git']['commit'] or 'unknown'}{_dirty(env['git'])}.",
         f"Backend {report.get('backend', 'mock')}, {report.get('gpus', '?')} GPUs served{_as_devices(report)}; "
         f"NVIDIA GPUs of the machine: {gpus_line(machine)}.",
         "",
@@ -280,25 +310,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "| ratio (same client loop, same run) | p50 | p90 | p99 |", "|---|---:|---:|---:|"]
         for name, r in report["ratios_to_floors"].items():
             lines.append(f"| {name} | {' | '.join(f'{r.get(k, 0):.2f}x' for k in ('p50_ms', 'p90_ms', 'p99_ms'))} |")
-    if report["against_nvidia"]:
-        lines += [
-            "",
-            "NVIDIA's figures come from an H200 host, driven by the kubelet's own Go code (grpc-go). Ours are read "
-            "from the measure named: those marked (Go client) were taken by gokubelet, a grpc-go client calling as "
-            "the kubelet does, in its own process; the others by the simulator's Python client, which costs about "
-            "as much per call as the plugin. Only on that host do the 'met' column's answers hold; elsewhere, read "
-            "the ratios to the floors above.",
-            "",
-            "| figure | measure | ours | NVIDIA v0.20.0 | ours / NVIDIA | goal | met |",
-            "|---|---|---:|---:|---:|---:|---|",
-        ]
-        for row in report["against_nvidia"]:
-            goal = "—" if row["goal"] == float("inf") else f"{row['goal']:g}"
-            met = "yes" if row["met"] else "**no**"
-            lines.append(
-                f"| {row['figure']} | {row['measure'].removeprefix('facts:')} | {row['ours']:,.3f} "
-                f"| {row['nvidia_v0_20_0']:g} | {row['ratio_to_nvidia']:.2f}x | {goal} | {met} |"
-            )
+    lines += ["", *_nvidia_section(report)]
     plugin = report.get("plugin")
     if plugin:
         lines += [
@@ -313,6 +325,17 @@ def markdown(report: Mapping[str, Any]) -> str:
         settings = " ".join(f"{k}={v}" for k, v in plugin.get("environment", {}).items())
         if settings:
             lines[-1] += f" Its settings from the environment: {settings}."
+    nvidia = report.get("nvidia")
+    if nvidia:
+        process = nvidia["plugin"]
+        lines += [
+            "",
+            f"NVIDIA's plugin process: start to registration {nvidia['start_to_registration_ms']:.0f} ms, to device "
+            f"list {nvidia['start_to_device_list_ms']:.0f} ms; RSS idle {process['idle_rss_mb']:.1f} MB, after the "
+            f"run {process['rss_after_run_mb']:.1f} MB, peak {process['peak_rss_mb']:.1f} MB; CPU "
+            f"{process['cpu_s_during_run']:.2f} s during the run; exit code {process['exit_code']}; "
+            f"{len(process['log_problems'])} warning or error lines logged.",
+        ]
     ends = report.get("stream_ends", [])
     if ends:
         lines += [
@@ -350,6 +373,55 @@ def markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _dirty(git: Mapping[str, Any]) -> str:
+    if git.get("dirty") is None:
+        return " (whether files differed from it is unknown: git could not tell)"
+    if not git["dirty"]:
+        return ", no file changed"
+    changed = git.get("changed") or []
+    return f" with changes not committed ({', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''})"
+
+
+def _nvidia_section(report: Mapping[str, Any]) -> list[str]:
+    """The comparison with NVIDIA's plugin measured in the same run, or why there is none; goals either way."""
+    nvidia = report.get("nvidia")
+    if nvidia:
+        lines = [
+            f"NVIDIA's device plugin {nvidia.get('version', '')} was measured in this run, after ours, through the "
+            "same phases with the same clients (its measures are those named `nvidia ...` above). Each figure reads "
+            "the first measure both plugins have: the Go client's (gokubelet, grpc-go, calling as the kubelet "
+            "does) where it is built.",
+        ]
+    else:
+        reason = report.get("not_measured", {}).get("NVIDIA's device plugin", "this scenario does not run it")
+        lines = [
+            f"NVIDIA's device plugin was not measured in this run ({reason.removesuffix('.')}): no figure is "
+            "compared with NVIDIA's, and goals relative to it are not judged.",
+        ]
+    rows = report["against_nvidia"]
+    if not rows:
+        return lines
+    lines += [
+        "",
+        "| figure | measure | ours | NVIDIA, same run | ours / NVIDIA | goal | met |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    for row in rows:
+        theirs = "" if row["nvidia"] is None else f"{row['nvidia']:,.3f}"
+        ratio = "" if row["ratio_to_nvidia"] is None else f"{row['ratio_to_nvidia']:.2f}x"
+        if not row["goal"]:
+            met = ""
+        elif row["met"] is None:
+            met = "not judged"
+        else:
+            met = "yes" if row["met"] else "**no**"
+        lines.append(
+            f"| {row['figure']} | {row['measure'].removeprefix('facts:')} | {row['ours']:,.3f} | {theirs} | {ratio} "
+            f"| {row['goal']} | {met} |"
+        )
+    return lines
+
+
 def _ms(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
@@ -358,3 +430,72 @@ def write(report: Mapping[str, Any], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (out_dir / "results.md").write_text(markdown(report))
+
+
+def write_html(report: Mapping[str, Any], out_dir: Path, plots: Sequence[tuple[Path, str]]) -> Path:
+    """``report.html``: the markdown's tables and every plot (embedded as base64 PNG, with its caption), one file
+    that opens anywhere."""
+    path = out_dir / "report.html"
+    path.write_text(html(markdown(report), plots))
+    return path
+
+
+_INLINE = (
+    (re.compile(r"\*\*(.+?)\*\*"), r"<strong>\1</strong>"),
+    (re.compile(r"`([^`]+)`"), r"<code>\1</code>"),
+)
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:3px 8px}"
+    "td.n{text-align:right;font-variant-numeric:tabular-nums}th{background:#f3f3f3}"
+    "figure{margin:2em 0}img{max-width:100%}figcaption{font-weight:600;margin-bottom:.5em}"
+)
+
+
+def _inline(text: str) -> str:
+    text = htmlmod.escape(text, quote=False)
+    for pattern, replacement in _INLINE:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def html(text: str, plots: Sequence[tuple[Path, str]] = ()) -> str:
+    """A page of the report's markdown (headings, paragraphs, tables, bold and code) and the plots, self-contained."""
+    body: list[str] = []
+    title = "Benchmark"
+    blocks = re.split(r"\n\s*\n", text.strip())
+    for block in blocks:
+        lines = block.splitlines()
+        if lines[0].startswith("# "):
+            title = re.sub(r"[`*]", "", lines[0][2:])
+            body.append(f"<h1>{_inline(lines[0][2:])}</h1>")
+            lines = lines[1:]
+            if not lines:
+                continue
+        if all(line.startswith("|") for line in lines) and len(lines) >= 2:
+            header = [c.strip() for c in lines[0].strip("|").split("|")]
+            aligns = [c.strip().endswith(":") for c in lines[1].strip("|").split("|")]
+            rows = ["<tr>" + "".join(f"<th>{_inline(c)}</th>" for c in header) + "</tr>"]
+            for line in lines[2:]:
+                cells = [c.strip() for c in line.strip("|").split("|")]
+                rows.append(
+                    "<tr>"
+                    + "".join(
+                        f"<td{' class=n' if i < len(aligns) and aligns[i] else ''}>{_inline(c)}</td>"
+                        for i, c in enumerate(cells)
+                    )
+                    + "</tr>"
+                )
+            body.append("<table>" + "".join(rows) + "</table>")
+        else:
+            body.append(f"<p>{_inline(' '.join(lines))}</p>")
+    for path, caption in plots:
+        data = base64.b64encode(path.read_bytes()).decode()
+        body.append(
+            f"<figure><figcaption>{_inline(caption)}</figcaption>"
+            f'<img alt="{htmlmod.escape(caption)}" src="data:image/png;base64,{data}"></figure>'
+        )
+    return (
+        f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{htmlmod.escape(title)}</title>"
+        f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
+from benchmarks import nvidia_plugin
 from benchmarks.baselines import Floor, running_floors
 from benchmarks.callers import Call, Loop, interleaved
 from benchmarks.churn import ChurnRun, container_sizes
@@ -39,6 +40,9 @@ SETTLE_S = 0.5
 PLUGIN = "plugin"
 #: Suffix of the measures taken with the Go client (gokubelet: grpc-go, the kubelet's own stack).
 GO = " (Go client)"
+#: The plugins a run can measure, as the report, the plots and compare name them.
+ROLE_OURS = "ours"
+ROLE_NVIDIA = "nvidia"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +75,8 @@ class RunResult:
     """The resource the plugin served and the load asked for."""
     devices: int = 0
     """Devices of ``resource`` served: ``gpus`` times the partitions or replicas of each GPU."""
+    churns: dict[str, ChurnTrace] = dataclasses.field(default_factory=dict)
+    """Each plugin's churn (``ours``, ``nvidia``), where it ran."""
 
 
 async def run_scenario(scenario: Scenario, settings: RunSettings) -> RunResult:
@@ -83,26 +89,133 @@ async def run_scenario(scenario: Scenario, settings: RunSettings) -> RunResult:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
+@dataclass(frozen=True, slots=True)
+class ChurnTrace:
+    """When one plugin's churn ran, and what happened to the node meanwhile: what the churn plot marks."""
+
+    began_s: float
+    """Seconds since the run began."""
+    ended_s: float
+    health_events: list[tuple[float, str]]
+    """(seconds since the run began, "Healthy" or "Unhealthy")."""
+    restart_times_s: list[float]
+
+
+@dataclass
+class _PluginRun:
+    """One plugin measured through every phase: its measures (names unprefixed), its facts, its churn."""
+
+    measures: dict[str, Latencies]
+    facts: dict[str, Any]
+    churn: ChurnTrace | None
+    gpus: int
+    devices: int
+
+
 async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunResult:
     clock = Clock()
-    kubelet_dir, state_dir = workdir / "k", workdir / "s"
-    state_dir.mkdir()
-    measures: dict[str, Latencies] = {}
-    facts: dict[str, Any] = {}
-    health_events: list[tuple[float, str]] = []
-    restart_times_s: list[float] = []
-    resource = scenario.resource
-    config = _write_config(scenario, workdir)
+    ours_dir = workdir / "ours"
+    ours_dir.mkdir()
+    config = _write_config(scenario, ours_dir)
+    argv = plugin_argv(ours_dir / "k", ours_dir / "s", scenario.gpus, settings.backend, config, settings.plugin_python)
+    ours = await _measure_plugin(scenario, settings, clock, ours_dir, ours_dir / "k", argv, settings.backend)
+    facts = ours.facts
     if config is not None:
         facts["plugin_config"] = scenario.plugin_config()
+    facts["plugin"]["environment"] = _plugin_environment()
+    measures = dict(ours.measures)
+    churns = {} if ours.churn is None else {ROLE_OURS: ours.churn}
+    if scenario.against_nvidia:
+        nvidia = await _measure_nvidia(scenario, settings, clock, workdir, facts)
+        if nvidia is not None:
+            for name, latencies in nvidia.measures.items():
+                latencies.name = nvidia_plugin.PREFIX + name
+                measures[latencies.name] = latencies
+            if nvidia.churn is not None:
+                churns[ROLE_NVIDIA] = nvidia.churn
+    trace = churns.get(ROLE_OURS)
+    return RunResult(
+        facts,
+        measures,
+        trace.health_events if trace else [],
+        trace.restart_times_s if trace else [],
+        settings.backend,
+        ours.gpus,
+        scenario.resource,
+        ours.devices,
+        churns,
+    )
+
+
+async def _measure_nvidia(
+    scenario: Scenario, settings: RunSettings, clock: Clock, workdir: Path, facts: dict[str, Any]
+) -> _PluginRun | None:
+    """NVIDIA's plugin through the same phases as ours (the floors aside: they were measured with ours), or None
+    with the reason in ``facts["not_measured"]`` where it cannot run or fails."""
+    reason = nvidia_unavailable(settings.backend)
+    binary = nvidia_plugin.binary()
+    if reason is not None or binary is None:
+        facts.setdefault("not_measured", {})["NVIDIA's device plugin"] = (
+            f"{reason}; no figure of this report is compared with NVIDIA's"
+        )
+        return None
+    kubelet_dir = nvidia_kubelet_dir()
+    own = workdir / "nvidia"
+    own.mkdir()
+    try:
+        run = await _measure_plugin(
+            dataclasses.replace(scenario, baselines=False),
+            settings,
+            clock,
+            own,
+            kubelet_dir,
+            nvidia_plugin.argv(binary, kubelet_dir),
+            "nvml",
+        )
+    except (RuntimeError, TimeoutError) as error:
+        facts.setdefault("not_measured", {})["NVIDIA's device plugin"] = f"it failed: {error}"[:2000]
+        return None
+    run.facts["version"] = nvidia_plugin.version(binary)
+    run.facts["binary"] = str(binary)
+    facts["nvidia"] = run.facts
+    return run
+
+
+def nvidia_unavailable(backend: str) -> str | None:
+    """Why NVIDIA's plugin cannot run here, or None (tests replace it to stand a mock plugin in for NVIDIA's)."""
+    from benchmarks.report import nvidia_gpus  # the report imports this module
+
+    return nvidia_plugin.unavailable(backend, nvidia_gpus().get("gpus"))
+
+
+def nvidia_kubelet_dir() -> Path:
+    """The simulated kubelet's directory for NVIDIA's plugin: its own socket's, compiled in (tests replace it)."""
+    return nvidia_plugin.DEVICE_PLUGIN_DIR
+
+
+async def _measure_plugin(
+    scenario: Scenario,
+    settings: RunSettings,
+    clock: Clock,
+    workdir: Path,
+    kubelet_dir: Path,
+    argv: list[str],
+    backend: str,
+) -> _PluginRun:
+    """Start the plugin ``argv`` against a simulated kubelet in ``kubelet_dir`` and run every phase on it."""
+    state_dir = workdir / "s"
+    state_dir.mkdir(exist_ok=True)
+    measures: dict[str, Latencies] = {}
+    facts: dict[str, Any] = {}
+    trace: ChurnTrace | None = None
+    resource = scenario.resource
     async with KubeletSimulator(kubelet_dir) as kubelet:
-        argv = plugin_argv(kubelet_dir, state_dir, scenario.gpus, settings.backend, config, settings.plugin_python)
         plugin = ServerProcess(PLUGIN, argv, workdir / "plugin.log")
         plugin.start()
         try:
-            registration = await _wait_registered(kubelet, plugin, resource, settings.backend)
+            registration = await _wait_registered(kubelet, plugin, resource, backend)
             facts["start_to_registration_ms"] = (registration.monotonic_s - plugin.started_s) * 1000
-            devices = await _wait_device_list(kubelet, scenario, settings.backend)
+            devices = await _wait_device_list(kubelet, scenario, backend)
             gpus = devices // scenario.per_gpu
             facts["start_to_device_list_ms"] = (time.monotonic() - plugin.started_s) * 1000
             await asyncio.sleep(SETTLE_S)
@@ -117,9 +230,11 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
             else:
                 facts["go_client"] = {"binary": str(native)}
             if scenario.allocate_calls:
-                facts["where_time_goes"] = await _allocate_phase(
+                where = await _allocate_phase(
                     kubelet, scenario, scenario.callers, settings, workdir, clock, measures, native, facts
                 )
+                if where is not None:
+                    facts["where_time_goes"] = where
                 if scenario.concurrent_callers:
                     await _allocate_phase(
                         kubelet,
@@ -137,6 +252,7 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
             if scenario.admissions and native is not None:
                 await _admission_phase(kubelet, scenario, settings, workdir, clock, measures, native, facts)
             if scenario.churn is not None:
+                began_s = clock.now()
                 with _bar(settings, "churn (pods)", None) as bar:
                     churn = ChurnRun(
                         kubelet,
@@ -154,10 +270,14 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
                     await churn.run()
                 measures.update((m.name, m) for m in churn.measures())
                 facts["churn"] = churn.summary()
-                health_events = [(e.sent_s, e.health) for e in churn.health_events]
-                restart_times_s = list(churn.restart_times_s)
+                trace = ChurnTrace(
+                    began_s,
+                    clock.now(),
+                    [(e.sent_s, e.health) for e in churn.health_events],
+                    list(churn.restart_times_s),
+                )
                 if scenario.churn.flap_rate_per_s <= 0:
-                    reason = _no_flaps_reason(settings.backend)
+                    reason = _no_flaps_reason(backend)
                     facts.setdefault("not_measured", {})["health change → ListAndWatch"] = reason
             if scenario.restarts:
                 registered = clock.latencies("re-registration")
@@ -173,9 +293,8 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
             exit_code = await plugin.stop()
         facts["plugin"] = _process_facts(idle, after, exit_code, workdir / "plugin.log")
         facts["plugin"]["command"] = argv
-        facts["plugin"]["environment"] = _plugin_environment()
         facts["kubelet_warnings"] = kubelet.warnings
-    return RunResult(facts, measures, health_events, restart_times_s, settings.backend, gpus, resource, devices)
+    return _PluginRun(measures, facts, trace, gpus, devices)
 
 
 def _plugin_environment() -> dict[str, str]:
@@ -422,9 +541,13 @@ def _process_facts(idle: ProcessUsage, after: ProcessUsage, exit_code: int | Non
 
 
 def _log_problems(log_path: Path) -> list[str]:
-    """Warning and error lines the plugin logged (it runs at level warning, so every line it wrote)."""
+    """Warning and error lines the plugin logged (ours runs at level warning, so every line it wrote; NVIDIA's
+    writes klog lines, of which those marked W, E or F)."""
+    text = log_path.read_text(errors="replace")
+    if nvidia_plugin.is_klog(text):
+        return nvidia_plugin.log_problems(text)
     problems = []
-    for line in log_path.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             level = json.loads(line).get("level")
         except (ValueError, AttributeError):

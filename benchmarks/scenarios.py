@@ -79,6 +79,9 @@ class Scenario:
     """How each GPU is served: ``whole``, ``mig`` (partitions of 1g.18gb) or ``replicas`` (time-sliced)."""
     per_gpu: int = 1
     """Devices each GPU is served as: 1 whole, 7 partitions (``mig``), or the time-slicing replica count."""
+    against_nvidia: bool = False
+    """After ours, run NVIDIA's device plugin through the same phases with the same clients, where it can run
+    (the nvml backend, a GPU, the binary built); the report's comparison with NVIDIA reads that run."""
 
     def __post_init__(self) -> None:
         if self.node not in NODE_KINDS:
@@ -209,6 +212,7 @@ SCENARIOS: Mapping[str, Scenario] = MappingProxyType(
                 gpus=2,
                 concurrent_callers=16,
                 churn=ChurnSettings(kubelet_restarts=3),
+                against_nvidia=True,
             ),
             Scenario(
                 "mig-8x7",

@@ -14,10 +14,11 @@ from pathlib import Path
 from types import FrameType
 
 import click
+import click.testing
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import medians, plots, report, runner
+from benchmarks import cli, compare, medians, nvidia_plugin, plots, report, runner
 from benchmarks.churn import container_sizes, pod_plans
 from benchmarks.cli import bench, customise, run_one, select
 from benchmarks.measure import Clock
@@ -25,6 +26,9 @@ from benchmarks.native_client import GOKUBELET_ENV, native_client
 from benchmarks.plugin_process import plugin_argv
 from benchmarks.runner import RunResult, RunSettings, run_scenario
 from benchmarks.scenarios import FULL_SUITE, SCENARIOS, ChurnSettings, Scenario
+from tests import slowed_plugin
+from tests.fakes import short_tmp_dir
+from tests.slowed_plugin import SLOWED_ALLOCATE_MS
 
 
 def test_quick_run_measures_every_phase_without_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,10 +68,28 @@ def test_quick_run_measures_every_phase_without_errors(tmp_path: Path, monkeypat
     assert GOKUBELET_ENV not in data["plugin"]["environment"]
     markdown = (tmp_path / "results.md").read_text()
     assert "| Allocate |" in markdown and "from the environment: GPUPLUGIN_EVENT_LOOP=asyncio" in markdown
-    for png in ("latency_cdf.png", "latency_over_time.png"):
-        assert (tmp_path / png).read_bytes().startswith(b"\x89PNG")
+    pngs = ("allocate.png", "preferred.png", "admission.png", "reregistration.png", "churn.png")
+    for png in pngs:
+        assert (tmp_path / png).read_bytes().startswith(b"\x89PNG"), png
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == len(pngs) and "<td>Allocate</td>" in page
     assert "gokubelet" in data["not_measured"]["the Go client's measures"]
-    assert {row["measure"] for row in data["against_nvidia"]} >= {"Allocate", "admission (1 container)"}
+    # Chunks of consecutive calls, the run's own repeats that compare bootstraps.
+    assert len(data["latency"]["Allocate"]["chunks"]["p50_ms"]) == 4
+    # whole-8 does not run NVIDIA's plugin (nvml does): the report says so, and only bounds are judged.
+    assert "nvidia" not in data
+    assert "NVIDIA's device plugin was not measured in this run (this scenario does not run it)" in markdown
+    rows = {row["figure"]: row for row in data["against_nvidia"]}
+    assert {row["measure"] for row in rows.values()} >= {"Allocate", "admission (1 container)"}
+    assert rows["Allocate p50 (ms)"]["met"] is None and rows["Allocate p50 (ms)"]["nvidia"] is None
+    assert rows["idle RSS (MB)"]["met"] is not None
+    # No goal, no verdict: the start to registration row's "met" cell is empty.
+    assert rows["start to registration (ms)"]["met"] is None
+    assert any(
+        line.startswith("| start to registration (ms) |") and line.endswith("|  |  |") for line in markdown.splitlines()
+    )
+    git = data["environment"]["git"]
+    assert git["dirty"] is None or len(git["commit"]) == 40
 
 
 @pytest.mark.skipif(native_client() is None, reason="gokubelet is not built: benchmarks/gokubelet/build.sh --install")
@@ -309,6 +331,8 @@ def test_nvml_run_counts_what_registers_and_skips_flaps(tmp_path: Path, monkeypa
     assert data["churn"]["pods_admitted"] > 0 and data["churn"]["health_events"] == 0
     assert not any(name.startswith("health change") for name in data["latency"])
     assert "control socket" in data["not_measured"]["health change → ListAndWatch"]
+    # No GPU here (or no build): NVIDIA's plugin is not measured, and the report says why.
+    assert data["not_measured"]["NVIDIA's device plugin"]
     text = (tmp_path / "results.md").read_text()
     assert "Backend nvml, 3 GPUs served" in text and "Not measured: health change" in text
 
@@ -381,4 +405,148 @@ def test_plots_of_a_run_without_calls_have_no_empty_legend(tmp_path: Path) -> No
     registered = clock.latencies("re-registration")
     registered.record(clock.origin_s, 0.004)
     paths = plots.write(RunResult({}, {registered.name: registered}, [], [0.5]), tmp_path)
-    assert [path.read_bytes()[:4] for path in paths] == [b"\x89PNG"] * 2
+    assert [path.name for path in paths] == ["reregistration.png"]
+    assert paths[0].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_nvidia_plugin_runs_after_ours_through_the_same_phases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where NVIDIA's plugin can run (here a 2-GPU mock plugin stands in for it, and another for ours on nvml), it
+    is measured after ours through the same phases, and the comparison and its goals read that run."""
+    monkeypatch.setattr(runner, "plugin_argv", _nvml_stand_in(2))
+    monkeypatch.setattr(runner, "nvidia_unavailable", lambda backend: None)
+    monkeypatch.setattr(nvidia_plugin, "binary", lambda: Path(sys.executable))
+    monkeypatch.setenv(GOKUBELET_ENV, str(tmp_path / "no-gokubelet"))
+    with short_tmp_dir() as short:
+        monkeypatch.setattr(runner, "nvidia_kubelet_dir", lambda: short / "k")
+        monkeypatch.setattr(
+            nvidia_plugin, "argv", lambda binary, kubelet_dir: plugin_argv(kubelet_dir, short / "s", 2, "mock")
+        )
+        overrides = {"calls": 60, "preferred_calls": 30, "duration": 0.5, "kubelet_restarts": 0, "restarts": 2}
+        [scenario] = select("nvml", "nvml", True, overrides)
+        assert scenario.against_nvidia
+        run_one(scenario, tmp_path, RunSettings(seed=4, quick=True, progress=False, backend="nvml"))
+
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["errors"] == 0, data["latency"]
+    for measure in ("Allocate", "Allocate x16", "GetPreferredAllocation", "re-registration"):
+        assert data["latency"][measure]["count"] > 0, measure
+        assert data["latency"][f"nvidia {measure}"]["count"] == data["latency"][measure]["count"], measure
+    # The churn runs for a time, not a count of pods.
+    assert data["latency"]["nvidia admission"]["count"] > 0
+    # The floors run once, beside ours; NVIDIA's Allocate is set against them too.
+    assert "nvidia floor-grpclib Allocate" not in data["latency"]
+    assert "nvidia Allocate / floor-grpclib" in data["ratios_to_floors"]
+    assert data["nvidia"]["plugin"]["exit_code"] == 0 and data["nvidia"]["start_to_registration_ms"] > 0
+    assert data["nvidia"]["churn"]["pods_admitted"] > 0
+    assert "NVIDIA's device plugin" not in data.get("not_measured", {})
+    rows = {row["figure"]: row for row in data["against_nvidia"]}
+    allocate = rows["Allocate p50 (ms)"]
+    assert allocate["nvidia"] == data["latency"]["nvidia Allocate"]["p50_ms"]
+    assert allocate["met"] == (allocate["ours"] <= 2 * allocate["nvidia"])
+    assert rows["idle RSS (MB)"]["nvidia"] == data["nvidia"]["plugin"]["idle_rss_mb"]
+    assert "was measured in this run, after ours" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "churn.png").is_file()
+
+
+def test_nvidia_plugin_is_not_run_without_nvml_or_a_gpu() -> None:
+    """NVIDIA's plugin serves NVML's GPUs only: on the mock backend or a machine without a GPU, the reason is given."""
+    assert "mock" in (nvidia_plugin.unavailable("mock", ["NVIDIA H200"]) or "")
+    assert "no GPU" in (nvidia_plugin.unavailable("nvml", "none") or "")
+    assert nvidia_plugin.is_klog("I1204 20:15:35.908275   10342 main.go:1] started\n")
+    assert not nvidia_plugin.is_klog('{"level": "warning"}\n')
+    log = "I1204 20:15:35 main.go:1] fine\nE1204 20:15:35 main.go:2] broken\nW1204 20:15:36 x.go:3] odd\n"
+    assert nvidia_plugin.log_problems(log) == ["E1204 20:15:35 main.go:2] broken", "W1204 20:15:36 x.go:3] odd"]
+
+
+def _chunked(folder: Path, scale: dict[str, float], noise: int = 0) -> Path:
+    """A results.json of an allocate run, each figure's chunks times its measure's scale, with a little jitter."""
+    folder.mkdir()
+    jitter = [1.0, 1.02, 0.98, 1.01, 0.99, 1.03, 0.97, 1.0]
+    latency = {}
+    for name, base in (("Allocate", 0.5), ("floor-grpclib Allocate", 0.45)):
+        factor = scale.get(name, 1.0)
+        chunks = [base * factor * jitter[(i + noise) % len(jitter)] for i in range(8)]
+        latency[name] = {
+            "count": 400,
+            "errors": 0,
+            "p50_ms": base * factor,
+            "p99_ms": 2 * base * factor,
+            "chunks": {"p50_ms": chunks, "p99_ms": [2 * c for c in chunks]},
+        }
+    run = {"scenario": "allocate", "errors": 0, "latency": latency, "plugin": {"idle_rss_mb": 40.0}}
+    (folder / "results.json").write_text(json.dumps(run))
+    return folder
+
+
+def test_compare_judges_changes_against_the_noise_of_the_chunks(tmp_path: Path) -> None:
+    """compare exits 0 where the runs differ within their noise or only the floor moved, and 1 where the plugin is
+    slower beyond the noise and the threshold; smaller slow-downs than the threshold are reported, not failed."""
+    old = _chunked(tmp_path / "old", {})
+    same = _chunked(tmp_path / "same", {}, noise=3)
+    slower = _chunked(tmp_path / "slower", {"Allocate": 1.5})
+    floor = _chunked(tmp_path / "floor", {"floor-grpclib Allocate": 1.5})
+    slightly = _chunked(tmp_path / "slightly", {"Allocate": 1.08})
+
+    def run(new: Path, *options: str) -> click.testing.Result:
+        return CliRunner().invoke(compare.main, [str(old), str(new), *options])
+
+    within = run(same)
+    assert within.exit_code == 0, within.output
+    assert "| Allocate p50 |" in within.output and "within noise" in within.output
+    assert "No regression." in within.output
+    regressed = run(slower)
+    assert regressed.exit_code == 1, regressed.output
+    assert "Regressions: Allocate p50, Allocate p99." in regressed.output
+    machine = run(floor)
+    assert machine.exit_code == 0 and "slower (the machine: not judged)" in machine.output
+    small = run(slightly)
+    assert small.exit_code == 0 and "| slower |" in small.output
+    assert run(slightly, "--threshold", "0.05").exit_code == 1
+    # Facts taken once per run have no repeats: shown, never judged.
+    assert "| idle RSS (MB) | 40.000 | 40.000 | 1.000 |  | no repeats: noise unknown |" in within.output
+
+
+def test_compare_catches_a_deliberately_slowed_plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two real runs of Allocate, the second with a plugin that sleeps 5 ms in every Allocate: compare names Allocate
+    as a regression and exits 1."""
+    monkeypatch.setenv(GOKUBELET_ENV, str(tmp_path / "no-gokubelet"))
+    monkeypatch.setenv(SLOWED_ALLOCATE_MS, "5")  # read by the slowed plugin only
+    [scenario] = select("allocate", "mock", True, {"calls": 200, "no_baselines": True})
+    slowed = (sys.executable, str(Path(slowed_plugin.__file__)))
+    run_one(scenario, tmp_path / "plain", RunSettings(seed=1, quick=True, progress=False))
+    run_one(scenario, tmp_path / "slowed", RunSettings(seed=1, quick=True, progress=False, plugin_python=slowed))
+
+    result = CliRunner().invoke(compare.main, [str(tmp_path / "plain"), str(tmp_path / "slowed")])
+    assert result.exit_code == 1, result.output
+    regressions = next(line for line in result.output.splitlines() if line.startswith("Regressions:"))
+    assert "Allocate p50" in regressions
+
+
+def test_results_are_not_written_into_the_committed_folder_from_a_dirty_tree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Into benchmarks/results/, a run needs a checkout without changes (or --allow-dirty); elsewhere it may write."""
+    dirty = {"commit": "a" * 40, "dirty": True, "changed": ["gpuplugin/server.py"]}
+    monkeypatch.setattr(report, "git_state", lambda: dirty)
+    with pytest.raises(click.UsageError, match=r"refusing to write .* files differ from commit aaaaaaaaaaaa"):
+        cli.refuse_unrecorded(cli.DEFAULT_OUT / "h200-x1")
+    monkeypatch.setattr(report, "git_state", lambda: {"commit": None, "dirty": None, "changed": []})
+    with pytest.raises(click.UsageError, match="git cannot tell"):
+        cli.refuse_unrecorded(cli.DEFAULT_OUT)
+    cli.refuse_unrecorded(tmp_path)  # elsewhere: no question asked
+    monkeypatch.setattr(report, "git_state", lambda: {**dirty, "dirty": False, "changed": []})
+    cli.refuse_unrecorded(cli.DEFAULT_OUT / "cpu")
+    runs: list[RunSettings] = []
+    monkeypatch.setattr(report, "git_state", lambda: dirty)
+
+    def recorded(scenario: Scenario, folder: Path, settings: RunSettings) -> int:
+        runs.append(settings)
+        return 0
+
+    monkeypatch.setattr(cli, "run_one", recorded)
+    refused = CliRunner().invoke(bench, ["whole-8", "--quick", "--out", str(cli.DEFAULT_OUT / "x")])
+    assert refused.exit_code == 2 and "--allow-dirty" in refused.output and not runs
+    allowed = CliRunner().invoke(bench, ["whole-8", "--quick", "--allow-dirty", "--out", str(tmp_path)])
+    assert allowed.exit_code == 0, allowed.output
+    # CliRunner's stderr is no terminal: no progress bars.
+    assert [settings.progress for settings in runs] == [False]

@@ -1,0 +1,196 @@
+"""``python -m benchmarks compare OLD NEW``: did a change make the plugin slower, beyond the noise of the runs?
+
+OLD and NEW are results folders (or their ``results.json``) of the same scenario. Each measure's samples were cut,
+in the order they were taken, into consecutive chunks (``measure.CHUNKS``), and the p50 and p99 of every chunk were
+recorded: the chunks are the run's repeats. For each figure, the change is the median of NEW's chunks over the
+median of OLD's, and its interval a percentile bootstrap (both sides' chunks resampled with replacement, seeded, so
+the same files give the same answer). A change is beyond the noise where the interval leaves out 1; it is a
+regression where it is beyond the noise, slower, and by more than ``--threshold``.
+
+Only the plugin's own measures decide the exit status: the floors' and NVIDIA's are printed as the machine's
+drift between the runs (a slower floor says the machine was slower, not the plugin). Facts taken once per run
+(RSS, start to registration) have no repeats: their change is printed, never judged.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from benchmarks.plots import ROLES, role_of
+from benchmarks.report import fact
+from benchmarks.runner import ROLE_OURS
+
+STATISTICS = ("p50_ms", "p99_ms")
+FACTS = (
+    ("idle RSS (MB)", "plugin.idle_rss_mb"),
+    ("RSS after the run (MB)", "plugin.rss_after_run_mb"),
+    ("start to registration (ms)", "start_to_registration_ms"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One figure in both runs: the change, its interval where there are repeats, and the verdict."""
+
+    figure: str
+    role: str
+    old: float
+    new: float
+    ratio: float
+    """NEW over OLD: the medians of the chunks where there are chunks, else the figures themselves."""
+    interval: tuple[float, float] | None
+    """The bootstrap interval of ``ratio``; None where either run recorded no chunks."""
+    regression: bool
+
+    @property
+    def beyond_noise(self) -> bool | None:
+        if self.interval is None:
+            return None
+        low, high = self.interval
+        return low > 1 or high < 1
+
+    @property
+    def verdict(self) -> str:
+        beyond = self.beyond_noise
+        if beyond is None:
+            return "no repeats: noise unknown"
+        if not beyond:
+            return "within noise"
+        slower = "slower" if self.ratio > 1 else "faster"
+        if self.regression:
+            return f"**{slower}: regression**"
+        return slower if self.role == ROLE_OURS else f"{slower} (the machine: not judged)"
+
+
+def bootstrap(
+    old: Sequence[float], new: Sequence[float], *, resamples: int, confidence: float, seed: int
+) -> tuple[float, float]:
+    """The percentile-bootstrap interval of median(new) / median(old), both resampled with replacement."""
+    rng = np.random.default_rng(seed)
+    old_a, new_a = np.asarray(old, dtype=float), np.asarray(new, dtype=float)
+    old_m = np.median(rng.choice(old_a, size=(resamples, len(old_a))), axis=1)
+    new_m = np.median(rng.choice(new_a, size=(resamples, len(new_a))), axis=1)
+    ratios = new_m / np.maximum(old_m, 1e-9)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(ratios, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def changes(
+    old: Mapping[str, Any],
+    new: Mapping[str, Any],
+    *,
+    threshold: float,
+    resamples: int = 2000,
+    confidence: float = 0.95,
+    seed: int = 1,
+) -> list[Change]:
+    """Every figure both runs have, the plugin's first, each with its change and verdict."""
+    found: list[Change] = []
+    for name, before in old["latency"].items():
+        after = new["latency"].get(name)
+        if not after or not before.get("count") or not after.get("count"):
+            continue
+        role, _ = role_of(name)
+        for statistic in STATISTICS:
+            a, b = before.get(statistic), after.get(statistic)
+            if a is None or b is None:
+                continue
+            chunks_a = before.get("chunks", {}).get(statistic, [])
+            chunks_b = after.get("chunks", {}).get(statistic, [])
+            interval = None
+            ratio = b / a if a else float("inf")
+            if len(chunks_a) >= 2 and len(chunks_b) >= 2:
+                ratio = float(np.median(chunks_b) / max(float(np.median(chunks_a)), 1e-9))
+                interval = bootstrap(chunks_a, chunks_b, resamples=resamples, confidence=confidence, seed=seed)
+            beyond = interval is not None and (interval[0] > 1 or interval[1] < 1)
+            regression = role == ROLE_OURS and beyond and ratio > 1 + threshold
+            label = f"{name} {statistic.removesuffix('_ms')}"
+            found.append(Change(label, role, a, b, ratio, interval, regression))
+    for label, path in FACTS:
+        a_fact, b_fact = fact(old, path), fact(new, path)
+        if a_fact is not None and b_fact is not None:
+            ratio = b_fact / a_fact if a_fact else float("inf")
+            found.append(Change(label, ROLE_OURS, a_fact, b_fact, ratio, None, False))
+    order = list(ROLES)
+    return sorted(found, key=lambda c: order.index(c.role))
+
+
+def markdown(old_name: str, new_name: str, found: Sequence[Change], notes: Sequence[str], threshold: float) -> str:
+    lines = [f"OLD {old_name}, NEW {new_name}; a regression: the plugin slower by more than {threshold:.0%}, "]
+    lines[0] += "beyond the noise (the bootstrap interval of NEW / OLD over the runs' chunks leaves out 1)."
+    lines += [f"Note: {note}" for note in notes]
+    lines += [
+        "",
+        "| figure | OLD | NEW | NEW / OLD | interval | verdict |",
+        "|---|---:|---:|---:|---|---|",
+    ]
+    for c in found:
+        interval = "" if c.interval is None else f"{c.interval[0]:.3f} to {c.interval[1]:.3f}"
+        lines.append(f"| {c.figure} | {c.old:,.3f} | {c.new:,.3f} | {c.ratio:.3f} | {interval} | {c.verdict} |")
+    regressions = [c.figure for c in found if c.regression]
+    lines += ["", f"Regressions: {', '.join(regressions)}." if regressions else "No regression."]
+    return "\n".join(lines) + "\n"
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A run's results, from its folder or its results.json."""
+    file = path / "results.json" if path.is_dir() else path
+    try:
+        data: dict[str, Any] = json.loads(file.read_text())
+    except (OSError, ValueError) as error:
+        raise click.BadParameter(f"{file}: {error}") from None
+    return data
+
+
+def notes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What makes the two runs less comparable than the figures suggest."""
+    found = []
+    if old.get("scenario") != new.get("scenario"):
+        found.append(f"different scenarios: {old.get('scenario')} and {new.get('scenario')}")
+    machines = [
+        (run.get("environment", {}).get("machine", {}).get(k) for k in ("cpu", "logical_cpus", "gpus"))
+        for run in (old, new)
+    ]
+    first, second = (tuple(m) for m in machines)
+    if first != second:
+        found.append(f"different machines: {first} and {second}")
+    for name, run in (("OLD", old), ("NEW", new)):
+        if run.get("quick"):
+            found.append(f"{name} is a quick run, whose figures say little about speed")
+        if run.get("errors"):
+            found.append(f"{name} had {run['errors']} errors")
+    return found
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.argument("old", type=click.Path(exists=True, path_type=Path))
+@click.argument("new", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--threshold",
+    type=float,
+    default=0.10,
+    show_default=True,
+    help="A slower figure of the plugin fails the comparison when beyond the noise and by more than this fraction.",
+)
+@click.option("--confidence", type=float, default=0.95, show_default=True, help="Of the bootstrap interval.")
+@click.option("--resamples", type=int, default=2000, show_default=True, help="Bootstrap resamples.")
+def main(old: Path, new: Path, threshold: float, confidence: float, resamples: int) -> None:
+    """Each figure of the runs OLD and NEW (results folders), its change, and whether it is beyond the noise;
+    exits 1 where the plugin got slower beyond the noise and the threshold."""
+    before, after = load(old), load(new)
+    found = changes(before, after, threshold=threshold, resamples=resamples, confidence=confidence)
+    click.echo(markdown(str(old), str(new), found, notes(before, after), threshold), nl=False)
+    if any(c.regression for c in found):
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,7 @@ import structlog
 from gpuplugin import logs
 from gpuplugin.backend import BackendUnavailable
 from gpuplugin.daemon import Daemon, served_tree, settings_from_text
+from gpuplugin.errors import shorten
 from gpuplugin.health import MAX_QUIET_PERIOD_S
 from gpuplugin.instance import InstanceLockError
 from gpuplugin.probes import ProbeServerError
@@ -32,8 +33,8 @@ log = structlog.get_logger("gpuplugin")
 
 def fail(message: str, code: int = 1) -> NoReturn:
     """One line on stderr and a non-zero exit: what went wrong and, where we know, what to do."""
-    # One line, whatever the message quotes (a YAML key may hold a newline).
-    click.echo(f"gpuplugin: {' '.join(message.splitlines())}", err=True)
+    # One line, whatever the message quotes (a YAML key may hold a newline, a value a megabyte).
+    click.echo(f"gpuplugin: {shorten(message)}", err=True)
     sys.exit(code)
 
 

@@ -16,15 +16,26 @@ log = structlog.get_logger("gpuplugin.rpc")
 
 #: Enough IDs to find the culprit without echoing a huge request back.
 _IDS_SHOWN = 10
+#: The longest error message about a setting: a value quoted in it may be a whole megabyte of YAML.
+MAX_MESSAGE_CHARS = 1000
 
 
 class ConfigError(ValueError):
     """A setting is wrong; the message names it and what was expected. Retrying does not help."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(shorten(message))
+
     @classmethod
     def at(cls, path: str, message: str) -> ConfigError:
         """The error of the setting at ``path`` (``sharing.timeSlicing.resources[0].replicas``)."""
         return cls(f"{path}: {message}")
+
+
+def shorten(message: str) -> str:
+    """``message`` on one line, cut to ``MAX_MESSAGE_CHARS``."""
+    line = " ".join(message.splitlines())
+    return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 1] + "…"
 
 
 def config_key(key: object) -> str:

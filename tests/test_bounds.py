@@ -16,7 +16,7 @@ from backends.nvml import NvmlSettings, NvmlSettingsError
 from backends.partitioned import PartitionedConfigError, PartitionedSettings
 from gpuplugin.api import v1beta1 as api
 from gpuplugin.cli import main
-from gpuplugin.errors import ConfigError
+from gpuplugin.errors import MAX_MESSAGE_CHARS, ConfigError
 from gpuplugin.health import MAX_XID, HealthPolicy, HealthPolicyError
 from gpuplugin.limits import (
     KUBELET_MAX_MESSAGE_BYTES,
@@ -238,6 +238,19 @@ def test_a_config_that_is_not_utf8_or_too_big_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=rf"^{SOURCE}: larger than {MAX_CONFIG_BYTES} bytes"):
         decode_config(b"#" * (MAX_CONFIG_BYTES + 1), SOURCE)
     assert decode_config("version: v1 # é\n".encode(), SOURCE) == "version: v1 # é\n"
+
+
+def test_a_huge_value_in_an_error_is_cut_to_one_short_line(tmp_path: Path) -> None:
+    """A megabyte-long bad value is quoted cut, so the error stays one readable line, from serve too."""
+    text = "plugin:\n  logLevel: '" + "x" * 900_000 + "'\n"
+    with pytest.raises(ConfigError) as caught:
+        resolve(Overrides(), parse_config(text, SOURCE), {}, SOURCE)
+    assert len(str(caught.value)) <= MAX_MESSAGE_CHARS and str(caught.value).endswith("…")
+    config = tmp_path / "huge.yaml"
+    config.write_text(text)
+    result = invoke("serve", "--config", str(config))
+    assert_one_line_error(result, "plugin.logLevel")
+    assert len(result.stderr) < MAX_MESSAGE_CHARS + 20
 
 
 def test_deeply_nested_yaml_is_a_config_error() -> None:

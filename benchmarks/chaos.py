@@ -56,6 +56,7 @@ FAULTS: dict[str, int] = {
     "config_good": 3,
     "config_bad": 2,
     "sigkill": 2,
+    "surge": 1,
     "pod": 6,
 }
 #: Bad config edits: each must be refused with the old config serving on (the watcher alive for the next edit).
@@ -164,13 +165,12 @@ class Model:
         self.unplugged.clear()
 
 
-def config_text(model: Model, port: int) -> str:
+def config_text(model: Model) -> str:
     sharing = ""
     if model.replicas > 1:
         sharing = f"sharing: {{timeSlicing: {{resources: [{{name: {RESOURCE}, replicas: {model.replicas}}}]}}}}\n"
     return (
         "version: v1\n"
-        f"plugin: {{metricsAddress: '127.0.0.1:{port}'}}\n"
         f"backend: {{name: mock, mock: {{gpus: {model.gpus}}}}}\n"
         # Only fatal XIDs are injected; a recoverable one would heal on a timer the model does not follow.
         "health: {recoveryQuietPeriodSeconds: 3600}\n" + sharing
@@ -238,7 +238,7 @@ class Plugin:
         assert self.process is not None
         return self.process.pid
 
-    def start(self) -> None:
+    def start(self, port: int, *extra: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GPUPLUGIN_", "DP_", "NODE_NAME"))}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         with open(self.log_path, "ab") as log:
@@ -246,7 +246,7 @@ class Plugin:
                 [
                     *(self.python, "-m", "gpuplugin", "serve", "--log-format", "json"),
                     *("--kubelet-dir", str(self.kubelet_dir), "--state-dir", str(self.state_dir)),
-                    *("--config", str(self.config)),
+                    *("--config", str(self.config), "--metrics-address", f"127.0.0.1:{port}", *extra),
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -298,7 +298,8 @@ class Chaos:
         self.model = Model(gpus=settings.gpus)
         self.figures = Figures(seed=settings.seed)
         self.kubelet: KubeletSimulator | None = None
-        self.plugin = Plugin(work, self.kubelet_dir, self.state_dir, self.config, python)
+        self.python = python
+        self.plugin = self.new_plugin()
         self._pods = 0
         self.last_fault = "start"
 
@@ -375,11 +376,20 @@ class Chaos:
 
         return await control(self.state_dir / "mock.sock", request)
 
-    async def start_plugin(self) -> None:
+    def new_plugin(self) -> Plugin:
+        return Plugin(self.work, self.kubelet_dir, self.state_dir, self.config, self.python)
+
+    async def start_plugin(self, *extra: str) -> None:
         self.model.reset()
-        write_atomically(self.config, config_text(self.model, self.port))
-        self.plugin.start()
+        write_atomically(self.config, config_text(self.model))
+        # A fresh port each start: a second instance starts its probes while the first still serves its own.
+        self.port = free_port()
+        self.plugin.start(self.port, *extra)
         self.figures.plugin_starts += 1
+        await self.wait_serving()
+
+    async def wait_serving(self) -> None:
+        """Until the plugin's mock backend answers on its control socket; learns the GPUs' UUIDs."""
         async with asyncio.timeout(self.settings.hang_s):
             while True:
                 with contextlib.suppress(ConnectionError):
@@ -402,7 +412,7 @@ class Chaos:
         started = time.monotonic()
         # A fault that makes the plugin register again settles only once it has: until then the old stream can
         # still show the right devices.
-        registrations = self.registrations() if kind in ("socket_deleted", "sigkill") else None
+        registrations = self.registrations() if kind in ("socket_deleted", "sigkill", "surge") else None
         match kind:
             case "xid" if healthy:
                 gpu = rng.choice(healthy)
@@ -437,16 +447,18 @@ class Chaos:
                 await self.start_kubelet()
             case "config_good":
                 model.replicas = rng.choice([r for r in (1, 2, 3, 4) if r != model.replicas])
-                write_atomically(self.config, config_text(model, self.port))
+                write_atomically(self.config, config_text(model))
             case "config_bad":
                 write_atomically(self.config, rng.choice(BAD_CONFIGS))
                 # Refused: the model stays; the good text goes back so that a later SIGKILL restarts on it. The
                 # watcher reads the good text as new again and applies it (nothing changes).
                 await asyncio.sleep(0.3)
-                write_atomically(self.config, config_text(model, self.port))
+                write_atomically(self.config, config_text(model))
             case "sigkill":
                 await self.plugin.kill()
                 await self.start_plugin()
+            case "surge":
+                await self.surge()
             case "pod" if self.kubelet is not None:
                 await self.admit_pod()
             case _:
@@ -454,6 +466,23 @@ class Chaos:
         self.figures.faults[kind] += 1
         self.last_fault = kind
         await self.settled(kind, started, registrations)
+
+    async def surge(self) -> None:
+        """A rolling update with maxSurge: a second instance starts beside the first, waits for its lock, and takes
+        over once the first is stopped; the first exits 0 and the second never touches its sockets meanwhile."""
+        old, new, new_port = self.plugin, self.new_plugin(), free_port()
+        new.start(new_port, "--instance-wait", str(self.settings.hang_s))
+        self.figures.plugin_starts += 1
+        # While it waits, the first keeps serving undisturbed.
+        await self.steady(0.5)
+        if not new.alive():
+            raise ChaosFailure(f"surge: the second instance exited while waiting for the lock:\n{new.log_tail()}")
+        code = await old.stop()
+        if code != 0:
+            self.figures.violations.append(f"surge: the first instance exited {code} on SIGTERM")
+        self.plugin, self.port = new, new_port
+        self.model.reset()
+        await self.wait_serving()
 
     async def expect_ok(self, request: dict[str, Any]) -> None:
         answer = await self.control(request)

@@ -171,6 +171,7 @@ async def _measure_nvidia(
             kubelet_dir,
             nvidia_plugin.argv(binary, kubelet_dir),
             "nvml",
+            "NVIDIA's plugin",
         )
     except (RuntimeError, TimeoutError) as error:
         facts.setdefault("not_measured", {})["NVIDIA's device plugin"] = f"it failed: {error}"[:2000]
@@ -201,6 +202,7 @@ async def _measure_plugin(
     kubelet_dir: Path,
     argv: list[str],
     backend: str,
+    name: str = PLUGIN,
 ) -> _PluginRun:
     """Start the plugin ``argv`` against a simulated kubelet in ``kubelet_dir`` and run every phase on it."""
     state_dir = workdir / "s"
@@ -210,7 +212,7 @@ async def _measure_plugin(
     trace: ChurnTrace | None = None
     resource = scenario.resource
     async with KubeletSimulator(kubelet_dir) as kubelet:
-        plugin = ServerProcess(PLUGIN, argv, workdir / "plugin.log")
+        plugin = ServerProcess(name, argv, workdir / "plugin.log")
         plugin.start()
         try:
             registration = await _wait_registered(kubelet, plugin, resource, backend)

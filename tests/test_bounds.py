@@ -3,7 +3,9 @@ range, and a config parser that only ever answers with settings or one ConfigErr
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -397,3 +399,37 @@ def test_version_prints_the_package_version() -> None:
     result = invoke("--version")
     assert result.exit_code == 0, result.output
     assert result.output == f"gpuplugin {version('gpuplugin')}\n"
+
+
+_BACKEND_KEYS = {
+    "mock": ["gpus", "model", "memory_mib", "resource", "node_name", "numa_nodes", "nvlink_groups", "pcie_switches",
+             "control_socket", "device_node_host_path", "links"],
+    "nvml": ["resource", "device_id_strategy", "pass_device_specs", "driver_root", "device_root", "fail_on_init_error",
+             "retry_backoff_initial_s", "rediscover_backoff_max_s", "event_wait_timeout_ms", "wait_error_threshold",
+             "sysfs_root", "report_mig_devices"],
+    "partitioned": ["parent", "parent_options", "strategy", "layout", "layouts", "profiles", "allocation_policy",
+                    "1g.18gb", "all", "gpus", "none"],
+}  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), backend=st.sampled_from(sorted(_BACKEND_KEYS)))
+def test_random_backend_options_give_settings_or_the_backends_error(data: st.DataObject, backend: str) -> None:
+    """A backend's section, whatever it holds, gives its settings or its own one-line error, never another."""
+    from backends.mock import MockConfigError, MockSettings
+
+    keys = st.sampled_from(_BACKEND_KEYS[backend])
+    values = st.recursive(
+        _SCALARS | st.sampled_from(["all-1g.18gb", "1g.18gb,2g.35gb", "mock", "uuid"]),
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(keys | st.integers(), children, max_size=4),
+        max_leaves=20,
+    )
+    options = data.draw(st.dictionaries(keys, values, max_size=5))
+    parsers: dict[str, tuple[Callable[[Mapping[str, Any]], object], type[ValueError]]] = {
+        "mock": (MockSettings.from_options, MockConfigError),
+        "nvml": (NvmlSettings.from_options, NvmlSettingsError),
+        "partitioned": (PartitionedSettings.from_options, PartitionedConfigError),
+    }
+    parse, error = parsers[backend]
+    with contextlib.suppress(error):
+        parse(options)

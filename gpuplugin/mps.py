@@ -145,11 +145,6 @@ def mps_spec(parent: ContainerSpec, uuid: str, share: MpsShare, daemons: Control
     return dataclasses.replace(parent, env=frozen_mapping(env), mounts=(*parent.mounts, mount))
 
 
-def gpu_uuid(device: Device) -> str:
-    """The UUID of the GPU a device lives on, as its backend reported it."""
-    return device.attributes.get("parent_uuid") or device.attributes.get("uuid") or device.gpu
-
-
 @dataclass(frozen=True, slots=True)
 class MpsLimits:
     """Explicit limits of one ``sharing.mps`` resource; None: the equal split of the GPU."""
@@ -229,7 +224,8 @@ class MpsSharing:
                 devices.append(device)
                 continue
             share = self._share(device, count)
-            uuid = gpu_uuid(device)
+            # The device's own UUID: a whole GPU's, or a MIG device's (MPS then runs inside that MIG device).
+            uuid = device.attributes.get("uuid") or device.gpu
             devices.append(
                 dataclasses.replace(
                     device,
@@ -504,12 +500,17 @@ async def with_daemon_health(
 
 
 class MpsBackend:
-    """A backend whose GPUs are shared by ``sharing.mps``: its replicas, and the control daemons they need."""
+    """A backend whose GPUs are shared by ``sharing.mps``: its replicas, and the control daemons they need.
 
-    def __init__(self, inner: Backend, sharing: MpsSharing) -> None:
+    Over the mock (kind clusters, no GPU) the replicas carry their MPS environment but no daemon is started.
+    """
+
+    def __init__(self, inner: Backend, sharing: MpsSharing, *, supervise: bool | None = None) -> None:
+        """``supervise``: run the control daemons; None: unless the inner backend is the mock."""
         self.inner = inner
         self.sharing = sharing
         self.name = inner.name
+        self.supervise = inner.name != "mock" if supervise is None else supervise
         self.daemons = ControlDaemons(sharing.daemons, inner.name)
         self._tree = DeviceTree()
 
@@ -532,7 +533,8 @@ class MpsBackend:
 
     async def _shared(self, tree: DeviceTree) -> DeviceTree:
         self._tree = self.sharing.apply(tree)
-        await self.daemons.ensure(self._tree)
+        if self.supervise:
+            await self.daemons.ensure(self._tree)
         return self.daemons.fold(self._tree)
 
     async def discover(self) -> DeviceTree:

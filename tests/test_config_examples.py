@@ -37,6 +37,8 @@ EXAMPLES: Mapping[str, Mapping[str, int] | None] = {
     # GPU 0: 8 replicas, GPUs 1-6: 4 each, GPU 7 whole.
     "time-slicing.yaml": {"nvidia.com/shared-gpu": 8 + 6 * 4, GPU: 1},
     "mig-mixed.yaml": None,
+    "mps.yaml": None,
+    "mps-partitions.yaml": None,
     "mig-mock.yaml": {"nvidia.com/mig-1g.18gb": 8 * 7},
     "cdi.yaml": {GPU: 8},
     "volume-mounts.yaml": {GPU: 8},

@@ -184,6 +184,23 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+async def test_mps_sharing_over_the_mock_starts_no_daemon(workdir: Path) -> None:
+    """Over the mock (kind) MPS replicas carry their environment but no control daemon is started."""
+    from backends.mock import create as create_mock
+
+    mock = create_mock(
+        BackendContext(options={"gpus": 2, "control_socket": str(workdir / "m.sock")}, state_dir=workdir)
+    )
+    backend = MpsBackend(mock, MpsSharing.from_mapping({**NVIDIA_MPS, "daemon": daemon_options(workdir)}))
+    await backend.start()
+    try:
+        tree = await backend.discover()
+        assert len(tree.devices) == 8 and all(MEMORY_LIMIT in d.spec.env for d in tree.devices)
+        assert backend.daemons.daemons == {} and {d.health for d in tree.devices} == {Health.HEALTHY}
+    finally:
+        await backend.aclose()
+
+
 async def test_daemon_that_cannot_start_leaves_its_devices_unhealthy(workdir: Path) -> None:
     """A control program that is missing does not stop the start: the GPU's MPS devices are served Unhealthy."""
     options = {**daemon_options(workdir), "command": str(workdir / "missing")}

@@ -5,8 +5,9 @@ started with exactly the environment Allocate returned are held to their limits.
 the control daemon's start, the daemon killed (partitions Unhealthy to the kubelet) and restarted (Healthy again),
 Allocate and admission latency, then 7 pods admitted and 7 CUDA clients at once, each filling its GPU in 1 GiB
 steps until refused; (c) 3g.71gb + 4g.71gb, two clients at once; (d) ``sharing.mps`` with 4 replicas, two clients.
-Each client first asks for its limit plus 1 GiB in one allocation (refused under MPS), then fills to its limit,
-then waits for every client of its wave to hold its memory at the same time.
+Each client runs bf16 matmuls for 2 s (its compute share), asks for its limit plus 1 GiB in one allocation
+(refused under MPS), fills to its limit in 1 GiB steps, then waits for every client of its wave to hold its memory
+at the same time. The same client alone without MPS gives the whole GPU's figures.
 
 Nothing changes GPU settings: MPS needs no compute-mode change, and every daemon is quit at the end.
 
@@ -66,6 +67,23 @@ try:
     import torch
     props = torch.cuda.get_device_properties(0)
     out["sm_count"] = props.multi_processor_count
+    # Compute share: bf16 matmuls for about 2 s, before the memory is filled (they need 384 MiB).
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    a @ b
+    torch.cuda.synchronize()
+    started, n = time.perf_counter(), 0
+    while time.perf_counter() - started < 2.0:
+        for _ in range(10):
+            a @ b
+        torch.cuda.synchronize()
+        n += 10
+    out["matmul_tflops"] = round(2 * 8192**3 * n / (time.perf_counter() - started) / 1e12, 1)
+    del a, b
+    torch.cuda.empty_cache()
+    if wave == 0:
+        print(json.dumps(out))
+        sys.exit(0)
     try:
         big = torch.empty((limit_mib + 1024) << 20, dtype=torch.uint8, device="cuda")
         out["beyond_refused"] = False
@@ -209,6 +227,32 @@ async def kill_daemon(plugin: Plugin, daemons: ControlDaemons, resource: str) ->
     }
 
 
+async def whole_gpu_client(fake: bool) -> dict[str, Any]:
+    """The same client without MPS, alone on the GPU: the SMs and matmul rate that the shares are a part of."""
+    if fake:
+        return {"skipped": "no GPU (--fake)"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CUDA_MPS_")}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CLIENT, "0", "-", "0", env=env, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await asyncio.wait_for(process.communicate(), 240)
+    result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
+def mps_processes() -> list[str]:
+    """Every MPS control daemon and server still running on the machine (by process name)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            name = (proc / "comm").read_text().strip() if proc.name.isdecimal() else ""
+        except OSError:
+            continue
+        if name.startswith("nvidia-cuda-mps"):
+            found.append(f"{proc.name} {name}")
+    return found
+
+
 async def run_clients(allocations: list[Mapping[str, Any]], fake: bool) -> list[dict[str, Any]]:
     """One CUDA client per allocation, all at once, each with the base environment plus exactly Allocate's."""
     if fake:
@@ -296,6 +340,8 @@ async def prove(out: Path, calls: int, fake: bool) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="mps-"))
     report: dict[str, Any] = {"fake": fake, "calls": calls}
     report["control_without_daemon"] = await asyncio.to_thread(control_without_daemon, work / "none", fake)
+    report["mps_processes_before"] = await asyncio.to_thread(mps_processes)
+    await stage(report, "whole_gpu_client", whole_gpu_client(fake))
     try:
         async with serving(nvml_backend(fake, report_mig=False), work / "whole", (GPU,)) as plugin:
             await stage(report, "whole_gpu", latencies(plugin, GPU, calls))
@@ -334,6 +380,7 @@ async def prove(out: Path, calls: int, fake: bool) -> dict[str, Any]:
             if isinstance(report["replica_allocations"], list):
                 await stage(report, "replica_clients", run_clients(report["replica_allocations"], fake))
         report["daemons_left"] = await asyncio.to_thread(daemons_left, work)
+        report["mps_processes_after"] = await asyncio.to_thread(mps_processes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report
@@ -376,9 +423,13 @@ def markdown(report: Mapping[str, Any], commit: str) -> str:
         "CUDA clients, each started with exactly its Allocate environment, all of a wave at once "
         "(limit+1 GiB in one allocation, then 1 GiB steps until refused):",
         "",
-        "| wave | device | limit MiB | limit+1 GiB refused | filled MiB | SMs seen | holding at once |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| wave | device | limit MiB | limit+1 GiB refused | filled MiB | SMs seen | bf16 TFLOP/s | holding at once |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    whole = report.get("whole_gpu_client", {})
+    lines.append(
+        f"| alone, no MPS | whole GPU | - | - | - | {whole.get('sm_count')} | {whole.get('matmul_tflops')} | - |"
+    )
     for wave, key in (
         ("7 x 1g.18gb", "small_clients"),
         ("3g + 4g", "halves_clients"),
@@ -386,17 +437,19 @@ def markdown(report: Mapping[str, Any], commit: str) -> str:
     ):
         clients = report.get(key, [])
         if not isinstance(clients, list):
-            lines.append(f"| {wave} | {clients} | | | | | |")
+            lines.append(f"| {wave} | {clients} | | | | | | |")
             continue
         for client in clients:
             lines.append(
                 f"| {wave} | `{client.get('device')}` | {client.get('limit_mib')} | {client.get('beyond_refused')} | "
-                f"{client.get('filled_mib')} | {client.get('sm_count')} | {client.get('clients_holding_at_once')} |"
+                f"{client.get('filled_mib')} | {client.get('sm_count')} | {client.get('matmul_tflops')} | "
+                f"{client.get('clients_holding_at_once')} |"
                 + (f" error: {client['error']}" if "error" in client else "")
             )
     lines += [
         "",
-        f"Daemons left running after the plugin stopped: {len(report.get('daemons_left', []))}. "
+        f"Daemons left running after the plugin stopped: {len(report.get('daemons_left', []))}; MPS processes "
+        f"on the machine before: {report.get('mps_processes_before')}, after: {report.get('mps_processes_after')}. "
         f"The control program where no daemon runs: {report['control_without_daemon']}.",
         "",
     ]

@@ -26,6 +26,9 @@ LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 #: The largest config file read: what a Kubernetes ConfigMap holds (1 MiB). A larger file is refused unread.
 MAX_CONFIG_BYTES = 1024 * 1024
+#: The most values (scalars, lists, mappings) a config may hold once YAML's aliases are expanded. A real config
+#: holds hundreds; aliases let a 340-byte file hold a billion, which quoting one in an error would spell out.
+MAX_CONFIG_VALUES = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +96,24 @@ def read_config(path: Path) -> str:
     return decode_config(data, str(path))
 
 
+def within_values(data: object, limit: int) -> bool:
+    """Whether ``data`` holds at most ``limit`` values, each alias counted every time it is used; stops counting
+    at the limit, so a self-referencing or billion-value document costs ``limit`` steps."""
+    pending = [data]
+    count = 0
+    while pending:
+        count += 1
+        if count > limit:
+            return False
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list | tuple):
+            pending.extend(value)
+    return True
+
+
 def parse_config(text: str, source: str) -> dict[str, Any]:
     """Parse and check the top level of a config file."""
     import yaml  # here: a plugin started without a config file never pays for it (1 MB, tens of ms)
@@ -112,6 +133,8 @@ def parse_config(text: str, source: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: must be a mapping of sections, got {type(data).__name__}")
+    if not within_values(data, MAX_CONFIG_VALUES):
+        raise ConfigError(f"{source}: holds more than {MAX_CONFIG_VALUES} values once its YAML aliases are expanded")
     version = data.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise ConfigError(f"{source}: version: must be {CONFIG_VERSION!r}, got {version!r}")

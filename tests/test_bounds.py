@@ -255,6 +255,34 @@ def test_a_huge_value_in_an_error_is_cut_to_one_short_line(tmp_path: Path) -> No
     assert len(result.stderr) < MAX_MESSAGE_CHARS + 20
 
 
+def billion_laughs(key: str) -> str:
+    """A 340-byte YAML value that holds a billion strings through aliases: quoting it in an error never ended."""
+    levels = ["&l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    levels += [f"&l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    return f"{key}: [{', '.join(levels)}]\n"
+
+
+@pytest.mark.parametrize(
+    "text", ["version: v1\nhealth:\n  " + billion_laughs("fatalXids"), "version: v1\nsharing: &s {mps: *s}\n"]
+)
+def test_yaml_aliases_cannot_make_a_config_huge(text: str) -> None:
+    """A config that aliases expand to a billion values, or to itself, is refused at once naming the bound."""
+    started = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"^{SOURCE}: holds more than 100000 values once its YAML aliases"):
+        parse_config(text, SOURCE)
+    assert time.perf_counter() - started < 1.0
+
+
+async def test_yaml_aliases_cannot_make_a_mock_config_huge(tmp_path: Path) -> None:
+    """The mock's own config file has the same bound."""
+    from backends.mock import MockConfigError, load_settings
+
+    path = tmp_path / "mock.yaml"
+    path.write_text(billion_laughs("nvlink_groups"))
+    with pytest.raises(MockConfigError, match=r"holds more than 100000 values"):
+        await load_settings({"config": str(path)}, state_dir=tmp_path)
+
+
 def test_deeply_nested_yaml_is_a_config_error() -> None:
     """YAML nested deeper than Python's recursion is refused as a config, not a RecursionError."""
     with pytest.raises(ConfigError, match=rf"^{SOURCE}: "):

@@ -11,6 +11,7 @@ from typing import Any
 import aiofiles
 
 from gpuplugin.model import ContainerSpec, Device
+from gpuplugin.settings import MAX_CONFIG_VALUES, within_values
 
 #: Where the control socket lives unless told otherwise: the core's default state directory.
 DEFAULT_CONTROL_SOCKET = Path("/run/gpuplugin/mock.sock")
@@ -150,6 +151,10 @@ async def load_settings(options: Mapping[str, Any], *, state_dir: Path | None = 
         loaded = {}
     if not isinstance(loaded, Mapping):
         raise MockConfigError(f"mock.config: {path} must hold a mapping of mock settings, got {type(loaded).__name__}")
+    if not within_values(loaded, MAX_CONFIG_VALUES):
+        raise MockConfigError(
+            f"mock.config: {path} holds more than {MAX_CONFIG_VALUES} values once its aliases are expanded"
+        )
     return MockSettings.from_options({**loaded, **options}, state_dir=state_dir)
 
 

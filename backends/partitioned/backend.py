@@ -121,6 +121,8 @@ class PartitionedBackend:
     def events(self) -> AsyncIterator[BackendEvent]:
         """The parent's events: health as it is, inventory sliced again, and a new tree when a daemon stops or
         starts answering; until cancelled."""
+        if not self.settings.uses_mps:
+            return self._sliced_events()
         return with_daemon_health(self._sliced_events(), self.daemons, lambda: self.daemons.fold(self._tree))
 
     async def _sliced_events(self) -> AsyncGenerator[BackendEvent, None]:

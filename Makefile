@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint proto check-proto bench gokubelet clean
+.PHONY: demo test lint proto check-proto bench gokubelet e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ bench: $(STAMP)
 # The Go load client the benchmarks measure with beside the Python one; needs Debian's Go packages (--install: apt).
 gokubelet:
 	benchmarks/gokubelet/build.sh --install
+
+# The plugin on a real single-node cluster of upstream Kubernetes (README, "End-to-end on a real cluster"): root,
+# Debian's containerd (deploy/e2e/setup.sh installs it), Go; Kubernetes is built from Go modules once and cached.
+e2e: $(STAMP)
+	deploy/e2e/setup.sh
+	$(BIN)/python deploy/e2e/run.py
 
 clean:
 	rm -rf $(VENV) build dist benchmarks/gokubelet/bin benchmarks/gokubelet/build

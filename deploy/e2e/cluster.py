@@ -17,6 +17,8 @@ import fcntl
 import functools
 import json
 import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -28,6 +30,9 @@ from typing import Any
 
 KUBELET_ROOT = Path("/var/lib/kubelet")
 LOCK = Path("/run/gpuplugin-e2e.lock")
+# Left in /var/lib/kubelet when this test created it, so that a run that could not remove it (killed) lets the next
+# one do so.
+MARKER = ".created-by-gpuplugin-e2e"
 NODE_NAME = "gpuplugin-e2e"
 POD_SUBNET = "10.244.77.0/24"
 SERVICE_RANGE = "10.96.77.0/24"
@@ -43,14 +48,6 @@ SYSCTLS = (
     "kernel.keys.root_maxbytes",
     "net.ipv4.ip_forward",
 )
-# The iptables chains the kubelet makes to watch for a flush of the rules.
-KUBELET_CHAINS = (
-    ("mangle", "KUBE-KUBELET-CANARY"),
-    ("nat", "KUBE-KUBELET-CANARY"),
-    ("filter", "KUBE-KUBELET-CANARY"),
-    ("mangle", "KUBE-IPTABLES-HINT"),
-)
-
 Log = Callable[[str], None]
 
 
@@ -115,7 +112,7 @@ class Cluster:
     kubelet_root_existed: bool = True
     host_dirs_created: list[Path] = field(default_factory=list)
     netns_before: set[str] = field(default_factory=set)
-    chains_before: set[tuple[str, str]] = field(default_factory=set)
+    chains_before: set[tuple[str, str, str]] = field(default_factory=set)
     ports: dict[str, int] = field(default_factory=dict)
     ip: str = ""
     lock_fd: int = -1
@@ -183,15 +180,16 @@ class Cluster:
         for name in SYSCTLS:
             with contextlib.suppress(OSError):
                 self.sysctls[name] = sysctl_path(name).read_text().strip()
-        self.kubelet_root_existed = KUBELET_ROOT.exists()
-        for d in (Path("/run/gpuplugin"), Path("/var/log/pods"), Path("/var/log/containers")):
+        self.kubelet_root_existed = KUBELET_ROOT.exists() and not (KUBELET_ROOT / MARKER).exists()
+        if not self.kubelet_root_existed:
+            KUBELET_ROOT.mkdir(parents=True, exist_ok=True)
+            (KUBELET_ROOT / MARKER).touch()
+        for d in (Path("/run/gpuplugin"), Path("/run/cdi"), Path("/var/log/pods"), Path("/var/log/containers")):
             if not d.exists():
                 self.host_dirs_created.append(d)
         netns = Path("/run/netns")
         self.netns_before = {p.name for p in netns.iterdir()} if netns.exists() else set()
-        for table, chain in KUBELET_CHAINS:
-            if run(["iptables", "-t", table, "-n", "-L", chain], check=False).returncode == 0:
-                self.chains_before.add((table, chain))
+        self.chains_before = self._kube_chains()
 
     def _pki(self) -> None:
         """A CA; serving certs for the API server; client certs for the admin, the kubelet; a service-account key."""
@@ -663,7 +661,9 @@ state = "{d / "state"}"
             if left:
                 self.log(f"cleanup: still mounted: {left}")
         if not self.kubelet_root_existed and KUBELET_ROOT.exists() and not mounts_under(KUBELET_ROOT):
-            run(["rm", "-rf", "--one-file-system", str(KUBELET_ROOT)], check=False)
+            removed = run(["rm", "-rf", "--one-file-system", str(KUBELET_ROOT)], check=False)
+            if removed.returncode != 0:
+                self.log(f"cleanup: {KUBELET_ROOT} not removed: {removed.stderr.strip()}")
 
     def _network(self) -> None:
         """Removes the CNI bridge, the network namespaces the pods left and the kubelet's iptables chains."""
@@ -676,11 +676,28 @@ state = "{d / "state"}"
                         p.unlink()
         if Path(f"/sys/class/net/{BRIDGE}").exists():
             run(["ip", "link", "delete", BRIDGE], check=False)
-        for table, chain in KUBELET_CHAINS:
-            exists = run(["iptables", "-t", table, "-n", "-L", chain], check=False).returncode == 0
-            if exists and (table, chain) not in self.chains_before:
-                run(["iptables", "-t", table, "-F", chain], check=False)
-                run(["iptables", "-t", table, "-X", chain], check=False)
+        for tool, table, chain in sorted(self._kube_chains() - self.chains_before):
+            # Rules of other chains that jump to it first, then the chain itself.
+            for rule in run([tool, "-t", table, "-S"], check=False).stdout.splitlines():
+                if rule.startswith("-A ") and rule.endswith(f"-j {chain}"):
+                    run([tool, "-t", table, "-D", *shlex.split(rule)[1:]], check=False)
+            run([tool, "-t", table, "-F", chain], check=False)
+            run([tool, "-t", table, "-X", chain], check=False)
+
+    @staticmethod
+    def _kube_chains() -> set[tuple[str, str, str]]:
+        """The KUBE-* chains of every table, of iptables and ip6tables (the kubelet makes some)."""
+        out = set()
+        for tool in ("iptables", "ip6tables"):
+            if shutil.which(f"{tool}-save") is None:
+                continue
+            table = ""
+            for line in run([f"{tool}-save"], check=False).stdout.splitlines():
+                if line.startswith("*"):
+                    table = line[1:]
+                elif line.startswith(":KUBE-"):
+                    out.add((tool, table, line[1:].split()[0]))
+        return out
 
     def _restore_sysctls(self) -> None:
         for name, value in self.sysctls.items():

@@ -1,0 +1,134 @@
+"""The Helm chart (deploy/helm/gpuplugin) against the Kustomize manifests (deploy/overlays): what matters agrees.
+
+Needs helm and kubectl (for `kubectl kustomize`): taken from GPUPLUGIN_E2E_HELM / GPUPLUGIN_E2E_KUBECTL, else from
+the cache that `make e2e` builds them into (~/.cache/gpuplugin-e2e), else from PATH; skipped when missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "deploy/helm/gpuplugin"
+CACHE = Path(
+    os.environ.get("E2E_CACHE", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "gpuplugin-e2e")
+)
+
+
+def find_tool(name: str, env: str, pattern: str) -> str | None:
+    """The tool named by `env`, else the newest cached build, else PATH."""
+    if os.environ.get(env):
+        return os.environ[env]
+    cached = sorted(CACHE.glob(pattern))
+    if cached:
+        return str(cached[-1])
+    return shutil.which(name)
+
+
+HELM = find_tool("helm", "GPUPLUGIN_E2E_HELM", "helm-*/bin/helm")
+KUBECTL = find_tool("kubectl", "GPUPLUGIN_E2E_KUBECTL", "k8s-*/bin/kubectl")
+pytestmark = pytest.mark.skipif(
+    HELM is None or KUBECTL is None,
+    reason="helm or kubectl not built: deploy/e2e/build-helm.sh and deploy/e2e/build-k8s.sh (make e2e) build them",
+)
+
+
+def docs(text: str) -> dict[str, dict[str, Any]]:
+    """The objects of a multi-document YAML, by kind."""
+    return {d["kind"]: d for d in yaml.safe_load_all(text) if d}
+
+
+def helm_template(*sets: str) -> dict[str, dict[str, Any]]:
+    """`helm template gpuplugin` in kube-system, with `--set` values."""
+    assert HELM is not None
+    args = [HELM, "template", "gpuplugin", str(CHART), "--namespace", "kube-system"]
+    for s in sets:
+        args += ["--set", s]
+    return docs(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+
+
+def kustomize(overlay: str) -> dict[str, dict[str, Any]]:
+    """`kubectl kustomize deploy/overlays/<overlay>`."""
+    assert KUBECTL is not None
+    out = subprocess.run(
+        [KUBECTL, "kustomize", str(ROOT / "deploy/overlays" / overlay)], capture_output=True, text=True, check=True
+    ).stdout
+    return docs(out)
+
+
+def pod_spec(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The DaemonSet's pod spec."""
+    return objs["DaemonSet"]["spec"]["template"]["spec"]  # type: ignore[no-any-return]
+
+
+def container(objs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The plugin's container."""
+    return pod_spec(objs)["containers"][0]  # type: ignore[no-any-return]
+
+
+def by_name(items: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """A list of named entries (mounts, volumes, env) as a mapping."""
+    return {i["name"]: i for i in items}
+
+
+@pytest.mark.parametrize(("overlay", "backend"), [("nvml", "nvml"), ("mock", "mock")])
+def test_chart_agrees_with_kustomize(overlay: str, backend: str) -> None:
+    """securityContext, mounts, volumes, tolerations, affinity, priority class, probes, ports, args, env agree."""
+    chart, kust = helm_template(f"backend={backend}"), kustomize(overlay)
+    hp, kp = pod_spec(chart), pod_spec(kust)
+    hc, kc = container(chart), container(kust)
+    for key in ("securityContext", "tolerations", "priorityClassName", "automountServiceAccountToken", "affinity"):
+        assert hp.get(key) == kp.get(key), f"pod {key}: chart {hp.get(key)} != kustomize {kp.get(key)}"
+    for key in ("securityContext", "livenessProbe", "readinessProbe", "ports", "args", "resources", "imagePullPolicy"):
+        assert hc.get(key) == kc.get(key), f"container {key}: chart {hc.get(key)} != kustomize {kc.get(key)}"
+    assert by_name(hc["volumeMounts"]) == by_name(kc["volumeMounts"])
+    assert by_name(hp["volumes"]) == by_name(kp["volumes"])
+    assert by_name(hc["env"]) == by_name(kc["env"])
+    assert chart["DaemonSet"]["metadata"]["name"] == kust["DaemonSet"]["metadata"]["name"]
+    assert chart["DaemonSet"]["metadata"]["namespace"] == kust["DaemonSet"]["metadata"]["namespace"]
+
+
+def test_default_config_and_image_match_the_base() -> None:
+    """The chart's default config file is deploy/base/config.yaml; its default image is the base's."""
+    chart = helm_template()
+    base = yaml.safe_load((ROOT / "deploy/base/config.yaml").read_text())
+    assert yaml.safe_load(chart["ConfigMap"]["data"]["config.yaml"]) == base
+    assert chart["ConfigMap"]["metadata"]["name"] == kustomize("nvml")["ConfigMap"]["metadata"]["name"]
+    base_ds = yaml.safe_load((ROOT / "deploy/base/daemonset.yaml").read_text())
+    assert container(chart)["image"] == base_ds["spec"]["template"]["spec"]["containers"][0]["image"]
+
+
+def test_nvidia_style_values() -> None:
+    """NVIDIA's chart values (migStrategy, failOnInitError, runtimeClassName, config.name) render as NVIDIA's do."""
+    chart = helm_template("migStrategy=mixed", "failOnInitError=false", "runtimeClassName=nvidia", "config.name=mine")
+    env = {e["name"]: e.get("value") for e in container(chart)["env"]}
+    assert env["MIG_STRATEGY"] == "mixed"
+    assert env["FAIL_ON_INIT_ERROR"] == "false"
+    assert pod_spec(chart)["runtimeClassName"] == "nvidia"
+    assert "ConfigMap" not in chart
+    assert by_name(pod_spec(chart)["volumes"])["config"]["configMap"]["name"] == "mine"
+    assert container(chart)["args"][:2] == ["--config", "/etc/gpuplugin/default"]
+
+
+def test_bad_backend_is_refused() -> None:
+    """An unknown backend fails the render with a message naming the choices."""
+    assert HELM is not None
+    proc = subprocess.run(
+        [HELM, "template", "x", str(CHART), "--set", "backend=cuda"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode != 0
+    assert "backend must be mock, nvml or partitioned" in proc.stderr
+
+
+def test_lint() -> None:
+    """helm lint --strict passes."""
+    assert HELM is not None
+    proc = subprocess.run([HELM, "lint", "--strict", str(CHART)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

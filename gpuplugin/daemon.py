@@ -210,7 +210,8 @@ class Daemon:
         async with self._reloading:
             old = self.settings
             try:
-                new = settings_from_text(text, str(self._config), self._overrides)
+                # In a thread: a megabyte of YAML takes seconds to parse, and /healthz must answer meanwhile.
+                new = await asyncio.to_thread(settings_from_text, text, str(self._config), self._overrides)
                 backend = make_backend(new) if _changed(new, old, _BACKEND_SETTINGS) else None
             except (LookupError, ValueError) as exc:  # a ConfigError, an unknown backend, options it refuses
                 self.refused += 1

@@ -432,3 +432,22 @@ async def test_watcher_started_after_an_edit_applies_it(workdir: Path) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert seen == [config(replicas=3)]
+
+
+async def test_a_big_config_is_parsed_off_the_event_loop(workdir: Path) -> None:
+    """A reload of a big file keeps the event loop answering while its YAML is parsed, then refuses it."""
+    async with running(workdir, config(replicas=2)) as node:
+        await node.settled(GPU, 4)
+        # 120,000 values, 480 kB: seconds of parsing in pure Python, then over the 100,000-value bound.
+        big = config(replicas=3, extra="health: {ignoredXids: [" + "13, " * 120_000 + "13]}\n")
+        longest_s = 0.0
+        with capture_logs() as logs:
+            write_atomically(node.config, big)
+            async with asyncio.timeout(60):
+                while node.daemon.refused == 0:
+                    started = time.perf_counter()
+                    await asyncio.sleep(0.01)
+                    longest_s = max(longest_s, time.perf_counter() - started)
+        assert any("more than 100000 values" in e.get("error", "") for e in logs)
+        assert longest_s < 0.5, f"the event loop was blocked for {longest_s:.2f} s"
+        await node.settled(GPU, 4)

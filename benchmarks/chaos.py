@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpuplugin.logs import configure
 from gpuplugin.sharing import REPLICA_SEPARATOR
 from gpuplugin.simulator import KubeletSimulator
 
@@ -566,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration_s <= 0:
         parser.error("--duration-s: must be > 0")
     settings = ChaosSettings(duration_s=args.duration_s, seed=args.seed, gpus=args.gpus)
+    # The kubelet simulator's own log to stderr, warnings only: stdout carries the figures.
+    configure("console", "warning")
     try:
         figures = asyncio.run(run_chaos(settings))
     except ChaosFailure as exc:

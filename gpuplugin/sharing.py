@@ -165,8 +165,11 @@ class TimeSlicing:
             where = f"{self.path}.resources[{self.resources.index(resource)}]"
             field_name = "replicas" if not resource.per_gpu else "replicas/perGpu"
             each = f"{counts[0]}" if min(counts) == max(counts) else f"up to {max(counts)}"
+            gpus = f"{len(counts)} GPU{'s' if len(counts) > 1 else ''}"
+            unshared = total - sum(counts)
+            besides = f" with the {unshared} unshared ones" if unshared else ""
             raise SharingError(
-                f"{where}.{field_name}: {len(counts)} GPUs with {each} replicas each make {total} devices of {name}; "
+                f"{where}.{field_name}: {gpus} with {each} replicas each make {total} devices of {name}{besides}; "
                 f"a resource may have at most {MAX_DEVICES_PER_RESOURCE}, what fits in its "
                 f"ListAndWatch message ({MAX_LIST_MESSAGE_BYTES // 2**20} MiB, half the kubelet's "
                 f"{KUBELET_MAX_MESSAGE_BYTES // 2**20} MiB limit)"

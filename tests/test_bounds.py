@@ -150,7 +150,10 @@ def test_unshared_gpus_of_the_same_name_count_too() -> None:
     with pytest.raises(SharingError, match=r"resources\[0\]\.replicas/perGpu: 8 GPUs with up to 24672 replicas each"):
         sharing.apply(gpus(8))
     only_first = shared(MAX_DEVICES_PER_RESOURCE, devices=[0])
-    with pytest.raises(SharingError, match=r"1 GPUs with 24672 replicas each make 24679 devices"):
+    with pytest.raises(
+        SharingError,
+        match=r"1 GPU with 24672 replicas each make 24679 devices of nvidia.com/gpu with the 7 unshared ones; ",
+    ):
         only_first.apply(gpus(8))
     renamed = TimeSlicing.from_mapping(
         {"resources": [{"name": GPU, "replicas": MAX_DEVICES_PER_RESOURCE, "devices": [0], "rename": "a.com/s"}]}

@@ -19,7 +19,7 @@ async def test_chaos_soak_heals_from_every_fault_with_invariants_holding() -> No
 
 def test_chaos_schedule_covers_every_fault_kind() -> None:
     """The schedule draws every fault the issue names: kubelet restarts, socket and directory removal, XIDs, lost
-    and unplugged GPUs, good and bad config edits, SIGKILL, pods."""
+    and unplugged GPUs, good and bad config edits, SIGKILL, a second instance surging in, pods."""
     assert set(FAULTS) == {
         "xid",
         "lose",
@@ -32,5 +32,6 @@ def test_chaos_schedule_covers_every_fault_kind() -> None:
         "config_good",
         "config_bad",
         "sigkill",
+        "surge",
         "pod",
     }

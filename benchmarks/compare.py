@@ -8,8 +8,10 @@ the same files give the same answer). A change is beyond the noise where the int
 regression where it is beyond the noise, slower, and by more than ``--threshold``.
 
 Only the plugin's own measures decide the exit status: the floors' and NVIDIA's are printed as the machine's
-drift between the runs (a slower floor says the machine was slower, not the plugin). Facts taken once per run
-(RSS, start to registration) have no repeats: their change is printed, never judged.
+drift between the runs (a slower floor says the machine was slower, not the plugin). Where the grpclib floor was
+measured beside a measure (Allocate), each chunk is divided by the floor's chunk taken at the same time, and that
+ratio, not the raw figure, is judged: a virtual machine's speed drifts between runs by more than a chunk's noise.
+Facts taken once per run (RSS, start to registration) have no repeats: their change is printed, never judged.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ class Change:
     interval: tuple[float, float] | None
     """The bootstrap interval of ``ratio``; None where either run recorded no chunks."""
     regression: bool
+    judged: bool = True
+    """Whether this row can be a regression: the plugin's own, and not one that its row over the floor judges."""
 
     @property
     def beyond_noise(self) -> bool | None:
@@ -66,7 +70,9 @@ class Change:
         slower = "slower" if self.ratio > 1 else "faster"
         if self.regression:
             return f"**{slower}: regression**"
-        return slower if self.role == ROLE_OURS else f"{slower} (the machine: not judged)"
+        if self.role != ROLE_OURS:
+            return f"{slower} (the machine: not judged)"
+        return slower if self.judged else f"{slower} (judged over the floor, next row)"
 
 
 def bootstrap(
@@ -110,10 +116,26 @@ def changes(
             if len(chunks_a) >= 2 and len(chunks_b) >= 2:
                 ratio = float(np.median(chunks_b) / max(float(np.median(chunks_a)), 1e-9))
                 interval = bootstrap(chunks_a, chunks_b, resamples=resamples, confidence=confidence, seed=seed)
-            beyond = interval is not None and (interval[0] > 1 or interval[1] < 1)
-            regression = role == ROLE_OURS and beyond and ratio > 1 + threshold
             label = f"{name} {statistic.removesuffix('_ms')}"
-            found.append(Change(label, role, a, b, ratio, interval, regression))
+            relative = _to_floor(old, new, name, statistic) if role == ROLE_OURS else None
+            judged = role == ROLE_OURS and relative is None
+            found.append(_change(label, role, a, b, ratio, interval, judged, threshold))
+            if relative is not None:
+                chunks_a, chunks_b = relative
+                interval = bootstrap(chunks_a, chunks_b, resamples=resamples, confidence=confidence, seed=seed)
+                ratio = float(np.median(chunks_b) / max(float(np.median(chunks_a)), 1e-9))
+                found.append(
+                    _change(
+                        f"{label} over the grpclib floor",
+                        role,
+                        float(np.median(chunks_a)),
+                        float(np.median(chunks_b)),
+                        ratio,
+                        interval,
+                        True,
+                        threshold,
+                    )
+                )
     for label, path in FACTS:
         a_fact, b_fact = fact(old, path), fact(new, path)
         if a_fact is not None and b_fact is not None:
@@ -121,6 +143,36 @@ def changes(
             found.append(Change(label, ROLE_OURS, a_fact, b_fact, ratio, None, False))
     order = list(ROLES)
     return sorted(found, key=lambda c: order.index(c.role))
+
+
+def _change(
+    label: str,
+    role: str,
+    old: float,
+    new: float,
+    ratio: float,
+    interval: tuple[float, float] | None,
+    judged: bool,
+    threshold: float,
+) -> Change:
+    beyond = interval is not None and (interval[0] > 1 or interval[1] < 1)
+    return Change(label, role, old, new, ratio, interval, judged and beyond and ratio > 1 + threshold, judged)
+
+
+def _to_floor(
+    old: Mapping[str, Any], new: Mapping[str, Any], name: str, statistic: str
+) -> tuple[list[float], list[float]] | None:
+    """Each run's chunks of ``name`` over the same chunks of the grpclib floor, measured by the same client in
+    alternating blocks (so chunk i of each was taken at about the same time): the machine's drift between the runs
+    divides out. None where either run lacks the floor's chunks."""
+    ratios = []
+    for run in (old, new):
+        ours = run["latency"][name].get("chunks", {}).get(statistic, [])
+        floor = run["latency"].get(f"floor-grpclib {name}", {}).get("chunks", {}).get(statistic, [])
+        if len(ours) < 2 or len(ours) != len(floor):
+            return None
+        ratios.append([a / max(b, 1e-9) for a, b in zip(ours, floor, strict=True)])
+    return ratios[0], ratios[1]
 
 
 def markdown(old_name: str, new_name: str, found: Sequence[Change], notes: Sequence[str], threshold: float) -> str:

@@ -68,9 +68,9 @@ class Panel:
     measure: str
 
 
-def _figure(panels: int, columns: int, height_in: float = 3.6) -> tuple[Figure, list[Axes]]:
+def _figure(panels: int, columns: int, height_in: float = 3.6, width_in: float = 5.2) -> tuple[Figure, list[Axes]]:
     rows = -(-panels // columns)
-    figure = plt.figure(figsize=(5.2 * columns + 0.6, height_in * rows + 0.9), layout="constrained", dpi=DPI)
+    figure = plt.figure(figsize=(width_in * columns + 0.6, height_in * rows + 0.9), layout="constrained", dpi=DPI)
     axes = figure.subplots(rows, columns, squeeze=False)
     flat = [a for row in axes for a in row]
     for extra in flat[panels:]:
@@ -186,7 +186,7 @@ def reregistration(result: RunResult, path: Path) -> Path | None:
     present = [p for p in panels if p.measure in table]
     if not present:
         return None
-    figure, axes = _figure(len(present), len(present), height_in=3.4)
+    figure, axes = _figure(len(present), len(present), height_in=3.4, width_in=3.8)
     roles = [r for r in ROLES if any(r in table[p.measure] for p in present)]
     for panel, ax in zip(present, axes, strict=True):
         for x, role in enumerate(roles):
@@ -199,7 +199,7 @@ def reregistration(result: RunResult, path: Path) -> Path | None:
             ax.hlines(statistics.median(values), x - 0.3, x + 0.3, color=ROLES[role][0], linewidth=2.5)
         ax.set_xticks(range(len(roles)), [ROLES[r][1].split(" (")[0] for r in roles])
         ax.set_xlim(-0.6, len(roles) - 0.4)
-        ax.set_ylim(bottom=0)
+        _log_y(ax)  # one slow restart (a second) must not flatten the others (a few ms)
         ax.set_ylabel("after kubelet.sock is served again (ms)")
         ax.set_title(panel.title, fontsize="medium")
         ax.grid(True, axis="y", alpha=0.3)

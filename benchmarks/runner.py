@@ -302,7 +302,8 @@ async def _measure_plugin(
 def _plugin_environment() -> dict[str, str]:
     """The plugin's settings in the environment it inherits (``GPUPLUGIN_METRICS_ADDRESS``, ``GPUPLUGIN_EVENT_LOOP``
     ...): a run with one of them set measures another plugin than its command line says."""
-    return {k: v for k, v in os.environ.items() if k.startswith("GPUPLUGIN_") and k != GOKUBELET_ENV}
+    harness = (GOKUBELET_ENV, nvidia_plugin.NVIDIA_PLUGIN_ENV)
+    return {k: v for k, v in os.environ.items() if k.startswith("GPUPLUGIN_") and k not in harness}
 
 
 def _write_config(scenario: Scenario, workdir: Path) -> Path | None:

@@ -75,7 +75,8 @@ def test_quick_run_measures_every_phase_without_errors(tmp_path: Path, monkeypat
     assert page.count("data:image/png;base64,") == len(pngs) and "<td>Allocate</td>" in page
     assert "gokubelet" in data["not_measured"]["the Go client's measures"]
     # Chunks of consecutive calls, the run's own repeats that compare bootstraps.
-    assert len(data["latency"]["Allocate"]["chunks"]["p50_ms"]) == 4
+    assert len(data["latency"]["Allocate"]["chunks"]["p50_ms"]) == 20
+    assert "chunks" not in data["latency"]["re-registration"]  # 2 restarts: too few for two chunks of 4
     # whole-8 does not run NVIDIA's plugin (nvml does): the report says so, and only bounds are judged.
     assert "nvidia" not in data
     assert "NVIDIA's device plugin was not measured in this run (this scenario does not run it)" in markdown
@@ -480,7 +481,8 @@ def _chunked(folder: Path, scale: dict[str, float], noise: int = 0) -> Path:
 
 def test_compare_judges_changes_against_the_noise_of_the_chunks(tmp_path: Path) -> None:
     """compare exits 0 where the runs differ within their noise or only the floor moved, and 1 where the plugin is
-    slower beyond the noise and the threshold; smaller slow-downs than the threshold are reported, not failed."""
+    slower, over the floor measured beside it, beyond the noise and the threshold; smaller slow-downs than the
+    threshold are reported, not failed."""
     old = _chunked(tmp_path / "old", {})
     same = _chunked(tmp_path / "same", {}, noise=3)
     slower = _chunked(tmp_path / "slower", {"Allocate": 1.5})
@@ -496,9 +498,11 @@ def test_compare_judges_changes_against_the_noise_of_the_chunks(tmp_path: Path) 
     assert "No regression." in within.output
     regressed = run(slower)
     assert regressed.exit_code == 1, regressed.output
-    assert "Regressions: Allocate p50, Allocate p99." in regressed.output
+    # Judged over the floor measured beside it, which divides out the machine's drift.
+    assert "Regressions: Allocate p50 over the grpclib floor, Allocate p99 over the grpclib floor." in regressed.output
     machine = run(floor)
     assert machine.exit_code == 0 and "slower (the machine: not judged)" in machine.output
+    assert "| Allocate p50 over the grpclib floor | 1.111 | 0.741 | 0.667 |" in machine.output
     small = run(slightly)
     assert small.exit_code == 0 and "| slower |" in small.output
     assert run(slightly, "--threshold", "0.05").exit_code == 1

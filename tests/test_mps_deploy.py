@@ -51,3 +51,19 @@ def test_mps_overlay_matches_the_kubernetes_schema() -> None:
     pytest.importorskip("kubernetes", reason="schema validation needs the kubernetes package (test group)")
     for obj in render(MPS):
         validate(obj)
+
+
+def test_helm_mps_values_render_what_the_mps_overlay_has() -> None:
+    """The chart with ``mps.enabled`` renders the MPS overlay's pod: hostIPC, mounts, volumes and environment."""
+    from tests import test_helm
+
+    if test_helm.HELM is None or test_helm.KUBECTL is None:
+        pytest.skip("helm or kubectl not built (make e2e builds them)")
+    chart, kust = test_helm.helm_template("backend=nvml", "mps.enabled=true"), test_helm.kustomize("mps")
+    hp, kp = test_helm.pod_spec(chart), test_helm.pod_spec(kust)
+    assert hp["hostIPC"] is kp["hostIPC"] is True
+    hc, kc = test_helm.container(chart), test_helm.container(kust)
+    assert test_helm.by_name(hc["volumeMounts"]) == test_helm.by_name(kc["volumeMounts"])
+    assert test_helm.by_name(hp["volumes"]) == test_helm.by_name(kp["volumes"])
+    assert test_helm.by_name(hc["env"]) == test_helm.by_name(kc["env"])
+    assert "hostIPC" not in test_helm.pod_spec(test_helm.helm_template("backend=nvml"))

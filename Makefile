@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint proto check-proto bench gokubelet e2e clean
+.PHONY: demo test lint proto check-proto bench bench-compare gokubelet nvidia-plugin e2e clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,17 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/gpuplugin bench --quick
 
+# The parent commit against the checkout, quick Allocate runs compared: reports, fails only on a gross regression.
+bench-compare: $(STAMP)
+	benchmarks/compare_parent.sh
+
 # The Go load client the benchmarks measure with beside the Python one; needs Debian's Go packages (--install: apt).
 gokubelet:
 	benchmarks/gokubelet/build.sh --install
+
+# NVIDIA's device plugin, which the nvml scenario measures after ours on a GPU node; needs Go and its module proxy.
+nvidia-plugin:
+	benchmarks/nvidia/build.sh
 
 # The plugin on a real single-node cluster of upstream Kubernetes (README, "End-to-end on a real cluster"): root,
 # Debian's containerd (deploy/e2e/setup.sh installs it), Go; Kubernetes is built from Go modules once and cached.
@@ -42,4 +50,5 @@ e2e: $(STAMP)
 	$(BIN)/python deploy/e2e/run.py
 
 clean:
-	rm -rf $(VENV) build dist benchmarks/gokubelet/bin benchmarks/gokubelet/build
+	rm -rf $(VENV) build dist benchmarks/gokubelet/bin benchmarks/gokubelet/build benchmarks/nvidia/bin \
+		benchmarks/nvidia/build

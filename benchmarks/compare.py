@@ -16,7 +16,9 @@ Facts taken once per run (RSS, start to registration) have no repeats: their cha
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,13 @@ class Change:
     regression: bool
     judged: bool = True
     """Whether this row can be a regression: the plugin's own, and not one that its row over the floor judges."""
+    unjudged_because: str = "judged over the floor, next row"
+
+    @property
+    def statistic(self) -> str:
+        """``p50`` or ``p99``; empty for a fact."""
+        match = re.search(r" (p50|p99)( |$)", self.figure)
+        return match.group(1) if match else ""
 
     @property
     def beyond_noise(self) -> bool | None:
@@ -72,7 +81,7 @@ class Change:
             return f"**{slower}: regression**"
         if self.role != ROLE_OURS:
             return f"{slower} (the machine: not judged)"
-        return slower if self.judged else f"{slower} (judged over the floor, next row)"
+        return slower if self.judged else f"{slower} ({self.unjudged_because})"
 
 
 def bootstrap(
@@ -232,13 +241,27 @@ def notes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     show_default=True,
     help="A slower figure of the plugin fails the comparison when beyond the noise and by more than this fraction.",
 )
+@click.option(
+    "--judge",
+    "judged",
+    type=click.Choice(["p50", "p99"]),
+    multiple=True,
+    help="Only these percentiles can fail the comparison (repeatable); default both. The others are still printed.",
+)
 @click.option("--confidence", type=float, default=0.95, show_default=True, help="Of the bootstrap interval.")
 @click.option("--resamples", type=int, default=2000, show_default=True, help="Bootstrap resamples.")
-def main(old: Path, new: Path, threshold: float, confidence: float, resamples: int) -> None:
+def main(old: Path, new: Path, threshold: float, judged: tuple[str, ...], confidence: float, resamples: int) -> None:
     """Each figure of the runs OLD and NEW (results folders), its change, and whether it is beyond the noise;
     exits 1 where the plugin got slower beyond the noise and the threshold."""
     before, after = load(old), load(new)
     found = changes(before, after, threshold=threshold, resamples=resamples, confidence=confidence)
+    if judged:
+        found = [
+            c
+            if c.statistic in judged
+            else dataclasses.replace(c, regression=False, judged=False, unjudged_because="not judged: --judge")
+            for c in found
+        ]
     click.echo(markdown(str(old), str(new), found, notes(before, after), threshold), nl=False)
     if any(c.regression for c in found):
         raise SystemExit(1)

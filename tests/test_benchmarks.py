@@ -506,6 +506,10 @@ def test_compare_judges_changes_against_the_noise_of_the_chunks(tmp_path: Path) 
     small = run(slightly)
     assert small.exit_code == 0 and "| slower |" in small.output
     assert run(slightly, "--threshold", "0.05").exit_code == 1
+    # --judge p99: only the p99 rows can fail, the p50 ones are printed and said not judged.
+    p99 = run(slower, "--judge", "p99")
+    assert p99.exit_code == 1 and "Regressions: Allocate p99 over the grpclib floor." in p99.output
+    assert "(not judged: --judge)" in p99.output
     # Facts taken once per run have no repeats: shown, never judged.
     assert "| idle RSS (MB) | 40.000 | 40.000 | 1.000 |  | no repeats: noise unknown |" in within.output
 

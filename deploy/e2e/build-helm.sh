@@ -2,6 +2,8 @@
 # Builds helm from Go modules (helm.sh/helm/v3/cmd/helm), cached in a directory keyed by the version.
 # Prints the helm binary's path on its last line; a warm run only checks the cache.
 set -euo pipefail
+# The machine's Go (1.24 or later is needed), ahead of an older one that Debian's packages may have put on PATH.
+[[ -x /usr/local/go/bin/go ]] && PATH="/usr/local/go/bin:$PATH"
 
 HELM_VERSION="${HELM_VERSION:-v3.19.5}"
 CACHE="${E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gpuplugin-e2e}"

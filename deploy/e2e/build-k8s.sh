@@ -8,6 +8,8 @@
 # k8s.io/kubernetes keeps its staging modules (k8s.io/api, k8s.io/client-go, ...) as local `replace`s, so a module
 # that requires it must replace each of them with the published v0.X.Y of the same release.
 set -euo pipefail
+# The machine's Go (1.24 or later is needed), ahead of an older one that Debian's packages may have put on PATH.
+[[ -x /usr/local/go/bin/go ]] && PATH="/usr/local/go/bin:$PATH"
 
 K8S_VERSION="${K8S_VERSION:-v1.34.4}"
 CACHE="${E2E_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/gpuplugin-e2e}"
@@ -30,31 +32,16 @@ src="$DIR/src"
 mkdir -p "$src" "$BIN"
 cd "$src"
 
+# Every staging module k8s.io/kubernetes replaces with a local path, read from its go.mod in the module cache.
+GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$K8S_VERSION" > /dev/null
+modfile="$(go env GOMODCACHE)/cache/download/k8s.io/kubernetes/@v/$K8S_VERSION.mod"
 {
-    echo "module gpuplugin.e2e/k8s"
-    echo
-    echo "go 1.24"
-    echo
-    echo "require k8s.io/kubernetes $K8S_VERSION"
-    echo
-    echo "replace ("
-    # Every staging module k8s.io/kubernetes replaces with a local path.
-    curl -fsS "https://proxy.golang.org/k8s.io/kubernetes/@v/$K8S_VERSION.mod" 2>/dev/null \
-        | sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' \
+    printf 'module gpuplugin.e2e/k8s\n\ngo 1.24\n\nrequire k8s.io/kubernetes %s\n\nreplace (\n' "$K8S_VERSION"
+    sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' "$modfile" \
         | while read -r m; do echo "	$m => $m $staging"; done
     echo ")"
 } > go.mod.new
-if ! grep -q '=> k8s.io/api ' go.mod.new; then
-    # No direct proxy access (GOPROXY elsewhere): read the replace list from the module cache instead.
-    GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$K8S_VERSION" > /dev/null
-    modfile="$(go env GOMODCACHE)/cache/download/k8s.io/kubernetes/@v/$K8S_VERSION.mod"
-    {
-        printf 'module gpuplugin.e2e/k8s\n\ngo 1.24\n\nrequire k8s.io/kubernetes %s\n\nreplace (\n' "$K8S_VERSION"
-        sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' "$modfile" \
-            | while read -r m; do echo "	$m => $m $staging"; done
-        echo ")"
-    } > go.mod.new
-fi
+grep -q '=> k8s.io/api ' go.mod.new || { echo "no staging modules found in $modfile" >&2; exit 1; }
 mv go.mod.new go.mod
 
 cat > tools.go <<'GO'

@@ -27,7 +27,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = "bookworm"
-MIRROR = os.environ.get("E2E_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+
+
+def apt_mirror() -> str:
+    """The Debian mirror this machine's apt uses (E2E_DEBIAN_MIRROR overrides; empty: debootstrap's default)."""
+    if os.environ.get("E2E_DEBIAN_MIRROR"):
+        return os.environ["E2E_DEBIAN_MIRROR"]
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in sources:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            words = line.split()
+            if words[:1] == ["URIs:"] or (words[:1] == ["deb"] and len(words) > 2):
+                uri = words[1] if words[0] == "URIs:" else next((w for w in words[1:] if "://" in w), "")
+                if uri.rstrip("/").endswith("/debian"):
+                    return uri
+    return ""
+
+
+MIRROR = apt_mirror()
 BASE_PACKAGES = ("python3", "python3-venv")
 # Bumped when the way the base is made changes, so that an old cache entry is not reused.
 BASE_RECIPE = "1"
@@ -260,7 +281,7 @@ class ImageBuilder:
                 f"--include={','.join(BASE_PACKAGES)}",
                 SUITE,
                 str(rootfs),
-                MIRROR,
+                *([MIRROR] if MIRROR else []),
             ]
         )
         for junk in ("var/cache/apt/archives", "var/lib/apt/lists", "usr/share/doc", "usr/share/man", "usr/share/info"):

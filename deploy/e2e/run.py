@@ -296,11 +296,15 @@ class E2E:
         """XIDs drop allocatable within 2 s; a pod needing more than the healthy GPUs is Pending until recovery."""
         t0 = time.monotonic()
         self.plugin_exec("gpuplugin", "mock", "xid", "--gpu", "3", "--xid", "79", "--socket", MOCK_SOCKET)
+        injected = time.monotonic()
         self.wait_allocatable(MOCK_GPUS - 1, 10)
-        took = time.monotonic() - t0
+        took = time.monotonic() - injected
         self.figures["xid_to_allocatable_s"] = took
         check(took <= 2.0, f"allocatable fell to {MOCK_GPUS - 1} {took:.2f} s after the XID, more than 2 s")
-        log(f"  XID 79 on GPU 3 → allocatable {MOCK_GPUS - 1} in {took:.2f} s")
+        log(
+            f"  XID 79 on GPU 3 (kubectl exec {injected - t0:.2f} s) → node allocatable {MOCK_GPUS - 1} {took:.2f} s"
+            " after the mock took it"
+        )
         for gpu in (0, 1, 2, 4, 5):
             self.plugin_exec("gpuplugin", "mock", "xid", "--gpu", str(gpu), "--xid", "79", "--socket", MOCK_SOCKET)
         self.wait_allocatable(2, 5)

@@ -4,6 +4,8 @@
 # test pods' image), gcc (a static pause binary), openssl (the cluster's certificates), iptables. Go must be
 # installed (the Kubernetes binaries are built from Go modules).
 set -euo pipefail
+# The machine's Go (1.24 or later is needed), ahead of an older one that Debian's packages may have put on PATH.
+[[ -x /usr/local/go/bin/go ]] && PATH="/usr/local/go/bin:$PATH"
 packages=(containerd runc containernetworking-plugins debootstrap busybox-static gcc libc6-dev openssl iptables)
 missing=()
 for p in "${packages[@]}"; do

@@ -35,7 +35,10 @@ def list_scenarios() -> str:
 @click.command(
     "bench",
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
-    epilog="\b\nScenarios:\n" + list_scenarios(),
+    epilog="\b\nScenarios:\n"
+    + list_scenarios()
+    + "\n\n\b\npython -m benchmarks compare OLD NEW: each figure's change between two results folders, beyond the noise"
+    "\nor not; exit 1 on a regression (python -m benchmarks compare --help).",
 )
 @click.argument("scenario_name", metavar="[SCENARIO]", default="whole-8")
 @click.option("--list", "show_list", is_flag=True, help="List the scenarios and exit.")

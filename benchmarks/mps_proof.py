@@ -241,7 +241,7 @@ async def whole_gpu_client(fake: bool) -> dict[str, Any]:
 
 
 def mps_processes() -> list[str]:
-    """Every MPS control daemon and server still running on the machine (by process name)."""
+    """Every MPS control daemon and server on the machine (by process name), with its state (Z: a zombie)."""
     found = []
     for proc in Path("/proc").iterdir():
         try:
@@ -249,7 +249,11 @@ def mps_processes() -> list[str]:
         except OSError:
             continue
         if name.startswith("nvidia-cuda-mps"):
-            found.append(f"{proc.name} {name}")
+            try:
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                state = "?"
+            found.append(f"{proc.name} {name} {state}")
     return found
 
 

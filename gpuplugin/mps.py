@@ -383,15 +383,36 @@ class ControlDaemon:
         self._on_change()
 
     async def quit(self) -> None:
-        """Ask the daemon to quit (``echo quit | nvidia-cuda-mps-control``) and wait until it no longer answers."""
+        """Ask the daemon to quit (``echo quit | nvidia-cuda-mps-control``); wait until it no longer answers and
+        the MPS servers it had listed have exited."""
+        listed = await self.query("get_server_list")
+        if listed is None:
+            return
+        servers = [int(word) for word in listed.split() if word.isdecimal()]
         if await self.query("quit") is None:
             return
         deadline = time.perf_counter() + self.settings.answer_timeout_s
-        # Nothing announces the daemon's exit but its silence.
+        running = servers
+        # Nothing announces the daemon's exit but its silence, nor a server's but its PID's.
         while time.perf_counter() < deadline:
-            if await self.query("get_server_list") is None:
+            running = await asyncio.to_thread(_running, servers)
+            if not running and await self.query("get_server_list") is None:
                 return
             await asyncio.sleep(0.05)
+        log.warning("mps control daemon or its servers still running after quit", gpu=self.uuid, servers=running)
+
+
+def _running(pids: list[int]) -> list[int]:
+    """The processes of ``pids`` still running (a zombie has exited)."""
+    alive = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[-1].split()[:1] not in (["Z"], ["X"]):
+            alive.append(pid)
+    return alive
 
 
 def _make_dirs(*paths: Path) -> None:

@@ -63,6 +63,9 @@ def main() -> int:
         deadline = time.monotonic() + 5
         while running_pid() is not None and time.monotonic() < deadline:
             time.sleep(0.01)
+    elif command == "get_server_list":
+        # The daemon stands in for its one MPS server, so that a quit must also wait for a server to exit.
+        print(pid)
     return 0
 
 

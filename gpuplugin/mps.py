@@ -40,6 +40,10 @@ THREAD_PERCENTAGE = "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"
 #: The attribute an MPS device carries its GPU's UUID in; its control daemon is that GPU's.
 MPS_GPU_ATTRIBUTE = "mps_gpu"
 DEFAULT_ROOT = Path("/run/nvidia/mps")
+#: Longest probe interval and answer timeout (s): an hour without noticing a dead daemon is a daemon unwatched.
+MAX_DAEMON_SECONDS = 3600.0
+#: Largest explicit memory limit (MiB): 1 TiB, above any GPU's memory.
+MAX_MEMORY_LIMIT_MIB = 1 << 20
 #: What the control program prints when no daemon listens on its pipe directory.
 _NOT_RUNNING = "Cannot find MPS control daemon"
 
@@ -63,10 +67,11 @@ class ControlDaemonSettings:
     command: tuple[str, ...] = ("nvidia-cuda-mps-control",)
     """The control program with any prefix (``chroot /driver-root nvidia-cuda-mps-control`` in a container)."""
     probe_interval_s: float = 5.0
-    """Seconds (> 0) between liveness queries of a running daemon: how late a dead daemon is noticed, at the
-    cost of one short-lived process per GPU per interval."""
+    """Seconds (above 0, at most 3,600) between liveness queries of a running daemon: how late a dead daemon is
+    noticed, at the cost of one short-lived process per GPU per interval."""
     answer_timeout_s: float = 10.0
-    """Seconds (> 0) a started daemon has to answer, and a query to return, before it counts as not answering."""
+    """Seconds (above 0, at most 3,600) a started daemon has to answer, and a query to return, before it counts
+    as not answering."""
     max_restart_delay_s: float = 30.0
     """Seconds (≥ 1) between restarts of a daemon that keeps failing; the delay doubles from 1 s up to this."""
 
@@ -103,8 +108,10 @@ class ControlDaemonSettings:
             elif name == "command":
                 values[name] = _command(value, where)
             else:
-                if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
-                    raise ConfigError.at(where, f"must be a number of seconds > 0, got {value!r}")
+                if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= MAX_DAEMON_SECONDS:
+                    raise ConfigError.at(
+                        where, f"must be a number of seconds above 0 and at most {MAX_DAEMON_SECONDS:g}, got {value!r}"
+                    )
                 values[name] = float(value)
         return cls(**values)
 
@@ -150,7 +157,7 @@ class MpsLimits:
     """Explicit limits of one ``sharing.mps`` resource; None: the equal split of the GPU."""
 
     memory_mib: int | None = None
-    """Pinned device memory per replica (MiB, ≥ 1)."""
+    """Pinned device memory per replica (MiB, 1 to ``MAX_MEMORY_LIMIT_MIB``)."""
     thread_percentage: int | None = None
     """Active thread percentage per replica (1 to 100)."""
     where: str = field(default="sharing.mps", compare=False)
@@ -256,8 +263,12 @@ class MpsSharing:
 
 def _limits(values: Mapping[str, Any], path: str) -> MpsLimits:
     memory = values.get("memory_mib")
-    if memory is not None and (not isinstance(memory, int) or isinstance(memory, bool) or memory < 1):
-        raise ConfigError.at(f"{path}.memoryLimitMiB", f"must be a whole number of MiB ≥ 1, got {memory!r}")
+    if memory is not None and (
+        not isinstance(memory, int) or isinstance(memory, bool) or not 1 <= memory <= MAX_MEMORY_LIMIT_MIB
+    ):
+        raise ConfigError.at(
+            f"{path}.memoryLimitMiB", f"must be a whole number of MiB from 1 to {MAX_MEMORY_LIMIT_MIB}, got {memory!r}"
+        )
     threads = values.get("thread_percentage")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 100):
         raise ConfigError.at(f"{path}.activeThreadPercentage", f"must be a whole number 1 to 100, got {threads!r}")

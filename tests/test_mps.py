@@ -92,7 +92,7 @@ def test_nvidia_mps_config_is_accepted_as_it_is() -> None:
         ),
         (
             {"sharing": {"mps": {"resources": [{"name": "nvidia.com/gpu", "replicas": 2, "memoryLimitMiB": 0}]}}},
-            "f: sharing.mps.resources[0].memoryLimitMiB: must be a whole number of MiB ≥ 1, got 0",
+            "f: sharing.mps.resources[0].memoryLimitMiB: must be a whole number of MiB from 1 to 1048576, got 0",
         ),
         (
             {
@@ -111,6 +111,10 @@ def test_nvidia_mps_config_is_accepted_as_it_is() -> None:
             "f: flags.mpsRoot: must be an absolute path",
         ),
         ({"sharing": {"mps": {**NVIDIA_MPS, "daemon": {"probeIntervalSeconds": 0}}}}, "f: sharing.mps.daemon.probe"),
+        (
+            {"sharing": {"mps": {**NVIDIA_MPS, "daemon": {"answerTimeoutSeconds": float("inf")}}}},
+            "f: sharing.mps.daemon.answerTimeoutSeconds: must be a number of seconds above 0 and at most 3600",
+        ),
     ],
 )
 def test_bad_mps_config_names_the_field(config: Mapping[str, Any], message: str) -> None:

@@ -407,3 +407,49 @@ async def test_control_daemons_quit_on_close(workdir: Path) -> None:
     pids = [daemon_pid(workdir, uuid) for uuid in uuids]
     await daemons.aclose()
     await until(lambda: not any(_alive(pid) for pid in pids))
+
+
+def test_config_with_sharing_mps_builds_the_mps_backend(workdir: Path) -> None:
+    """``serve`` with ``sharing.mps`` wraps the configured backend in MPS sharing; a change of it restarts it."""
+    from gpuplugin.daemon import _BACKEND_SETTINGS, make_backend
+
+    settings = resolve(
+        Overrides(state_dir=workdir), {"backend": {"name": "nvml"}, "sharing": {"mps": NVIDIA_MPS}}, {}, "f"
+    )
+    backend = make_backend(settings)
+    assert isinstance(backend, MpsBackend) and isinstance(backend.inner, NvmlBackend) and backend.supervise
+    assert "mps" in _BACKEND_SETTINGS
+
+
+async def test_xid_reaches_every_mps_replica_on_the_gpu(workdir: Path) -> None:
+    """An XID on a GPU marks all its MPS replicas Unhealthy to the kubelet, and none of another GPU's."""
+    from backends.mock import create as create_mock
+
+    mock = create_mock(
+        BackendContext(
+            options={"gpus": 2, "control_socket": str(workdir / "m.sock")},
+            health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
+            state_dir=workdir,
+        )
+    )
+    assert isinstance(mock, MockBackend)
+    backend = MpsBackend(mock, MpsSharing.from_mapping(NVIDIA_MPS, root=workdir))
+    settings = ManagerSettings(
+        server=ServerSettings(kubelet_dir=workdir), watcher=WatcherSettings(poll_interval_s=0.05)
+    )
+    shared = "nvidia.com/gpu.shared"
+    async with KubeletSimulator(workdir) as kubelet:
+        manager = Manager(backend, settings)
+        await manager.start()
+        try:
+            await kubelet.wait_registered(shared, timeout=5)
+            await kubelet.wait_for(lambda: kubelet.allocatable(shared) == 8, timeout=5)
+            mock.xid(0, 62)
+            await kubelet.wait_for(lambda: kubelet.allocatable(shared) == 4, timeout=2)
+            gpu0 = mock.status()[0].uuid
+            states = kubelet.devices(shared)
+            assert {s for i, s in states.items() if i.startswith(gpu0)} == {"Unhealthy"}
+            assert {s for i, s in states.items() if not i.startswith(gpu0)} == {"Healthy"}
+            await kubelet.wait_for(lambda: kubelet.allocatable(shared) == 8, timeout=5)
+        finally:
+            await manager.aclose()

@@ -145,6 +145,13 @@ class Daemon:
         """Start serving; return once ``stop`` is set and everything is closed. Raises TaskFailing, once everything
         is closed, when a supervised task kept failing past its grace period."""
         self._stop = stop
+        # Around everything, signal handlers too: a task a SIGHUP reload starts reports to this supervisor as well.
+        with supervising(self.supervisor):
+            await self._serve(stop)
+        if self.failure is not None:
+            raise self.failure
+
+    async def _serve(self, stop: asyncio.Event) -> None:
         loop = asyncio.get_running_loop()
         # NVML and file I/O go to threads; a few suffice, and each idle thread costs memory (its malloc arena).
         loop.set_default_executor(ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="gpuplugin-io"))
@@ -154,19 +161,11 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup, watcher)
+        server = self.settings.manager.server
         instance = InstanceLock(self.settings.state_dir)
         # /readyz names the holder while we wait for it.
         self.manager.instance_lock = instance
         log.info("starting", backend=self.settings.backend, kubelet_dir=str(self.settings.manager.server.kubelet_dir))
-        with supervising(self.supervisor):
-            await self._serve(stop, watcher, instance)
-        if self.failure is not None:
-            raise self.failure
-        log.info("stopped")
-
-    async def _serve(self, stop: asyncio.Event, watcher: ConfigWatcher | None, instance: InstanceLock) -> None:
-        loop = asyncio.get_running_loop()
-        server = self.settings.manager.server
         try:
             if self.probes is not None:
                 # Before the manager: /healthz answers and /readyz says why not ready while we start.
@@ -189,6 +188,7 @@ class Daemon:
             if self.probes is not None:
                 await self.probes.aclose()
             self.supervisor.close()
+        log.info("stopped")
 
     def _give_up(self, failure: TaskFailing) -> None:
         log.critical("stopping: a task keeps failing", task=failure.task, reason=failure.reason)

@@ -23,13 +23,22 @@ KUBELET_SOCKET = "kubelet.sock"
 
 @dataclass(frozen=True, slots=True)
 class WatcherSettings:
+    """How the kubelet's directory is watched."""
+
     poll_interval_s: float = 0.2
-    """Seconds between two looks at the directory when inotify is unavailable, and at its parent while the
-    directory is missing; well inside the one second we allow for noticing a restart."""
+    """Seconds (0.01 to 1) between two looks at the directory when inotify is unavailable, and for it while it is
+    missing; well inside the one second we allow for noticing a restart."""
     settle_s: float = 0.05
-    """Seconds to wait after our socket is deleted before serving again, for the directory's own removal to show
-    (``rm -rf`` deletes the files first); far inside the one second we allow."""
+    """Seconds (0 to 0.5) to wait after our socket is deleted before serving again, for the directory's own removal
+    to show (``rm -rf`` deletes the files first); far inside the one second we allow."""
     use_inotify: bool = True
+    """Off: poll, as where inotify is unavailable (not Linux, or out of watches)."""
+
+    def __post_init__(self) -> None:
+        if not 0.01 <= self.poll_interval_s <= 1.0:
+            raise ValueError(f"watcher.poll_interval_s: must be from 0.01 to 1, got {self.poll_interval_s!r}")
+        if not 0.0 <= self.settle_s <= 0.5:
+            raise ValueError(f"watcher.settle_s: must be from 0 to 0.5, got {self.settle_s!r}")
 
 
 async def inotify_or_polling(

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 from itertools import count
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import structlog
@@ -80,6 +81,13 @@ def test_supervision_settings_out_of_range_are_refused_naming_the_field(field: s
     """A supervision setting outside its documented range is refused with its name."""
     with pytest.raises(ValueError, match=f"supervision.{field}"):
         SupervisionSettings(**{field: -1})
+
+
+@pytest.mark.parametrize("field", ["poll_interval_s", "settle_s"])
+def test_watcher_settings_out_of_range_are_refused_naming_the_field(field: str) -> None:
+    """A socket-watcher setting outside its documented range is refused with its name."""
+    with pytest.raises(ValueError, match=f"watcher.{field}"):
+        WatcherSettings(**cast(dict[str, Any], {field: 5.0}))
 
 
 async def test_a_failing_task_is_restarted_with_backoff_and_its_restarts_counted() -> None:

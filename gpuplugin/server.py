@@ -338,9 +338,11 @@ class ResourceServer:
         path = self._settings.kubelet_dir / socket_name(self._settings.socket_prefix, self.resource)
         server = _Server([self], codec=PrecodedCodec())
         await server.start(path=str(path))
-        old_path, old_identity = self.socket_path, self._socket_identity
-        self._socket_identity = await asyncio.to_thread(SocketIdentity.of, path)
-        old_server, self._server, self.socket_path = self._server, server, path
+        identity = await asyncio.to_thread(SocketIdentity.of, path)
+        # No await from reading the old socket to recording the new: a reserve running meanwhile (a deleted socket
+        # and a new kubelet.sock seen together) then closes and removes exactly the one it replaced.
+        old_server, old_path, old_identity = self._server, self.socket_path, self._socket_identity
+        self._server, self.socket_path, self._socket_identity = server, path, identity
         self._log.debug("serving", socket=str(path))
         self._start_registration()
         if old_server is not None:

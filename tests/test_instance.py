@@ -236,3 +236,18 @@ async def test_a_killed_instances_socket_is_removed_by_the_next_start(workdir: P
             assert plugin_sockets(workdir) == [registration.endpoint] != [left]
             await plugin.wait_log(lambda e: e["event"] == "removed the socket of a stopped instance")
             assert await plugin.terminate() == 0
+
+
+async def test_concurrent_reserves_leave_exactly_one_socket(workdir: Path) -> None:
+    """Two reserves at once (our socket deleted and kubelet.sock created, seen together) leave one socket, ours."""
+    tree = gpu_tree(2)
+    server = ResourceServer(GPU, StaticBackend(tree), ServerSettings(kubelet_dir=workdir))
+    await server.start(tree.devices, tree)
+    try:
+        await asyncio.gather(server.reserve(), server.reserve(), server.reserve())
+        assert server.socket_path is not None
+        assert plugin_sockets(workdir) == [server.socket_path.name]
+        assert not server.socket_missing()
+    finally:
+        await server.stop()
+    assert plugin_sockets(workdir) == []

@@ -22,6 +22,12 @@ FACTS = (
     ("RSS idle / after the run (MB)", ("plugin.idle_rss_mb", "plugin.rss_after_run_mb"), "{:.1f}"),
     ("start to registration (ms)", ("start_to_registration_ms",), "{:.0f}"),
     ("the plugin's own side of an Allocate (µs)", ("where_time_goes.plugin_side_us",), "{:.1f}"),
+    (
+        "NVIDIA's RSS idle / after the run (MB)",
+        ("nvidia.plugin.idle_rss_mb", "nvidia.plugin.rss_after_run_mb"),
+        "{:.1f}",
+    ),
+    ("NVIDIA's start to registration (ms)", ("nvidia.start_to_registration_ms",), "{:.0f}"),
 )
 
 

@@ -135,10 +135,13 @@ class SocketWatcher:
             batch = [await anext(events)]
             if batch[0].mask & (Mask.DELETE | Mask.MOVED_FROM):
                 # ``rm -rf`` deletes our socket a moment before the directory: serving again at once would put a
-                # socket back into it, and the rmdir would fail. Look a moment further first.
+                # socket back into it, and the rmdir would fail. Look a moment further first, unless a kubelet
+                # starting (it wipes the directory, then creates its socket) says the directory stays.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._settings.settle_s):
-                        while True:
+                        while not (
+                            batch[-1].mask & (Mask.CREATE | Mask.MOVED_TO) and _named(batch[-1], KUBELET_SOCKET)
+                        ):
                             batch.append(await anext(events))
                 # No DELETE_SELF comes while our old socket, bound in the removed directory, still pins it: look.
                 if await asyncio.to_thread(_directory_identity, self._dir) != identity:
@@ -174,6 +177,10 @@ class SocketWatcher:
             if current is not None and current != last:
                 await self._on_kubelet_socket()
             last = current
+
+
+def _named(event: Any, name: str) -> bool:
+    return event.name is not None and str(event.name) == name
 
 
 def _watch(directory: Path) -> tuple[Any, tuple[int, int]] | None:

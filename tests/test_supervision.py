@@ -253,11 +253,11 @@ async def test_config_watcher_restarts_after_a_memory_error_and_a_later_edit_app
         assert node.daemon.reloads == 1
 
 
-def static_manager(kubelet_dir: Path, *, inotify: bool) -> Manager:
+def static_manager(kubelet_dir: Path, *, inotify: bool, settle_s: float = 0.05) -> Manager:
     """A manager of two static GPUs serving in ``kubelet_dir``; the directory polled every 50 ms where watched so."""
     settings = ManagerSettings(
         server=ServerSettings(kubelet_dir=kubelet_dir),
-        watcher=WatcherSettings(use_inotify=inotify, poll_interval_s=0.05),
+        watcher=WatcherSettings(use_inotify=inotify, poll_interval_s=0.05, settle_s=settle_s),
     )
     return Manager(StaticBackend(gpu_tree(2)), settings)
 
@@ -329,6 +329,22 @@ async def test_kubelet_directory_replaced_at_once_is_watched_again_and_registers
                 await kubelet.wait_for(lambda: manager.ready and kubelet.allocatable(GPU_RESOURCE) == 2, timeout=2)
     assert spent < REREGISTER_S
     assert not [e for e in logs if e["event"].startswith("task failed")]
+
+
+async def test_kubelet_restart_is_served_again_without_waiting_out_the_settle(workdir: Path) -> None:
+    """The wait after our socket's deletion (for the directory's own removal) ends as soon as the restarting kubelet
+    creates its socket: re-registration is not delayed by it."""
+    settle_s = 0.5
+    async with (
+        KubeletSimulator(workdir) as kubelet,
+        started(static_manager(workdir, inotify=True, settle_s=settle_s)) as manager,
+    ):
+        await kubelet.wait_for(lambda: manager.ready, timeout=5)
+        await asyncio.sleep(0.2)  # the socket watcher has armed its watch
+        before = len(kubelet.registrations)
+        restart = await kubelet.restart()
+        again = await kubelet.wait_registered(GPU_RESOURCE, after=before, timeout=5)
+    assert again.monotonic_s - restart.served_monotonic_s < settle_s / 2
 
 
 async def test_serve_survives_its_kubelet_directory_removed_and_created_again(workdir: Path) -> None:

@@ -1,7 +1,8 @@
 """Noticing kubelet restarts: ``kubelet.sock`` created again, or one of our sockets deleted.
 
 inotify tells us at once; where it is unavailable (not Linux, or out of watches) a poll of the directory does,
-within ``poll_interval_s``.
+within ``poll_interval_s``. A directory that does not exist yet, or was removed and created again, is waited for
+(polled: its parent may be missing too) and then watched afresh.
 """
 
 from __future__ import annotations

@@ -43,6 +43,8 @@ GO = " (Go client)"
 #: The plugins a run can measure, as the report, the plots and compare name them.
 ROLE_OURS = "ours"
 ROLE_NVIDIA = "nvidia"
+#: The key of ``facts["not_measured"]`` that says why NVIDIA's plugin was not measured.
+NVIDIA_NOT_MEASURED = "NVIDIA's device plugin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,9 +157,7 @@ async def _measure_nvidia(
     reason = nvidia_unavailable(settings.backend)
     binary = nvidia_plugin.binary()
     if reason is not None or binary is None:
-        facts.setdefault("not_measured", {})["NVIDIA's device plugin"] = (
-            f"{reason}; no figure of this report is compared with NVIDIA's"
-        )
+        facts.setdefault("not_measured", {})[NVIDIA_NOT_MEASURED] = str(reason)
         return None
     kubelet_dir = nvidia_kubelet_dir()
     own = workdir / "nvidia"
@@ -174,7 +174,7 @@ async def _measure_nvidia(
             "NVIDIA's plugin",
         )
     except (RuntimeError, TimeoutError) as error:
-        facts.setdefault("not_measured", {})["NVIDIA's device plugin"] = f"it failed: {error}"[:2000]
+        facts.setdefault("not_measured", {})[NVIDIA_NOT_MEASURED] = f"it failed: {error}"[:2000]
         return None
     run.facts["version"] = nvidia_plugin.version(binary)
     run.facts["binary"] = str(binary)

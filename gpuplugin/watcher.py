@@ -149,14 +149,16 @@ class SocketWatcher:
                     return
             if any(event.mask & gone for event in batch):
                 return
+            # The kubelet's socket first: it serves again whatever socket of ours is missing and registers it, once;
+            # our deletions after it then name sockets already replaced. The other way round, a registration done
+            # between the two would be made again, and the kubelet would replace an endpoint with itself.
+            if any(event.mask & (Mask.CREATE | Mask.MOVED_TO) and _named(event, KUBELET_SOCKET) for event in batch):
+                await self._on_kubelet_socket()
             for event in batch:
-                if event.name is None:
-                    continue
-                name = str(event.name)
-                if event.mask & (Mask.CREATE | Mask.MOVED_TO) and name == KUBELET_SOCKET:
-                    await self._on_kubelet_socket()
-                elif event.mask & (Mask.DELETE | Mask.MOVED_FROM) and name != KUBELET_SOCKET:
-                    await self._on_deleted(name)
+                if event.mask & (Mask.DELETE | Mask.MOVED_FROM) and event.name is not None:
+                    name = str(event.name)
+                    if name != KUBELET_SOCKET:
+                        await self._on_deleted(name)
 
     async def _run_polling(self) -> None:
         """Compare the directory with its last listing every poll interval, until the directory is gone."""

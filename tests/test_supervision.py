@@ -347,6 +347,23 @@ async def test_kubelet_restart_is_served_again_without_waiting_out_the_settle(wo
     assert again.monotonic_s - restart.served_monotonic_s < settle_s / 2
 
 
+async def test_kubelet_restart_registers_each_resource_once(workdir: Path) -> None:
+    """After each of ten kubelet restarts the resource is registered exactly once: a registration made while the
+    restart's events were handled is not made again (the kubelet would replace the endpoint with itself)."""
+    async with (
+        KubeletSimulator(workdir) as kubelet,
+        started(static_manager(workdir, inotify=True)) as manager,
+    ):
+        await kubelet.wait_for(lambda: manager.ready, timeout=5)
+        await asyncio.sleep(0.2)  # the socket watcher has armed its watch
+        for _ in range(10):
+            before = len(kubelet.registrations)
+            await kubelet.restart()
+            await kubelet.wait_for(lambda: manager.ready and kubelet.allocatable(GPU_RESOURCE) == 2, timeout=5)
+            await asyncio.sleep(0.1)  # room for a second registration, were one coming
+            assert len(kubelet.registrations) - before == 1
+
+
 async def test_serve_survives_its_kubelet_directory_removed_and_created_again(workdir: Path) -> None:
     """``gpuplugin serve`` registered, then ``rm -rf D; mkdir D`` and a kubelet started there: registered with
     the new kubelet within 2 s, /healthz still 200, and no task failed."""

@@ -585,6 +585,7 @@ state = "{d / "state"}"
             ("network", self._network),
             ("sysctls", self._restore_sysctls),
             ("host dirs", self._remove_host_dirs),
+            ("state", self._remove_state),
         ]
         for name, step in steps:
             try:
@@ -706,6 +707,13 @@ state = "{d / "state"}"
                 if path.read_text().strip() != value:
                     path.write_text(value)
                     self.log(f"restored {name} = {value}")
+
+    def _remove_state(self) -> None:
+        """Removes the cluster's state (images, etcd's data), keeping the logs."""
+        for name in ("containerd", "etcd", "cni", "kubelet-pki"):
+            path = self.work / name
+            if path.exists() and not mounts_under(path):
+                run(["rm", "-rf", "--one-file-system", str(path)], check=False)
 
     def _remove_host_dirs(self) -> None:
         for d in self.host_dirs_created:

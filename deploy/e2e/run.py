@@ -610,6 +610,9 @@ def main() -> int:
     except Exception as e:
         failed.append(f"setup: {e}")
         log(f"FAIL {e}")
+    finally:
+        # The image's layers are large; the logs (under cluster/logs) are what a failed run needs.
+        subprocess.run(["rm", "-rf", "--one-file-system", str(work / "images")], check=False)
     total = time.monotonic() - START
     timings["total_s"] = total
     if not failed and not only:

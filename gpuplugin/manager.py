@@ -16,11 +16,11 @@ from typing import Protocol
 import structlog
 
 from gpuplugin.backend import Backend, HealthChanged, InventoryChanged
-from gpuplugin.instance import InstanceLock
+from gpuplugin.instance import InstanceLock, SocketIdentity
 from gpuplugin.model import Device, DeviceTree, Health
 from gpuplugin.server import ResourceServer, ServerSettings
 from gpuplugin.tasks import SupervisionSettings, TaskSet
-from gpuplugin.watcher import SocketWatcher, WatcherSettings
+from gpuplugin.watcher import KUBELET_SOCKET, SocketWatcher, WatcherSettings
 
 log = structlog.get_logger("gpuplugin.manager")
 
@@ -254,11 +254,12 @@ class Manager:
 
     async def _kubelet_socket_created(self) -> None:
         log.info("kubelet socket created; registering again")
+        kubelet = await asyncio.to_thread(SocketIdentity.of, self.settings.server.kubelet_dir / KUBELET_SOCKET)
         for server in list(self.servers.values()):
             if await asyncio.to_thread(_unserved, server):
                 await self._reserve(server)
             else:
-                server.register_again()
+                server.register_again(kubelet)
 
     async def _socket_deleted(self, name: str) -> None:
         for server in list(self.servers.values()):

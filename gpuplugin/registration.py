@@ -12,6 +12,7 @@ from grpclib import GRPCError
 from grpclib.client import Channel
 
 from gpuplugin.api import v1beta1 as api
+from gpuplugin.instance import SocketIdentity
 from gpuplugin.tasks import jittered_backoff
 
 API_VERSION = "v1beta1"
@@ -37,6 +38,16 @@ class RegistrationSettings:
     """The kubelet dials us (for up to about 10 s) before it answers Register."""
 
 
+@dataclass(frozen=True, slots=True)
+class Registered:
+    """A Register call the kubelet accepted."""
+
+    attempts: int
+    kubelet: SocketIdentity | None
+    """``kubelet.sock`` as it was just before the accepted attempt: the kubelet registered with, or (if it restarted
+    in between) an older one, never a newer one. A later ``kubelet.sock`` with this identity needs no new Register."""
+
+
 class RegistrationRejected(Exception):
     """The kubelet answered Register with an error (bad version or resource name); retrying does not help."""
 
@@ -50,8 +61,8 @@ async def register_until_done(
     settings: RegistrationSettings,
     wake: asyncio.Event,
     on_unreachable: Callable[[str], None],
-) -> int:
-    """Register ``resource`` served at ``endpoint``; returns the number of attempts it took.
+) -> Registered:
+    """Register ``resource`` served at ``endpoint``; returns how many attempts it took and with which kubelet.
 
     ``on_unreachable`` hears of the first failed attempt, not of every retry. Setting ``wake`` cuts a backoff
     wait short (the kubelet socket just appeared).
@@ -60,9 +71,10 @@ async def register_until_done(
     attempts = 0
     while True:
         attempts += 1
+        kubelet = await asyncio.to_thread(SocketIdentity.of, kubelet_socket)
         try:
             await _register_once(kubelet_socket, request, settings.call_timeout_s)
-            return attempts
+            return Registered(attempts, kubelet)
         except GRPCError as exc:
             raise RegistrationRejected(f"kubelet refused {resource}: {exc.status.name}: {exc.message}") from None
         except (TimeoutError, OSError, ConnectionError) as exc:

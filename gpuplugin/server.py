@@ -270,6 +270,8 @@ class ResourceServer:
         self.missing_specs: Callable[[Iterable[str]], Sequence[str]] | None = None
         """Which CDI device names have no spec on disk (the CDI writer's ``missing``); None: nothing to check."""
         self.registrations = 0
+        self.registered_with: SocketIdentity | None = None
+        """The kubelet the last accepted Register went to (see ``Registered.kubelet``)."""
         self.open_streams = 0
 
     @property
@@ -351,10 +353,18 @@ class ResourceServer:
         if old_path is not None:
             await asyncio.to_thread(remove_if_ours, old_path, old_identity)
 
-    def register_again(self) -> None:
-        """Register now (the kubelet restarted): a registration still retrying retries at once, else a new one."""
+    def register_again(self, kubelet: SocketIdentity | None = None) -> None:
+        """Register now (the kubelet restarted): a registration still retrying retries at once, else a new one.
+
+        ``kubelet``: the ``kubelet.sock`` that appeared. A registration already made with that very kubelet (our
+        socket was deleted, served again and registered before its creation was noticed) is not made again: the
+        kubelet would replace the endpoint with itself and end the stream it had just opened.
+        """
         if self._registration is not None and not self._registration.done():
             self._wake.set()
+            return
+        if kubelet is not None and kubelet == self.registered_with:
+            self._log.debug("already registered with this kubelet", endpoint=self.socket_path and self.socket_path.name)
             return
         self._start_registration()
 
@@ -371,7 +381,7 @@ class ResourceServer:
 
     async def _register(self, path: Path) -> None:
         await self._close_watcher()
-        attempts = await register_until_done(
+        registered = await register_until_done(
             self._settings.kubelet_dir / "kubelet.sock",
             endpoint=path.name,
             resource=self.resource,
@@ -381,8 +391,9 @@ class ResourceServer:
             on_unreachable=self._kubelet_unreachable,
         )
         self._unreachable_logged = False
+        self.registered_with = registered.kubelet
         self.registrations += 1
-        self._log.info("registered", endpoint=path.name, attempts=attempts, registrations=self.registrations)
+        self._log.info("registered", endpoint=path.name, attempts=registered.attempts, registrations=self.registrations)
 
     async def _register_with_watcher(self, path: Path) -> None:
         """Serve a fresh plugin-watcher socket for ``path``; done once the kubelet notifies a registration."""

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from gpuplugin.cli import main
 from gpuplugin.daemon import Daemon
+from gpuplugin.instance import SocketIdentity
 from gpuplugin.manager import Manager, ManagerSettings
 from gpuplugin.probes import ListenAddress, ProbeSettings
 from gpuplugin.server import ServerSettings
@@ -362,6 +363,28 @@ async def test_kubelet_restart_registers_each_resource_once(workdir: Path) -> No
             await kubelet.wait_for(lambda: manager.ready and kubelet.allocatable(GPU_RESOURCE) == 2, timeout=5)
             await asyncio.sleep(0.1)  # room for a second registration, were one coming
             assert len(kubelet.registrations) - before == 1
+
+
+async def test_a_late_kubelet_socket_event_does_not_register_again_with_the_same_kubelet(workdir: Path) -> None:
+    """A ``kubelet.sock`` creation noticed after our socket was already served again and registered with that same
+    kubelet (its events split across two batches) starts no second Register; a new kubelet's socket does."""
+    async with (
+        KubeletSimulator(workdir) as kubelet,
+        started(static_manager(workdir, inotify=True)) as manager,
+    ):
+        await kubelet.wait_for(lambda: manager.ready, timeout=5)
+        server = manager.servers[GPU_RESOURCE]
+        before = len(kubelet.registrations)
+        same = SocketIdentity.of(kubelet.socket_path)
+        assert same is not None and server.registered_with == same
+        server.register_again(same)
+        await asyncio.sleep(0.1)  # room for a second registration, were one coming
+        assert len(kubelet.registrations) == before and server.registrations == 1
+        await kubelet.restart()
+        await kubelet.wait_registered(GPU_RESOURCE, after=before, timeout=5)
+        new = SocketIdentity.of(kubelet.socket_path)
+        await until(lambda: server.registered_with == new, timeout_s=5)
+        assert new != same
 
 
 async def test_serve_survives_its_kubelet_directory_removed_and_created_again(workdir: Path) -> None:

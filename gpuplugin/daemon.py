@@ -173,6 +173,8 @@ class Daemon:
             # One instance per node: wait for (or refuse) another one's lock; nothing is served until it is ours.
             if await instance.acquire(self.settings.instance_wait_s, stop=stop):
                 await remove_dead_sockets(server.kubelet_dir, server.socket_prefix)
+                # And the plugin-watcher sockets (same names) a killed instance left where the kubelet looks.
+                await remove_dead_sockets(server.plugins_registry_dir, server.socket_prefix)
                 await self.manager.start()
                 if watcher is not None:
                     self._tasks.supervise(watcher.run, "config watcher")

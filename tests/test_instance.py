@@ -251,3 +251,22 @@ async def test_concurrent_reserves_leave_exactly_one_socket(workdir: Path) -> No
     finally:
         await server.stop()
     assert plugin_sockets(workdir) == []
+
+
+async def test_a_killed_instances_plugin_watcher_socket_is_removed_by_the_next_start(workdir: Path) -> None:
+    """A dead plugin-watcher socket of ours in the plugins registry is removed at start; other plugins' stay."""
+    registry = workdir / "registry"
+    registry.mkdir()
+    dead_socket(registry / "gpuplugin-nvidia.com_gpu-1-0a1b2c3d-0.sock")
+    dead_socket(registry / "csi-driver.sock")
+    # In a directory: the simulator clears the files of its directory when it starts.
+    (workdir / "etc").mkdir()
+    config = workdir / "etc" / "config.yaml"
+    config.write_text(f"version: v1\nplugin:\n  pluginsRegistryDir: {registry}\n")
+    async with (
+        KubeletSimulator(workdir) as kubelet,
+        serve(workdir, "--backend", "mock", "--config", str(config)) as plugin,
+    ):
+        await kubelet.wait_registered(GPU, timeout=20)
+        assert sorted(p.name for p in registry.iterdir()) == ["csi-driver.sock"]
+        assert await plugin.terminate() == 0

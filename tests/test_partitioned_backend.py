@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -192,6 +192,7 @@ async def test_parent_health_passes_through_and_inventory_is_resliced(workdir: P
             assert len(changed.tree.devices) == 7
             assert {d.gpu for d in changed.tree.devices} == {mock.status()[0].uuid}
         finally:
+            assert isinstance(stream, AsyncGenerator)
             await stream.aclose()
 
 

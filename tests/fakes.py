@@ -33,6 +33,7 @@ from gpuplugin.model import (
 )
 from gpuplugin.registry import BackendContext
 from gpuplugin.server import ResourceServer, ServerSettings
+from gpuplugin.simulator import KubeletSimulator
 from gpuplugin.watcher import WatcherSettings
 
 GPU_RESOURCE = "example.com/gpu"
@@ -242,3 +243,24 @@ def mock_manager(
         server = replace(server, plugins_registry_dir=plugins_registry_dir)
     settings = ManagerSettings(server=server, watcher=WatcherSettings(use_inotify=inotify, poll_interval_s=0.05))
     return Manager(backend, settings, server_factory=server_factory, transforms=transforms, sinks=sinks)
+
+
+@asynccontextmanager
+async def registered_manager(
+    backend: Backend, directory: Path, resources: Sequence[str]
+) -> AsyncIterator[tuple[KubeletSimulator, Manager]]:
+    """The manager over ``backend`` beside the kubelet simulator in ``directory``: every resource registered and
+    allocatable before it is yielded; the manager closed after."""
+    settings = ManagerSettings(
+        server=ServerSettings(kubelet_dir=directory), watcher=WatcherSettings(poll_interval_s=0.05)
+    )
+    async with KubeletSimulator(directory) as kubelet:
+        manager = Manager(backend, settings)
+        await manager.start()
+        try:
+            for resource in resources:
+                await kubelet.wait_registered(resource, timeout=5)
+            await kubelet.wait_for(lambda: all(kubelet.allocatable(r) > 0 for r in resources), timeout=5)
+            yield kubelet, manager
+        finally:
+            await manager.aclose()

@@ -44,7 +44,7 @@ from gpuplugin.sharing import SharingError
 from gpuplugin.simulator import KubeletSimulator
 from gpuplugin.watcher import WatcherSettings
 from tests.fake_mps_control import PID_FILE
-from tests.fakes import GPU_RESOURCE, gpu_tree, until
+from tests.fakes import GPU_RESOURCE, gpu_tree, registered_manager, until
 
 FAKE_CONTROL = str(Path(__file__).with_name("fake_mps_control.py"))
 SMALL = "nvidia.com/mig-1g.18gb"
@@ -341,20 +341,9 @@ async def mps_node(directory: Path) -> AsyncIterator[Node]:
             state_dir=directory,
         )
     )
-    settings = ManagerSettings(
-        server=ServerSettings(kubelet_dir=directory), watcher=WatcherSettings(poll_interval_s=0.05)
-    )
-    async with KubeletSimulator(directory) as kubelet:
-        manager = Manager(backend, settings)
-        await manager.start()
-        try:
-            for resource in (SMALL, LARGE, HALF):
-                await kubelet.wait_registered(resource, timeout=5)
-            await kubelet.wait_for(lambda: all(kubelet.allocatable(r) > 0 for r in (SMALL, LARGE, HALF)), timeout=5)
-            assert isinstance(backend.parent, MockBackend)
-            yield Node(kubelet, manager, backend.parent)
-        finally:
-            await manager.aclose()
+    async with registered_manager(backend, directory, (SMALL, LARGE, HALF)) as (kubelet, manager):
+        assert isinstance(backend.parent, MockBackend)
+        yield Node(kubelet, manager, backend.parent)
 
 
 async def test_xid_reaches_every_mps_partition_on_the_gpu(workdir: Path) -> None:

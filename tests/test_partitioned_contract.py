@@ -12,11 +12,10 @@ from backends.mock import MockBackend, control
 from backends.partitioned import PartitionedBackend, create
 from gpuplugin.api import v1beta1 as api
 from gpuplugin.health import HealthPolicy
-from gpuplugin.manager import Manager, ManagerSettings
+from gpuplugin.manager import Manager
 from gpuplugin.registry import BackendContext
-from gpuplugin.server import ServerSettings
 from gpuplugin.simulator import KubeletSimulator
-from gpuplugin.watcher import WatcherSettings
+from tests.fakes import registered_manager
 
 SMALL = "nvidia.com/mig-1g.18gb"
 LARGE = "nvidia.com/mig-3g.71gb"
@@ -47,20 +46,9 @@ async def node(directory: Path, options: Mapping[str, Any] | None = None) -> Asy
             state_dir=directory,
         )
     )
-    settings = ManagerSettings(
-        server=ServerSettings(kubelet_dir=directory), watcher=WatcherSettings(poll_interval_s=0.05)
-    )
-    async with KubeletSimulator(directory) as kubelet:
-        manager = Manager(backend, settings)
-        await manager.start()
-        try:
-            for resource in (SMALL, MIDDLE, LARGE):
-                await kubelet.wait_registered(resource, timeout=5)
-            await kubelet.wait_for(lambda: all(kubelet.allocatable(r) > 0 for r in (SMALL, MIDDLE, LARGE)), timeout=5)
-            assert isinstance(backend.parent, MockBackend)
-            yield Node(kubelet, manager, backend, backend.parent, directory)
-        finally:
-            await manager.aclose()
+    async with registered_manager(backend, directory, (SMALL, MIDDLE, LARGE)) as (kubelet, manager):
+        assert isinstance(backend.parent, MockBackend)
+        yield Node(kubelet, manager, backend, backend.parent, directory)
 
 
 async def test_every_profile_registers_with_preferred_allocation(workdir: Path) -> None:

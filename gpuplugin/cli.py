@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib
-import importlib.metadata
 import json
 import math
 import sys
@@ -17,7 +16,7 @@ from typing import Any, ClassVar, NoReturn
 import click
 import structlog
 
-from gpuplugin import logs
+from gpuplugin import logs, package_version
 from gpuplugin.backend import BackendUnavailable
 from gpuplugin.daemon import Daemon, served_tree, settings_from_text
 from gpuplugin.errors import shorten
@@ -184,14 +183,6 @@ class _Commands(click.Group):
             fail("aborted", 1)
         # Without standalone mode click returns the exit status of --help and --version instead of exiting.
         sys.exit(result if isinstance(result, int) else 0)
-
-
-def package_version() -> str:
-    """The installed package's version; ``unknown`` when run from a source tree that was never installed."""
-    try:
-        return importlib.metadata.version("gpuplugin")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:

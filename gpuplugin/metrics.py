@@ -9,7 +9,6 @@ RPC counters, at scrape time on the event loop, so they can never drift from wha
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 from bisect import bisect_left
 from collections import Counter
@@ -21,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
+from gpuplugin import package_version
 from gpuplugin.backend import Backend
 from gpuplugin.health import MAX_XID
 from gpuplugin.manager import Manager
@@ -68,13 +68,6 @@ class RpcStats:
             total += count
             buckets.append((le, float(total)))
         return buckets
-
-
-def package_version() -> str:
-    try:
-        return importlib.metadata.version("gpuplugin")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class Metrics:

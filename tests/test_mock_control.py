@@ -28,6 +28,7 @@ from backends.mock import (
     parse_request,
 )
 from backends.mock.cli import mock_cli
+from backends.mock.control import CHECK_INTERVAL_S, ControlServer
 from backends.mock.inventory import Inventory
 from backends.mock.settings import MockSettings
 from backends.partitioned import create as create_partitioned
@@ -35,6 +36,7 @@ from gpuplugin.backend import BackendEvent, HealthChanged, InventoryChanged
 from gpuplugin.health import MAX_XID, HealthPolicy
 from gpuplugin.model import Health
 from gpuplugin.registry import BackendContext
+from tests.fakes import until
 
 
 @pytest.fixture
@@ -390,3 +392,43 @@ def test_uuids_are_seeded_by_the_kubernetes_node_name_unless_set() -> None:
     assert MockSettings.from_options({"node_name": "fixed"}, env={"NODE_NAME": "kind-worker"}).node_name == "fixed"
     assert MockSettings.from_options({}, env={}).node_name == "mock-node"
     assert MockSettings.from_options({}, env={"NODE_NAME": ""}).node_name == "mock-node"
+
+
+async def test_a_deleted_control_socket_is_served_again(sock: Path, backend: MockBackend) -> None:
+    """A control socket deleted under a running mock backend (``/run`` cleaned) is served again at the same path,
+    private to its owner, within a few seconds, and the CLI reaches the backend through it."""
+    with structlog.testing.capture_logs() as logs:
+        sock.unlink()
+        # Logged once it listens again with the socket's mode set.
+        served_again = "mock control socket gone; serving it again"
+        await until(lambda: any(e["event"] == served_again for e in logs), timeout_s=3 * CHECK_INTERVAL_S)
+        answer = await control(sock, {"op": "status"})
+    assert answer["ok"] is True
+    assert len(answer["gpus"]) == backend.settings.gpus
+    assert stat.S_IMODE((await aiofiles.os.stat(sock)).st_mode) == 0o600
+    assert [e["event"] for e in logs if e["log_level"] in ("warning", "error")] == [served_again]
+    result = await invoke("status", "--socket", str(sock))
+    assert result.exit_code == 0, result.output
+
+
+async def test_a_control_socket_another_backend_serves_is_never_taken_over(workdir: Path) -> None:
+    """Where another mock backend's live socket has replaced ours at our path, it is left alone; once nobody
+    listens on that file any more, ours is served there again."""
+    path = workdir / "mock.sock"
+    ours = ControlServer(path, lambda request: {"who": "ours"}, check_interval_s=0.05)
+    theirs = ControlServer(workdir / "theirs.sock", lambda request: {"who": "theirs"})
+    await ours.start()
+    try:
+        await theirs.start()
+        with structlog.testing.capture_logs() as logs:
+            # At once, never missing in between: ours would be served again in that gap.
+            (workdir / "theirs.sock").rename(path)
+            await until(lambda: any(e["event"].startswith("mock control socket now served by") for e in logs))
+            assert (await control(path, {"op": "status"}))["who"] == "theirs"
+            await theirs.aclose()
+            await until(lambda: any(e["event"] == "mock control socket gone; serving it again" for e in logs))
+            assert (await control(path, {"op": "status"}))["who"] == "ours"
+    finally:
+        await theirs.aclose()
+        await ours.aclose()
+    assert not path.exists()

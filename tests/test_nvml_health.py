@@ -18,6 +18,7 @@ from backends.nvml.fake import FakeGpu, FakeNvml, h200_node
 from gpuplugin.backend import HealthChanged, InventoryChanged
 from gpuplugin.health import HealthPolicy, XidAction
 from gpuplugin.model import Health
+from gpuplugin.tasks import SupervisionSettings, Supervisor, supervising
 from tests.fakes import next_event, until
 
 XID = FakeNvml.nvmlEventTypeXidCriticalError
@@ -25,6 +26,9 @@ SBE = FakeNvml.nvmlEventTypeSingleBitEccError
 DBE = FakeNvml.nvmlEventTypeDoubleBitEccError
 #: An XID neither ignored nor fatal by default: recoverable.
 RECOVERABLE_XID = 62
+#: Restarts fast enough for a test: five failures within the window make a task failing.
+QUICK = SupervisionSettings(first_backoff_s=0.01, max_backoff_s=0.05, failure_budget=5, exit_grace_s=0.3)
+HEALTH_TASK = "nvml:health thread"
 
 
 def health_threads() -> list[threading.Thread]:
@@ -270,3 +274,64 @@ async def test_shutdown_is_prompt_and_releases_everything() -> None:
     assert not fake.initialized
     await backend.aclose()
     assert fake.calls["nvmlShutdown"] == 1
+
+
+async def test_a_dead_health_thread_is_restarted_and_its_gpus_recover() -> None:
+    """A health thread killed by a non-NVML exception marks every GPU Unhealthy, is restarted by the supervisor
+    (the restart counted), and the new thread's first good wait brings the GPUs back Healthy."""
+    fake = h200_node(2)
+    supervisor = Supervisor(QUICK)
+    with supervising(supervisor), capture_logs() as logs:
+        async with running(fake) as backend:
+            [first] = health_threads()
+            fake.break_waits(MemoryError())
+            down = [await next_event(backend), await next_event(backend)]
+            up = [await next_event(backend), await next_event(backend)]
+            assert supervisor.restarts[HEALTH_TASK] == 1
+            await until(lambda: first not in health_threads() and len(health_threads()) == 1)
+            await until(lambda: all(fake.registered(uuid) for uuid in uuids(fake)))
+            # The new thread watches: an XID still turns its GPU Unhealthy.
+            fake.emit_xid(uuids(fake)[0], 79)
+            assert (await next_event(backend)) == HealthChanged(uuids(fake)[0], Health.UNHEALTHY, "XID 79", 79)
+            assert supervisor.failing() == {}
+    assert all(isinstance(e, HealthChanged) and e.health is Health.UNHEALTHY for e in down)
+    assert {e.gpu for e in down if isinstance(e, HealthChanged)} == set(uuids(fake))
+    assert all(isinstance(e, HealthChanged) and e.health is Health.HEALTHY for e in up)
+    assert {e.gpu for e in up if isinstance(e, HealthChanged)} == set(uuids(fake))
+    restarts = [e for e in logs if e["event"] == "task failed; restarting"]
+    assert [(e["task"], "MemoryError" in e["error"]) for e in restarts] == [(HEALTH_TASK, True)]
+
+
+async def test_a_health_thread_that_keeps_dying_is_reported_failing() -> None:
+    """A health thread that dies on every start is restarted up to the failure budget, then the supervisor reports
+    it failing (``/healthz`` 503) naming the error; its GPUs stay Unhealthy meanwhile."""
+    fake = h200_node(1)
+    supervisor = Supervisor(QUICK)
+    with supervising(supervisor), capture_logs():
+        async with running(fake) as backend:
+            fake.break_waits(RuntimeError("bug in the watch loop"), times=None)
+            down = await next_event(backend)
+            assert isinstance(down, HealthChanged)
+            assert down.health is Health.UNHEALTHY
+            await until(lambda: HEALTH_TASK in supervisor.failing(), timeout_s=5.0)
+            assert "bug in the watch loop" in supervisor.failing()[HEALTH_TASK]
+            assert supervisor.restarts[HEALTH_TASK] >= QUICK.failure_budget - 1
+            await no_event(backend)
+            fake.clear_wait_failures()
+    supervisor.close()
+
+
+async def test_a_stopped_or_replaced_health_thread_is_no_failure() -> None:
+    """A health thread replaced after a MIG change, or stopped at shutdown, is not restarted nor counted."""
+    fake = h200_node(2)
+    b = uuids(fake)[1]
+    supervisor = Supervisor(QUICK)
+    with supervising(supervisor), capture_logs() as logs:
+        async with running(fake) as backend:
+            fake.set_mig_mode(b, FakeNvml.NVML_DEVICE_MIG_ENABLE)
+            fake.emit_mig_change(b)
+            assert isinstance(await next_event(backend), InventoryChanged)
+            await until(lambda: len(health_threads()) == 1)
+            await no_event(backend)
+    assert supervisor.restarts[HEALTH_TASK] == 0
+    assert [e for e in logs if e["log_level"] == "error"] == []

@@ -34,6 +34,8 @@ log = structlog.get_logger("gpuplugin.mock")
 
 #: Longest request line; a longer one is answered with an error and the connection closed.
 MAX_LINE_BYTES = 64 * 1024
+#: Seconds between two looks at the control socket's file: a deleted socket is served again within about this.
+CHECK_INTERVAL_S = 1.0
 #: What a lost GPU reports unless the request says otherwise (XID 79's words).
 DEFAULT_LOST_REASON = "GPU has fallen off the bus"
 
@@ -174,12 +176,23 @@ def _answer(payload: Mapping[str, Any]) -> bytes:
 
 
 class ControlServer:
-    """Serves the control protocol on a unix socket, handing each parsed request to ``handler``."""
+    """Serves the control protocol on a unix socket, handing each parsed request to ``handler``.
 
-    def __init__(self, path: Path, handler: ControlHandler) -> None:
+    A supervised task looks at the socket's file every ``check_interval_s``: deleted (someone cleaned ``/run``) or
+    replaced by a file nobody listens on, it is served again at the same path; a socket another live mock backend
+    serves there is never taken over.
+    """
+
+    def __init__(self, path: Path, handler: ControlHandler, *, check_interval_s: float = CHECK_INTERVAL_S) -> None:
         self.path = path
         self._handler = handler
+        self._check_interval_s = check_interval_s
         self._server: asyncio.Server | None = None
+        self._replaced: list[asyncio.Server] = []
+        """Servers whose socket file was deleted: closed, their open connections still served until ``aclose``."""
+        self._tasks = TaskSet("mock")
+        self._other: SocketIdentity | None = None
+        """The socket another live mock backend serves at our path, once we found it there (warned of once)."""
         self._connections = TaskSet("mock-control")
         self._writers: set[asyncio.StreamWriter] = set()
         self._identity: SocketIdentity | None = None
@@ -188,16 +201,50 @@ class ControlServer:
     async def start(self) -> None:
         """Listen on ``path``. Raises ControlSocketBusy when another mock backend listens there (its socket is
         left alone; asyncio would replace it), OSError when the socket cannot be made."""
+        await self._listen()
+        self._tasks.supervise(self._keep_serving, "control socket")
+        log.info("mock control listening", socket=str(self.path))
+
+    async def _listen(self) -> None:
         await aiofiles.os.makedirs(self.path.parent, exist_ok=True)
         if await asyncio.to_thread(listened_on, str(self.path)):
             raise ControlSocketBusy(f"another mock backend listens on {self.path}")
         # A plain callback, not a coroutine: connections then run in our TaskSet, which cancels them on close.
-        self._server = await asyncio.start_unix_server(self._accept, path=self.path, limit=MAX_LINE_BYTES)
-        # Whoever can connect can mark GPUs unhealthy.
-        await asyncio.to_thread(os.chmod, self.path, 0o600)
-        # After the chmod, which changes the file's ctime.
-        self._identity = await asyncio.to_thread(SocketIdentity.of, self.path)
-        log.info("mock control listening", socket=str(self.path))
+        server = await asyncio.start_unix_server(self._accept, path=self.path, limit=MAX_LINE_BYTES)
+        try:
+            # Whoever can connect can mark GPUs unhealthy.
+            await asyncio.to_thread(os.chmod, self.path, 0o600)
+            # After the chmod, which changes the file's ctime.
+            identity = await asyncio.to_thread(SocketIdentity.of, self.path)
+        except BaseException:
+            server.close()
+            raise
+        self._server, self._identity = server, identity
+
+    async def _keep_serving(self) -> None:
+        """Serve again at ``path`` whenever our socket file is gone; runs until cancelled (supervised: an error
+        serving again is retried with backoff, and reported once it keeps failing)."""
+        while True:
+            await asyncio.sleep(self._check_interval_s)
+            found = await asyncio.to_thread(SocketIdentity.of, self.path)
+            if found == self._identity:
+                continue
+            old = self._server
+            try:
+                await self._listen()
+            except ControlSocketBusy:
+                # Looked at again each time (a connect): once nobody listens there, the file is stale and ours.
+                if found == self._other:
+                    continue
+                self._other = found
+                log.warning("mock control socket now served by another mock backend; leaving it", socket=str(self.path))
+                continue
+            self._other = None
+            if old is not None:
+                # Its file is gone: nobody can connect to it any more; its open connections go on until aclose.
+                old.close()
+                self._replaced.append(old)
+            log.warning("mock control socket gone; serving it again", socket=str(self.path))
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -246,6 +293,9 @@ class ControlServer:
 
     async def aclose(self) -> None:
         """Stop listening, end every connection and remove the socket file; safe to call twice."""
+        if self._server is not None:
+            # First, so that the checker replaces no server from here on.
+            await self._tasks.aclose()
         server, self._server = self._server, None
         if server is not None:
             server.close()
@@ -254,7 +304,9 @@ class ControlServer:
             for writer in self._writers:
                 writer.close()
             self._writers.clear()
-            await server.wait_closed()
+            for replaced in (*self._replaced, server):
+                await replaced.wait_closed()
+            self._replaced.clear()
             await asyncio.to_thread(remove_if_ours, self.path, self._identity)
 
 

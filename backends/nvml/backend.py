@@ -68,6 +68,8 @@ class NvmlBackend:
         self._watcher: HealthWatcher | None = None
         self._stopping: list[HealthWatcher] = []
         self._rediscover_wanted = asyncio.Event()
+        self._watcher_ended = asyncio.Event()
+        """Set on the loop when a health thread ends (its ``on_end``): the follower looks at the current watcher."""
         self._loop: asyncio.AbstractEventLoop | None = None
         # Held around init, discovery and shutdown, so that shutdown never races a discovery still in a thread.
         self._nvml_lock = threading.Lock()
@@ -133,6 +135,13 @@ class NvmlBackend:
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(self._observe, observation)
 
+    def _watcher_ended_from_thread(self) -> None:
+        """A health thread ended (called from it): wake the follower on the loop; never blocks the thread."""
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._watcher_ended.set)
+
     def _init_and_discover(self) -> discovery.Inventory:
         with self._nvml_lock:
             if self._closed:
@@ -177,15 +186,45 @@ class NvmlBackend:
             return
 
     def _adopt(self, inventory: discovery.Inventory) -> None:
-        """Serve a new inventory: watch its GPUs' health; the first time, also start the rediscovery worker."""
+        """Serve a new inventory: watch its GPUs' health; the first time, also start the rediscovery worker and the
+        health thread's follower.
+
+        A watcher started while GPUs are down because health went unwatched (``_wait_failed``) brings them back
+        after its first good wait.
+        """
         first = self._watcher is None and not self._stopping
         self._inventory = inventory
         self._watcher = HealthWatcher(
-            self._nvml, self.settings, inventory.watched, inventory.mig_watched, self.post_from_thread
+            self._nvml,
+            self.settings,
+            inventory.watched,
+            inventory.mig_watched,
+            self.post_from_thread,
+            on_end=self._watcher_ended_from_thread,
+            recovering=bool(self._wait_failed),
         )
         self._watcher.start()
         if first:
             self._tasks.supervise(self._rediscovery_worker, "rediscovery")
+            self._tasks.supervise(self._follow_health_thread, "health thread")
+
+    async def _follow_health_thread(self) -> None:
+        """Follow the current health thread and raise when it dies, so that the supervisor restarts it (counted,
+        with backoff) and reports it failing when it keeps dying; on a restart, watch the current inventory with a
+        new thread. A thread asked to stop (shutdown, or replaced by a rediscovery) is no failure."""
+        dead = self._watcher
+        if dead is not None and dead.died:
+            log.info("starting a new health thread", after=repr(dead.failure))
+            self._adopt(self._inventory)
+            # It has ended already (it said so as its last act): the join is only the thread's exit.
+            await asyncio.to_thread(dead.join)
+        while True:
+            self._watcher_ended.clear()
+            watcher = self._watcher
+            if watcher is not None and watcher.died:
+                failure = watcher.failure
+                raise RuntimeError(f"nvml health thread died: {failure!r}" if failure else "nvml health thread ended")
+            await self._watcher_ended.wait()
 
     async def _rediscovery_worker(self) -> None:
         """Discovers again when asked (a MIG change) or, while some GPU failed discovery, with backoff."""

@@ -66,7 +66,8 @@ class WaitFailing:
 
 @dataclass(frozen=True, slots=True)
 class WaitRecovered:
-    """A wait succeeded again after ``WaitFailing``."""
+    """A wait succeeded again after ``WaitFailing``, or the first wait of a watcher started while GPUs were down
+    for it (a health thread restarted after it died)."""
 
 
 Observation = XidObserved | EccObserved | MigConfigChanged | GpuLost | WaitFailing | WaitRecovered
@@ -92,18 +93,38 @@ class HealthWatcher:
         watched: Mapping[str, Any],
         mig_watched: Mapping[str, Any],
         notify: Callable[[Observation], None],
+        *,
+        on_end: Callable[[], None] | None = None,
+        recovering: bool = False,
     ) -> None:
+        """``on_end`` is called from the thread as its last act, however it ended (the backend posts it to the
+        loop); ``recovering``: GPUs are down because health went unwatched, so the first good wait sends
+        ``WaitRecovered``."""
         self._nvml = nvml
         self._settings = settings
         self._watched = dict(watched)
         self._mig_watched = dict(mig_watched)
         self._notify = notify
+        self._on_end = on_end
+        self._recovering = recovering
         self._stop = threading.Event()
+        self._ended = threading.Event()
+        self.failure: BaseException | None = None
+        """What ended the thread when it died (set before ``on_end``); None while it runs or after a clean stop."""
         self._lost: set[str] = set()
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def died(self) -> bool:
+        """The thread has ended without being asked to (an exception, or a bug that made it return)."""
+        return self._ended.is_set() and not self._stop.is_set()
 
     def request_stop(self) -> None:
         """Ask the thread to stop after its current wait; does not block."""
@@ -120,16 +141,22 @@ class HealthWatcher:
         try:
             self._watch()
         except Exception as error:
-            # Fail safe: if the thread itself breaks, nobody watches health any more, so say so.
+            # Fail safe: if the thread itself breaks, nobody watches health any more, so say so; the backend's
+            # supervised follower hears of the end through ``on_end`` and starts a new watcher.
+            self.failure = error
             log.exception("health thread failed")
             self._notify(WaitFailing(f"health thread failed: {error!r}"))
+        finally:
+            self._ended.set()
+            if self._on_end is not None:
+                self._on_end()
 
     def _watch(self) -> None:
         nvml = self._nvml
         timeout_ms = self._settings.event_wait_timeout_ms
         event_set: Any = None
         failures = 0
-        failing = False
+        failing = self._recovering
         backoff_s = self._settings.retry_backoff_initial_s
         try:
             while not self._stop.is_set():

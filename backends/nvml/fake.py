@@ -17,7 +17,8 @@ calls before ``nvmlInit`` raise Uninitialized, as NVML does. What can be scripte
   ``errors`` makes any other call that is not about one GPU raise (``nvmlDeviceGetCount``, ``nvmlEventSetCreate``).
 - Events: ``emit_xid``, ``emit_ecc``, ``emit_mig_change`` queue an event on every live event set where that GPU
   registered that type (like NVML, nothing is queued otherwise); ``fail_waits`` makes waits raise a code (a number
-  of times or until ``clear_wait_failures``); a wait on a set holding a lost GPU raises GPU_IS_LOST.
+  of times or until ``clear_wait_failures``); ``break_waits`` makes them raise an exception that is not NVML's (a
+  bug, a MemoryError), which ends the health thread; a wait on a set holding a lost GPU raises GPU_IS_LOST.
 """
 
 from __future__ import annotations
@@ -249,6 +250,8 @@ class FakeNvml:
         self._init_count = 0
         self._wait_errors: deque[int] = deque()
         self._wait_error: int | None = None
+        self._wait_breaks: deque[Exception] = deque()
+        self._wait_break: Exception | None = None
 
     def __getattr__(self, name: str) -> Any:
         # Constants and error classes this class does not spell out still come from pynvml; functions do not,
@@ -326,10 +329,22 @@ class FakeNvml:
                 self._wait_errors.extend([code] * times)
             self.lock.notify_all()
 
+    def break_waits(self, error: Exception, times: int | None = 1) -> None:
+        """Waits raise ``error``, not an NVML error: the next ``times`` ones, or every one until
+        ``clear_wait_failures``."""
+        with self.lock:
+            if times is None:
+                self._wait_break = error
+            else:
+                self._wait_breaks.extend([error] * times)
+            self.lock.notify_all()
+
     def clear_wait_failures(self) -> None:
         with self.lock:
             self._wait_error = None
             self._wait_errors.clear()
+            self._wait_break = None
+            self._wait_breaks.clear()
 
     # Internals
 
@@ -555,6 +570,10 @@ class FakeNvml:
             self._enter("nvmlEventSetWait_v2")
             while True:
                 self._live(eventSet)
+                if self._wait_breaks:
+                    raise self._wait_breaks.popleft()
+                if self._wait_break is not None:
+                    raise self._wait_break
                 if self._wait_errors:
                     raise pynvml.NVMLError(self._wait_errors.popleft())
                 if self._wait_error is not None:

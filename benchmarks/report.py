@@ -28,6 +28,18 @@ from benchmarks.scenarios import Scenario
 
 LIBRARIES = ("grpclib", "h2", "betterproto2", "grpcio", "hdrhistogram", "psutil", "matplotlib", "tqdm", "structlog")
 REPO = Path(__file__).resolve().parent.parent
+#: What ``make e2e`` measured on a real single-node cluster; the report quotes it where present.
+CLUSTER_FIGURES = REPO / "benchmarks" / "results" / "cluster" / "e2e.json"
+#: The real cluster's figures, in the order a reader asks for them, with what each measures.
+_CLUSTER_ROWS = (
+    ("apply_to_pod_running_s", "manifest applied → plugin pod Running"),
+    ("apply_to_allocatable_s", "manifest applied → node allocatable shows the GPUs"),
+    ("kubelet_restart_to_allocatable_s", "kubelet restarted → GPUs allocatable again (pod-resources API)"),
+    ("kubelet_restart_to_node_status_s", "kubelet restarted → GPUs back in the node's status"),
+    ("plugin_pod_deleted_to_ready_s", "plugin pod deleted → its replacement Ready"),
+    ("xid_to_allocatable_s", "XID injected → node allocatable drops"),
+    ("configmap_edit_to_allocatable_s", "ConfigMap edited → new allocatable (kubelet sync period 5 s)"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +212,37 @@ def build_report(
         "ratios_to_floors": _ratios(latency),
     }
     report["against_nvidia"] = _against_nvidia(report)
+    cluster = cluster_figures()
+    if cluster is not None:
+        report["cluster"] = cluster
     return report
+
+
+def cluster_figures(path: Path = CLUSTER_FIGURES) -> dict[str, Any] | None:
+    """``make e2e``'s figures from the real cluster, or None where it has not run (or wrote something unreadable)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("figures_s"), dict) else None
+
+
+def cluster_section(cluster: Mapping[str, Any]) -> list[str]:
+    """The real cluster's figures, through the real kubelet, with the commit and release they came from."""
+    figures = cluster["figures_s"]
+    lines = [
+        "",
+        f"On a real single-node cluster (`make e2e`: Kubernetes {cluster.get('kubernetes', '?')}, the real kubelet "
+        f"and containerd, mock backend), commit {cluster.get('commit', 'unknown')}, {cluster.get('date', '')}:",
+        "",
+        "| figure | seconds |",
+        "|---|---:|",
+    ]
+    for key, label in _CLUSTER_ROWS:
+        value = figures.get(key)
+        if isinstance(value, int | float):
+            lines.append(f"| {label} | {value:.2f} |")
+    return lines
 
 
 def _ratios(latency: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, float]]:
@@ -371,6 +413,8 @@ def markdown(report: Mapping[str, Any]) -> str:
             "from scratch. "
             f"**{where['dominant']} dominates.**",
         ]
+    if report.get("cluster"):
+        lines += cluster_section(report["cluster"])
     return "\n".join(lines) + "\n"
 
 

@@ -558,3 +558,22 @@ def test_results_are_not_written_into_the_committed_folder_from_a_dirty_tree(
     assert allowed.exit_code == 0, allowed.output
     # CliRunner's stderr is no terminal: no progress bars.
     assert [settings.progress for settings in runs] == [False]
+
+
+def test_the_real_clusters_figures_are_read_and_rendered_where_present(tmp_path: Path) -> None:
+    """``make e2e``'s figures join the report with their commit; a missing or malformed file adds nothing."""
+    from benchmarks.report import cluster_figures, cluster_section
+
+    path = tmp_path / "e2e.json"
+    assert cluster_figures(path) is None
+    path.write_text("not json")
+    assert cluster_figures(path) is None
+    path.write_text(
+        json.dumps({"commit": "abc123", "kubernetes": "v1.34.4", "figures_s": {"apply_to_pod_running_s": 0.87}})
+    )
+    figures = cluster_figures(path)
+    assert figures is not None
+    text = "\n".join(cluster_section(figures))
+    assert "Kubernetes v1.34.4" in text and "abc123" in text
+    assert "| manifest applied → plugin pod Running | 0.87 |" in text
+    assert "kubelet restarted" not in text

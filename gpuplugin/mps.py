@@ -14,6 +14,7 @@ Until a daemon answers, every MPS device on its GPU is served Unhealthy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import time
@@ -323,13 +324,15 @@ class ControlDaemon:
             self.state.last_error = str(error)
             return None
         try:
-            answer = process.communicate(f"{command}\n".encode())
-            out, _ = await asyncio.wait_for(answer, self.settings.answer_timeout_s)
+            async with asyncio.timeout(self.settings.answer_timeout_s):
+                out, _ = await process.communicate(f"{command}\n".encode())
         except TimeoutError:
-            process.kill()
-            await process.wait()
             self.state.last_error = f"{command!r} got no answer in {self.settings.answer_timeout_s:g} s"
             return None
+        finally:
+            # Timed out or cancelled (the plugin stopping): the program must not outlive the query, and its pipes
+            # must close, or a read of them waits for good.
+            await _end(process)
         text = out.decode(errors="replace").strip()
         if process.returncode != 0 or _NOT_RUNNING in text:
             self.state.last_error = text or f"exit status {process.returncode}"
@@ -352,7 +355,11 @@ class ControlDaemon:
                 env=self.environment(),
                 start_new_session=True,
             )
-            await asyncio.wait_for(process.wait(), self.settings.answer_timeout_s)
+            try:
+                async with asyncio.timeout(self.settings.answer_timeout_s):
+                    await process.wait()
+            finally:
+                await _end(process)
         except (OSError, TimeoutError) as error:
             self.state.last_error = str(error) or type(error).__name__
             return False
@@ -411,6 +418,15 @@ class ControlDaemon:
                 return
             await asyncio.sleep(0.05)
         log.warning("mps control daemon or its servers still running after quit", gpu=self.uuid, servers=running)
+
+
+async def _end(process: asyncio.subprocess.Process) -> None:
+    """Kill ``process`` if it still runs and reap it; shielded, so that a cancellation cannot leave it running."""
+    if process.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+    await asyncio.shield(process.wait())
 
 
 def _running(pids: list[int]) -> list[int]:

@@ -71,6 +71,8 @@ class NvmlBackend:
         self._watcher_ended = asyncio.Event()
         """Set on the loop when a health thread ends (its ``on_end``): the follower looks at the current watcher."""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._health_followed = False
+        """Whether the health thread's follower has run once: a death it finds on its first run is still counted."""
         # Held around init, discovery and shutdown, so that shutdown never races a discovery still in a thread.
         self._nvml_lock = threading.Lock()
         self._initialized = False
@@ -185,12 +187,13 @@ class NvmlBackend:
             self._queue.put_nowait(InventoryChanged(inventory.tree))
             return
 
-    def _adopt(self, inventory: discovery.Inventory) -> None:
+    def _adopt(self, inventory: discovery.Inventory, *, recovering: bool = False) -> None:
         """Serve a new inventory: watch its GPUs' health; the first time, also start the rediscovery worker and the
         health thread's follower.
 
-        A watcher started while GPUs are down because health went unwatched (``_wait_failed``) brings them back
-        after its first good wait.
+        A watcher started while GPUs are down because health went unwatched (``_wait_failed``), or in place of one
+        that died (``recovering``: its ``WaitFailing`` may not have reached the loop yet), brings them back after its
+        first good wait.
         """
         first = self._watcher is None and not self._stopping
         self._inventory = inventory
@@ -201,7 +204,7 @@ class NvmlBackend:
             inventory.mig_watched,
             self.post_from_thread,
             on_end=self._watcher_ended_from_thread,
-            recovering=bool(self._wait_failed),
+            recovering=recovering or bool(self._wait_failed),
         )
         self._watcher.start()
         if first:
@@ -213,9 +216,13 @@ class NvmlBackend:
         with backoff) and reports it failing when it keeps dying; on a restart, watch the current inventory with a
         new thread. A thread asked to stop (shutdown, or replaced by a rediscovery) is no failure."""
         dead = self._watcher
+        first_run, self._health_followed = not self._health_followed, True
+        if dead is not None and dead.died and first_run:
+            # Died before this follower first ran: a failure like any other, counted before the new thread.
+            raise RuntimeError(f"nvml health thread died: {dead.failure!r}")
         if dead is not None and dead.died:
             log.info("starting a new health thread", after=repr(dead.failure))
-            self._adopt(self._inventory)
+            self._adopt(self._inventory, recovering=True)
             # It has ended already (it said so as its last act): the join is only the thread's exit.
             await asyncio.to_thread(dead.join)
         while True:

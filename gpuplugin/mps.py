@@ -30,7 +30,7 @@ from gpuplugin.backend import AllocationPolicyKind, Backend, BackendEvent, Inven
 from gpuplugin.errors import ConfigError, config_key
 from gpuplugin.model import ContainerSpec, Device, DeviceTree, Health, Mount, ResourceRules, frozen_mapping
 from gpuplugin.sharing import REPLICA_ATTRIBUTE, SharingError, TimeSlicing
-from gpuplugin.tasks import TaskSet
+from gpuplugin.tasks import TaskSet, jittered_backoff
 
 log = structlog.get_logger("gpuplugin.mps")
 
@@ -74,7 +74,8 @@ class ControlDaemonSettings:
     """Seconds (above 0, at most 3,600) a started daemon has to answer, and a query to return, before it counts
     as not answering."""
     max_restart_delay_s: float = 30.0
-    """Seconds (≥ 1) between restarts of a daemon that keeps failing; the delay doubles from 1 s up to this."""
+    """Seconds (≥ 1) between restarts of a daemon that keeps failing; the delay doubles from 1 s up to this,
+    jittered (``jittered_backoff``) so that the daemons of GPUs failing together do not restart in step."""
 
     def pipe_dir(self, uuid: str) -> Path:
         return self.root / uuid / "pipe"
@@ -376,19 +377,20 @@ class ControlDaemon:
 
     async def supervise(self) -> None:
         """Keep the daemon answering: launch it, query it every probe interval, restart it when it stops."""
-        delay_s = 1.0
+        failures = 0
         while True:
             if not self.state.answering:
                 if await self.launch():
                     start_s = round(self.state.last_start_s or 0, 3)
                     log.info("mps control daemon answering", gpu=self.uuid, start_s=start_s)
                     self._set(answering=True)
-                    delay_s = 1.0
+                    failures = 0
                     continue
+                failures += 1
+                delay_s = jittered_backoff(failures, 1.0, self.settings.max_restart_delay_s)
                 error = self.state.last_error
-                log.error("mps control daemon did not start", gpu=self.uuid, error=error, retry_in_s=delay_s)
+                log.error("mps control daemon did not start", gpu=self.uuid, error=error, retry_in_s=round(delay_s, 3))
                 await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, self.settings.max_restart_delay_s)
                 continue
             await asyncio.sleep(self.settings.probe_interval_s)
             if await self.query("get_server_list") is None:

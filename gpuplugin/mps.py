@@ -483,7 +483,8 @@ class ControlDaemons:
                 pipe_dir=str(self.settings.pipe_dir(daemon.uuid)),
                 error=daemon.state.last_error,
             )
-            self._supervisors[daemon.uuid] = self._tasks.spawn(daemon.supervise(), f"daemon {daemon.uuid}")
+            # Supervised: a loop that raises (its directories not made, say) is started again, not left dead.
+            self._supervisors[daemon.uuid] = self._tasks.supervise(daemon.supervise, f"daemon {daemon.uuid}")
 
     def fold(self, tree: DeviceTree) -> DeviceTree:
         """``tree`` with every MPS device whose GPU's daemon does not answer marked Unhealthy."""

@@ -466,7 +466,10 @@ class ControlDaemons:
         """Run a daemon for each GPU with MPS devices in ``tree``, quit the others; new ones get one launch first."""
         wanted = {d.attributes[MPS_GPU_ATTRIBUTE] for d in tree.devices if MPS_GPU_ATTRIBUTE in d.attributes}
         for uuid in [u for u in self.daemons if u not in wanted]:
-            self._supervisors.pop(uuid).cancel()
+            supervisor = self._supervisors.pop(uuid)
+            supervisor.cancel()
+            # Its loop ended first: a launch still under way could otherwise start the daemon after the quit.
+            await asyncio.wait([supervisor])
             await self.daemons.pop(uuid).quit()
         new = [ControlDaemon(uuid, self.settings, self._changed.set) for uuid in sorted(wanted - set(self.daemons))]
         if not new:

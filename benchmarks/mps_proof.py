@@ -339,7 +339,7 @@ async def stage(report: dict[str, Any], name: str, step: Any) -> None:
         report[name] = {"error": f"{type(error).__name__}: {error}"[:500]}
 
 
-async def prove(out: Path, calls: int, fake: bool) -> dict[str, Any]:
+async def prove(calls: int, fake: bool) -> dict[str, Any]:
     # Short: the control socket's path, <root>/<gpu uuid>/pipe/control, must stay under 108 bytes.
     work = Path(tempfile.mkdtemp(prefix="mps-"))
     report: dict[str, Any] = {"fake": fake, "calls": calls}
@@ -475,7 +475,7 @@ def main(out: Path, calls: int, fake: bool) -> None:
             commit = done.stdout.strip() or "unknown"
         except OSError:
             commit = "unknown"
-    report = asyncio.run(prove(out, calls, fake))
+    report = asyncio.run(prove(calls, fake))
     report["commit"] = commit
     text = markdown(report, report["commit"])
     out.mkdir(parents=True, exist_ok=True)

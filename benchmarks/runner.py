@@ -67,9 +67,6 @@ class RunResult:
 
     facts: dict[str, Any]
     measures: dict[str, Latencies]
-    health_events: list[tuple[float, str]]
-    """(seconds since the run began, "Healthy" or "Unhealthy")."""
-    restart_times_s: list[float]
     backend: str = "mock"
     gpus: int = 0
     """GPUs the plugin served: the mock's count, or what registered on nvml."""
@@ -135,12 +132,9 @@ async def _run(scenario: Scenario, settings: RunSettings, workdir: Path) -> RunR
                 measures[latencies.name] = latencies
             if nvidia.churn is not None:
                 churns[ROLE_NVIDIA] = nvidia.churn
-    trace = churns.get(ROLE_OURS)
     return RunResult(
         facts,
         measures,
-        trace.health_events if trace else [],
-        trace.restart_times_s if trace else [],
         settings.backend,
         ours.gpus,
         scenario.resource,

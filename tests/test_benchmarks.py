@@ -405,7 +405,7 @@ def test_plots_of_a_run_without_calls_have_no_empty_legend(tmp_path: Path) -> No
     clock = Clock()
     registered = clock.latencies("re-registration")
     registered.record(clock.origin_s, 0.004)
-    paths = plots.write(RunResult({}, {registered.name: registered}, [], [0.5]), tmp_path)
+    paths = plots.write(RunResult({}, {registered.name: registered}), tmp_path)
     assert [path.name for path in paths] == ["reregistration.png"]
     assert paths[0].read_bytes()[:4] == b"\x89PNG"
 

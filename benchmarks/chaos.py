@@ -545,7 +545,7 @@ async def run_chaos(settings: ChaosSettings, on_work: Callable[[Path], None] | N
 
 
 def git_commit() -> str:
-    """The commit measured; refused with uncommitted changes to the code (a figure names exactly what it ran)."""
+    """The commit measured, with ``-dirty`` when gpuplugin/, backends/ or benchmarks/ differ from it (not refused)."""
     out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
     dirty = subprocess.run(
         ["git", "-C", str(ROOT), "status", "--porcelain", "--", "gpuplugin", "backends", "benchmarks"],

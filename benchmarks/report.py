@@ -104,7 +104,7 @@ def environment() -> dict[str, Any]:
         },
         "python": {"version": platform.python_version(), "implementation": platform.python_implementation()},
         "libraries": versions,
-        "git": _git(),
+        "git": git_state(),
     }
 
 
@@ -153,7 +153,9 @@ def _cpu_model() -> str:
     return platform.processor()
 
 
-def _git() -> dict[str, Any]:
+def git_state() -> dict[str, Any]:
+    """The checkout's commit, whether files differ from it (None: git could not tell) and the first that do."""
+
     def git(*args: str) -> str | None:
         try:
             # --no-optional-locks: read only; never refresh the index of a checkout others work in.
@@ -172,11 +174,6 @@ def _git() -> dict[str, Any]:
         "dirty": None if status is None else bool(changed),
         "changed": changed[:20],
     }
-
-
-def git_state() -> dict[str, Any]:
-    """The checkout's commit, whether files differ from it (None: git could not tell) and the first that do."""
-    return _git()
 
 
 def plain(value: Any) -> Any:

@@ -21,12 +21,12 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy gpuplugin backends tests benchmarks
+	$(BIN)/mypy gpuplugin tests benchmarks
 	$(BIN)/lint-imports
 
-# Regenerates gpuplugin/api from proto/; tests/test_proto.py fails when the committed code is stale.
+# Regenerates gpuplugin/kubelet/api from proto/; tests/test_proto.py fails when the committed code is stale.
 proto: $(STAMP)
-	$(BIN)/python -m gpuplugin.protogen gpuplugin/api
+	$(BIN)/python -m gpuplugin.kubelet.protogen gpuplugin/kubelet/api
 
 bench: $(STAMP)
 	$(BIN)/gpuplugin bench --quick

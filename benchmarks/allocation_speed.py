@@ -12,8 +12,16 @@ import statistics
 import time
 from collections.abc import Sequence
 
-from gpuplugin.allocation import AllocationPolicy, build_policy
-from gpuplugin.model import AllocationPolicyKind, ContainerSpec, Device, DeviceTree, Link, PCIeLevel, links_from_pairs
+from gpuplugin.core.model import (
+    AllocationPolicyKind,
+    ContainerSpec,
+    Device,
+    DeviceTree,
+    Link,
+    PCIeLevel,
+    links_from_pairs,
+)
+from gpuplugin.devices.allocation import AllocationPolicy, build_policy
 
 RESOURCE = "nvidia.com/gpu"
 

@@ -15,7 +15,7 @@ import grpclib.exceptions
 from grpclib.client import Channel
 
 from benchmarks.plugin_process import ServerProcess
-from gpuplugin.api import v1beta1
+from gpuplugin.kubelet.api import v1beta1
 
 _HERE = Path(__file__).resolve().parent
 

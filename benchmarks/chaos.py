@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpuplugin.logs import configure
-from gpuplugin.sharing import REPLICA_SEPARATOR
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.daemon.logs import configure
+from gpuplugin.devices.sharing import REPLICA_SEPARATOR
+from gpuplugin.testing.simulator import KubeletSimulator
 
 RESOURCE = "nvidia.com/gpu"
 ROOT = Path(__file__).resolve().parent.parent
@@ -373,7 +373,7 @@ class Chaos:
     # Faults.
 
     async def control(self, request: dict[str, Any]) -> dict[str, Any]:
-        from backends.mock.control import control
+        from gpuplugin.backends.mock.control import control
 
         return await control(self.state_dir / "mock.sock", request)
 
@@ -491,7 +491,7 @@ class Chaos:
             raise ChaosFailure(f"mock refused {request}: {answer.get('error')}")
 
     async def admit_pod(self) -> None:
-        from gpuplugin.simulator import AdmissionError
+        from gpuplugin.testing.simulator import AdmissionError
 
         assert self.kubelet is not None
         self._pods += 1

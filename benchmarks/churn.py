@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backends.mock.control import ControlUnavailable, control
 from benchmarks.measure import Clock, Latencies
 from benchmarks.restarts import restart_once
 from benchmarks.scenarios import ChurnSettings
-from gpuplugin.simulator import AdmissionError, KubeletSimulator
+from gpuplugin.backends.mock.control import ControlUnavailable, control
+from gpuplugin.testing.simulator import AdmissionError, KubeletSimulator
 
 #: XID 63 (row remapping pending) is recoverable: the GPU turns Unhealthy at once and can come back.
 FLAP_XID = 63

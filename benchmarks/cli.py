@@ -18,8 +18,8 @@ import click
 from benchmarks import plots, report
 from benchmarks.runner import RunSettings, run_scenario
 from benchmarks.scenarios import BACKENDS, FULL_SUITE, FULL_SUITE_NVML, SCENARIOS, Scenario, suite
-from gpuplugin import logs
 from gpuplugin.cli import FiniteRange
+from gpuplugin.daemon import logs
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

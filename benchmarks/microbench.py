@@ -1,7 +1,7 @@
 """Where an Allocate's time goes: the client's protobuf work, the plugin's own side, and the transport.
 
-The plugin's side is timed directly, in process: decoding the request with its own reader (``gpuplugin.wire``) and
-running the Allocate handler against a mock node. Rebuilding a 64-GPU resource's view after a health change is
+The plugin's side is timed directly, in process: decoding the request with its own reader (``gpuplugin.kubelet.wire``)
+and running the Allocate handler against a mock node. Rebuilding a 64-GPU resource's view after a health change is
 timed too, against building it from scratch, since a health change rebuilds the view on the ListAndWatch path.
 """
 
@@ -13,12 +13,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from backends.mock.inventory import Inventory
-from backends.mock.settings import MockSettings
-from gpuplugin import wire
-from gpuplugin.api import v1beta1
-from gpuplugin.model import AllocationPolicyKind, Health
-from gpuplugin.server import ResourceServer, ResourceView, ServerSettings
+from gpuplugin.backends.mock.inventory import Inventory
+from gpuplugin.backends.mock.settings import MockSettings
+from gpuplugin.core.model import AllocationPolicyKind, Health
+from gpuplugin.kubelet import wire
+from gpuplugin.kubelet.api import v1beta1
+from gpuplugin.kubelet.server import ResourceServer, ResourceView, ServerSettings
 
 REPEATS = 5
 

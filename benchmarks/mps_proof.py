@@ -37,15 +37,15 @@ from typing import Any
 import click
 import structlog
 
-from backends.nvml import NvmlBackend, NvmlSettings
-from backends.partitioned import PartitionedBackend, PartitionedSettings
-from gpuplugin.backend import Backend
-from gpuplugin.health import HealthPolicy
-from gpuplugin.manager import Manager, ManagerSettings
-from gpuplugin.mps import MEMORY_LIMIT, PIPE_DIRECTORY, ControlDaemons, MpsBackend, MpsSharing
-from gpuplugin.server import ServerSettings
-from gpuplugin.simulator import KubeletSimulator
-from gpuplugin.watcher import WatcherSettings
+from gpuplugin.backends.nvml import NvmlBackend, NvmlSettings
+from gpuplugin.backends.partitioned import PartitionedBackend, PartitionedSettings
+from gpuplugin.core.backend import Backend
+from gpuplugin.daemon.manager import Manager, ManagerSettings
+from gpuplugin.devices.health import HealthPolicy
+from gpuplugin.devices.mps import MEMORY_LIMIT, PIPE_DIRECTORY, ControlDaemons, MpsBackend, MpsSharing
+from gpuplugin.kubelet.server import ServerSettings
+from gpuplugin.kubelet.watcher import WatcherSettings
+from gpuplugin.testing.simulator import KubeletSimulator
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "h200-x1" / "mps"
 GPU = "nvidia.com/gpu"
@@ -142,7 +142,7 @@ def nvml_backend(fake: bool, *, report_mig: bool) -> NvmlBackend:
     settings = NvmlSettings(report_mig_devices=report_mig)
     if not fake:
         return NvmlBackend(settings, HealthPolicy())
-    from backends.nvml.fake import h200_node
+    from gpuplugin.backends.nvml.fake import h200_node
 
     return NvmlBackend(settings, HealthPolicy(), h200_node(1))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.measure import Clock, Latencies
-from gpuplugin.codec import encode_varint
+from gpuplugin.kubelet.codec import encode_varint
 
 #: Environment variable naming another gokubelet binary (one built elsewhere, copied to this machine).
 GOKUBELET_ENV = "GPUPLUGIN_GOKUBELET"

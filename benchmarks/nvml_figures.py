@@ -27,20 +27,20 @@ from typing import Any
 
 import click
 
-from backends.nvml import NvmlBackend, NvmlSettings, discovery
-from backends.nvml.events import THREAD_NAME, XidObserved
 from benchmarks.callers import run_calls
 from benchmarks.measure import Clock
 from benchmarks.report import environment, gpus_line
 from benchmarks.scenarios import DEFAULT_SIZE_MIX, RESOURCE
-from gpuplugin import logs
-from gpuplugin.api import v1beta1
-from gpuplugin.backend import BackendUnavailable
-from gpuplugin.health import HealthPolicy
-from gpuplugin.manager import Manager, ManagerSettings
-from gpuplugin.model import Health
-from gpuplugin.server import ServerSettings
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.backends.nvml import NvmlBackend, NvmlSettings, discovery
+from gpuplugin.backends.nvml.events import THREAD_NAME, XidObserved
+from gpuplugin.core.backend import BackendUnavailable
+from gpuplugin.core.model import Health
+from gpuplugin.daemon import logs
+from gpuplugin.daemon.manager import Manager, ManagerSettings
+from gpuplugin.devices.health import HealthPolicy
+from gpuplugin.kubelet.api import v1beta1
+from gpuplugin.kubelet.server import ServerSettings
+from gpuplugin.testing.simulator import KubeletSimulator
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "nvml-figures"
 JSON_NAME = "nvml_figures.json"
@@ -84,7 +84,7 @@ def say(message: str) -> None:
 async def measure(options: Options) -> dict[str, Any]:
     """Every figure, as one JSON-ready mapping; raises BackendUnavailable when NVML does not start."""
     if options.fake:
-        from backends.nvml.fake import h200_node
+        from gpuplugin.backends.nvml.fake import h200_node
 
         nvml: Any = h200_node(options.fake_gpus)
         injected: Any = nvml

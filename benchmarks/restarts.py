@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 
 from benchmarks.measure import Latencies
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.testing.simulator import KubeletSimulator
 
 REGISTER_TIMEOUT_S = 10.0
 #: Pause between restarts of the restart phase (seconds): each one starts from a settled plugin.

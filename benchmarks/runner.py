@@ -29,8 +29,8 @@ from benchmarks.native_client import GOKUBELET_ENV, native_client, run_native
 from benchmarks.plugin_process import ProcessUsage, ServerProcess, plugin_argv
 from benchmarks.restarts import restart_phase
 from benchmarks.scenarios import RESOURCE, Scenario
-from gpuplugin.api import v1beta1
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.kubelet.api import v1beta1
+from gpuplugin.testing.simulator import KubeletSimulator
 
 START_TIMEOUT_S = 60.0
 #: How long every registered GPU may take to be listed Healthy (seconds): NVML serves a failed GPU Unhealthy at once.

@@ -16,16 +16,17 @@ from typing import Any, ClassVar, NoReturn
 import click
 import structlog
 
-from gpuplugin import logs, package_version
-from gpuplugin.backend import BackendUnavailable
-from gpuplugin.daemon import Daemon, served_tree, settings_from_text
-from gpuplugin.errors import shorten
-from gpuplugin.health import MAX_QUIET_PERIOD_S
-from gpuplugin.instance import InstanceLockError
-from gpuplugin.probes import ProbeServerError
-from gpuplugin.registry import UnknownBackend, backend_names, load_factory
-from gpuplugin.settings import LOG_FORMATS, LOG_LEVELS, ConfigError, Overrides, PluginSettings, read_config
-from gpuplugin.tasks import TaskFailing
+from gpuplugin import package_version
+from gpuplugin.backends.registry import UnknownBackend, backend_names, load_factory
+from gpuplugin.core.backend import BackendUnavailable
+from gpuplugin.core.errors import shorten
+from gpuplugin.core.instance import InstanceLockError
+from gpuplugin.core.tasks import TaskFailing
+from gpuplugin.daemon import logs
+from gpuplugin.daemon.agent import Daemon, served_tree, settings_from_text
+from gpuplugin.daemon.probes import ProbeServerError
+from gpuplugin.daemon.settings import LOG_FORMATS, LOG_LEVELS, ConfigError, Overrides, PluginSettings, read_config
+from gpuplugin.devices.health import MAX_QUIET_PERIOD_S
 
 log = structlog.get_logger("gpuplugin")
 
@@ -153,7 +154,7 @@ class _Commands(click.Group):
     """Subcommands whose imports are heavy load only when called: ``serve`` starts without matplotlib or the mock's
     control client. Usage errors, like every other error, are one line on stderr."""
 
-    lazy: ClassVar[dict[str, str]] = {"bench": "benchmarks.cli:bench", "mock": "backends.mock.cli:mock_cli"}
+    lazy: ClassVar[dict[str, str]] = {"bench": "benchmarks.cli:bench", "mock": "gpuplugin.backends.mock.cli:mock_cli"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})

@@ -15,15 +15,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backends.mock import create as create_mock
-from backends.mock.control import control
-from backends.partitioned import create as create_partitioned
-from gpuplugin.health import HealthPolicy
-from gpuplugin.manager import Manager, ManagerSettings
-from gpuplugin.registry import BackendContext
-from gpuplugin.server import ServerSettings
-from gpuplugin.sharing import TimeSlicing
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.backends.mock import create as create_mock
+from gpuplugin.backends.mock.control import control
+from gpuplugin.backends.partitioned import create as create_partitioned
+from gpuplugin.backends.registry import BackendContext
+from gpuplugin.daemon.manager import Manager, ManagerSettings
+from gpuplugin.devices.health import HealthPolicy
+from gpuplugin.devices.sharing import TimeSlicing
+from gpuplugin.kubelet.server import ServerSettings
+from gpuplugin.testing.simulator import KubeletSimulator
 
 RESOURCE = "nvidia.com/gpu"
 #: Pods of the burst, as GPUs per container.

@@ -12,10 +12,10 @@ from typing import Protocol
 import pytest
 import structlog
 
-from backends.mock import MockBackend
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.manager import Manager, TreeSink, TreeTransform
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.backends.mock import MockBackend
+from gpuplugin.daemon.manager import Manager, TreeSink, TreeTransform
+from gpuplugin.kubelet.api import v1beta1 as api
+from gpuplugin.testing.simulator import KubeletSimulator
 from tests.fakes import mock_manager, short_tmp_dir
 
 MOCK_GPU = "nvidia.com/gpu"

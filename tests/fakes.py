@@ -14,12 +14,10 @@ from pathlib import Path
 
 from grpclib.server import Server
 
-from backends.mock import create as create_mock
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.backend import AllocationPolicyKind, Backend, BackendEvent, InventoryChanged
-from gpuplugin.health import HealthPolicy
-from gpuplugin.manager import Manager, ManagerSettings, ServerFactory, TreeSink, TreeTransform
-from gpuplugin.model import (
+from gpuplugin.backends.mock import create as create_mock
+from gpuplugin.backends.registry import BackendContext
+from gpuplugin.core.backend import AllocationPolicyKind, Backend, BackendEvent, InventoryChanged
+from gpuplugin.core.model import (
     ContainerSpec,
     Device,
     DeviceNode,
@@ -31,10 +29,12 @@ from gpuplugin.model import (
     frozen_mapping,
     links_from_pairs,
 )
-from gpuplugin.registry import BackendContext
-from gpuplugin.server import ResourceServer, ServerSettings
-from gpuplugin.simulator import KubeletSimulator
-from gpuplugin.watcher import WatcherSettings
+from gpuplugin.daemon.manager import Manager, ManagerSettings, ServerFactory, TreeSink, TreeTransform
+from gpuplugin.devices.health import HealthPolicy
+from gpuplugin.kubelet.api import v1beta1 as api
+from gpuplugin.kubelet.server import ResourceServer, ServerSettings
+from gpuplugin.kubelet.watcher import WatcherSettings
+from gpuplugin.testing.simulator import KubeletSimulator
 
 GPU_RESOURCE = "example.com/gpu"
 SHARED_RESOURCE = "example.com/gpu.shared"

@@ -12,7 +12,7 @@ import runpy
 import sys
 import time
 
-from gpuplugin import server, wire
+from gpuplugin.kubelet import server, wire
 
 SLOWED_ALLOCATE_MS = "SLOWED_ALLOCATE_MS"
 

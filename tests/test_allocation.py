@@ -9,8 +9,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpuplugin.allocation import PCIE_SCORES, AllocationImpossible, build_policy, link_score
-from gpuplugin.model import AllocationPolicyKind, ContainerSpec, Device, DeviceTree, Link, PCIeLevel, links_from_pairs
+from gpuplugin.core.model import (
+    AllocationPolicyKind,
+    ContainerSpec,
+    Device,
+    DeviceTree,
+    Link,
+    PCIeLevel,
+    links_from_pairs,
+)
+from gpuplugin.devices.allocation import PCIE_SCORES, AllocationImpossible, build_policy, link_score
 
 RESOURCE = "nvidia.com/gpu"
 TOPOLOGY = AllocationPolicyKind.TOPOLOGY

@@ -534,7 +534,7 @@ def test_results_are_not_written_into_the_committed_folder_from_a_dirty_tree(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Into benchmarks/results/, a run needs a checkout without changes (or --allow-dirty); elsewhere it may write."""
-    dirty = {"commit": "a" * 40, "dirty": True, "changed": ["gpuplugin/server.py"]}
+    dirty = {"commit": "a" * 40, "dirty": True, "changed": ["gpuplugin/kubelet/server.py"]}
     monkeypatch.setattr(report, "git_state", lambda: dirty)
     with pytest.raises(click.UsageError, match=r"refusing to write .* files differ from commit aaaaaaaaaaaa"):
         cli.refuse_unrecorded(cli.DEFAULT_OUT / "h200-x1")

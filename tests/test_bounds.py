@@ -14,13 +14,11 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.nvml import NvmlSettings, NvmlSettingsError
-from backends.partitioned import PartitionedConfigError, PartitionedSettings
-from gpuplugin.api import v1beta1 as api
+from gpuplugin.backends.nvml import NvmlSettings, NvmlSettingsError
+from gpuplugin.backends.partitioned import PartitionedConfigError, PartitionedSettings
 from gpuplugin.cli import main
-from gpuplugin.errors import MAX_MESSAGE_CHARS, ConfigError
-from gpuplugin.health import MAX_XID, HealthPolicy, HealthPolicyError
-from gpuplugin.limits import (
+from gpuplugin.core.errors import MAX_MESSAGE_CHARS, ConfigError
+from gpuplugin.core.limits import (
     KUBELET_MAX_MESSAGE_BYTES,
     LARGE_NUMA_NODE,
     MAX_DEVICE_ENTRY_BYTES,
@@ -31,9 +29,11 @@ from gpuplugin.limits import (
     device_entry_bytes,
     list_message_bytes,
 )
-from gpuplugin.model import MAX_DEVICE_ID_LENGTH, ContainerSpec, Device, DeviceTree
-from gpuplugin.settings import MAX_CONFIG_BYTES, Overrides, decode_config, parse_config, resolve
-from gpuplugin.sharing import SharingError, TimeSlicing
+from gpuplugin.core.model import MAX_DEVICE_ID_LENGTH, ContainerSpec, Device, DeviceTree
+from gpuplugin.daemon.settings import MAX_CONFIG_BYTES, Overrides, decode_config, parse_config, resolve
+from gpuplugin.devices.health import MAX_XID, HealthPolicy, HealthPolicyError
+from gpuplugin.devices.sharing import SharingError, TimeSlicing
+from gpuplugin.kubelet.api import v1beta1 as api
 from tests.test_settings import assert_one_line_error
 
 GPU = "nvidia.com/gpu"
@@ -278,7 +278,7 @@ def test_yaml_aliases_cannot_make_a_config_huge(text: str) -> None:
 
 async def test_yaml_aliases_cannot_make_a_mock_config_huge(tmp_path: Path) -> None:
     """The mock's own config file has the same bound."""
-    from backends.mock import MockConfigError, load_settings
+    from gpuplugin.backends.mock import MockConfigError, load_settings
 
     path = tmp_path / "mock.yaml"
     path.write_text(billion_laughs("nvlink_groups"))
@@ -447,7 +447,7 @@ _BACKEND_KEYS = {
 @given(data=st.data(), backend=st.sampled_from(sorted(_BACKEND_KEYS)))
 def test_random_backend_options_give_settings_or_the_backends_error(data: st.DataObject, backend: str) -> None:
     """A backend's section, whatever it holds, gives its settings or its own one-line error, never another."""
-    from backends.mock import MockConfigError, MockSettings
+    from gpuplugin.backends.mock import MockConfigError, MockSettings
 
     keys = st.sampled_from(_BACKEND_KEYS[backend])
     values = st.recursive(

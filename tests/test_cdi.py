@@ -17,7 +17,10 @@ import yaml
 from grpclib import GRPCError
 from grpclib.const import Status
 
-from gpuplugin.cdi import (
+from gpuplugin.core.model import ContainerSpec, Device, DeviceNode, DeviceTree, frozen_mapping
+from gpuplugin.daemon.probes import not_ready_reasons
+from gpuplugin.daemon.settings import ConfigError
+from gpuplugin.devices.cdi import (
     CDI_VERSION,
     CdiSettings,
     CdiSpecWriter,
@@ -26,11 +29,8 @@ from gpuplugin.cdi import (
     spec_file_name,
     spec_writer_for,
 )
-from gpuplugin.model import ContainerSpec, Device, DeviceNode, DeviceTree, frozen_mapping
-from gpuplugin.probes import not_ready_reasons
-from gpuplugin.settings import ConfigError
-from gpuplugin.sharing import TimeSlicing
-from gpuplugin.strategies import DeviceListStrategy
+from gpuplugin.devices.sharing import TimeSlicing
+from gpuplugin.devices.strategies import DeviceListStrategy
 from tests.fakes import until
 
 if TYPE_CHECKING:
@@ -435,7 +435,7 @@ async def test_a_spec_that_cannot_be_written_is_a_problem_until_a_retry_writes_i
 ) -> None:
     """An unwritable spec directory sets `problem` and `missing` names the devices; the background retry writes
     the spec once the directory can be made, and both clear."""
-    monkeypatch.setattr("gpuplugin.cdi.RETRY_FIRST_S", 0.01)
+    monkeypatch.setattr("gpuplugin.devices.cdi.RETRY_FIRST_S", 0.01)
     blocker = tmp_path / "cdi"
     blocker.write_text("")
     writer = writer_for(blocker)
@@ -456,7 +456,7 @@ async def test_a_failed_rewrite_leaves_only_the_old_devices_on_disk(
 ) -> None:
     """When a new spec cannot replace the old one, the devices the old file describes still count as on disk and
     the new one does not."""
-    monkeypatch.setattr("gpuplugin.cdi.RETRY_FIRST_S", 60.0)
+    monkeypatch.setattr("gpuplugin.devices.cdi.RETRY_FIRST_S", 60.0)
     writer = writer_for(spec_dir)
     await writer.publish(served(gpu(0)))
 
@@ -481,7 +481,7 @@ async def test_allocate_refuses_devices_without_a_spec_and_readyz_says_why(
 ) -> None:
     """With the spec unwritable, Allocate fails FAILED_PRECONDITION naming the CDI device and the node is not ready
     (the reason names the file); once a retry writes it, Allocate answers and the CDI reason is gone."""
-    monkeypatch.setattr("gpuplugin.cdi.RETRY_FIRST_S", 0.05)
+    monkeypatch.setattr("gpuplugin.devices.cdi.RETRY_FIRST_S", 0.05)
     real_replace = aiofiles.os.replace
 
     async def failing_replace(src: Any, dst: Any) -> None:

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from gpuplugin.cli import main
 from gpuplugin.demo import run_demo
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.testing.simulator import KubeletSimulator
 from tests.test_reliability import serve, sockets_left
 
 GPU = "nvidia.com/gpu"

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.codec import PrecodedCodec, encode_preferred_response, encode_varint, repeated_field
+from gpuplugin.kubelet.api import v1beta1 as api
+from gpuplugin.kubelet.codec import PrecodedCodec, encode_preferred_response, encode_varint, repeated_field
 
 
 def decode_varint(data: bytes) -> tuple[int, int]:

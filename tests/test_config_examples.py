@@ -14,18 +14,18 @@ from typing import Any
 import pytest
 import yaml
 
-from backends.mock import MockSettings
-from backends.nvml import DeviceIdStrategy, NvmlBackend, NvmlSettings
-from backends.partitioned import Layout, PartitionedBackend, PartitionedSettings, Strategy, build_parent
-from backends.partitioned.backend import parent_context
-from gpuplugin.cdi import CdiSpecWriter
-from gpuplugin.daemon import make_backend, pipeline, served_tree, settings_from_text
-from gpuplugin.health import HealthPolicy
-from gpuplugin.model import AllocationPolicyKind
-from gpuplugin.registry import BackendContext
-from gpuplugin.settings import _FLAGS, _PLUGIN_FLAGS, _PLUGIN_SECTION, _SECTIONS, Overrides, PluginSettings
-from gpuplugin.sharing import TimeSlicing
-from gpuplugin.strategies import VOLUME_MOUNTS_ROOT, DeviceListStrategyKind
+from gpuplugin.backends.mock import MockSettings
+from gpuplugin.backends.nvml import DeviceIdStrategy, NvmlBackend, NvmlSettings
+from gpuplugin.backends.partitioned import Layout, PartitionedBackend, PartitionedSettings, Strategy, build_parent
+from gpuplugin.backends.partitioned.backend import parent_context
+from gpuplugin.backends.registry import BackendContext
+from gpuplugin.core.model import AllocationPolicyKind
+from gpuplugin.daemon.agent import make_backend, pipeline, served_tree, settings_from_text
+from gpuplugin.daemon.settings import _FLAGS, _PLUGIN_FLAGS, _PLUGIN_SECTION, _SECTIONS, Overrides, PluginSettings
+from gpuplugin.devices.cdi import CdiSpecWriter
+from gpuplugin.devices.health import HealthPolicy
+from gpuplugin.devices.sharing import TimeSlicing
+from gpuplugin.devices.strategies import VOLUME_MOUNTS_ROOT, DeviceListStrategyKind
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "deploy" / "examples"
 GPU = "nvidia.com/gpu"

@@ -16,13 +16,13 @@ from grpclib import GRPCError
 from grpclib.const import Status
 from h2.connection import H2Connection
 
-from backends.mock import MockBackend
-from gpuplugin import wire
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.manager import Manager
-from gpuplugin.model import ContainerSpec, DeviceTree
-from gpuplugin.server import CLOSED_STREAMS_REMEMBERED, ResourceServer, ServerSettings
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.backends.mock import MockBackend
+from gpuplugin.core.model import ContainerSpec, DeviceTree
+from gpuplugin.daemon.manager import Manager
+from gpuplugin.kubelet import wire
+from gpuplugin.kubelet.api import v1beta1 as api
+from gpuplugin.kubelet.server import CLOSED_STREAMS_REMEMBERED, ResourceServer, ServerSettings
+from gpuplugin.testing.simulator import KubeletSimulator
 from tests.fakes import StaticBackend, gpu_tree, mock_manager
 
 GPU = "nvidia.com/gpu"

@@ -33,11 +33,11 @@ import yaml
 from click.testing import CliRunner
 from packaging.requirements import Requirement
 
-from backends.mock import gpu_uuid
-from gpuplugin.cdi import CdiSettings
+from gpuplugin.backends.mock import gpu_uuid
 from gpuplugin.cli import main
-from gpuplugin.settings import Overrides, PluginSettings, parse_config, resolve
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.daemon.settings import Overrides, PluginSettings, parse_config, resolve
+from gpuplugin.devices.cdi import CdiSettings
+from gpuplugin.testing.simulator import KubeletSimulator
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -627,29 +627,31 @@ def test_requirements_are_closed_under_their_own_dependencies() -> None:
 
 def test_dockerfile_copies_every_package_of_the_wheel() -> None:
     """The build stage copies each package pyproject.toml puts in the wheel (a missing one is silently left out)."""
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    wheel = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    sources = {*wheel["packages"], *wheel.get("force-include", {})}
     copied = {a.split()[0] for i, a in dockerfile_instructions() if i == "COPY" and not a.startswith("--from")}
-    assert set(packages["packages"]) <= copied, f"not copied: {set(packages['packages']) - copied}"
+    assert sources <= copied, f"not copied: {sources - copied}"
 
 
 def test_the_cli_imports_with_the_pinned_requirements_only(workdir: Path) -> None:
     """With only deploy/requirements.txt's packages importable, as in the image, every command of the CLI loads."""
     # A site directory of links to the pinned distributions' files and the project's packages, nothing else.
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
+    for package in packages["packages"]:
+        (workdir / package).symlink_to(ROOT / package)
     for name in [*requirement_pins(), "gpuplugin"]:
         distribution = importlib.metadata.distribution(name)
         for top in {f.parts[0] for f in distribution.files or [] if f.parts[0] not in ("..", "__pycache__")}:
             if not (workdir / top).exists() and not top.endswith(".pth"):
                 (workdir / top).symlink_to(Path(str(distribution.locate_file(top))))
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]
-    for package in packages["packages"]:
-        (workdir / package).symlink_to(ROOT / package)
     code = """
 from click.testing import CliRunner
 from gpuplugin.cli import main
 for args in (["--help"], ["serve", "--help"], ["devices", "--help"], ["mock", "xid", "--help"]):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, (args, result.output, result.exception)
-import backends.mock, backends.nvml, gpuplugin.metrics, gpuplugin.probes, h11, prometheus_client
+import gpuplugin.backends.mock, gpuplugin.backends.nvml, h11, prometheus_client
+import gpuplugin.daemon.metrics, gpuplugin.daemon.probes
 """
     result = subprocess.run(
         [sys.executable, "-S", "-c", code],  # -S: no site-packages, only PYTHONPATH

@@ -19,10 +19,10 @@ from grpclib.const import Status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.manager import Manager, ManagerSettings
-from gpuplugin.model import Health
-from gpuplugin.server import ServerSettings
+from gpuplugin.core.model import Health
+from gpuplugin.daemon.manager import Manager, ManagerSettings
+from gpuplugin.kubelet.api import v1beta1 as api
+from gpuplugin.kubelet.server import ServerSettings
 from tests.fakes import GPU_RESOURCE, SHARED_RESOURCE, StaticBackend, gpu_tree, serve_kubelet, short_tmp_dir
 
 T = TypeVar("T")

@@ -9,8 +9,9 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from gpuplugin.backend import HealthChanged
-from gpuplugin.health import (
+from gpuplugin.core.backend import HealthChanged
+from gpuplugin.core.model import Health
+from gpuplugin.devices.health import (
     DEFAULT_FATAL_XIDS,
     DEFAULT_IGNORED_XIDS,
     HealthPolicy,
@@ -18,7 +19,6 @@ from gpuplugin.health import (
     HealthTracker,
     XidAction,
 )
-from gpuplugin.model import Health
 
 IGNORED = [13, 31, 43, 45, 68, 109]
 FATAL = [48, 79, 92, 94, 95, 119, 120]

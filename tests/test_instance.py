@@ -16,13 +16,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from backends.mock import MockBackend
-from backends.mock.control import ControlServer, control
-from gpuplugin.backend import BackendUnavailable
-from gpuplugin.instance import InstanceLock, InstanceLocked, SocketIdentity, dead_sockets_removed, remove_if_ours
-from gpuplugin.registry import BackendContext
-from gpuplugin.server import ResourceServer, ServerSettings
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.backends.mock import MockBackend
+from gpuplugin.backends.mock.control import ControlServer, control
+from gpuplugin.backends.registry import BackendContext
+from gpuplugin.core.backend import BackendUnavailable
+from gpuplugin.core.instance import InstanceLock, InstanceLocked, SocketIdentity, dead_sockets_removed, remove_if_ours
+from gpuplugin.kubelet.server import ResourceServer, ServerSettings
+from gpuplugin.testing.simulator import KubeletSimulator
 from tests.fakes import StaticBackend, gpu_tree, until
 from tests.test_reliability import serve
 
@@ -101,7 +101,7 @@ def test_socket_names_differ_between_processes_with_the_same_pid() -> None:
     """Two processes that are both PID 1 (two containers) still name their sockets differently."""
     code = (
         "import os; os.getpid = lambda: 1\n"
-        "from gpuplugin.server import socket_name\n"
+        "from gpuplugin.kubelet.server import socket_name\n"
         "print(socket_name('gpuplugin', 'nvidia.com/gpu'))\n"
     )
     names = {

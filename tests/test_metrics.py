@@ -13,14 +13,14 @@ from grpclib import GRPCError
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from backends.mock import MockBackend
 from gpuplugin import package_version
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.health import MAX_XID
-from gpuplugin.manager import Manager
-from gpuplugin.metrics import RPC_BUCKETS_S, Metrics
-from gpuplugin.probes import ListenAddress, ProbeServer, ProbeSettings
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.backends.mock import MockBackend
+from gpuplugin.daemon.manager import Manager
+from gpuplugin.daemon.metrics import RPC_BUCKETS_S, Metrics
+from gpuplugin.daemon.probes import ListenAddress, ProbeServer, ProbeSettings
+from gpuplugin.devices.health import MAX_XID
+from gpuplugin.kubelet.api import v1beta1 as api
+from gpuplugin.testing.simulator import KubeletSimulator
 from tests.fakes import mock_manager, until
 
 GPU = "nvidia.com/gpu"

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-import backends.mock
-from backends.mock import (
+import gpuplugin.backends.mock
+from gpuplugin.backends.mock import (
     ControlRequestError,
     MockBackend,
     MockConfigError,
@@ -21,10 +21,10 @@ from backends.mock import (
     gpu_uuid,
     load_settings,
 )
-from gpuplugin.backend import Backend, BackendEvent, HealthChanged, InventoryChanged
-from gpuplugin.health import HealthPolicy, XidAction
-from gpuplugin.model import DeviceNode, Health, PCIeLevel
-from gpuplugin.registry import BackendContext, load_factory
+from gpuplugin.backends.registry import BackendContext, load_factory
+from gpuplugin.core.backend import Backend, BackendEvent, HealthChanged, InventoryChanged
+from gpuplugin.core.model import DeviceNode, Health, PCIeLevel
+from gpuplugin.devices.health import HealthPolicy, XidAction
 
 QUIET_S = 0.05
 UUID = re.compile(r"^GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -86,7 +86,7 @@ def test_default_settings_describe_an_hgx_h200_board() -> None:
 
 def test_create_is_the_registered_entry_point_and_a_backend(workdir: Path) -> None:
     """The `mock` entry point loads `create`, which returns something satisfying the Backend protocol."""
-    assert load_factory("mock") is backends.mock.create
+    assert load_factory("mock") is gpuplugin.backends.mock.create
     assert isinstance(create(context(workdir)), Backend)
 
 

@@ -14,7 +14,7 @@ import pytest
 import structlog.testing
 from click.testing import CliRunner, Result
 
-from backends.mock import (
+from gpuplugin.backends.mock import (
     ControlRequestError,
     ControlUnavailable,
     LoseRequest,
@@ -27,15 +27,15 @@ from backends.mock import (
     gpu_uuid,
     parse_request,
 )
-from backends.mock.cli import mock_cli
-from backends.mock.control import CHECK_INTERVAL_S, ControlServer
-from backends.mock.inventory import Inventory
-from backends.mock.settings import MockSettings
-from backends.partitioned import create as create_partitioned
-from gpuplugin.backend import BackendEvent, HealthChanged, InventoryChanged
-from gpuplugin.health import MAX_XID, HealthPolicy
-from gpuplugin.model import Health
-from gpuplugin.registry import BackendContext
+from gpuplugin.backends.mock.cli import mock_cli
+from gpuplugin.backends.mock.control import CHECK_INTERVAL_S, ControlServer
+from gpuplugin.backends.mock.inventory import Inventory
+from gpuplugin.backends.mock.settings import MockSettings
+from gpuplugin.backends.partitioned import create as create_partitioned
+from gpuplugin.backends.registry import BackendContext
+from gpuplugin.core.backend import BackendEvent, HealthChanged, InventoryChanged
+from gpuplugin.core.model import Health
+from gpuplugin.devices.health import MAX_XID, HealthPolicy
 from tests.fakes import until
 
 

@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from gpuplugin.model import (
+from gpuplugin.core.model import (
     MAX_DEVICE_ID_LENGTH,
     ContainerSpec,
     Device,

@@ -16,17 +16,18 @@ from typing import Any
 import pytest
 from grpclib.exceptions import GRPCError
 
-from backends.mock import MockBackend
-from backends.nvml import NvmlBackend, NvmlSettings
-from backends.nvml.fake import FakeMigDevice, FakeNvml, h200_node, write_mig_capabilities
-from backends.partitioned import PartitionedBackend, PartitionedSettings, create
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.backend import InventoryChanged
-from gpuplugin.errors import ConfigError
-from gpuplugin.health import HealthPolicy
-from gpuplugin.manager import Manager, ManagerSettings
-from gpuplugin.model import DeviceTree, Health, frozen_mapping
-from gpuplugin.mps import (
+from gpuplugin.backends.mock import MockBackend
+from gpuplugin.backends.nvml import NvmlBackend, NvmlSettings
+from gpuplugin.backends.nvml.fake import FakeMigDevice, FakeNvml, h200_node, write_mig_capabilities
+from gpuplugin.backends.partitioned import PartitionedBackend, PartitionedSettings, create
+from gpuplugin.backends.registry import BackendContext
+from gpuplugin.core.backend import InventoryChanged
+from gpuplugin.core.errors import ConfigError
+from gpuplugin.core.model import DeviceTree, Health, frozen_mapping
+from gpuplugin.daemon.manager import Manager, ManagerSettings
+from gpuplugin.daemon.settings import Overrides, resolve
+from gpuplugin.devices.health import HealthPolicy
+from gpuplugin.devices.mps import (
     LOG_DIRECTORY,
     MEMORY_LIMIT,
     MPS_GPU_ATTRIBUTE,
@@ -37,12 +38,11 @@ from gpuplugin.mps import (
     MpsBackend,
     MpsSharing,
 )
-from gpuplugin.registry import BackendContext
-from gpuplugin.server import ServerSettings
-from gpuplugin.settings import Overrides, resolve
-from gpuplugin.sharing import SharingError
-from gpuplugin.simulator import KubeletSimulator
-from gpuplugin.watcher import WatcherSettings
+from gpuplugin.devices.sharing import SharingError
+from gpuplugin.kubelet.api import v1beta1 as api
+from gpuplugin.kubelet.server import ServerSettings
+from gpuplugin.kubelet.watcher import WatcherSettings
+from gpuplugin.testing.simulator import KubeletSimulator
 from tests.fake_mps_control import PID_FILE
 from tests.fakes import GPU_RESOURCE, gpu_tree, registered_manager, until
 
@@ -190,7 +190,7 @@ def _alive(pid: int) -> bool:
 
 async def test_mps_sharing_over_the_mock_starts_no_daemon(workdir: Path) -> None:
     """Over the mock (kind) MPS replicas carry their environment but no control daemon is started."""
-    from backends.mock import create as create_mock
+    from gpuplugin.backends.mock import create as create_mock
 
     mock = create_mock(
         BackendContext(options={"gpus": 2, "control_socket": str(workdir / "m.sock")}, state_dir=workdir)
@@ -400,7 +400,7 @@ async def test_control_daemons_quit_on_close(workdir: Path) -> None:
 
 def test_config_with_sharing_mps_builds_the_mps_backend(workdir: Path) -> None:
     """``serve`` with ``sharing.mps`` wraps the configured backend in MPS sharing; a change of it restarts it."""
-    from gpuplugin.daemon import _BACKEND_SETTINGS, make_backend
+    from gpuplugin.daemon.agent import _BACKEND_SETTINGS, make_backend
 
     settings = resolve(
         Overrides(state_dir=workdir), {"backend": {"name": "nvml"}, "sharing": {"mps": NVIDIA_MPS}}, {}, "f"
@@ -412,7 +412,7 @@ def test_config_with_sharing_mps_builds_the_mps_backend(workdir: Path) -> None:
 
 async def test_xid_reaches_every_mps_replica_on_the_gpu(workdir: Path) -> None:
     """An XID on a GPU marks all its MPS replicas Unhealthy to the kubelet, and none of another GPU's."""
-    from backends.mock import create as create_mock
+    from gpuplugin.backends.mock import create as create_mock
 
     mock = create_mock(
         BackendContext(

@@ -15,14 +15,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from backends.mock import create as create_mock
 from benchmarks.measure import Clock
 from benchmarks.native_client import GOKUBELET_ENV, delimited, native_client, run_native
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.manager import Manager, ManagerSettings
-from gpuplugin.registry import BackendContext
-from gpuplugin.server import ServerSettings
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.backends.mock import create as create_mock
+from gpuplugin.backends.registry import BackendContext
+from gpuplugin.daemon.manager import Manager, ManagerSettings
+from gpuplugin.kubelet.api import v1beta1 as api
+from gpuplugin.kubelet.server import ServerSettings
+from gpuplugin.testing.simulator import KubeletSimulator
 
 GPU = "nvidia.com/gpu"
 

@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from backends.nvml import DeviceIdStrategy, NvmlBackend, NvmlSettings
-from backends.nvml.discovery import discover, read_numa_node, sysfs_bus_id
-from backends.nvml.fake import NVSWITCH, FakeGpu, FakeNvml, h200_node
-from gpuplugin.backend import InventoryChanged
-from gpuplugin.health import HealthPolicy
-from gpuplugin.model import DeviceNode, DeviceTree, Health, Link, PCIeLevel
+from gpuplugin.backends.nvml import DeviceIdStrategy, NvmlBackend, NvmlSettings
+from gpuplugin.backends.nvml.discovery import discover, read_numa_node, sysfs_bus_id
+from gpuplugin.backends.nvml.fake import NVSWITCH, FakeGpu, FakeNvml, h200_node
+from gpuplugin.core.backend import InventoryChanged
+from gpuplugin.core.model import DeviceNode, DeviceTree, Health, Link, PCIeLevel
+from gpuplugin.devices.health import HealthPolicy
 from tests.fakes import next_event
 
 A, B, C = "GPU-aaaaaaaa-0000-4000-8000-000000000000", "GPU-bbbbbbbb-0000-4000-8000-000000000001", "GPU-cccc"

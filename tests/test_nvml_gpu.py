@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from backends.nvml import NvmlBackend, NvmlSettings
-from backends.nvml.events import THREAD_NAME, XidObserved
-from gpuplugin.backend import HealthChanged
-from gpuplugin.health import HealthPolicy
-from gpuplugin.model import Health, PCIeLevel
+from gpuplugin.backends.nvml import NvmlBackend, NvmlSettings
+from gpuplugin.backends.nvml.events import THREAD_NAME, XidObserved
+from gpuplugin.core.backend import HealthChanged
+from gpuplugin.core.model import Health, PCIeLevel
+from gpuplugin.devices.health import HealthPolicy
 
 pytestmark = pytest.mark.gpu
 

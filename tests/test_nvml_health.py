@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from backends.nvml import NvmlBackend, NvmlSettings
-from backends.nvml.events import THREAD_NAME, XidObserved
-from backends.nvml.fake import FakeGpu, FakeNvml, h200_node
-from gpuplugin.backend import HealthChanged, InventoryChanged
-from gpuplugin.health import HealthPolicy, XidAction
-from gpuplugin.model import Health
-from gpuplugin.tasks import SupervisionSettings, Supervisor, supervising
+from gpuplugin.backends.nvml import NvmlBackend, NvmlSettings
+from gpuplugin.backends.nvml.events import THREAD_NAME, XidObserved
+from gpuplugin.backends.nvml.fake import FakeGpu, FakeNvml, h200_node
+from gpuplugin.core.backend import HealthChanged, InventoryChanged
+from gpuplugin.core.model import Health
+from gpuplugin.core.tasks import SupervisionSettings, Supervisor, supervising
+from gpuplugin.devices.health import HealthPolicy, XidAction
 from tests.fakes import next_event, until
 
 XID = FakeNvml.nvmlEventTypeXidCriticalError

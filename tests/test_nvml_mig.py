@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from backends.nvml import DeviceIdStrategy, GpuInstanceProfile, NvmlBackend, NvmlSettings
-from backends.nvml.discovery import discover
-from backends.nvml.fake import FakeMigDevice, FakeNvml, h200_node, mig_cap_minors, write_mig_capabilities
-from backends.nvml.mig import read_cap_minor
-from gpuplugin.backend import HealthChanged
-from gpuplugin.health import HealthPolicy
-from gpuplugin.model import DeviceNode, Health
+from gpuplugin.backends.nvml import DeviceIdStrategy, GpuInstanceProfile, NvmlBackend, NvmlSettings
+from gpuplugin.backends.nvml.discovery import discover
+from gpuplugin.backends.nvml.fake import FakeMigDevice, FakeNvml, h200_node, mig_cap_minors, write_mig_capabilities
+from gpuplugin.backends.nvml.mig import read_cap_minor
+from gpuplugin.core.backend import HealthChanged
+from gpuplugin.core.model import DeviceNode, Health
+from gpuplugin.devices.health import HealthPolicy
 from tests.fakes import next_event, until
 
 MIG_A = "MIG-aaaaaaaa-1111-5111-8111-000000000001"

@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from backends.nvml import DeviceIdStrategy, NvmlBackend, NvmlSettings, NvmlSettingsError, create
-from backends.nvml.fake import FakeNvml, h200_node
-from backends.nvml.library import preload_library
-from gpuplugin.backend import Backend, BackendUnavailable, InventoryChanged
-from gpuplugin.health import HealthPolicy
-from gpuplugin.registry import BackendContext
+from gpuplugin.backends.nvml import DeviceIdStrategy, NvmlBackend, NvmlSettings, NvmlSettingsError, create
+from gpuplugin.backends.nvml.fake import FakeNvml, h200_node
+from gpuplugin.backends.nvml.library import preload_library
+from gpuplugin.backends.registry import BackendContext
+from gpuplugin.core.backend import Backend, BackendUnavailable, InventoryChanged
+from gpuplugin.devices.health import HealthPolicy
 from tests.fakes import next_event
 
 

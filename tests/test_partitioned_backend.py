@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from backends.mock import MockBackend
-from backends.nvml import NvmlBackend, NvmlSettings
-from backends.nvml.fake import FakeMigDevice, FakeNvml, h200_node, write_mig_capabilities
-from backends.partitioned import (
+from gpuplugin.backends.mock import MockBackend
+from gpuplugin.backends.nvml import NvmlBackend, NvmlSettings
+from gpuplugin.backends.nvml.fake import FakeMigDevice, FakeNvml, h200_node, write_mig_capabilities
+from gpuplugin.backends.partitioned import (
     LayoutError,
     PartitionedBackend,
     PartitionedSettings,
@@ -23,10 +23,10 @@ from backends.partitioned import (
     parent_context,
     partition_id,
 )
-from gpuplugin.backend import HealthChanged, InventoryChanged, PreferredAllocation
-from gpuplugin.health import HealthPolicy
-from gpuplugin.model import AllocationPolicyKind, DeviceNode, Health
-from gpuplugin.registry import BackendContext
+from gpuplugin.backends.registry import BackendContext
+from gpuplugin.core.backend import HealthChanged, InventoryChanged, PreferredAllocation
+from gpuplugin.core.model import AllocationPolicyKind, DeviceNode, Health
+from gpuplugin.devices.health import HealthPolicy
 
 MIG_ID = re.compile(r"^MIG-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backends.mock import MockBackend, control
-from backends.partitioned import PartitionedBackend, create
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.health import HealthPolicy
-from gpuplugin.manager import Manager
-from gpuplugin.registry import BackendContext
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.backends.mock import MockBackend, control
+from gpuplugin.backends.partitioned import PartitionedBackend, create
+from gpuplugin.backends.registry import BackendContext
+from gpuplugin.daemon.manager import Manager
+from gpuplugin.devices.health import HealthPolicy
+from gpuplugin.kubelet.api import v1beta1 as api
+from gpuplugin.testing.simulator import KubeletSimulator
 from tests.fakes import registered_manager
 
 SMALL = "nvidia.com/mig-1g.18gb"

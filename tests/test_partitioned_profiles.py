@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from backends.nvml.fake import H200_INSTANCE_PROFILES
-from backends.nvml.mig import GpuInstanceProfile
-from backends.partitioned import (
+from gpuplugin.backends.nvml.fake import H200_INSTANCE_PROFILES
+from gpuplugin.backends.nvml.mig import GpuInstanceProfile
+from gpuplugin.backends.partitioned import (
     H200_PROFILES,
     Layout,
     LayoutError,
@@ -23,7 +23,7 @@ from backends.partitioned import (
     profile_name,
     table_from_infos,
 )
-from gpuplugin.model import AllocationPolicyKind
+from gpuplugin.core.model import AllocationPolicyKind
 
 H200_MIB = 143771
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import structlog
 from grpclib.client import Channel
 
-from gpuplugin.api import pluginregistration as watcher_api
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.manager import Manager
-from gpuplugin.pluginwatcher import DEVICE_PLUGIN_TYPE, WatcherSocket, plugin_info
-from gpuplugin.registration import DEPRECATION_FILE
-from gpuplugin.server import ResourceServer
-from gpuplugin.simulator import KubeletSimulator, SimulatorSettings
+from gpuplugin.daemon.manager import Manager
+from gpuplugin.kubelet.api import pluginregistration as watcher_api
+from gpuplugin.kubelet.api import v1beta1 as api
+from gpuplugin.kubelet.pluginwatcher import DEVICE_PLUGIN_TYPE, WatcherSocket, plugin_info
+from gpuplugin.kubelet.registration import DEPRECATION_FILE
+from gpuplugin.kubelet.server import ResourceServer
+from gpuplugin.testing.simulator import KubeletSimulator, SimulatorSettings
 from tests.fakes import mock_manager
 
 GPU = "nvidia.com/gpu"

@@ -18,8 +18,8 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpuplugin.metrics import Metrics
-from gpuplugin.probes import (
+from gpuplugin.daemon.metrics import Metrics
+from gpuplugin.daemon.probes import (
     MAX_REQUEST_BODY_BYTES,
     MAX_REQUEST_HEAD_BYTES,
     AddressError,
@@ -28,7 +28,7 @@ from gpuplugin.probes import (
     ProbeServerError,
     ProbeSettings,
 )
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.testing.simulator import KubeletSimulator
 from tests.fakes import until
 from tests.test_metrics import GPU, make_manager, node, plant
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from gpuplugin.protogen import PROTO_DIR, PROTO_FILES, ROOT, generate
+from gpuplugin.kubelet.protogen import PROTO_DIR, PROTO_FILES, ROOT, generate
 
-COMMITTED = ROOT / "gpuplugin" / "api"
+COMMITTED = ROOT / "gpuplugin" / "kubelet" / "api"
 
 #: Every message of the contract (docs/kubelet-contract.md): field name → (number, type).
 MESSAGES: Mapping[str, Mapping[str, tuple[int, str]]] = {
@@ -78,12 +78,14 @@ def files_under(directory: Path) -> dict[str, bytes]:
 
 
 def test_generated_code_is_current(tmp_path: Path) -> None:
-    """Regenerating the code from proto/ gives the committed gpuplugin/api byte for byte."""
+    """Regenerating the code from proto/ gives the committed gpuplugin/kubelet/api byte for byte."""
     generate(tmp_path / "api")
     fresh, committed = files_under(tmp_path / "api"), files_under(COMMITTED)
-    assert sorted(fresh) == sorted(committed), "gpuplugin/api has other files than proto/ generates: run `make proto`"
+    assert sorted(fresh) == sorted(committed), (
+        "gpuplugin/kubelet/api has other files than proto/ generates: run `make proto`"
+    )
     stale = [name for name in fresh if fresh[name] != committed[name]]
-    assert not stale, f"gpuplugin/api is stale ({', '.join(stale)}): run `make proto`"
+    assert not stale, f"gpuplugin/kubelet/api is stale ({', '.join(stale)}): run `make proto`"
 
 
 @pytest.fixture(scope="module")

@@ -31,16 +31,16 @@ from grpclib.exceptions import ProtocolError, StreamTerminatedError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backends.mock import MockBackend
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.backend import BackendEvent, BackendUnavailable, HealthChanged
-from gpuplugin.daemon import Daemon, settings_from_text
-from gpuplugin.manager import Manager, ManagerSettings
-from gpuplugin.model import MAX_DEVICE_ID_LENGTH, DeviceTree, Health
-from gpuplugin.server import MAX_CONTAINERS, MAX_IDS_PER_LIST, ServerSettings
-from gpuplugin.settings import ConfigError, Overrides, PluginSettings
-from gpuplugin.simulator import KubeletSimulator
-from gpuplugin.watcher import WatcherSettings
+from gpuplugin.backends.mock import MockBackend
+from gpuplugin.core.backend import BackendEvent, BackendUnavailable, HealthChanged
+from gpuplugin.core.model import MAX_DEVICE_ID_LENGTH, DeviceTree, Health
+from gpuplugin.daemon.agent import Daemon, settings_from_text
+from gpuplugin.daemon.manager import Manager, ManagerSettings
+from gpuplugin.daemon.settings import ConfigError, Overrides, PluginSettings
+from gpuplugin.kubelet.api import v1beta1 as api
+from gpuplugin.kubelet.server import MAX_CONTAINERS, MAX_IDS_PER_LIST, ServerSettings
+from gpuplugin.kubelet.watcher import WatcherSettings
+from gpuplugin.testing.simulator import KubeletSimulator
 from tests.fakes import GPU_RESOURCE, StaticBackend, gpu_tree, mock_manager, until
 
 GPU = "nvidia.com/gpu"

@@ -18,13 +18,13 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from backends.mock import MockBackend
-from gpuplugin.daemon import Daemon, settings_from_text
-from gpuplugin.model import DeviceTree
-from gpuplugin.reload import ConfigWatcher
-from gpuplugin.server import ResourceServer
-from gpuplugin.settings import Overrides
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.backends.mock import MockBackend
+from gpuplugin.core.model import DeviceTree
+from gpuplugin.daemon.agent import Daemon, settings_from_text
+from gpuplugin.daemon.reload import ConfigWatcher
+from gpuplugin.daemon.settings import Overrides
+from gpuplugin.kubelet.server import ResourceServer
+from gpuplugin.testing.simulator import KubeletSimulator
 
 GPU = "nvidia.com/gpu"
 SHARED = "nvidia.com/gpu.shared"

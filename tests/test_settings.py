@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from gpuplugin.cli import main
-from gpuplugin.health import DEFAULT_FATAL_XIDS, DEFAULT_IGNORED_XIDS, HealthPolicy, XidAction
-from gpuplugin.settings import ConfigError, Overrides, PluginSettings, parse_config, resolve
+from gpuplugin.daemon.settings import ConfigError, Overrides, PluginSettings, parse_config, resolve
+from gpuplugin.devices.health import DEFAULT_FATAL_XIDS, DEFAULT_IGNORED_XIDS, HealthPolicy, XidAction
 
 SOURCE = "test.yaml"
 

@@ -10,8 +10,7 @@ import pytest
 from grpclib import GRPCError
 from grpclib.const import Status
 
-from gpuplugin.manager import TreeTransform
-from gpuplugin.model import (
+from gpuplugin.core.model import (
     AllocationPolicyKind,
     ContainerSpec,
     Device,
@@ -21,9 +20,10 @@ from gpuplugin.model import (
     ResourceRules,
     frozen_mapping,
 )
-from gpuplugin.settings import ConfigError
-from gpuplugin.sharing import SharingError, TimeSlicing
-from gpuplugin.simulator import AdmissionError
+from gpuplugin.daemon.manager import TreeTransform
+from gpuplugin.daemon.settings import ConfigError
+from gpuplugin.devices.sharing import SharingError, TimeSlicing
+from gpuplugin.testing.simulator import AdmissionError
 
 if TYPE_CHECKING:
     from tests.conftest import MockNodeFactory

@@ -16,9 +16,9 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.server import Server
 
-from gpuplugin.api import v1beta1
-from gpuplugin.model import is_extended_resource_name
-from gpuplugin.simulator import (
+from gpuplugin.core.model import is_extended_resource_name
+from gpuplugin.kubelet.api import v1beta1
+from gpuplugin.testing.simulator import (
     CHECKPOINT_FILE,
     KUBELET_SOCKET,
     AdmissionError,

@@ -21,14 +21,14 @@ from typing import Any
 import structlog
 from grpclib.client import Channel, UnaryUnaryMethod
 
-from backends.mock import create as create_mock
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.backend import Backend
-from gpuplugin.codec import PrecodedCodec
-from gpuplugin.manager import Manager, ManagerSettings
-from gpuplugin.registry import BackendContext
-from gpuplugin.server import ResourceServer, ServerSettings
-from gpuplugin.simulator import KubeletSimulator
+from gpuplugin.backends.mock import create as create_mock
+from gpuplugin.backends.registry import BackendContext
+from gpuplugin.core.backend import Backend
+from gpuplugin.daemon.manager import Manager, ManagerSettings
+from gpuplugin.kubelet.api import v1beta1 as api
+from gpuplugin.kubelet.codec import PrecodedCodec
+from gpuplugin.kubelet.server import ResourceServer, ServerSettings
+from gpuplugin.testing.simulator import KubeletSimulator
 
 GPU = "nvidia.com/gpu"
 TOTAL = 100_000

@@ -8,17 +8,17 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.model import ContainerSpec, Device, DeviceNode, DeviceTree, Mount, frozen_mapping, merge_specs
-from gpuplugin.settings import ConfigError
-from gpuplugin.sharing import TimeSlicing
-from gpuplugin.strategies import (
+from gpuplugin.core.model import ContainerSpec, Device, DeviceNode, DeviceTree, Mount, frozen_mapping, merge_specs
+from gpuplugin.daemon.settings import ConfigError
+from gpuplugin.devices.sharing import TimeSlicing
+from gpuplugin.devices.strategies import (
     CDI_EDITS_ATTRIBUTE,
     CDI_NAME_ATTRIBUTE,
     DeviceListStrategy,
     DeviceListStrategyKind,
     cdi_kind,
 )
+from gpuplugin.kubelet.api import v1beta1 as api
 
 if TYPE_CHECKING:
     from tests.conftest import MockNodeFactory

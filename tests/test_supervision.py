@@ -18,15 +18,15 @@ import structlog
 from click.testing import CliRunner
 
 from gpuplugin.cli import main
-from gpuplugin.daemon import Daemon
-from gpuplugin.instance import SocketIdentity
-from gpuplugin.manager import Manager, ManagerSettings
-from gpuplugin.probes import ListenAddress, ProbeSettings
-from gpuplugin.server import ServerSettings
-from gpuplugin.settings import Overrides, PluginSettings
-from gpuplugin.simulator import KubeletSimulator
-from gpuplugin.tasks import SupervisionSettings, Supervisor, TaskFailing, TaskSet, jittered_backoff
-from gpuplugin.watcher import WatcherSettings
+from gpuplugin.core.instance import SocketIdentity
+from gpuplugin.core.tasks import SupervisionSettings, Supervisor, TaskFailing, TaskSet, jittered_backoff
+from gpuplugin.daemon.agent import Daemon
+from gpuplugin.daemon.manager import Manager, ManagerSettings
+from gpuplugin.daemon.probes import ListenAddress, ProbeSettings
+from gpuplugin.daemon.settings import Overrides, PluginSettings
+from gpuplugin.kubelet.server import ServerSettings
+from gpuplugin.kubelet.watcher import WatcherSettings
+from gpuplugin.testing.simulator import KubeletSimulator
 from tests.fakes import GPU_RESOURCE, StaticBackend, gpu_tree, until
 from tests.test_probes import ask, request
 from tests.test_reliability import FaultyBackend, serve

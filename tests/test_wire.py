@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gpuplugin import wire
-from gpuplugin.api import v1beta1 as api
+from gpuplugin.kubelet import wire
+from gpuplugin.kubelet.api import v1beta1 as api
 
 INT32 = st.integers(-(2**31), 2**31 - 1)
 #: Any unicode (hypothesis leaves out surrogates, which UTF-8 cannot carry); sometimes long enough for 2-byte lengths.

@@ -19,11 +19,11 @@ from typing import Any, cast
 import grpc
 import pytest
 
-from gpuplugin.backend import HealthChanged
-from gpuplugin.manager import Manager, ManagerSettings
-from gpuplugin.model import Health
-from gpuplugin.protogen import PROTO_DIR
-from gpuplugin.server import ServerSettings
+from gpuplugin.core.backend import HealthChanged
+from gpuplugin.core.model import Health
+from gpuplugin.daemon.manager import Manager, ManagerSettings
+from gpuplugin.kubelet.protogen import PROTO_DIR
+from gpuplugin.kubelet.server import ServerSettings
 from tests.fakes import GPU_RESOURCE, SHARED_RESOURCE, PreStartBackend, StaticBackend, gpu_tree, short_tmp_dir
 
 

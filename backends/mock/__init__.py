@@ -1,13 +1,13 @@
 """The mock backend: fake GPUs (an HGX H200 board by default) with faults injected at run time.
 
-Faults go in through a JSON-lines control socket (``backends.mock.control``) that ``gpuplugin mock`` drives, so a
-CI script on a kind cluster can make a GPU unhealthy, lose it or unplug it and watch the kubelet react.
+Faults go in through a JSON-lines control socket (``gpuplugin.backends.mock.control``) that ``gpuplugin mock``
+drives, so a CI script on a kind cluster can make a GPU unhealthy, lose it or unplug it and watch the kubelet react.
 """
 
 from __future__ import annotations
 
-from backends.mock.backend import Fault, GpuStatus, MockBackend
-from backends.mock.control import (
+from gpuplugin.backends.mock.backend import Fault, GpuStatus, MockBackend
+from gpuplugin.backends.mock.control import (
     ControlRequest,
     ControlRequestError,
     ControlServer,
@@ -21,15 +21,15 @@ from backends.mock.control import (
     control,
     parse_request,
 )
-from backends.mock.inventory import Inventory, gpu_uuid
-from backends.mock.settings import (
+from gpuplugin.backends.mock.inventory import Inventory, gpu_uuid
+from gpuplugin.backends.mock.settings import (
     DEFAULT_CONTROL_SOCKET,
     MockConfigError,
     MockSettings,
     NVLinkGroup,
     load_settings,
 )
-from gpuplugin.registry import BackendContext
+from gpuplugin.backends.registry import BackendContext
 
 __all__ = [
     "DEFAULT_CONTROL_SOCKET",

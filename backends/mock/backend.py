@@ -10,7 +10,7 @@ from typing import Any
 
 import structlog
 
-from backends.mock.control import (
+from gpuplugin.backends.mock.control import (
     DEFAULT_LOST_REASON,
     ControlRequest,
     ControlRequestError,
@@ -23,18 +23,18 @@ from backends.mock.control import (
     UnplugRequest,
     XidRequest,
 )
-from backends.mock.inventory import Inventory
-from backends.mock.settings import MockSettings, load_settings
-from gpuplugin.backend import (
+from gpuplugin.backends.mock.inventory import Inventory
+from gpuplugin.backends.mock.settings import MockSettings, load_settings
+from gpuplugin.backends.registry import BackendContext
+from gpuplugin.core.backend import (
     AllocationPolicyKind,
     BackendEvent,
     BackendUnavailable,
     HealthChanged,
     InventoryChanged,
 )
-from gpuplugin.health import HealthTracker, XidAction
-from gpuplugin.model import DeviceTree, Health
-from gpuplugin.registry import BackendContext
+from gpuplugin.core.model import DeviceTree, Health
+from gpuplugin.devices.health import HealthTracker, XidAction
 
 log = structlog.get_logger("gpuplugin.mock")
 

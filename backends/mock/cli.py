@@ -10,8 +10,8 @@ from typing import Any, TypeVar
 
 import click
 
-from backends.mock.control import ControlUnavailable, control
-from backends.mock.settings import DEFAULT_CONTROL_SOCKET
+from gpuplugin.backends.mock.control import ControlUnavailable, control
+from gpuplugin.backends.mock.settings import DEFAULT_CONTROL_SOCKET
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -26,9 +26,9 @@ from typing import Any
 import aiofiles.os
 import structlog
 
-from gpuplugin.health import MAX_XID
-from gpuplugin.instance import SocketIdentity, listened_on, remove_if_ours
-from gpuplugin.tasks import TaskSet
+from gpuplugin.core.instance import SocketIdentity, listened_on, remove_if_ours
+from gpuplugin.core.tasks import TaskSet
+from gpuplugin.devices.health import MAX_XID
 
 log = structlog.get_logger("gpuplugin.mock")
 

@@ -8,8 +8,8 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 
-from backends.mock.settings import MockSettings
-from gpuplugin.model import (
+from gpuplugin.backends.mock.settings import MockSettings
+from gpuplugin.core.model import (
     ContainerSpec,
     Device,
     DeviceNode,
@@ -20,7 +20,7 @@ from gpuplugin.model import (
     frozen_mapping,
     links_from_pairs,
 )
-from gpuplugin.strategies import VISIBLE_DEVICES
+from gpuplugin.devices.strategies import VISIBLE_DEVICES
 
 #: Fixed namespace of mock GPU UUIDs; changing it changes every mock UUID.
 _UUID_NAMESPACE = uuid.UUID("6f0c1b7e-4a51-5c1e-9a3e-2f6d1c0b8a47")

@@ -10,8 +10,8 @@ from typing import Any
 
 import aiofiles
 
-from gpuplugin.model import ContainerSpec, Device
-from gpuplugin.settings import MAX_CONFIG_VALUES, within_values
+from gpuplugin.core.limits import MAX_CONFIG_VALUES, within_values
+from gpuplugin.core.model import ContainerSpec, Device
 
 #: Where the control socket lives unless told otherwise: the core's default state directory.
 DEFAULT_CONTROL_SOCKET = Path("/run/gpuplugin/mock.sock")

@@ -1,14 +1,14 @@
 """The NVML backend: whole NVIDIA GPUs through NVIDIA's management library (``pynvml``).
 
-Registered under the ``gpuplugin.backends`` entry point as ``nvml = "backends.nvml:create"``.
+Registered under the ``gpuplugin.backends`` entry point as ``nvml = "gpuplugin.backends.nvml:create"``.
 """
 
 from __future__ import annotations
 
-from backends.nvml.backend import NvmlBackend
-from backends.nvml.mig import GpuInstanceProfile
-from backends.nvml.settings import DeviceIdStrategy, NvmlSettings, NvmlSettingsError
-from gpuplugin.registry import BackendContext
+from gpuplugin.backends.nvml.backend import NvmlBackend
+from gpuplugin.backends.nvml.mig import GpuInstanceProfile
+from gpuplugin.backends.nvml.settings import DeviceIdStrategy, NvmlSettings, NvmlSettingsError
+from gpuplugin.backends.registry import BackendContext
 
 __all__ = ["DeviceIdStrategy", "GpuInstanceProfile", "NvmlBackend", "NvmlSettings", "NvmlSettingsError", "create"]
 

@@ -11,8 +11,8 @@ from typing import Any
 
 import structlog
 
-from backends.nvml import discovery
-from backends.nvml.events import (
+from gpuplugin.backends.nvml import discovery
+from gpuplugin.backends.nvml.events import (
     EccObserved,
     GpuLost,
     HealthWatcher,
@@ -22,13 +22,13 @@ from backends.nvml.events import (
     WaitRecovered,
     XidObserved,
 )
-from backends.nvml.library import LibraryLoader, initialize, preload_library, unavailable_message
-from backends.nvml.mig import GpuInstanceProfile
-from backends.nvml.settings import NvmlSettings
-from gpuplugin.backend import BackendEvent, BackendUnavailable, HealthChanged, InventoryChanged
-from gpuplugin.health import HealthPolicy, HealthTracker, XidAction
-from gpuplugin.model import DeviceTree
-from gpuplugin.tasks import TaskSet
+from gpuplugin.backends.nvml.library import LibraryLoader, initialize, preload_library, unavailable_message
+from gpuplugin.backends.nvml.mig import GpuInstanceProfile
+from gpuplugin.backends.nvml.settings import NvmlSettings
+from gpuplugin.core.backend import BackendEvent, BackendUnavailable, HealthChanged, InventoryChanged
+from gpuplugin.core.model import DeviceTree
+from gpuplugin.core.tasks import TaskSet
+from gpuplugin.devices.health import HealthPolicy, HealthTracker, XidAction
 
 log = structlog.get_logger("gpuplugin.nvml")
 
@@ -37,7 +37,7 @@ class NvmlBackend:
     """Serves every whole GPU NVML finds and turns NVML events into health; MIG-enabled GPUs are skipped, or with
     ``report_mig_devices`` served as their MIG devices (the partitioned backend names those).
 
-    ``nvml`` is the NVML module: ``pynvml`` by default, ``backends.nvml.fake.FakeNvml`` in tests. Errors are
+    ``nvml`` is the NVML module: ``pynvml`` by default, ``gpuplugin.backends.nvml.fake.FakeNvml`` in tests. Errors are
     caught through its attributes (``nvml.NVMLError_Timeout``), so a fake only has to offer the same names.
     ``library_loader`` makes ``libnvidia-ml.so.1`` loadable from ``driver_root`` first; it defaults to
     ``preload_library`` with the real pynvml and to nothing with an injected module.

@@ -12,11 +12,26 @@ from typing import Any, TypeVar
 
 import structlog
 
-from backends.nvml.library import as_str
-from backends.nvml.mig import GpuInstanceProfile, MigDeviceRecord, mig_spec, read_instance_profiles, read_mig_devices
-from backends.nvml.settings import DeviceIdStrategy, NvmlSettings
-from backends.nvml.spec import gpu_spec, present_control_nodes
-from gpuplugin.model import Device, DeviceNode, DeviceTree, Health, Link, PCIeLevel, frozen_mapping, links_from_pairs
+from gpuplugin.backends.nvml.library import as_str
+from gpuplugin.backends.nvml.mig import (
+    GpuInstanceProfile,
+    MigDeviceRecord,
+    mig_spec,
+    read_instance_profiles,
+    read_mig_devices,
+)
+from gpuplugin.backends.nvml.settings import DeviceIdStrategy, NvmlSettings
+from gpuplugin.backends.nvml.spec import gpu_spec, present_control_nodes
+from gpuplugin.core.model import (
+    Device,
+    DeviceNode,
+    DeviceTree,
+    Health,
+    Link,
+    PCIeLevel,
+    frozen_mapping,
+    links_from_pairs,
+)
 
 log = structlog.get_logger("gpuplugin.nvml")
 

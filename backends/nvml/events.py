@@ -15,8 +15,8 @@ from typing import Any
 
 import structlog
 
-from backends.nvml.library import as_str
-from backends.nvml.settings import NvmlSettings
+from gpuplugin.backends.nvml.library import as_str
+from gpuplugin.backends.nvml.settings import NvmlSettings
 
 log = structlog.get_logger("gpuplugin.nvml")
 

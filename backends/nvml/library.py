@@ -11,8 +11,8 @@ from typing import Any
 
 import structlog
 
-from backends.nvml.settings import NvmlSettings
-from gpuplugin.backend import BackendUnavailable
+from gpuplugin.backends.nvml.settings import NvmlSettings
+from gpuplugin.core.backend import BackendUnavailable
 
 log = structlog.get_logger("gpuplugin.nvml")
 

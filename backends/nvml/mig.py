@@ -13,11 +13,11 @@ from typing import Any
 
 import structlog
 
-from backends.nvml.library import as_str
-from backends.nvml.settings import NvmlSettings
-from backends.nvml.spec import host_path
-from gpuplugin.model import ContainerSpec, DeviceNode, frozen_mapping
-from gpuplugin.strategies import VISIBLE_DEVICES
+from gpuplugin.backends.nvml.library import as_str
+from gpuplugin.backends.nvml.settings import NvmlSettings
+from gpuplugin.backends.nvml.spec import host_path
+from gpuplugin.core.model import ContainerSpec, DeviceNode, frozen_mapping
+from gpuplugin.devices.strategies import VISIBLE_DEVICES
 
 log = structlog.get_logger("gpuplugin.nvml")
 

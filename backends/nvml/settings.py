@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from gpuplugin.model import ContainerSpec, Device
+from gpuplugin.core.model import ContainerSpec, Device
 
 #: Longest event wait allowed: the health thread checks its stop flag between waits, so this bounds shutdown.
 MAX_EVENT_WAIT_TIMEOUT_MS = 10_000

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import os
 
-from backends.nvml.settings import NvmlSettings
-from gpuplugin.model import ContainerSpec, DeviceNode, frozen_mapping
-from gpuplugin.strategies import VISIBLE_DEVICES
+from gpuplugin.backends.nvml.settings import NvmlSettings
+from gpuplugin.core.model import ContainerSpec, DeviceNode, frozen_mapping
+from gpuplugin.devices.strategies import VISIBLE_DEVICES
 
 #: Nodes every GPU container needs besides its own ``/dev/nvidiaN``; each is passed only where the host has it.
 CONTROL_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")

@@ -1,13 +1,18 @@
 """The partitioned backend: a parent backend's GPUs (``mock`` or ``nvml``) served as MIG-style partitions.
 
-Registered under the ``gpuplugin.backends`` entry point as ``partitioned = "backends.partitioned:create"``.
+Registered under the ``gpuplugin.backends`` entry point as ``partitioned = "gpuplugin.backends.partitioned:create"``.
 """
 
 from __future__ import annotations
 
-from backends.partitioned.backend import InstanceProfileSource, PartitionedBackend, build_parent, parent_context
-from backends.partitioned.placement import LayoutError, Placement, fill, place
-from backends.partitioned.profiles import (
+from gpuplugin.backends.partitioned.backend import (
+    InstanceProfileSource,
+    PartitionedBackend,
+    build_parent,
+    parent_context,
+)
+from gpuplugin.backends.partitioned.placement import LayoutError, Placement, fill, place
+from gpuplugin.backends.partitioned.profiles import (
     H200_PROFILES,
     InstanceProfileInfo,
     Profile,
@@ -18,7 +23,7 @@ from backends.partitioned.profiles import (
     table_from_infos,
     valid_starts,
 )
-from backends.partitioned.settings import (
+from gpuplugin.backends.partitioned.settings import (
     Layout,
     PartitionedConfigError,
     PartitionedSettings,
@@ -26,8 +31,8 @@ from backends.partitioned.settings import (
     Strategy,
     parse_layout,
 )
-from backends.partitioned.slicing import StrategyError, mig_resource, partition_id, slice_tree
-from gpuplugin.registry import BackendContext
+from gpuplugin.backends.partitioned.slicing import StrategyError, mig_resource, partition_id, slice_tree
+from gpuplugin.backends.registry import BackendContext
 
 __all__ = [
     "H200_PROFILES",

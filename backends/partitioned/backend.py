@@ -7,26 +7,26 @@ from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
-from backends.partitioned.placement import LayoutError
-from backends.partitioned.profiles import (
+from gpuplugin.backends.partitioned.placement import LayoutError
+from gpuplugin.backends.partitioned.profiles import (
     BUILT_IN_TABLES,
     InstanceProfileInfo,
     ProfileError,
     ProfileTable,
     table_from_infos,
 )
-from backends.partitioned.settings import PartitionedConfigError, PartitionedSettings, Strategy
-from backends.partitioned.slicing import StrategyError, profile_counts, slice_tree
-from gpuplugin.backend import (
+from gpuplugin.backends.partitioned.settings import PartitionedConfigError, PartitionedSettings, Strategy
+from gpuplugin.backends.partitioned.slicing import StrategyError, profile_counts, slice_tree
+from gpuplugin.backends.registry import BackendContext, UnknownBackend, load_factory
+from gpuplugin.core.backend import (
     AllocationPolicyKind,
     Backend,
     BackendEvent,
     InventoryChanged,
     PreferredAllocation,
 )
-from gpuplugin.model import Device, DeviceTree
-from gpuplugin.mps import ControlDaemons, with_daemon_health
-from gpuplugin.registry import BackendContext, UnknownBackend, load_factory
+from gpuplugin.core.model import Device, DeviceTree
+from gpuplugin.devices.mps import ControlDaemons, with_daemon_health
 
 log = structlog.get_logger("gpuplugin.partitioned")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from backends.partitioned.profiles import Profile, ProfileTable
+from gpuplugin.backends.partitioned.profiles import Profile, ProfileTable
 
 
 class LayoutError(ValueError):

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
-from backends.partitioned.profiles import BUILT_IN_TABLES, ProfileError, ProfileTable
-from gpuplugin.errors import ConfigError
-from gpuplugin.model import AllocationPolicyKind
-from gpuplugin.mps import ControlDaemonSettings
+from gpuplugin.backends.partitioned.profiles import BUILT_IN_TABLES, ProfileError, ProfileTable
+from gpuplugin.core.errors import ConfigError
+from gpuplugin.core.model import AllocationPolicyKind
+from gpuplugin.devices.mps import ControlDaemonSettings
 
 _GPU_KEY = re.compile(r"^(?:gpu\s*)?(\d+)$", re.IGNORECASE)
 _WHOLE = frozenset({"none", "whole", ""})

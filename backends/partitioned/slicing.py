@@ -10,12 +10,12 @@ from types import MappingProxyType
 
 import structlog
 
-from backends.partitioned.placement import LayoutError, Placement, fill, place
-from backends.partitioned.profiles import ProfileError, ProfileTable, profile_name
-from backends.partitioned.settings import PartitionedSettings, Strategy
-from gpuplugin.model import ContainerSpec, Device, DeviceNode, DeviceTree, ResourceRules, frozen_mapping
-from gpuplugin.mps import MPS_GPU_ATTRIBUTE, ControlDaemonSettings, MpsShare, mps_spec, thread_percentage
-from gpuplugin.strategies import VISIBLE_DEVICES
+from gpuplugin.backends.partitioned.placement import LayoutError, Placement, fill, place
+from gpuplugin.backends.partitioned.profiles import ProfileError, ProfileTable, profile_name
+from gpuplugin.backends.partitioned.settings import PartitionedSettings, Strategy
+from gpuplugin.core.model import ContainerSpec, Device, DeviceNode, DeviceTree, ResourceRules, frozen_mapping
+from gpuplugin.devices.mps import MPS_GPU_ATTRIBUTE, ControlDaemonSettings, MpsShare, mps_spec, thread_percentage
+from gpuplugin.devices.strategies import VISIBLE_DEVICES
 
 log = structlog.get_logger("gpuplugin.partitioned")
 

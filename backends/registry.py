@@ -8,15 +8,15 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Any
 
-from gpuplugin.backend import Backend
-from gpuplugin.health import HealthPolicy
+from gpuplugin.core.backend import Backend
+from gpuplugin.devices.health import HealthPolicy
 
 ENTRY_POINT_GROUP = "gpuplugin.backends"
 #: The backends that ship with gpuplugin, found even where the package metadata is not installed.
 BUILT_IN = {
-    "mock": "backends.mock:create",
-    "nvml": "backends.nvml:create",
-    "partitioned": "backends.partitioned:create",
+    "mock": "gpuplugin.backends.mock:create",
+    "nvml": "gpuplugin.backends.nvml:create",
+    "partitioned": "gpuplugin.backends.partitioned:create",
 }
 
 

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from gpuplugin.model import AllocationPolicyKind, ContainerSpec, DeviceTree, Health
+from gpuplugin.core.model import AllocationPolicyKind, ContainerSpec, DeviceTree, Health
 
 __all__ = [
     "AllocationPolicyKind",

@@ -18,24 +18,24 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from gpuplugin.backend import Backend, BackendUnavailable
-from gpuplugin.cdi import spec_writer_for
-from gpuplugin.errors import ConfigError
-from gpuplugin.instance import InstanceLock, remove_dead_sockets
-from gpuplugin.limits import check_tree
-from gpuplugin.manager import Manager, ServerFactory, TreeSink, TreeTransform
-from gpuplugin.model import DeviceTree
-from gpuplugin.mps import MpsBackend
-from gpuplugin.probes import ProbeServer
-from gpuplugin.registry import BackendContext, load_factory
-from gpuplugin.reload import ConfigWatcher
-from gpuplugin.server import ResourceServer
-from gpuplugin.settings import Overrides, PluginSettings, parse_config, resolve
-from gpuplugin.strategies import DeviceListStrategy
-from gpuplugin.tasks import Supervisor, TaskFailing, TaskSet, supervising
+from gpuplugin.backends.registry import BackendContext, load_factory
+from gpuplugin.core.backend import Backend, BackendUnavailable
+from gpuplugin.core.errors import ConfigError
+from gpuplugin.core.instance import InstanceLock, remove_dead_sockets
+from gpuplugin.core.limits import check_tree
+from gpuplugin.core.model import DeviceTree
+from gpuplugin.core.tasks import Supervisor, TaskFailing, TaskSet, supervising
+from gpuplugin.daemon.manager import Manager, ServerFactory, TreeSink, TreeTransform
+from gpuplugin.daemon.probes import ProbeServer
+from gpuplugin.daemon.reload import ConfigWatcher
+from gpuplugin.daemon.settings import Overrides, PluginSettings, parse_config, resolve
+from gpuplugin.devices.cdi import spec_writer_for
+from gpuplugin.devices.mps import MpsBackend
+from gpuplugin.devices.strategies import DeviceListStrategy
+from gpuplugin.kubelet.server import ResourceServer
 
 if TYPE_CHECKING:
-    from gpuplugin.metrics import Metrics
+    from gpuplugin.daemon.metrics import Metrics
 
 log = structlog.get_logger("gpuplugin")
 
@@ -115,7 +115,7 @@ class Daemon:
         self.metrics: Metrics | None = None
         server_factory: ServerFactory = ResourceServer
         if settings.probes.address is not None:
-            from gpuplugin.metrics import Metrics
+            from gpuplugin.daemon.metrics import Metrics
 
             self.metrics = Metrics()
             server_factory = self.metrics.server_factory

@@ -16,11 +16,11 @@ from pathlib import Path
 import aiofiles
 import structlog
 
-from gpuplugin.errors import ConfigError
-from gpuplugin.settings import MAX_CONFIG_BYTES, decode_config
-from gpuplugin.watcher import inotify_or_polling
+from gpuplugin.core.errors import ConfigError
+from gpuplugin.daemon.settings import MAX_CONFIG_BYTES, decode_config
+from gpuplugin.kubelet.watcher import inotify_or_polling
 
-log = structlog.get_logger("gpuplugin.reload")
+log = structlog.get_logger("gpuplugin.daemon.reload")
 
 
 @dataclass(frozen=True, slots=True)

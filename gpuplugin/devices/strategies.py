@@ -2,7 +2,7 @@
 
 The backend's spec names a GPU in ``NVIDIA_VISIBLE_DEVICES`` (its runtime ID, after the uuid|index device-id
 strategy). ``envvar`` keeps that; ``volume-mounts`` turns it into one mount per GPU; ``cdi-annotations`` and
-``cdi-cri`` name CDI devices ``<vendor>/<class>=<runtime id>`` instead, whose CDI spec ``gpuplugin.cdi`` writes.
+``cdi-cri`` name CDI devices ``<vendor>/<class>=<runtime id>`` instead, whose CDI spec ``gpuplugin.devices.cdi`` writes.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from gpuplugin.errors import ConfigError
-from gpuplugin.model import ContainerSpec, Device, DeviceNode, DeviceTree, Mount, frozen_mapping
+from gpuplugin.core.errors import ConfigError
+from gpuplugin.core.model import ContainerSpec, Device, DeviceNode, DeviceTree, Mount, frozen_mapping
 
 VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
 #: NVIDIA's volume-mounts root: the runtime hook lists this directory to learn the GPUs.

@@ -26,13 +26,13 @@ from typing import Any
 
 import structlog
 
-from gpuplugin.backend import AllocationPolicyKind, Backend, BackendEvent, InventoryChanged, PreferredAllocation
-from gpuplugin.errors import ConfigError, config_key
-from gpuplugin.model import ContainerSpec, Device, DeviceTree, Health, Mount, ResourceRules, frozen_mapping
-from gpuplugin.sharing import REPLICA_ATTRIBUTE, SharingError, TimeSlicing
-from gpuplugin.tasks import TaskSet, jittered_backoff
+from gpuplugin.core.backend import AllocationPolicyKind, Backend, BackendEvent, InventoryChanged, PreferredAllocation
+from gpuplugin.core.errors import ConfigError, config_key
+from gpuplugin.core.model import ContainerSpec, Device, DeviceTree, Health, Mount, ResourceRules, frozen_mapping
+from gpuplugin.core.tasks import TaskSet, jittered_backoff
+from gpuplugin.devices.sharing import REPLICA_ATTRIBUTE, SharingError, TimeSlicing
 
-log = structlog.get_logger("gpuplugin.mps")
+log = structlog.get_logger("gpuplugin.devices.mps")
 
 PIPE_DIRECTORY = "CUDA_MPS_PIPE_DIRECTORY"
 LOG_DIRECTORY = "CUDA_MPS_LOG_DIRECTORY"

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeGuard
 
-from gpuplugin.errors import ConfigError, config_key
-from gpuplugin.limits import KUBELET_MAX_MESSAGE_BYTES, MAX_DEVICES_PER_RESOURCE, MAX_LIST_MESSAGE_BYTES
-from gpuplugin.model import (
+from gpuplugin.core.errors import ConfigError, config_key
+from gpuplugin.core.limits import KUBELET_MAX_MESSAGE_BYTES, MAX_DEVICES_PER_RESOURCE, MAX_LIST_MESSAGE_BYTES
+from gpuplugin.core.model import (
     MAX_DEVICE_ID_LENGTH,
     AllocationPolicyKind,
     Device,
@@ -33,7 +33,7 @@ REPLICA_SEPARATOR = "::"
 REPLICA_ATTRIBUTE = "replica"
 #: Policies that make sense for replicas; topology scoring is about links between distinct GPUs.
 REPLICA_POLICIES = (AllocationPolicyKind.DISTRIBUTED, AllocationPolicyKind.PACKED)
-#: Replicas of one GPU at most: what one resource may serve in all (see gpuplugin.limits). The replicas of all
+#: Replicas of one GPU at most: what one resource may serve in all (see gpuplugin.core.limits). The replicas of all
 #: the GPUs of a resource together are held to the same bound when the GPUs are known, before any is built.
 MAX_REPLICAS = MAX_DEVICES_PER_RESOURCE
 #: Entries of a ``devices`` list or ``perGpu`` mapping at most: far above any node's GPUs (8 or 16), and low
@@ -161,7 +161,7 @@ class TimeSlicing:
                 continue
             resource, counts = causes.get(name, (None, []))
             if resource is None:
-                continue  # Not made by replicas: gpuplugin.limits.check_tree names it.
+                continue  # Not made by replicas: gpuplugin.core.limits.check_tree names it.
             where = f"{self.path}.resources[{self.resources.index(resource)}]"
             field_name = "replicas" if not resource.per_gpu else "replicas/perGpu"
             each = f"{counts[0]}" if min(counts) == max(counts) else f"up to {max(counts)}"

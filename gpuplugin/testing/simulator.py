@@ -33,11 +33,11 @@ from grpclib.client import Channel
 from grpclib.const import Cardinality, Status
 from grpclib.server import Server
 
-from gpuplugin.api import pluginregistration, v1beta1
-from gpuplugin.model import MAX_DEVICE_ID_LENGTH, Health, is_extended_resource_name
-from gpuplugin.tasks import TaskSet
+from gpuplugin.core.model import MAX_DEVICE_ID_LENGTH, Health, is_extended_resource_name
+from gpuplugin.core.tasks import TaskSet
+from gpuplugin.kubelet.api import pluginregistration, v1beta1
 
-log = structlog.get_logger("gpuplugin.simulator")
+log = structlog.get_logger("gpuplugin.testing.simulator")
 
 SUPPORTED_VERSION = "v1beta1"
 KUBELET_SOCKET = "kubelet.sock"

@@ -26,13 +26,8 @@ from grpclib.protocol import H2Protocol
 from grpclib.server import Server, Stream
 from h2.connection import H2Connection
 
-from gpuplugin import wire
-from gpuplugin.allocation import AllocationPolicy, build_policy
-from gpuplugin.api import pluginregistration
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.backend import AllocationPolicyKind, Backend, CustomAllocate, PreferredAllocation, PreStart
-from gpuplugin.codec import PrecodedCodec, encode_preferred_response, repeated_field
-from gpuplugin.errors import (
+from gpuplugin.core.backend import AllocationPolicyKind, Backend, CustomAllocate, PreferredAllocation, PreStart
+from gpuplugin.core.errors import (
     CdiSpecMissing,
     InvalidRequest,
     NotServing,
@@ -42,8 +37,8 @@ from gpuplugin.errors import (
     grpc_status,
     status_code,
 )
-from gpuplugin.instance import SocketIdentity, remove_if_ours
-from gpuplugin.model import (
+from gpuplugin.core.instance import SocketIdentity, remove_if_ours
+from gpuplugin.core.model import (
     MAX_DEVICE_ID_LENGTH,
     ContainerSpec,
     Device,
@@ -53,12 +48,17 @@ from gpuplugin.model import (
     SpecConflict,
     merge_specs,
 )
-from gpuplugin.pluginwatcher import DEFAULT_PLUGINS_REGISTRY_DIR, WatcherSocket, plugin_info
-from gpuplugin.registration import RegistrationSettings, plugin_watcher_wanted, register_until_done
-from gpuplugin.strategies import CDI_NAME_ATTRIBUTE
-from gpuplugin.tasks import TaskSet
+from gpuplugin.core.tasks import TaskSet
+from gpuplugin.devices.allocation import AllocationPolicy, build_policy
+from gpuplugin.devices.strategies import CDI_NAME_ATTRIBUTE
+from gpuplugin.kubelet import wire
+from gpuplugin.kubelet.api import pluginregistration
+from gpuplugin.kubelet.api import v1beta1 as api
+from gpuplugin.kubelet.codec import PrecodedCodec, encode_preferred_response, repeated_field
+from gpuplugin.kubelet.pluginwatcher import DEFAULT_PLUGINS_REGISTRY_DIR, WatcherSocket, plugin_info
+from gpuplugin.kubelet.registration import RegistrationSettings, plugin_watcher_wanted, register_until_done
 
-log = structlog.get_logger("gpuplugin.server")
+log = structlog.get_logger("gpuplugin.kubelet.server")
 
 _SOCKET_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _socket_counter = itertools.count()

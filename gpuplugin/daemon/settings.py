@@ -9,15 +9,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpuplugin.cdi import CdiSettings
-from gpuplugin.errors import ConfigError, config_key
-from gpuplugin.health import MAX_QUIET_PERIOD_S, MAX_XID, HealthPolicy, HealthPolicyError
-from gpuplugin.logs import LogFormat
-from gpuplugin.manager import ManagerSettings
-from gpuplugin.mps import MpsSharing, absolute_path
-from gpuplugin.probes import AddressError, ListenAddress, ProbeSettings
-from gpuplugin.sharing import TimeSlicing
-from gpuplugin.strategies import DeviceListStrategy
+from gpuplugin.core.errors import ConfigError, config_key
+from gpuplugin.core.limits import MAX_CONFIG_VALUES, within_values
+from gpuplugin.daemon.logs import LogFormat
+from gpuplugin.daemon.manager import ManagerSettings
+from gpuplugin.daemon.probes import AddressError, ListenAddress, ProbeSettings
+from gpuplugin.devices.cdi import CdiSettings
+from gpuplugin.devices.health import MAX_QUIET_PERIOD_S, MAX_XID, HealthPolicy, HealthPolicyError
+from gpuplugin.devices.mps import MpsSharing, absolute_path
+from gpuplugin.devices.sharing import TimeSlicing
+from gpuplugin.devices.strategies import DeviceListStrategy
 
 __all__ = ["MAX_CONFIG_BYTES", "ConfigError", "Overrides", "PluginSettings", "decode_config", "parse_config", "resolve"]
 
@@ -26,9 +27,6 @@ LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 #: The largest config file read: what a Kubernetes ConfigMap holds (1 MiB). A larger file is refused unread.
 MAX_CONFIG_BYTES = 1024 * 1024
-#: The most values (scalars, lists, mappings) a config may hold once YAML's aliases are expanded. A real config
-#: holds hundreds; aliases let a 340-byte file hold a billion, which quoting one in an error would spell out.
-MAX_CONFIG_VALUES = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,24 +92,6 @@ def read_config(path: Path) -> str:
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     return decode_config(data, str(path))
-
-
-def within_values(data: object, limit: int) -> bool:
-    """Whether ``data`` holds at most ``limit`` values, each alias counted every time it is used; stops counting
-    at the limit, so a self-referencing or billion-value document costs ``limit`` steps."""
-    pending = [data]
-    count = 0
-    while pending:
-        count += 1
-        if count > limit:
-            return False
-        value = pending.pop()
-        if isinstance(value, dict):
-            pending.extend(value.keys())
-            pending.extend(value.values())
-        elif isinstance(value, list | tuple):
-            pending.extend(value)
-    return True
 
 
 def parse_config(text: str, source: str) -> dict[str, Any]:

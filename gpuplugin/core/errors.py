@@ -10,8 +10,6 @@ import structlog
 from grpclib import GRPCError
 from grpclib.const import Status
 
-from gpuplugin.allocation import AllocationImpossible
-
 log = structlog.get_logger("gpuplugin.rpc")
 
 #: Enough IDs to find the culprit without echoing a huge request back.
@@ -116,8 +114,6 @@ def grpc_status(method: str) -> Iterator[None]:
         raise
     except RequestError as exc:
         raise GRPCError(exc.status, str(exc)) from None
-    except AllocationImpossible as exc:
-        raise GRPCError(Status.INVALID_ARGUMENT, str(exc)) from None
     except Exception:
         log.exception("rpc failed", method=method)
         raise GRPCError(Status.UNKNOWN, f"{method} failed inside the plugin; its log has the details") from None

@@ -21,9 +21,10 @@ import aiofiles.os
 import aiofiles.tempfile
 import structlog
 
-from gpuplugin.errors import ConfigError
-from gpuplugin.model import Device, DeviceTree
-from gpuplugin.strategies import (
+from gpuplugin.core.errors import ConfigError
+from gpuplugin.core.model import Device, DeviceTree
+from gpuplugin.core.tasks import TaskSet
+from gpuplugin.devices.strategies import (
     CDI_DEVICE_NAME,
     CDI_EDITS_ATTRIBUTE,
     CDI_NAME_ATTRIBUTE,
@@ -33,9 +34,8 @@ from gpuplugin.strategies import (
     cdi_kind,
     container_edits,
 )
-from gpuplugin.tasks import TaskSet
 
-log = structlog.get_logger("gpuplugin.cdi")
+log = structlog.get_logger("gpuplugin.devices.cdi")
 
 #: 0.6.0 is the first version that allows dots in a class name (``gpu.shared``, ``mig-1g.18gb``).
 CDI_VERSION = "0.6.0"

@@ -1,6 +1,6 @@
 """Encoding on the RPC paths: a codec that sends bytes as they are, and the responses' wire form built by hand.
 
-The requests are decoded by hand too, in ``gpuplugin.wire``.
+The requests are decoded by hand too, in ``gpuplugin.kubelet.wire``.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any, Final
 
 from grpclib.encoding.proto import ProtoCodec
 
-from gpuplugin.wire import WireError
+from gpuplugin.kubelet.wire import WireError
 
 #: gRPC's default limit on a received message; grpclib has none, and the kubelet never sends a fraction of it.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-log = structlog.get_logger("gpuplugin.watcher")
+log = structlog.get_logger("gpuplugin.kubelet.watcher")
 
 KUBELET_SOCKET = "kubelet.sock"
 

@@ -15,14 +15,14 @@ from typing import Protocol
 
 import structlog
 
-from gpuplugin.backend import Backend, HealthChanged, InventoryChanged
-from gpuplugin.instance import InstanceLock, SocketIdentity
-from gpuplugin.model import Device, DeviceTree, Health
-from gpuplugin.server import ResourceServer, ServerSettings
-from gpuplugin.tasks import SupervisionSettings, TaskSet
-from gpuplugin.watcher import KUBELET_SOCKET, SocketWatcher, WatcherSettings
+from gpuplugin.core.backend import Backend, HealthChanged, InventoryChanged
+from gpuplugin.core.instance import InstanceLock, SocketIdentity
+from gpuplugin.core.model import Device, DeviceTree, Health
+from gpuplugin.core.tasks import SupervisionSettings, TaskSet
+from gpuplugin.kubelet.server import ResourceServer, ServerSettings
+from gpuplugin.kubelet.watcher import KUBELET_SOCKET, SocketWatcher, WatcherSettings
 
-log = structlog.get_logger("gpuplugin.manager")
+log = structlog.get_logger("gpuplugin.daemon.manager")
 
 ServerFactory = Callable[[str, Backend, ServerSettings], ResourceServer]
 HealthKey = tuple[str, tuple[int, int] | None]

@@ -20,13 +20,13 @@ from typing import TYPE_CHECKING
 import h11
 import structlog
 
-from gpuplugin.tasks import Supervisor, TaskSet
+from gpuplugin.core.tasks import Supervisor, TaskSet
 
 if TYPE_CHECKING:
-    from gpuplugin.manager import Manager
-    from gpuplugin.metrics import Metrics
+    from gpuplugin.daemon.manager import Manager
+    from gpuplugin.daemon.metrics import Metrics
 
-log = structlog.get_logger("gpuplugin.probes")
+log = structlog.get_logger("gpuplugin.daemon.probes")
 
 Clock = Callable[[], float]
 

@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "proto"
 PROTO_FILES = ("v1beta1/api.proto",)
 """The device plugin API: the kubelet contract that tests/test_proto.py checks descriptor by descriptor."""
@@ -48,4 +48,4 @@ def generate(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "gpuplugin" / "api")
+    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "gpuplugin" / "kubelet" / "api")

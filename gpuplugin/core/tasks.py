@@ -21,7 +21,7 @@ from typing import Any
 
 import structlog
 
-log = structlog.get_logger("gpuplugin.tasks")
+log = structlog.get_logger("gpuplugin.core.tasks")
 
 Clock = Callable[[], float]
 

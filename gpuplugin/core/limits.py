@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from gpuplugin.errors import ConfigError
-from gpuplugin.model import Device, DeviceTree, Health
+from gpuplugin.core.errors import ConfigError
+from gpuplugin.core.model import Device, DeviceTree, Health
 
 #: grpc-go's default maximum receive message size, which the kubelet's device-manager client keeps.
 KUBELET_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -80,3 +80,26 @@ def check_tree(tree: DeviceTree) -> DeviceTree:
     for resource, devices in tree.by_resource().items():
         check_resource(resource, devices)
     return tree
+
+
+#: The most values (scalars, lists, mappings) a config may hold once YAML's aliases are expanded. A real config
+#: holds hundreds; aliases let a 340-byte file hold a billion, which quoting one in an error would spell out.
+MAX_CONFIG_VALUES = 100_000
+
+
+def within_values(data: object, limit: int) -> bool:
+    """Whether ``data`` holds at most ``limit`` values, each alias counted every time it is used; stops counting
+    at the limit, so a self-referencing or billion-value document costs ``limit`` steps."""
+    pending = [data]
+    count = 0
+    while pending:
+        count += 1
+        if count > limit:
+            return False
+        value = pending.pop()
+        if isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list | tuple):
+            pending.extend(value)
+    return True

@@ -17,10 +17,10 @@ from pathlib import Path
 import structlog
 from grpclib.server import Server
 
-from gpuplugin.api import pluginregistration as api
-from gpuplugin.registration import API_VERSION
+from gpuplugin.kubelet.api import pluginregistration as api
+from gpuplugin.kubelet.registration import API_VERSION
 
-log = structlog.get_logger("gpuplugin.pluginwatcher")
+log = structlog.get_logger("gpuplugin.kubelet.pluginwatcher")
 
 DEFAULT_PLUGINS_REGISTRY_DIR = Path("/var/lib/kubelet/plugins_registry")
 DEVICE_PLUGIN_TYPE = "DevicePlugin"

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field, replace
 
 import structlog
 
-from gpuplugin.backend import HealthChanged
-from gpuplugin.model import Health
-from gpuplugin.tasks import TaskSet
+from gpuplugin.core.backend import HealthChanged
+from gpuplugin.core.model import Health
+from gpuplugin.core.tasks import TaskSet
 
-log = structlog.get_logger("gpuplugin.health")
+log = structlog.get_logger("gpuplugin.devices.health")
 
 #: Application errors (NVIDIA's defaults): the GPU is fine, a program misbehaved.
 DEFAULT_IGNORED_XIDS = frozenset({13, 31, 43, 45, 68, 109})

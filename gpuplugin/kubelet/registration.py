@@ -11,9 +11,9 @@ from pathlib import Path
 from grpclib import GRPCError
 from grpclib.client import Channel
 
-from gpuplugin.api import v1beta1 as api
-from gpuplugin.instance import SocketIdentity
-from gpuplugin.tasks import jittered_backoff
+from gpuplugin.core.instance import SocketIdentity
+from gpuplugin.core.tasks import jittered_backoff
+from gpuplugin.kubelet.api import v1beta1 as api
 
 API_VERSION = "v1beta1"
 DEPRECATION_FILE = "DEPRECATION"

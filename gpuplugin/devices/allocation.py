@@ -17,7 +17,8 @@ from operator import add, sub
 from types import MappingProxyType
 from typing import Protocol
 
-from gpuplugin.model import AllocationPolicyKind, Device, DeviceTree, Link, PCIeLevel
+from gpuplugin.core.errors import InvalidRequest
+from gpuplugin.core.model import AllocationPolicyKind, Device, DeviceTree, Link, PCIeLevel
 
 #: Score per active NVLink link between two GPUs, as NVIDIA's plugin counts it.
 NVLINK_SCORE = 100
@@ -53,7 +54,7 @@ _LISTED_IDS = 10
 _UNAVAILABLE = -(1 << 62)
 
 
-class AllocationImpossible(ValueError):
+class AllocationImpossible(InvalidRequest, ValueError):
     """The request cannot be met (the message says why); retrying the same request does not help."""
 
 

@@ -21,12 +21,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 
 from gpuplugin import package_version
-from gpuplugin.backend import Backend
-from gpuplugin.health import MAX_XID
-from gpuplugin.manager import Manager
-from gpuplugin.model import Health
-from gpuplugin.server import ResourceServer, ServerSettings
-from gpuplugin.tasks import Supervisor
+from gpuplugin.core.backend import Backend
+from gpuplugin.core.model import Health
+from gpuplugin.core.tasks import Supervisor
+from gpuplugin.daemon.manager import Manager
+from gpuplugin.devices.health import MAX_XID
+from gpuplugin.kubelet.server import ResourceServer, ServerSettings
 
 #: Allocate answers from a cache in tens of microseconds; anything near a second means the loop was blocked.
 RPC_BUCKETS_S: Final = (

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import structlog
 
-log = structlog.get_logger("gpuplugin.instance")
+log = structlog.get_logger("gpuplugin.core.instance")
 
 LOCK_FILE = "gpuplugin.lock"
 #: How often a waiting instance tries the lock again (seconds): a takeover within a second of the holder's exit.

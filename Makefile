@@ -29,7 +29,7 @@ proto: $(STAMP)
 	$(BIN)/python -m gpuplugin.kubelet.protogen gpuplugin/kubelet/api
 
 bench: $(STAMP)
-	$(BIN)/gpuplugin bench --quick
+	$(BIN)/python -m benchmarks --quick
 
 # The parent commit against the checkout, quick Allocate runs compared: reports, fails only on a gross regression.
 bench-compare: $(STAMP)

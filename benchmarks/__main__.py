@@ -7,4 +7,4 @@ if sys.argv[1:2] == ["compare"]:
 else:
     from benchmarks.cli import bench
 
-    bench()
+    bench(prog_name="python -m benchmarks")

@@ -1,4 +1,4 @@
-"""``gpuplugin bench`` / ``python -m benchmarks``: run named scenarios and write their results."""
+"""``python -m benchmarks``: run named scenarios and write their results (from a checkout; not in the wheel)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import click
 from benchmarks import plots, report
 from benchmarks.runner import RunSettings, run_scenario
 from benchmarks.scenarios import BACKENDS, FULL_SUITE, FULL_SUITE_NVML, SCENARIOS, Scenario, suite
-from gpuplugin.cli import FiniteRange
+from gpuplugin.cli import FiniteRange, OneLineErrors
 from gpuplugin.daemon import logs
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -34,6 +34,7 @@ def list_scenarios() -> str:
 
 @click.command(
     "bench",
+    cls=OneLineErrors,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
     epilog="\b\nScenarios:\n"
     + list_scenarios()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import importlib
 import json
 import math
 import sys
@@ -150,27 +149,11 @@ def overrides_from(params: Mapping[str, Any], **extra: Any) -> Overrides:
     )
 
 
-class _Commands(click.Group):
-    """Subcommands whose imports are heavy load only when called: ``serve`` starts without matplotlib or the mock's
-    control client. Usage errors, like every other error, are one line on stderr."""
-
-    lazy: ClassVar[dict[str, str]] = {"bench": "benchmarks.cli:bench", "mock": "gpuplugin.backends.mock.cli:mock_cli"}
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self.lazy})
-
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in self.lazy:
-            module, _, name = self.lazy[cmd_name].partition(":")
-            try:
-                command: click.Command = getattr(importlib.import_module(module), name)
-            except ImportError:
-                return None  # Its dependency group is not installed (the container image has no bench).
-            return command
-        return super().get_command(ctx, cmd_name)
+class OneLineErrors(click.Command):
+    """A command that says a usage error in one line (click's own takes four), exit status 2, and every other
+    error of its own in one line too."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
-        """Run as click does, but say a usage error in one line (click's own takes four), exit status 2."""
         if not kwargs.get("standalone_mode", True):
             return super().main(*args, **kwargs)
         try:
@@ -184,6 +167,28 @@ class _Commands(click.Group):
             fail("aborted", 1)
         # Without standalone mode click returns the exit status of --help and --version instead of exiting.
         sys.exit(result if isinstance(result, int) else 0)
+
+
+def _mock_cli() -> click.Command:
+    # The control socket's client: only `gpuplugin mock` pays for importing it.
+    from gpuplugin.backends.mock.cli import mock_cli
+
+    return mock_cli
+
+
+class _Commands(OneLineErrors, click.Group):
+    """Subcommands whose imports are heavy load only when called: ``serve`` starts without the mock's control
+    client or the kubelet simulator."""
+
+    lazy: ClassVar[dict[str, Callable[[], click.Command]]] = {"mock": _mock_cli}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            return self.lazy[cmd_name]()
+        return super().get_command(ctx, cmd_name)
 
 
 def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:

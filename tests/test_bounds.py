@@ -411,16 +411,28 @@ def test_cli_refuses_too_many_replicas_in_one_line(tmp_path: Path, replicas: int
         (["no-such-command"], "no-such-command"),
         (["serve", "--event-loop", "tokio"], "--event-loop"),
         (["serve", "--instance-wait", "nan"], "--instance-wait"),
-        (["bench", "--calls", "-1"], "--calls"),
-        (["bench", "--callers", "0"], "--callers"),
-        (["bench", "--duration", "nan"], "--duration"),
-        (["bench", "--rate", "inf"], "--rate"),
-        (["bench", "--gpus", "0"], "--gpus"),
     ],
 )
 def test_usage_errors_are_one_line(args: list[str], needle: str) -> None:
     """A bad flag, value or command is one line on stderr and exit 2, not click's four-line usage block."""
     assert_one_line_error(invoke(*args), needle)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--calls", "-1"], "--calls"),
+        (["--callers", "0"], "--callers"),
+        (["--duration", "nan"], "--duration"),
+        (["--rate", "inf"], "--rate"),
+        (["--gpus", "0"], "--gpus"),
+    ],
+)
+def test_benchmark_usage_errors_are_one_line(args: list[str], needle: str) -> None:
+    """The benchmark suite's command (``python -m benchmarks``) refuses a bad value in one line too, exit 2."""
+    from benchmarks.cli import bench
+
+    assert_one_line_error(CliRunner().invoke(bench, args, catch_exceptions=True), needle)
 
 
 def test_version_prints_the_package_version() -> None:

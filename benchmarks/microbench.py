@@ -18,7 +18,8 @@ from gpuplugin.backends.mock.settings import MockSettings
 from gpuplugin.core.model import AllocationPolicyKind, Health
 from gpuplugin.kubelet import wire
 from gpuplugin.kubelet.api import v1beta1
-from gpuplugin.kubelet.server import ResourceServer, ResourceView, ServerSettings
+from gpuplugin.kubelet.server import ResourceServer, ServerSettings
+from gpuplugin.kubelet.view import ResourceView
 
 REPEATS = 5
 
@@ -71,13 +72,13 @@ async def plugin_costs(request: bytes, *, budget_s: float) -> dict[str, float]:
     mock_request = wire.AllocateRequest(
         [wire.ContainerAllocateRequest([d.id for d in tree.devices[: len(c)]]) for c in ids]
     )
-    server.allocate(mock_request)
+    server.allocator.allocate(mock_request)
     big = Inventory.build(MockSettings.from_options({"gpus": 64})).tree(range(64))
     devices = big.of(resource)
     view = ResourceView.build(resource, devices, big, AllocationPolicyKind.TOPOLOGY, 0)
     sick = tuple(dataclasses.replace(d, health=Health.UNHEALTHY) if i == 3 else d for i, d in enumerate(devices))
     return {
-        "allocate_handler_us": per_call_us(lambda: server.allocate(mock_request), budget_s),
+        "allocate_handler_us": per_call_us(lambda: server.allocator.allocate(mock_request), budget_s),
         "view_build_64_gpus_ms": per_call_us(
             lambda: ResourceView.build(resource, devices, big, AllocationPolicyKind.TOPOLOGY, 0), budget_s
         )

@@ -12,7 +12,7 @@ import runpy
 import sys
 import time
 
-from gpuplugin.kubelet import server, wire
+from gpuplugin.kubelet import allocate, wire
 
 SLOWED_ALLOCATE_MS = "SLOWED_ALLOCATE_MS"
 
@@ -21,13 +21,13 @@ def main() -> None:
     if sys.argv[1:3] != ["-m", "gpuplugin"]:
         raise SystemExit(f"usage: {sys.argv[0]} -m gpuplugin ARGS...")
     delay_s = float(os.environ.get(SLOWED_ALLOCATE_MS, "0")) / 1000
-    fast = server.ResourceServer.allocate
+    fast = allocate.Allocator.allocate
 
-    def slowed(self: server.ResourceServer, request: wire.AllocateRequest) -> bytes:
+    def slowed(self: allocate.Allocator, request: wire.AllocateRequest) -> bytes:
         time.sleep(delay_s)
         return fast(self, request)
 
-    server.ResourceServer.allocate = slowed  # type: ignore[method-assign]
+    allocate.Allocator.allocate = slowed  # type: ignore[method-assign]
     sys.argv = ["gpuplugin", *sys.argv[3:]]
     runpy.run_module("gpuplugin", run_name="__main__", alter_sys=True)
 

@@ -333,7 +333,7 @@ async def test_a_new_backend_answers_allocate_with_its_own_specs_not_the_cached_
     )
 
     def envs() -> dict[str, str]:
-        (container,) = api.AllocateResponse.parse(server.allocate(request)).container_responses
+        (container,) = api.AllocateResponse.parse(server.allocator.allocate(request)).container_responses
         return dict(container.envs)
 
     assert envs() == {"BACKEND": "old"}

@@ -37,8 +37,9 @@ from gpuplugin.core.model import MAX_DEVICE_ID_LENGTH, DeviceTree, Health
 from gpuplugin.daemon.agent import Daemon, settings_from_text
 from gpuplugin.daemon.manager import Manager, ManagerSettings
 from gpuplugin.daemon.settings import ConfigError, Overrides, PluginSettings
+from gpuplugin.kubelet.allocate import MAX_CONTAINERS, MAX_IDS_PER_LIST
 from gpuplugin.kubelet.api import v1beta1 as api
-from gpuplugin.kubelet.server import MAX_CONTAINERS, MAX_IDS_PER_LIST, ServerSettings
+from gpuplugin.kubelet.server import ServerSettings
 from gpuplugin.kubelet.watcher import WatcherSettings
 from gpuplugin.testing.simulator import KubeletSimulator
 from tests.fakes import GPU_RESOURCE, StaticBackend, gpu_tree, mock_manager, until

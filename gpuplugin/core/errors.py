@@ -1,16 +1,10 @@
-"""Request errors, and the one place where they, and every unexpected exception, become gRPC statuses."""
+"""Request errors and the gRPC status each stands for (``gpuplugin.kubelet.service`` turns them into statuses)."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 
-import structlog
-from grpclib import GRPCError
 from grpclib.const import Status
-
-log = structlog.get_logger("gpuplugin.rpc")
 
 #: Enough IDs to find the culprit without echoing a huge request back.
 _IDS_SHOWN = 10
@@ -93,27 +87,3 @@ def show_ids(ids: Iterable[str]) -> str:
     listed = sorted(set(ids))
     shown = ", ".join(repr(i[:80]) for i in listed[:_IDS_SHOWN])
     return shown + (f" and {len(listed) - _IDS_SHOWN} more" if len(listed) > _IDS_SHOWN else "")
-
-
-def status_code(exc: BaseException) -> str:
-    """The gRPC status code, by name, that a call ended by ``exc`` ends with, for metrics: a GRPCError's own (every
-    request error has become one in grpc_status), CANCELLED for a call the client gave up, else UNKNOWN."""
-    if isinstance(exc, GRPCError):
-        return exc.status.name
-    if isinstance(exc, asyncio.CancelledError):
-        return Status.CANCELLED.name
-    return Status.UNKNOWN.name
-
-
-@contextmanager
-def grpc_status(method: str) -> Iterator[None]:
-    """Turn what a handler raises into a gRPC status; internals of unexpected errors never reach the caller."""
-    try:
-        yield
-    except GRPCError:
-        raise
-    except RequestError as exc:
-        raise GRPCError(exc.status, str(exc)) from None
-    except Exception:
-        log.exception("rpc failed", method=method)
-        raise GRPCError(Status.UNKNOWN, f"{method} failed inside the plugin; its log has the details") from None

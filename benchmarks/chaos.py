@@ -491,7 +491,7 @@ class Chaos:
             raise ChaosFailure(f"mock refused {request}: {answer.get('error')}")
 
     async def admit_pod(self) -> None:
-        from gpuplugin.testing.simulator import AdmissionError
+        from gpuplugin.testing.admission import AdmissionError
 
         assert self.kubelet is not None
         self._pods += 1

@@ -21,7 +21,8 @@ from benchmarks.measure import Clock, Latencies
 from benchmarks.restarts import restart_once
 from benchmarks.scenarios import ChurnSettings
 from gpuplugin.backends.mock.control import ControlUnavailable, control
-from gpuplugin.testing.simulator import AdmissionError, KubeletSimulator
+from gpuplugin.testing.admission import AdmissionError
+from gpuplugin.testing.simulator import KubeletSimulator
 
 #: XID 63 (row remapping pending) is recoverable: the GPU turns Unhealthy at once and can come back.
 FLAP_XID = 63

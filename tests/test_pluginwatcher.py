@@ -19,7 +19,8 @@ from gpuplugin.kubelet.api import v1beta1 as api
 from gpuplugin.kubelet.pluginwatcher import DEVICE_PLUGIN_TYPE, WatcherSocket, plugin_info
 from gpuplugin.kubelet.registration import DEPRECATION_FILE
 from gpuplugin.kubelet.server import ResourceServer
-from gpuplugin.testing.simulator import KubeletSimulator, SimulatorSettings
+from gpuplugin.testing.node import SimulatorSettings
+from gpuplugin.testing.simulator import KubeletSimulator
 from tests.fakes import mock_manager
 
 GPU = "nvidia.com/gpu"

@@ -23,7 +23,7 @@ from gpuplugin.core.model import (
 from gpuplugin.daemon.manager import TreeTransform
 from gpuplugin.daemon.settings import ConfigError
 from gpuplugin.devices.sharing import SharingError, TimeSlicing
-from gpuplugin.testing.simulator import AdmissionError
+from gpuplugin.testing.admission import AdmissionError
 
 if TYPE_CHECKING:
     from tests.conftest import MockNodeFactory

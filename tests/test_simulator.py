@@ -18,13 +18,9 @@ from grpclib.server import Server
 
 from gpuplugin.core.model import is_extended_resource_name
 from gpuplugin.kubelet.api import v1beta1
-from gpuplugin.testing.simulator import (
-    CHECKPOINT_FILE,
-    KUBELET_SOCKET,
-    AdmissionError,
-    KubeletSimulator,
-    SimulatorSettings,
-)
+from gpuplugin.testing.admission import AdmissionError
+from gpuplugin.testing.node import CHECKPOINT_FILE, KUBELET_SOCKET, SimulatorSettings
+from gpuplugin.testing.simulator import KubeletSimulator
 
 RESOURCE = "example.com/gpu"
 TIMEOUT_S = 5.0

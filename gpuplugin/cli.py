@@ -1,4 +1,5 @@
-"""The command line: ``serve`` (the daemon), ``devices``, ``demo``, and the backends' own commands (``mock``)."""
+"""The command line: ``serve`` (the daemon), ``devices``, ``demo``, ``kubelet`` (the simulator), and the backends'
+own commands (``mock``)."""
 
 from __future__ import annotations
 
@@ -176,11 +177,18 @@ def _mock_cli() -> click.Command:
     return mock_cli
 
 
+def _kubelet_cli() -> click.Command:
+    # The kubelet simulator: `serve` never imports it.
+    from gpuplugin.testing.cli import kubelet_cli
+
+    return kubelet_cli
+
+
 class _Commands(OneLineErrors, click.Group):
     """Subcommands whose imports are heavy load only when called: ``serve`` starts without the mock's control
     client or the kubelet simulator."""
 
-    lazy: ClassVar[dict[str, Callable[[], click.Command]]] = {"mock": _mock_cli}
+    lazy: ClassVar[dict[str, Callable[[], click.Command]]] = {"mock": _mock_cli, "kubelet": _kubelet_cli}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *self.lazy})

@@ -6,6 +6,7 @@ every change notifies and an optional listener that hears each event.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,8 +131,16 @@ class DevicesListed:
         return len(self.devices) - self.healthy
 
 
+@dataclass(frozen=True, slots=True)
+class Misbehaviour:
+    """Something a plugin did that the kubelet tolerates (a bad preferred allocation, an over-long ID)."""
+
+    message: str
+    monotonic_s: float
+
+
 #: What a listener hears, as it happens.
-KubeletEvent = Registration | Rejection | DevicesListed | StreamEnd | Restart
+KubeletEvent = Registration | Rejection | DevicesListed | StreamEnd | Restart | Misbehaviour
 
 
 class Endpoint:
@@ -200,6 +209,7 @@ class NodeState:
     def warn(self, message: str) -> None:
         self.warnings.append(message)
         log.warning("plugin misbehaved", detail=message)
+        self.emit(Misbehaviour(message, time.monotonic()))
 
     def allocatable(self, resource: str) -> int:
         """Healthy devices, allocated or not: what the kubelet reports as the node's allocatable."""

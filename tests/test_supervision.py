@@ -18,8 +18,9 @@ import structlog
 from click.testing import CliRunner
 
 from gpuplugin.cli import main
+from gpuplugin.core.clock import jittered_backoff
 from gpuplugin.core.instance import SocketIdentity
-from gpuplugin.core.tasks import SupervisionSettings, Supervisor, TaskFailing, TaskSet, jittered_backoff
+from gpuplugin.core.tasks import SupervisionSettings, Supervisor, TaskFailing, TaskSet
 from gpuplugin.daemon.agent import Daemon
 from gpuplugin.daemon.manager import Manager, ManagerSettings
 from gpuplugin.daemon.probes import ListenAddress, ProbeSettings

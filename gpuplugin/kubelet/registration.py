@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +10,8 @@ from pathlib import Path
 from grpclib import GRPCError
 from grpclib.client import Channel
 
+from gpuplugin.core.clock import REAL_CLOCK, Backoff, Clock, wait_at_most
 from gpuplugin.core.instance import SocketIdentity
-from gpuplugin.core.tasks import jittered_backoff
 from gpuplugin.kubelet.api import v1beta1 as api
 
 API_VERSION = "v1beta1"
@@ -61,16 +60,17 @@ async def register_until_done(
     settings: RegistrationSettings,
     wake: asyncio.Event,
     on_unreachable: Callable[[str], None],
+    clock: Clock = REAL_CLOCK,
 ) -> Registered:
     """Register ``resource`` served at ``endpoint``; returns how many attempts it took and with which kubelet.
 
     ``on_unreachable`` hears of the first failed attempt, not of every retry. Setting ``wake`` cuts a backoff
-    wait short (the kubelet socket just appeared).
+    wait short (the kubelet socket just appeared); ``clock`` is what that wait runs on.
     """
     request = api.RegisterRequest(version=API_VERSION, endpoint=endpoint, resource_name=resource, options=options)
-    attempts = 0
+    backoff = Backoff(settings.first_retry_s, settings.max_retry_s)
     while True:
-        attempts += 1
+        attempts = backoff.attempts + 1
         kubelet = await asyncio.to_thread(SocketIdentity.of, kubelet_socket)
         try:
             await _register_once(kubelet_socket, request, settings.call_timeout_s)
@@ -80,10 +80,7 @@ async def register_until_done(
         except (TimeoutError, OSError, ConnectionError) as exc:
             if attempts == 1:
                 on_unreachable(str(exc) or type(exc).__name__)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                wake.wait(), jittered_backoff(attempts, settings.first_retry_s, settings.max_retry_s)
-            )
+        await wait_at_most(clock, wake, backoff.next())
         wake.clear()
 
 

@@ -18,7 +18,7 @@ import structlog
 from click.testing import CliRunner
 
 from gpuplugin.cli import main
-from gpuplugin.core.clock import jittered_backoff
+from gpuplugin.core.clock import VirtualClock, jittered_backoff
 from gpuplugin.core.instance import SocketIdentity
 from gpuplugin.core.tasks import SupervisionSettings, Supervisor, TaskFailing, TaskSet
 from gpuplugin.daemon.agent import Daemon
@@ -45,6 +45,15 @@ def _logs_captured() -> Iterator[None]:
     """Logs kept as events, not rendered: a console traceback per restart costs more time than the backoffs."""
     with structlog.testing.capture_logs():
         yield
+
+
+async def advance_until(clock: VirtualClock, done: Callable[[], object], step_s: float) -> None:
+    """Move ``clock`` on by ``step_s`` at a time until ``done()``; fails after a thousand steps."""
+    for _ in range(1000):
+        if done():
+            return
+        await clock.advance(step_s)
+    raise AssertionError("condition not met in virtual time")
 
 
 class Flaky:
@@ -136,37 +145,42 @@ async def test_a_task_that_ends_unexpectedly_is_restarted_and_one_expected_to_en
 
 async def test_a_task_past_its_failure_budget_is_failing_and_given_up_after_the_grace_period() -> None:
     """Five failures within the window name the task as failing; still failing after the grace, it is given up."""
+    clock = VirtualClock()
     given_up: list[tuple[float, TaskFailing]] = []
-    supervisor = Supervisor(QUICK, on_give_up=lambda failure: given_up.append((time.monotonic(), failure)))
+    supervisor = Supervisor(
+        QUICK, on_give_up=lambda failure: given_up.append((clock.monotonic(), failure)), clock=clock
+    )
     tasks = TaskSet("owner", supervisor)
     flaky = Flaky(1_000_000, OSError("no such file"))
-    started = time.monotonic()
     try:
         tasks.supervise(flaky, "doomed")
-        await until(lambda: "owner:doomed" in supervisor.failing())
+        await advance_until(clock, lambda: "owner:doomed" in supervisor.failing(), QUICK.first_backoff_s)
+        # Marked failing within the last step; it is given up one grace period after that mark.
+        failing_from = clock.monotonic()
         assert "last: OSError: no such file" in supervisor.failing()["owner:doomed"]
-        await until(lambda: given_up, timeout_s=5)
+        await advance_until(clock, lambda: given_up, QUICK.first_backoff_s)
     finally:
         await tasks.aclose()
         supervisor.close()
     ((at, failure),) = given_up
-    assert at - started >= QUICK.exit_grace_s
+    assert failing_from + QUICK.exit_grace_s - QUICK.first_backoff_s <= at <= failing_from + QUICK.exit_grace_s
     assert failure.task == "owner:doomed"
     assert "owner:doomed keeps failing" in str(failure)
 
 
 async def test_a_failing_task_its_owner_stops_is_failing_no_more_and_never_given_up() -> None:
     """A task that kept failing and was then cancelled by its owner (a resource removed) ends nothing."""
+    clock = VirtualClock()
     given_up: list[TaskFailing] = []
-    supervisor = Supervisor(replace(QUICK, exit_grace_s=1.0), on_give_up=given_up.append)
+    supervisor = Supervisor(replace(QUICK, exit_grace_s=1.0), on_give_up=given_up.append, clock=clock)
     tasks = TaskSet("owner", supervisor)
     try:
         task = tasks.supervise(Flaky(1_000_000), "removed")
-        await until(lambda: supervisor.failing())
+        await advance_until(clock, supervisor.failing, QUICK.first_backoff_s)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert supervisor.failing() == {}
-        await asyncio.sleep(1.2)
+        await clock.advance(1.2)
     finally:
         await tasks.aclose()
         supervisor.close()
@@ -175,15 +189,17 @@ async def test_a_failing_task_its_owner_stops_is_failing_no_more_and_never_given
 
 async def test_a_failing_task_that_runs_through_the_grace_period_recovers() -> None:
     """A task that failed its budget but then runs without failing for the grace period is healthy again."""
+    clock = VirtualClock()
     given_up: list[TaskFailing] = []
-    supervisor = Supervisor(QUICK, on_give_up=given_up.append)
+    supervisor = Supervisor(QUICK, on_give_up=given_up.append, clock=clock)
     tasks = TaskSet("owner", supervisor)
     flaky = Flaky(QUICK.failure_budget)
     try:
         tasks.supervise(flaky, "shaky")
-        await asyncio.wait_for(flaky.running.wait(), 5)
+        await advance_until(clock, flaky.running.is_set, QUICK.first_backoff_s)
         assert "owner:shaky" in supervisor.failing()
-        await until(lambda: not supervisor.failing(), timeout_s=5)
+        await clock.advance(QUICK.exit_grace_s)
+        assert supervisor.failing() == {}
     finally:
         await tasks.aclose()
         supervisor.close()

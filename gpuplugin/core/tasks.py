@@ -90,13 +90,13 @@ class Supervisor:
         rng: Callable[[], float] = random.random,
     ) -> None:
         """``on_give_up`` hears of a task still failing when its grace period ends; without it, nothing ends.
-        ``clock``: what the failure window reads and restart backoffs wait on (the grace timer is the loop's)."""
+        ``clock``: what the failure window reads, and restart backoffs and grace periods wait on."""
         self.settings = settings
         self._on_give_up = on_give_up
         self.clock = clock
         self._rng = rng
         self._records: dict[str, _Record] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._timers: dict[str, asyncio.Task[None]] = {}
         self.restarts: Counter[str] = Counter()
         """Restarts per task name (``owner:name``), every supervised task listed from its start."""
 
@@ -155,12 +155,13 @@ class Supervisor:
                 exit_in_s=self.settings.exit_grace_s if self._on_give_up is not None else None,
             )
             if self._on_give_up is not None:
-                loop = asyncio.get_running_loop()
-                self._timers[name] = loop.call_later(self.settings.exit_grace_s, self._grace_over, name)
+                grace = self._grace_over(name)
+                self._timers[name] = asyncio.get_running_loop().create_task(grace, name=f"grace period of {name}")
         s = self.settings
         return jittered_backoff(len(record.failures), s.first_backoff_s, s.max_backoff_s, self._rng)
 
-    def _grace_over(self, name: str) -> None:
+    async def _grace_over(self, name: str) -> None:
+        await self.clock.sleep(self.settings.exit_grace_s)
         self._timers.pop(name, None)
         record = self._records[name]
         if record.running and not record.failed_since_marked:
@@ -179,7 +180,7 @@ class Supervisor:
         return record
 
     def close(self) -> None:
-        """Cancel the pending grace timers (the process is stopping anyway)."""
+        """Cancel the pending grace periods (the process is stopping anyway); they end within a loop turn."""
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()

@@ -9,6 +9,19 @@ import pytest
 from gpuplugin.core.clock import REAL_CLOCK, Backoff, VirtualClock, wait_at_most
 
 
+async def tick(clock: VirtualClock, every_s: float, ticks: list[float]) -> None:
+    """Note the clock's time every ``every_s``, until cancelled."""
+    while True:
+        await clock.sleep(every_s)
+        ticks.append(clock.monotonic())
+
+
+async def stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
 async def test_virtual_sleepers_wake_in_deadline_order_at_their_deadline() -> None:
     """Sleepers on a virtual clock wake earliest first, each seeing its own deadline, and none before its time."""
     clock = VirtualClock(start_s=100.0)
@@ -32,19 +45,24 @@ async def test_a_sleeper_that_sleeps_again_wakes_within_one_advance() -> None:
     """A task woken by advance that sleeps again wakes again within the same advance when that is due."""
     clock = VirtualClock()
     ticks: list[float] = []
-
-    async def ticker() -> None:
-        while True:
-            await clock.sleep(1.0)
-            ticks.append(clock.monotonic())
-
-    task = asyncio.create_task(ticker())
+    task = asyncio.create_task(tick(clock, 1.0, ticks))
     await clock.advance(3.5)
     assert ticks == [1.0, 2.0, 3.0]
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await stop(task)
     assert clock.sleeping == 0
+
+
+async def test_advance_to_next_wakes_only_the_earliest_sleeper() -> None:
+    """advance_to_next moves time to the earliest deadline; a woken task's new sleep, however short, waits."""
+    clock = VirtualClock()
+    ticks: list[float] = []
+    task = asyncio.create_task(tick(clock, 0.001, ticks))
+    await clock.until_sleeping()
+    assert await clock.advance_to_next() == 0.001
+    assert ticks == [0.001]
+    await stop(task)
+    with pytest.raises(RuntimeError, match="nothing sleeps"):
+        await clock.advance_to_next()
 
 
 async def test_a_virtual_clock_cannot_go_back() -> None:

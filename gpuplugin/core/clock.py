@@ -89,6 +89,16 @@ class VirtualClock:
             self._slept.clear()
             await self._slept.wait()
 
+    async def advance_to_next(self) -> float:
+        """Move time on to the earliest sleeper's deadline, waking it (and any due with it); the seconds moved.
+        A task that sleeps again at once stays asleep, however short its new sleep."""
+        pending = [deadline for deadline, _, woken in self._sleepers if not woken.done()]
+        if not pending:
+            raise RuntimeError("nothing sleeps on this clock")
+        seconds = min(pending) - self._now
+        await self.advance(seconds)
+        return seconds
+
     async def advance(self, seconds: float) -> None:
         """Move time ``seconds`` on: wake every sleeper due by then, earliest first, each at its own deadline, and
         let the woken tasks run (and sleep again, perhaps to wake within the same advance) before the next."""

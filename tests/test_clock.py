@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gpuplugin.core.clock import REAL_CLOCK, Backoff, VirtualClock, wait_at_most
+from gpuplugin.core.clock import REAL_CLOCK, Backoff, VirtualClock, jittered_backoff, wait_at_most
 
 
 async def tick(clock: VirtualClock, every_s: float, ticks: list[float]) -> None:
@@ -98,3 +98,17 @@ def test_backoff_doubles_up_to_its_cap_jittered_and_resets() -> None:
     assert high.next() == 0.5
     low = Backoff(0.5, 3.0, rng=lambda: 0.0)
     assert [low.next() for _ in range(4)] == [0.25, 0.5, 1.0, 1.5]
+
+
+def test_backoff_doubles_up_to_its_ceiling_and_stays_in_the_upper_half() -> None:
+    """The backoff doubles per attempt from the first wait up to the ceiling, each wait between half and all of it."""
+    assert [jittered_backoff(n, 0.1, 1.0, rng=lambda: 1.0) for n in (1, 2, 3, 4, 5, 100)] == [
+        0.1,
+        0.2,
+        0.4,
+        0.8,
+        1.0,
+        1.0,
+    ]
+    assert jittered_backoff(3, 0.1, 1.0, rng=lambda: 0.0) == pytest.approx(0.2)
+    assert jittered_backoff(10_000, 0.1, 30.0, rng=lambda: 0.5) == pytest.approx(22.5)

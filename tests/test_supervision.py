@@ -18,13 +18,14 @@ import structlog
 from click.testing import CliRunner
 
 from gpuplugin.cli import main
-from gpuplugin.core.clock import VirtualClock, jittered_backoff
+from gpuplugin.core.clock import VirtualClock
 from gpuplugin.core.instance import SocketIdentity
 from gpuplugin.core.tasks import SupervisionSettings, Supervisor, TaskFailing, TaskSet
 from gpuplugin.daemon.agent import Daemon
 from gpuplugin.daemon.manager import Manager, ManagerSettings
 from gpuplugin.daemon.probes import ListenAddress, ProbeSettings
 from gpuplugin.daemon.settings import Overrides, PluginSettings
+from gpuplugin.kubelet.registration import RegistrationSettings
 from gpuplugin.kubelet.server import ServerSettings
 from gpuplugin.kubelet.watcher import WatcherSettings
 from gpuplugin.testing.simulator import KubeletSimulator
@@ -73,18 +74,19 @@ class Flaky:
         await asyncio.Event().wait()
 
 
-def test_backoff_doubles_up_to_its_ceiling_and_stays_in_the_upper_half() -> None:
-    """The backoff doubles per attempt from the first wait up to the ceiling, each wait between half and all of it."""
-    assert [jittered_backoff(n, 0.1, 1.0, rng=lambda: 1.0) for n in (1, 2, 3, 4, 5, 100)] == [
-        0.1,
-        0.2,
-        0.4,
-        0.8,
-        1.0,
-        1.0,
-    ]
-    assert jittered_backoff(3, 0.1, 1.0, rng=lambda: 0.0) == pytest.approx(0.2)
-    assert jittered_backoff(10_000, 0.1, 30.0, rng=lambda: 0.5) == pytest.approx(22.5)
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"first_retry_s": 0.0}, "first_retry_s"),
+        ({"first_retry_s": 2.0, "max_retry_s": 1.0}, "max_retry_s"),
+        ({"max_retry_s": 4000.0}, "max_retry_s"),
+        ({"call_timeout_s": 0.0}, "call_timeout_s"),
+    ],
+)
+def test_registration_settings_out_of_range_are_refused_naming_the_field(values: dict[str, float], field: str) -> None:
+    """A registration setting outside its documented range is refused with its name."""
+    with pytest.raises(ValueError, match=f"registration.{field}: must be"):
+        RegistrationSettings(**values)
 
 
 @pytest.mark.parametrize("field", ["first_backoff_s", "failure_budget", "failure_window_s", "exit_grace_s"])

@@ -29,12 +29,23 @@ class RegistrationSettings:
     """How hard we try to reach the kubelet."""
 
     first_retry_s: float = 0.01
-    """The kubelet creates its socket a moment before it listens: retry fast at first (seconds, doubling, jittered
-    down by up to half)."""
+    """The kubelet creates its socket a moment before it listens: retry fast at first (seconds, 0.001 to 60,
+    doubling, jittered down by up to half)."""
     max_retry_s: float = 5.0
-    """Backoff ceiling in seconds while the kubelet is away (restarting, or not started yet)."""
+    """Backoff ceiling in seconds (``first_retry_s`` to 3600) while the kubelet is away (restarting, or not started
+    yet)."""
     call_timeout_s: float = 15.0
-    """The kubelet dials us (for up to about 10 s) before it answers Register."""
+    """Seconds (above 0, at most 3600): the kubelet dials us (for up to about 10 s) before it answers Register."""
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("first_retry_s", self.first_retry_s, 0.001 <= self.first_retry_s <= 60.0, "from 0.001 to 60"),
+            ("max_retry_s", self.max_retry_s, self.first_retry_s <= self.max_retry_s <= 3600.0, "from first to 3600"),
+            ("call_timeout_s", self.call_timeout_s, 0.0 < self.call_timeout_s <= 3600.0, "above 0, at most 3600"),
+        )
+        for name, value, ok, bounds in checks:
+            if not ok:
+                raise ValueError(f"registration.{name}: must be {bounds} seconds, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import time
+import itertools
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import pytest
 
 from gpuplugin.core.backend import HealthChanged
+from gpuplugin.core.clock import VirtualClock
 from gpuplugin.core.model import Health
 from gpuplugin.devices.health import (
     DEFAULT_FATAL_XIDS,
@@ -108,34 +109,25 @@ def test_bad_words_name_the_variable(variable: str, value: str) -> None:
 
 @dataclass
 class Harness:
-    """A tracker whose events and probe calls are recorded; ``answers`` are the probe's replies, last repeated."""
+    """A tracker on virtual time whose events and probe calls (with the virtual time of each) are recorded;
+    ``answers`` are the probe's replies, last repeated."""
 
     policy: HealthPolicy
     answers: list[bool] = field(default_factory=lambda: [True])
     events: list[HealthChanged] = field(default_factory=list)
     probes: list[tuple[str, float]] = field(default_factory=list)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    clock: VirtualClock = field(default_factory=VirtualClock)
     tracker: HealthTracker = field(init=False)
 
     def __post_init__(self) -> None:
-        self.tracker = HealthTracker(self.policy, self._emit, self._probe)
-
-    def _emit(self, event: HealthChanged) -> None:
-        self.events.append(event)
-        self.changed.set()
+        self.tracker = HealthTracker(self.policy, self.events.append, self._probe, self.clock)
 
     async def _probe(self, gpu: str) -> bool:
-        self.probes.append((gpu, time.monotonic()))
+        self.probes.append((gpu, self.clock.monotonic()))
         return self.answers[min(len(self.probes), len(self.answers)) - 1]
 
     def healths(self) -> list[tuple[str, Health]]:
         return [(e.gpu, e.health) for e in self.events]
-
-    async def wait_for_events(self, count: int, timeout_s: float = 5.0) -> None:
-        async with asyncio.timeout(timeout_s):
-            while len(self.events) < count:
-                self.changed.clear()
-                await self.changed.wait()
 
 
 @pytest.fixture
@@ -143,7 +135,7 @@ async def make() -> AsyncIterator[Callable[..., Harness]]:
     """Builds harnesses and closes their trackers after the test."""
     made: list[Harness] = []
 
-    def build(quiet_s: float = 0.02, answers: list[bool] | None = None, **policy: object) -> Harness:
+    def build(quiet_s: float = 30.0, answers: list[bool] | None = None, **policy: object) -> Harness:
         harness = Harness(HealthPolicy(recovery_quiet_period_s=quiet_s, **policy), answers or [True])  # type: ignore[arg-type]
         made.append(harness)
         return harness
@@ -155,46 +147,63 @@ async def make() -> AsyncIterator[Callable[..., Harness]]:
 
 async def test_fault_is_unhealthy_at_once(make: Callable[..., Harness]) -> None:
     """A counted XID emits Unhealthy at once, with the XID and its reason."""
-    h = make(quiet_s=10)
+    h = make()
     assert h.tracker.xid("GPU-0", 62) is XidAction.RECOVER
     assert h.events == [HealthChanged(gpu="GPU-0", health=Health.UNHEALTHY, reason="XID 62", xid=62)]
     assert h.tracker.is_faulted("GPU-0")
 
 
 async def test_ignored_xid_changes_nothing(make: Callable[..., Harness]) -> None:
-    """An ignored XID emits nothing and leaves the GPU unfaulted."""
+    """An ignored XID emits nothing and leaves the GPU unfaulted, however long it stays quiet."""
     h = make()
     assert h.tracker.xid("GPU-0", 13) is XidAction.IGNORE
-    await asyncio.sleep(0.05)
+    await h.clock.advance(3600)
     assert h.events == []
     assert not h.tracker.is_faulted("GPU-0")
 
 
 async def test_recovers_after_quiet_period_once_probe_answers(make: Callable[..., Harness]) -> None:
     """A recoverable fault turns Healthy after the quiet period, only once the probe answers (failing, then ok)."""
-    h = make(quiet_s=0.05, answers=[False, True])
-    started = time.monotonic()
+    h = make(quiet_s=30, answers=[False, True])
     h.tracker.xid("GPU-3", 62)
-    await h.wait_for_events(2)
+    await h.clock.advance(29.9)
+    assert h.probes == []
+    await h.clock.advance(0.1)
+    # Probed at the end of the quiet period; it failed, so the GPU stays Unhealthy through the backoff.
+    assert h.probes == [("GPU-3", 30.0)]
+    assert h.healths() == [("GPU-3", Health.UNHEALTHY)]
+    await h.clock.advance(h.policy.probe_retry_first_s)
     assert h.healths() == [("GPU-3", Health.UNHEALTHY), ("GPU-3", Health.HEALTHY)]
+    # Healthy only after the second probe, which came after a jittered first backoff (its upper half).
     assert [gpu for gpu, _ in h.probes] == ["GPU-3", "GPU-3"]
-    assert h.probes[0][1] - started >= 0.05
-    # Healthy only after the second probe, which came after a backoff.
-    assert h.probes[1][1] > h.probes[0][1]
+    assert 30 + h.policy.probe_retry_first_s / 2 <= h.probes[1][1] <= 30 + h.policy.probe_retry_first_s
     assert "XID 62" in h.events[1].reason
     assert not h.tracker.is_faulted("GPU-3")
 
 
+async def test_probe_retries_back_off_up_to_the_policy_cap(make: Callable[..., Harness]) -> None:
+    """A GPU whose probe keeps failing is probed again after doubling, jittered waits that never pass the cap."""
+    h = make(quiet_s=10, answers=[False] * 8 + [True], probe_retry_first_s=1.0, probe_retry_max_s=4.0)
+    h.tracker.xid("GPU-0", 62)
+    await h.clock.advance(10 + 1 + 2 + 4 * 6)
+    assert len(h.probes) == 9
+    assert h.healths() == [("GPU-0", Health.UNHEALTHY), ("GPU-0", Health.HEALTHY)]
+    gaps = [later - earlier for (_, earlier), (_, later) in itertools.pairwise(h.probes)]
+    ceilings = [1.0, 2.0, 4.0, 4.0, 4.0, 4.0, 4.0, 4.0]
+    assert all(ceiling / 2 <= gap <= ceiling for gap, ceiling in zip(gaps, ceilings, strict=True))
+
+
 async def test_new_fault_restarts_the_quiet_period(make: Callable[..., Harness]) -> None:
     """A second recoverable XID during the quiet period restarts it and emits no second Unhealthy."""
-    h = make(quiet_s=0.15)
+    h = make(quiet_s=15)
     h.tracker.xid("GPU-0", 62)
-    await asyncio.sleep(0.1)
-    second = time.monotonic()
+    await h.clock.advance(10)
     h.tracker.xid("GPU-0", 63)
-    await h.wait_for_events(2)
+    await h.clock.advance(14.9)
+    assert h.probes == []
+    await h.clock.advance(0.1)
     assert h.healths() == [("GPU-0", Health.UNHEALTHY), ("GPU-0", Health.HEALTHY)]
-    assert h.probes[0][1] - second >= 0.15
+    assert h.probes == [("GPU-0", 25.0)]
 
 
 @pytest.mark.parametrize(
@@ -206,9 +215,9 @@ async def test_new_fault_restarts_the_quiet_period(make: Callable[..., Harness])
 )
 async def test_fatal_fault_stays(make: Callable[..., Harness], xids: list[int], actions: list[XidAction]) -> None:
     """A fatal XID keeps the GPU Unhealthy, no probe and no recovery; a recoverable XID after it changes nothing."""
-    h = make(quiet_s=0.01)
+    h = make(quiet_s=1)
     assert [h.tracker.xid("GPU-1", x) for x in xids] == actions
-    await asyncio.sleep(0.1)
+    await h.clock.advance(3600)
     assert h.healths() == [("GPU-1", Health.UNHEALTHY)]
     assert h.probes == []
     assert h.tracker.is_faulted("GPU-1")
@@ -216,9 +225,9 @@ async def test_fatal_fault_stays(make: Callable[..., Harness], xids: list[int], 
 
 async def test_lost_gpu_is_fatal_unless_checks_are_off(make: Callable[..., Harness]) -> None:
     """A lost GPU stays Unhealthy with the reason given; with checks off it is not reported."""
-    h = make(quiet_s=0.01)
+    h = make(quiet_s=1)
     h.tracker.lost("GPU-2", "fallen off the bus")
-    await asyncio.sleep(0.05)
+    await h.clock.advance(3600)
     assert h.events == [HealthChanged(gpu="GPU-2", health=Health.UNHEALTHY, reason="fallen off the bus")]
     off = make(checks_enabled=False)
     off.tracker.lost("GPU-2", "fallen off the bus")
@@ -240,17 +249,17 @@ async def test_recovered_clears_a_fault(make: Callable[..., Harness]) -> None:
 
 async def test_recovered_cancels_pending_recovery(make: Callable[..., Harness]) -> None:
     """recovered() during a quiet period emits Healthy once; the pending recovery does not emit again."""
-    h = make(quiet_s=0.05)
+    h = make()
     h.tracker.xid("GPU-0", 62)
     h.tracker.recovered("GPU-0")
-    await asyncio.sleep(0.15)
+    await h.clock.advance(3600)
     assert h.healths() == [("GPU-0", Health.UNHEALTHY), ("GPU-0", Health.HEALTHY)]
     assert h.probes == []
 
 
 async def test_partition_faults_are_kept_apart(make: Callable[..., Harness]) -> None:
     """A partition's XID names its instance and does not fault the whole GPU."""
-    h = make(quiet_s=10)
+    h = make()
     h.tracker.xid("GPU-0", 79, instance=(1, 0))
     assert h.events[0].instance == (1, 0)
     assert h.tracker.is_faulted("GPU-0", (1, 0))
@@ -263,7 +272,7 @@ async def test_partition_faults_are_kept_apart(make: Callable[..., Harness]) -> 
 
 async def test_aclose_leaves_no_tasks(make: Callable[..., Harness]) -> None:
     """aclose cancels pending recoveries and waits for them: no task is left, nothing is emitted later."""
-    h = make(quiet_s=10)
+    h = make()
     before = asyncio.all_tasks()
     h.tracker.xid("GPU-0", 62)
     h.tracker.xid("GPU-1", 63)
@@ -271,3 +280,10 @@ async def test_aclose_leaves_no_tasks(make: Callable[..., Harness]) -> None:
     await h.tracker.aclose()
     assert not [t for t in asyncio.all_tasks() - before if not t.done()]
     assert len(h.events) == 2
+
+
+@pytest.mark.parametrize(("first_s", "max_s"), [(0, 60), (2, 1), (1, 3601), (-1, 1)])
+def test_bad_probe_retry_settings_name_them(first_s: float, max_s: float) -> None:
+    """Probe retry waits out of order or range are a HealthPolicyError naming both settings."""
+    with pytest.raises(HealthPolicyError, match=r"probe_retry_first_s .* probe_retry_max_s"):
+        HealthPolicy(probe_retry_first_s=first_s, probe_retry_max_s=max_s)

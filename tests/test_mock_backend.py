@@ -23,10 +23,12 @@ from gpuplugin.backends.mock import (
 )
 from gpuplugin.backends.registry import BackendContext, load_factory
 from gpuplugin.core.backend import Backend, BackendEvent, HealthChanged, InventoryChanged
+from gpuplugin.core.clock import VirtualClock
 from gpuplugin.core.model import DeviceNode, Health, PCIeLevel
 from gpuplugin.devices.health import HealthPolicy, XidAction
 
-QUIET_S = 0.05
+#: Virtual seconds: the health tests below run on a VirtualClock.
+QUIET_S = 30.0
 UUID = re.compile(r"^GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 
@@ -37,8 +39,13 @@ def context(state_dir: Path, **options: Any) -> BackendContext:
 
 
 @pytest.fixture
-async def backend(workdir: Path) -> AsyncIterator[MockBackend]:
-    b = create(context(workdir))
+def clock() -> VirtualClock:
+    return VirtualClock()
+
+
+@pytest.fixture
+async def backend(workdir: Path, clock: VirtualClock) -> AsyncIterator[MockBackend]:
+    b = MockBackend(context(workdir), clock=clock)
     await b.start()
     try:
         yield b
@@ -295,25 +302,27 @@ async def test_an_ignored_xid_changes_nothing(backend: MockBackend, events: Asyn
 
 
 async def test_a_recoverable_xid_heals_after_the_quiet_period(
-    backend: MockBackend, events: AsyncGenerator[BackendEvent, None]
+    backend: MockBackend, events: AsyncGenerator[BackendEvent, None], clock: VirtualClock
 ) -> None:
     """A recoverable XID makes the GPU Unhealthy, then Healthy again once quiet for the policy's period."""
     assert backend.xid(5, 63) is XidAction.RECOVER
-    loop = asyncio.get_running_loop()
-    started = loop.time()
     assert (await next_health(events)).health is Health.UNHEALTHY
+    await clock.advance(QUIET_S - 0.1)
+    assert backend.status()[5].health is Health.UNHEALTHY
+    await clock.advance(0.1)
     healed = await next_health(events)
     assert healed.health is Health.HEALTHY
     assert healed.gpu == gpu_uuid("mock-node", 5)
-    assert loop.time() - started >= QUIET_S * 0.9
     assert (await backend.discover()).devices[5].health is Health.HEALTHY
 
 
-async def test_a_fatal_xid_stays(backend: MockBackend, events: AsyncGenerator[BackendEvent, None]) -> None:
+async def test_a_fatal_xid_stays(
+    backend: MockBackend, events: AsyncGenerator[BackendEvent, None], clock: VirtualClock
+) -> None:
     """After a fatal XID no recovery comes, however long the GPU stays quiet."""
     backend.xid(3, 48)
     assert (await next_health(events)).health is Health.UNHEALTHY
-    await asyncio.sleep(QUIET_S * 4)
+    await clock.advance(QUIET_S * 4)
     backend.unplug(7)
     # The unplug's event comes next: nothing was emitted in between.
     assert isinstance(await next_event(events), InventoryChanged)
@@ -340,20 +349,21 @@ async def test_a_lost_gpu_stays_unhealthy_until_recovered(
 
 
 async def test_a_lost_gpu_fails_its_probe_so_partitions_do_not_heal(
-    backend: MockBackend, events: AsyncGenerator[BackendEvent, None]
+    backend: MockBackend, events: AsyncGenerator[BackendEvent, None], clock: VirtualClock
 ) -> None:
     """A partition's recoverable XID does not heal while its GPU is lost; it heals once the GPU is recovered."""
     backend.lose(0)
     assert (await next_health(events)).instance is None
     backend.xid(0, 63, (1, 0))
     assert (await next_health(events)).instance == (1, 0)
-    await asyncio.sleep(QUIET_S * 4)
+    await clock.advance(QUIET_S * 4)
     assert backend.status()[0].faults[1].instance == (1, 0)
     backend.recover(0)
     whole = await next_health(events)
     assert (whole.instance, whole.health) == (None, Health.HEALTHY)
-    # The tracker probes again after its one-second backoff.
-    partition = await next_health(events, timeout_s=3.0)
+    # The tracker probes again within its longest probe backoff.
+    await clock.advance(HealthPolicy().probe_retry_max_s)
+    partition = await next_health(events)
     assert (partition.instance, partition.health) == ((1, 0), Health.HEALTHY)
 
 

@@ -16,6 +16,7 @@ from gpuplugin.backends.nvml import NvmlBackend, NvmlSettings
 from gpuplugin.backends.nvml.events import THREAD_NAME, XidObserved
 from gpuplugin.backends.nvml.fake import FakeGpu, FakeNvml, h200_node
 from gpuplugin.core.backend import HealthChanged, InventoryChanged
+from gpuplugin.core.clock import REAL_CLOCK, Clock, VirtualClock
 from gpuplugin.core.model import Health
 from gpuplugin.core.tasks import SupervisionSettings, Supervisor, supervising
 from gpuplugin.devices.health import HealthPolicy, XidAction
@@ -29,6 +30,8 @@ RECOVERABLE_XID = 62
 #: Restarts fast enough for a test: five failures within the window make a task failing.
 QUICK = SupervisionSettings(first_backoff_s=0.01, max_backoff_s=0.05, failure_budget=5, exit_grace_s=0.3)
 HEALTH_TASK = "nvml:health thread"
+#: Virtual seconds, for the recovery tests on a VirtualClock.
+QUIET_S = 30.0
 
 
 def health_threads() -> list[threading.Thread]:
@@ -57,8 +60,11 @@ def settings(**overrides: Any) -> NvmlSettings:
 
 
 @asynccontextmanager
-async def running(fake: FakeNvml, policy: HealthPolicy | None = None, **overrides: Any) -> AsyncIterator[NvmlBackend]:
-    backend = NvmlBackend(settings(**overrides), policy or HealthPolicy(recovery_quiet_period_s=0.05), fake)
+async def running(
+    fake: FakeNvml, policy: HealthPolicy | None = None, clock: Clock = REAL_CLOCK, **overrides: Any
+) -> AsyncIterator[NvmlBackend]:
+    policy = policy or HealthPolicy(recovery_quiet_period_s=0.05)
+    backend = NvmlBackend(settings(**overrides), policy, fake, clock=clock)
     await backend.start()
     try:
         # Events reach only GPUs registered on the thread's set, as with NVML.
@@ -93,37 +99,56 @@ async def test_ignored_xid_changes_nothing() -> None:
         await no_event(backend)
 
 
+async def sleeping(clock: VirtualClock) -> None:
+    """Until a task sleeps on ``clock`` (after a probe in a worker thread, say)."""
+    async with asyncio.timeout(5.0):
+        await clock.until_sleeping()
+
+
 async def test_recoverable_xid_recovers_after_quiet_period() -> None:
     """A recoverable XID turns the GPU Unhealthy, then Healthy once the quiet period passed and the probe answers."""
     fake = h200_node(2)
     a = uuids(fake)[0]
-    async with running(fake) as backend:
+    clock = VirtualClock()
+    async with running(fake, HealthPolicy(recovery_quiet_period_s=QUIET_S), clock) as backend:
         fake.emit_xid(a, RECOVERABLE_XID)
         down = await next_event(backend)
         assert isinstance(down, HealthChanged)
         assert (down.gpu, down.health, down.xid) == (a, Health.UNHEALTHY, RECOVERABLE_XID)
+        await sleeping(clock)
+        probes = fake.calls["nvmlDeviceGetHandleByUUID"]
+        await clock.advance(QUIET_S - 0.1)
+        assert fake.calls["nvmlDeviceGetHandleByUUID"] == probes, "probed before the quiet period ended"
+        await clock.advance(0.1)
         up = await next_event(backend)
         assert isinstance(up, HealthChanged)
         assert (up.gpu, up.health) == (a, Health.HEALTHY)
-        assert fake.calls["nvmlDeviceGetHandleByUUID"] >= 1
+        assert fake.calls["nvmlDeviceGetHandleByUUID"] == probes + 1
 
 
 async def test_recovery_waits_for_the_probe() -> None:
     """After a recoverable XID the GPU stays Unhealthy while the probe fails, and recovers when it succeeds."""
     fake = h200_node(2)
     a = uuids(fake)[0]
-    async with running(fake) as backend:
+    clock = VirtualClock()
+    policy = HealthPolicy(recovery_quiet_period_s=QUIET_S)
+    async with running(fake, policy, clock) as backend:
         with fake.lock:
             fake.gpu(a).errors["nvmlDeviceGetMemoryInfo"] = FakeNvml.NVML_ERROR_UNKNOWN
         fake.emit_xid(a, RECOVERABLE_XID)
         down = await next_event(backend)
         assert isinstance(down, HealthChanged)
         assert down.health is Health.UNHEALTHY
-        await no_event(backend, 0.3)
+        await sleeping(clock)
+        probes = fake.calls["nvmlDeviceGetMemoryInfo"]
+        await clock.advance(QUIET_S)
+        # The probe failed, so the tracker sleeps again (its backoff before the next probe) rather than ending.
+        await sleeping(clock)
+        assert fake.calls["nvmlDeviceGetMemoryInfo"] == probes + 1
         with fake.lock:
             fake.gpu(a).errors.clear()
-        # The tracker probes again after a second.
-        up = await next_event(backend, 3.0)
+        await clock.advance(policy.probe_retry_first_s)
+        up = await next_event(backend)
         assert isinstance(up, HealthChanged)
         assert (up.gpu, up.health) == (a, Health.HEALTHY)
 
@@ -191,7 +216,8 @@ async def test_persistent_wait_errors_mark_all_unhealthy_once_then_recover() -> 
         with capture_logs() as logs:
             fake.fail_waits(FakeNvml.NVML_ERROR_UNKNOWN)
             down = [await next_event(backend), await next_event(backend)]
-            await asyncio.sleep(0.1)  # Many more failed waits.
+            failed = fake.calls["nvmlEventSetWait_v2"]
+            await until(lambda: fake.calls["nvmlEventSetWait_v2"] >= failed + 5)  # Many more failed waits.
             fake.clear_wait_failures()
             up = [await next_event(backend), await next_event(backend)]
         assert all(isinstance(e, HealthChanged) and e.health is Health.UNHEALTHY for e in down)

@@ -13,6 +13,7 @@ from gpuplugin.backends.nvml.fake import FakeNvml, h200_node
 from gpuplugin.backends.nvml.library import preload_library
 from gpuplugin.backends.registry import BackendContext
 from gpuplugin.core.backend import Backend, BackendUnavailable, InventoryChanged
+from gpuplugin.core.clock import VirtualClock
 from gpuplugin.devices.health import HealthPolicy
 from tests.fakes import next_event
 
@@ -138,13 +139,19 @@ async def test_without_fail_on_init_error_serves_nothing_then_inventory() -> Non
     settings = NvmlSettings(
         fail_on_init_error=False, retry_backoff_initial_s=0.01, rediscover_backoff_max_s=0.02, event_wait_timeout_ms=50
     )
-    backend = NvmlBackend(settings, HealthPolicy(), fake)
+    clock = VirtualClock()
+    backend = NvmlBackend(settings, HealthPolicy(), fake, clock=clock)
     await backend.start()
     try:
         assert (await backend.discover()).devices == ()
-        await asyncio.sleep(0.05)
-        assert fake.calls["nvmlInit"] >= 2
-        fake.init_error = None
+        for tries, ceiling_s in ((1, 0.01), (2, 0.02), (3, 0.02)):
+            async with asyncio.timeout(5.0):
+                await clock.until_sleeping()
+            # One nvmlInit per backoff, none while it waits; each backoff jittered within the upper half of its ceiling.
+            assert fake.calls["nvmlInit"] == tries
+            if tries == 3:
+                fake.init_error = None
+            assert ceiling_s / 2 <= await clock.advance_to_next() <= ceiling_s
         event = await next_event(backend)
         assert isinstance(event, InventoryChanged)
         assert [d.id for d in event.tree.devices] == [gpu.uuid for gpu in fake.gpus]

@@ -18,12 +18,14 @@ import structlog
 from click.testing import CliRunner
 
 from gpuplugin.cli import main
+from gpuplugin.core.clock import VirtualClock
 from gpuplugin.core.instance import SocketIdentity
-from gpuplugin.core.tasks import SupervisionSettings, Supervisor, TaskFailing, TaskSet, jittered_backoff
+from gpuplugin.core.tasks import SupervisionSettings, Supervisor, TaskFailing, TaskSet
 from gpuplugin.daemon.agent import Daemon
 from gpuplugin.daemon.manager import Manager, ManagerSettings
 from gpuplugin.daemon.probes import ListenAddress, ProbeSettings
 from gpuplugin.daemon.settings import Overrides, PluginSettings
+from gpuplugin.kubelet.registration import RegistrationSettings
 from gpuplugin.kubelet.server import ServerSettings
 from gpuplugin.kubelet.watcher import WatcherSettings
 from gpuplugin.testing.simulator import KubeletSimulator
@@ -46,6 +48,15 @@ def _logs_captured() -> Iterator[None]:
         yield
 
 
+async def advance_until(clock: VirtualClock, done: Callable[[], object], step_s: float) -> None:
+    """Move ``clock`` on by ``step_s`` at a time until ``done()``; fails after a thousand steps."""
+    for _ in range(1000):
+        if done():
+            return
+        await clock.advance(step_s)
+    raise AssertionError("condition not met in virtual time")
+
+
 class Flaky:
     """A task body that fails its first ``failures`` runs, then runs until cancelled."""
 
@@ -63,18 +74,19 @@ class Flaky:
         await asyncio.Event().wait()
 
 
-def test_backoff_doubles_up_to_its_ceiling_and_stays_in_the_upper_half() -> None:
-    """The backoff doubles per attempt from the first wait up to the ceiling, each wait between half and all of it."""
-    assert [jittered_backoff(n, 0.1, 1.0, rng=lambda: 1.0) for n in (1, 2, 3, 4, 5, 100)] == [
-        0.1,
-        0.2,
-        0.4,
-        0.8,
-        1.0,
-        1.0,
-    ]
-    assert jittered_backoff(3, 0.1, 1.0, rng=lambda: 0.0) == pytest.approx(0.2)
-    assert jittered_backoff(10_000, 0.1, 30.0, rng=lambda: 0.5) == pytest.approx(22.5)
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"first_retry_s": 0.0}, "first_retry_s"),
+        ({"first_retry_s": 2.0, "max_retry_s": 1.0}, "max_retry_s"),
+        ({"max_retry_s": 4000.0}, "max_retry_s"),
+        ({"call_timeout_s": 0.0}, "call_timeout_s"),
+    ],
+)
+def test_registration_settings_out_of_range_are_refused_naming_the_field(values: dict[str, float], field: str) -> None:
+    """A registration setting outside its documented range is refused with its name."""
+    with pytest.raises(ValueError, match=f"registration.{field}: must be"):
+        RegistrationSettings(**values)
 
 
 @pytest.mark.parametrize("field", ["first_backoff_s", "failure_budget", "failure_window_s", "exit_grace_s"])
@@ -135,37 +147,42 @@ async def test_a_task_that_ends_unexpectedly_is_restarted_and_one_expected_to_en
 
 async def test_a_task_past_its_failure_budget_is_failing_and_given_up_after_the_grace_period() -> None:
     """Five failures within the window name the task as failing; still failing after the grace, it is given up."""
+    clock = VirtualClock()
     given_up: list[tuple[float, TaskFailing]] = []
-    supervisor = Supervisor(QUICK, on_give_up=lambda failure: given_up.append((time.monotonic(), failure)))
+    supervisor = Supervisor(
+        QUICK, on_give_up=lambda failure: given_up.append((clock.monotonic(), failure)), clock=clock
+    )
     tasks = TaskSet("owner", supervisor)
     flaky = Flaky(1_000_000, OSError("no such file"))
-    started = time.monotonic()
     try:
         tasks.supervise(flaky, "doomed")
-        await until(lambda: "owner:doomed" in supervisor.failing())
+        await advance_until(clock, lambda: "owner:doomed" in supervisor.failing(), QUICK.first_backoff_s)
+        # Marked failing within the last step; it is given up one grace period after that mark.
+        failing_from = clock.monotonic()
         assert "last: OSError: no such file" in supervisor.failing()["owner:doomed"]
-        await until(lambda: given_up, timeout_s=5)
+        await advance_until(clock, lambda: given_up, QUICK.first_backoff_s)
     finally:
         await tasks.aclose()
         supervisor.close()
     ((at, failure),) = given_up
-    assert at - started >= QUICK.exit_grace_s
+    assert failing_from + QUICK.exit_grace_s - QUICK.first_backoff_s <= at <= failing_from + QUICK.exit_grace_s
     assert failure.task == "owner:doomed"
     assert "owner:doomed keeps failing" in str(failure)
 
 
 async def test_a_failing_task_its_owner_stops_is_failing_no_more_and_never_given_up() -> None:
     """A task that kept failing and was then cancelled by its owner (a resource removed) ends nothing."""
+    clock = VirtualClock()
     given_up: list[TaskFailing] = []
-    supervisor = Supervisor(replace(QUICK, exit_grace_s=1.0), on_give_up=given_up.append)
+    supervisor = Supervisor(replace(QUICK, exit_grace_s=1.0), on_give_up=given_up.append, clock=clock)
     tasks = TaskSet("owner", supervisor)
     try:
         task = tasks.supervise(Flaky(1_000_000), "removed")
-        await until(lambda: supervisor.failing())
+        await advance_until(clock, supervisor.failing, QUICK.first_backoff_s)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         assert supervisor.failing() == {}
-        await asyncio.sleep(1.2)
+        await clock.advance(1.2)
     finally:
         await tasks.aclose()
         supervisor.close()
@@ -174,15 +191,17 @@ async def test_a_failing_task_its_owner_stops_is_failing_no_more_and_never_given
 
 async def test_a_failing_task_that_runs_through_the_grace_period_recovers() -> None:
     """A task that failed its budget but then runs without failing for the grace period is healthy again."""
+    clock = VirtualClock()
     given_up: list[TaskFailing] = []
-    supervisor = Supervisor(QUICK, on_give_up=given_up.append)
+    supervisor = Supervisor(QUICK, on_give_up=given_up.append, clock=clock)
     tasks = TaskSet("owner", supervisor)
     flaky = Flaky(QUICK.failure_budget)
     try:
         tasks.supervise(flaky, "shaky")
-        await asyncio.wait_for(flaky.running.wait(), 5)
+        await advance_until(clock, flaky.running.is_set, QUICK.first_backoff_s)
         assert "owner:shaky" in supervisor.failing()
-        await until(lambda: not supervisor.failing(), timeout_s=5)
+        await clock.advance(QUICK.exit_grace_s)
+        assert supervisor.failing() == {}
     finally:
         await tasks.aclose()
         supervisor.close()

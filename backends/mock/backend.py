@@ -33,6 +33,7 @@ from gpuplugin.core.backend import (
     HealthChanged,
     InventoryChanged,
 )
+from gpuplugin.core.clock import REAL_CLOCK, Clock
 from gpuplugin.core.model import DeviceTree, Health
 from gpuplugin.devices.health import HealthTracker, XidAction
 
@@ -70,13 +71,14 @@ class MockBackend:
 
     name = "mock"
 
-    def __init__(self, ctx: BackendContext, *, settings: MockSettings | None = None) -> None:
-        """``settings`` given: used as they are; otherwise ``start`` loads them from ``ctx.options``."""
+    def __init__(self, ctx: BackendContext, *, settings: MockSettings | None = None, clock: Clock = REAL_CLOCK) -> None:
+        """``settings`` given: used as they are; otherwise ``start`` loads them from ``ctx.options``. ``clock``:
+        what health quiet periods wait on."""
         self._ctx = ctx
         self._settings: MockSettings | None = None
         self._inventory: Inventory | None = None
         self._events: asyncio.Queue[BackendEvent] = asyncio.Queue()
-        self._tracker = HealthTracker(policy=ctx.health_policy, emit=self._on_health, probe=self._probe)
+        self._tracker = HealthTracker(policy=ctx.health_policy, emit=self._on_health, probe=self._probe, clock=clock)
         self._present: set[int] = set()
         self._lost: set[int] = set()
         self._index_of: dict[str, int] = {}

@@ -26,6 +26,7 @@ from gpuplugin.backends.nvml.library import LibraryLoader, initialize, preload_l
 from gpuplugin.backends.nvml.mig import GpuInstanceProfile
 from gpuplugin.backends.nvml.settings import NvmlSettings
 from gpuplugin.core.backend import BackendEvent, BackendUnavailable, HealthChanged, InventoryChanged
+from gpuplugin.core.clock import REAL_CLOCK, Backoff, Clock, wait_at_most
 from gpuplugin.core.model import DeviceTree
 from gpuplugin.core.tasks import TaskSet
 from gpuplugin.devices.health import HealthPolicy, HealthTracker, XidAction
@@ -40,7 +41,8 @@ class NvmlBackend:
     ``nvml`` is the NVML module: ``pynvml`` by default, ``gpuplugin.backends.nvml.fake.FakeNvml`` in tests. Errors are
     caught through its attributes (``nvml.NVMLError_Timeout``), so a fake only has to offer the same names.
     ``library_loader`` makes ``libnvidia-ml.so.1`` loadable from ``driver_root`` first; it defaults to
-    ``preload_library`` with the real pynvml and to nothing with an injected module.
+    ``preload_library`` with the real pynvml and to nothing with an injected module. ``clock``: what health quiet
+    periods and NVML retries wait on.
     """
 
     name = "nvml"
@@ -52,6 +54,7 @@ class NvmlBackend:
         nvml: Any = None,
         *,
         library_loader: LibraryLoader | None = None,
+        clock: Clock = REAL_CLOCK,
     ) -> None:
         if nvml is None:
             import pynvml
@@ -61,8 +64,9 @@ class NvmlBackend:
         self.settings = settings
         self._nvml = nvml
         self._library_loader = library_loader
+        self._clock = clock
         self._queue: asyncio.Queue[BackendEvent] = asyncio.Queue()
-        self._tracker = HealthTracker(health_policy, emit=self._emit_health, probe=self._probe)
+        self._tracker = HealthTracker(health_policy, emit=self._emit_health, probe=self._probe, clock=clock)
         self._tasks = TaskSet("nvml")
         self._inventory = discovery.Inventory()
         self._watcher: HealthWatcher | None = None
@@ -172,15 +176,17 @@ class NvmlBackend:
             except self._nvml.NVMLError as error:
                 log.warning("nvml shutdown failed", error=str(error))
 
+    def _backoff(self) -> Backoff:
+        return Backoff(self.settings.retry_backoff_initial_s, self.settings.rediscover_backoff_max_s)
+
     async def _retry_init(self) -> None:
-        backoff_s = self.settings.retry_backoff_initial_s
+        backoff = self._backoff()
         while True:
-            await asyncio.sleep(backoff_s)
+            await self._clock.sleep(backoff.next())
             try:
                 inventory = await asyncio.to_thread(self._init_and_discover)
             except BackendUnavailable as error:
-                log.debug("nvml still unavailable", error=str(error), retry_in_s=backoff_s)
-                backoff_s = min(backoff_s * 2, self.settings.rediscover_backoff_max_s)
+                log.debug("nvml still unavailable", error=str(error), attempts=backoff.attempts)
                 continue
             log.info("nvml available; serving gpus", gpus=len(inventory.tree.devices))
             self._adopt(inventory)
@@ -234,31 +240,28 @@ class NvmlBackend:
             await self._watcher_ended.wait()
 
     async def _rediscovery_worker(self) -> None:
-        """Discovers again when asked (a MIG change) or, while some GPU failed discovery, with backoff."""
-        backoff_s = self.settings.retry_backoff_initial_s
+        """Discovers again when asked (a MIG change) or, while some GPU failed discovery (or discovery itself
+        failed), after a backoff, or sooner when asked."""
+        backoff = self._backoff()
+        # None: nothing to retry, wait to be asked.
+        retry_in_s = backoff.next() if self._inventory.incomplete else None
         while True:
-            if self._inventory.incomplete:
-                try:
-                    async with asyncio.timeout(backoff_s):
-                        await self._rediscover_wanted.wait()
-                except TimeoutError:
-                    pass
-            else:
+            if retry_in_s is None:
                 await self._rediscover_wanted.wait()
+            else:
+                await wait_at_most(self._clock, self._rediscover_wanted, retry_in_s)
             self._rediscover_wanted.clear()
             try:
                 inventory = await asyncio.to_thread(self._discover)
             except self._nvml.NVMLError as error:
-                log.warning("rediscovery failed; retrying", error=str(error), retry_in_s=backoff_s)
-                backoff_s = min(backoff_s * 2, self.settings.rediscover_backoff_max_s)
-                self._rediscover_wanted.set()
-                await asyncio.sleep(backoff_s)
+                retry_in_s = backoff.next()
+                log.warning("rediscovery failed; retrying", error=str(error), retry_in_s=round(retry_in_s, 3))
                 continue
-            backoff_s = (
-                min(backoff_s * 2, self.settings.rediscover_backoff_max_s)
-                if inventory.incomplete
-                else self.settings.retry_backoff_initial_s
-            )
+            if inventory.incomplete:
+                retry_in_s = backoff.next()
+            else:
+                backoff.reset()
+                retry_in_s = None
             await self._replace(inventory)
 
     async def _replace(self, inventory: discovery.Inventory) -> None:

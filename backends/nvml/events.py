@@ -17,6 +17,7 @@ import structlog
 
 from gpuplugin.backends.nvml.library import as_str
 from gpuplugin.backends.nvml.settings import NvmlSettings
+from gpuplugin.core.clock import Backoff
 
 log = structlog.get_logger("gpuplugin.nvml")
 
@@ -157,7 +158,7 @@ class HealthWatcher:
         event_set: Any = None
         failures = 0
         failing = self._recovering
-        backoff_s = self._settings.retry_backoff_initial_s
+        backoff = Backoff(self._settings.retry_backoff_initial_s, self._settings.rediscover_backoff_max_s)
         try:
             while not self._stop.is_set():
                 try:
@@ -180,15 +181,14 @@ class HealthWatcher:
                         self._notify(WaitFailing(reason))
                     else:
                         log.debug("nvml event wait failed", error=str(error), failures=failures)
-                    self._stop.wait(backoff_s)
-                    backoff_s = min(backoff_s * 2, self._settings.rediscover_backoff_max_s)
+                    self._stop.wait(backoff.next())
                     continue
                 if failing:
                     log.info("health events available again", after_failures=failures)
                     self._notify(WaitRecovered())
                 failures = 0
                 failing = False
-                backoff_s = self._settings.retry_backoff_initial_s
+                backoff.reset()
                 if data is not None:
                     self._dispatch(data)
         finally:

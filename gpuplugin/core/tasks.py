@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from contextvars import ContextVar
@@ -21,16 +20,9 @@ from typing import Any
 
 import structlog
 
+from gpuplugin.core.clock import REAL_CLOCK, Clock, jittered_backoff
+
 log = structlog.get_logger("gpuplugin.core.tasks")
-
-Clock = Callable[[], float]
-
-
-def jittered_backoff(attempt: int, first_s: float, max_s: float, rng: Callable[[], float] = random.random) -> float:
-    """The wait before retry number ``attempt`` (1 for the first): ``first_s`` doubling up to ``max_s``, drawn from
-    its upper half so that many waiters (plugins of one kubelet, tasks failing together) spread out."""
-    ceiling = min(first_s * 2.0 ** min(max(attempt - 1, 0), 62), max_s)
-    return ceiling * (0.5 + 0.5 * rng())
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,16 +86,17 @@ class Supervisor:
         settings: SupervisionSettings = SupervisionSettings(),
         *,
         on_give_up: Callable[[TaskFailing], None] | None = None,
-        clock: Clock = time.monotonic,
+        clock: Clock = REAL_CLOCK,
         rng: Callable[[], float] = random.random,
     ) -> None:
-        """``on_give_up`` hears of a task still failing when its grace period ends; without it, nothing ends."""
+        """``on_give_up`` hears of a task still failing when its grace period ends; without it, nothing ends.
+        ``clock``: what the failure window reads, and restart backoffs and grace periods wait on."""
         self.settings = settings
         self._on_give_up = on_give_up
-        self._clock = clock
+        self.clock = clock
         self._rng = rng
         self._records: dict[str, _Record] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._timers: dict[str, asyncio.Task[None]] = {}
         self.restarts: Counter[str] = Counter()
         """Restarts per task name (``owner:name``), every supervised task listed from its start."""
 
@@ -142,7 +135,7 @@ class Supervisor:
     def failed(self, name: str, error: str) -> float:
         """Count a failure (or an unexpected end) of ``name``; returns the seconds to wait before its restart."""
         record = self._record(name)
-        now = self._clock()
+        now = self.clock.monotonic()
         record.running = False
         record.last_error = error
         record.failures.append(now)
@@ -162,12 +155,13 @@ class Supervisor:
                 exit_in_s=self.settings.exit_grace_s if self._on_give_up is not None else None,
             )
             if self._on_give_up is not None:
-                loop = asyncio.get_running_loop()
-                self._timers[name] = loop.call_later(self.settings.exit_grace_s, self._grace_over, name)
+                grace = self._grace_over(name)
+                self._timers[name] = asyncio.get_running_loop().create_task(grace, name=f"grace period of {name}")
         s = self.settings
         return jittered_backoff(len(record.failures), s.first_backoff_s, s.max_backoff_s, self._rng)
 
-    def _grace_over(self, name: str) -> None:
+    async def _grace_over(self, name: str) -> None:
+        await self.clock.sleep(self.settings.exit_grace_s)
         self._timers.pop(name, None)
         record = self._records[name]
         if record.running and not record.failed_since_marked:
@@ -186,7 +180,7 @@ class Supervisor:
         return record
 
     def close(self) -> None:
-        """Cancel the pending grace timers (the process is stopping anyway)."""
+        """Cancel the pending grace periods (the process is stopping anyway); they end within a loop turn."""
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
@@ -273,7 +267,7 @@ class TaskSet:
             log.error(
                 "task failed; restarting", task=name, error=error, retry_in_s=round(delay_s, 3), exc_info=exc_info
             )
-            await asyncio.sleep(delay_s)
+            await supervisor.clock.sleep(delay_s)
             supervisor.restarted(name)
 
     def _done(self, task: asyncio.Task[Any], expect_end: bool) -> None:

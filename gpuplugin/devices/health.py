@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import structlog
 
 from gpuplugin.core.backend import HealthChanged
+from gpuplugin.core.clock import REAL_CLOCK, Backoff, Clock
 from gpuplugin.core.model import Health
 from gpuplugin.core.tasks import TaskSet
 
@@ -27,6 +28,8 @@ DEFAULT_FATAL_XIDS = frozenset({48, 79, 92, 94, 95, 119, 120})
 MAX_XID = 1023
 #: The longest recovery quiet period (seconds): a day. Longer is a GPU that never recovers; use fatalXids.
 MAX_QUIET_PERIOD_S = 86400.0
+#: The longest wait between two probes of a GPU that does not answer yet (seconds): an hour.
+MAX_PROBE_RETRY_S = 3600.0
 
 
 class XidAction(enum.StrEnum):
@@ -57,10 +60,23 @@ class HealthPolicy:
     recovery_quiet_period_s: float = 30.0
     """Seconds (0 to ``MAX_QUIET_PERIOD_S``) without a new XID before a recoverable GPU is probed and returned to
     Healthy."""
+    probe_retry_first_s: float = 1.0
+    """Seconds (above 0, at most ``probe_retry_max_s``) before probing again a GPU whose probe failed after its quiet
+    period; doubles with each failed probe, jittered."""
+    probe_retry_max_s: float = 60.0
+    """Seconds (``probe_retry_first_s`` to ``MAX_PROBE_RETRY_S``), the longest wait between two probes: a minute
+    returns a repaired GPU soon enough without a probe storm on a broken one."""
     checks_enabled: bool = True
     """False turns health checking off altogether (``DP_DISABLE_HEALTHCHECKS=all``)."""
     xids_enabled: bool = True
     """False ignores every XID but still reports lost GPUs (``DP_DISABLE_HEALTHCHECKS=xids``)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.probe_retry_first_s <= self.probe_retry_max_s <= MAX_PROBE_RETRY_S:
+            raise HealthPolicyError(
+                f"probe_retry_first_s ({self.probe_retry_first_s:g}) and probe_retry_max_s"
+                f" ({self.probe_retry_max_s:g}): need 0 < first <= max <= {MAX_PROBE_RETRY_S:g} seconds"
+            )
 
     def classify(self, xid: int) -> XidAction:
         if not self.checks_enabled:
@@ -117,6 +133,8 @@ class HealthTracker:
     policy: HealthPolicy
     emit: Callable[[HealthChanged], None]
     probe: Probe
+    clock: Clock = REAL_CLOCK
+    """What quiet periods and probe retries wait on."""
     _faults: dict[tuple[str, tuple[int, int] | None], _Fault] = field(default_factory=dict)
     _timers: dict[tuple[str, tuple[int, int] | None], asyncio.Task[None]] = field(default_factory=dict)
     _tasks: TaskSet = field(default_factory=lambda: TaskSet("health-tracker"))
@@ -162,12 +180,12 @@ class HealthTracker:
             self._timers[key] = self._tasks.spawn(self._recover_later(key), f"recover {key[0]}", expect_end=True)
 
     async def _recover_later(self, key: tuple[str, tuple[int, int] | None]) -> None:
-        await asyncio.sleep(self.policy.recovery_quiet_period_s)
-        backoff_s = 1.0
+        await self.clock.sleep(self.policy.recovery_quiet_period_s)
+        backoff = Backoff(self.policy.probe_retry_first_s, self.policy.probe_retry_max_s)
         while not await self.probe(key[0]):
-            log.info("probe failed; still unhealthy", gpu=key[0], retry_in_s=backoff_s)
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, 60.0)
+            delay_s = backoff.next()
+            log.info("probe failed; still unhealthy", gpu=key[0], retry_in_s=round(delay_s, 3))
+            await self.clock.sleep(delay_s)
         self._timers.pop(key, None)
         fault = self._faults.pop(key, None)
         if fault is not None:

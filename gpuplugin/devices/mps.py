@@ -27,9 +27,10 @@ from typing import Any
 import structlog
 
 from gpuplugin.core.backend import AllocationPolicyKind, Backend, BackendEvent, InventoryChanged, PreferredAllocation
+from gpuplugin.core.clock import Backoff
 from gpuplugin.core.errors import ConfigError, config_key
 from gpuplugin.core.model import ContainerSpec, Device, DeviceTree, Health, Mount, ResourceRules, frozen_mapping
-from gpuplugin.core.tasks import TaskSet, jittered_backoff
+from gpuplugin.core.tasks import TaskSet
 from gpuplugin.devices.sharing import REPLICA_ATTRIBUTE, SharingError, TimeSlicing
 
 log = structlog.get_logger("gpuplugin.devices.mps")
@@ -73,9 +74,12 @@ class ControlDaemonSettings:
     answer_timeout_s: float = 10.0
     """Seconds (above 0, at most 3,600) a started daemon has to answer, and a query to return, before it counts
     as not answering."""
+    first_restart_delay_s: float = 1.0
+    """Seconds (above 0, at most ``max_restart_delay_s``) before restarting a daemon that did not start."""
     max_restart_delay_s: float = 30.0
-    """Seconds (≥ 1) between restarts of a daemon that keeps failing; the delay doubles from 1 s up to this,
-    jittered (``jittered_backoff``) so that the daemons of GPUs failing together do not restart in step."""
+    """Seconds (≥ ``first_restart_delay_s``) between restarts of a daemon that keeps failing; the delay doubles from
+    ``first_restart_delay_s`` up to this, jittered (``Backoff``) so that the daemons of GPUs failing together do not
+    restart in step."""
 
     def pipe_dir(self, uuid: str) -> Path:
         return self.root / uuid / "pipe"
@@ -377,17 +381,16 @@ class ControlDaemon:
 
     async def supervise(self) -> None:
         """Keep the daemon answering: launch it, query it every probe interval, restart it when it stops."""
-        failures = 0
+        backoff = Backoff(self.settings.first_restart_delay_s, self.settings.max_restart_delay_s)
         while True:
             if not self.state.answering:
                 if await self.launch():
                     start_s = round(self.state.last_start_s or 0, 3)
                     log.info("mps control daemon answering", gpu=self.uuid, start_s=start_s)
                     self._set(answering=True)
-                    failures = 0
+                    backoff.reset()
                     continue
-                failures += 1
-                delay_s = jittered_backoff(failures, 1.0, self.settings.max_restart_delay_s)
+                delay_s = backoff.next()
                 error = self.state.last_error
                 log.error("mps control daemon did not start", gpu=self.uuid, error=error, retry_in_s=round(delay_s, 3))
                 await asyncio.sleep(delay_s)

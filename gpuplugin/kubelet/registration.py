@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +10,8 @@ from pathlib import Path
 from grpclib import GRPCError
 from grpclib.client import Channel
 
+from gpuplugin.core.clock import REAL_CLOCK, Backoff, Clock, wait_at_most
 from gpuplugin.core.instance import SocketIdentity
-from gpuplugin.core.tasks import jittered_backoff
 from gpuplugin.kubelet.api import v1beta1 as api
 
 API_VERSION = "v1beta1"
@@ -30,12 +29,23 @@ class RegistrationSettings:
     """How hard we try to reach the kubelet."""
 
     first_retry_s: float = 0.01
-    """The kubelet creates its socket a moment before it listens: retry fast at first (seconds, doubling, jittered
-    down by up to half)."""
+    """The kubelet creates its socket a moment before it listens: retry fast at first (seconds, 0.001 to 60,
+    doubling, jittered down by up to half)."""
     max_retry_s: float = 5.0
-    """Backoff ceiling in seconds while the kubelet is away (restarting, or not started yet)."""
+    """Backoff ceiling in seconds (``first_retry_s`` to 3600) while the kubelet is away (restarting, or not started
+    yet)."""
     call_timeout_s: float = 15.0
-    """The kubelet dials us (for up to about 10 s) before it answers Register."""
+    """Seconds (above 0, at most 3600): the kubelet dials us (for up to about 10 s) before it answers Register."""
+
+    def __post_init__(self) -> None:
+        checks = (
+            ("first_retry_s", self.first_retry_s, 0.001 <= self.first_retry_s <= 60.0, "from 0.001 to 60"),
+            ("max_retry_s", self.max_retry_s, self.first_retry_s <= self.max_retry_s <= 3600.0, "from first to 3600"),
+            ("call_timeout_s", self.call_timeout_s, 0.0 < self.call_timeout_s <= 3600.0, "above 0, at most 3600"),
+        )
+        for name, value, ok, bounds in checks:
+            if not ok:
+                raise ValueError(f"registration.{name}: must be {bounds} seconds, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,16 +71,17 @@ async def register_until_done(
     settings: RegistrationSettings,
     wake: asyncio.Event,
     on_unreachable: Callable[[str], None],
+    clock: Clock = REAL_CLOCK,
 ) -> Registered:
     """Register ``resource`` served at ``endpoint``; returns how many attempts it took and with which kubelet.
 
     ``on_unreachable`` hears of the first failed attempt, not of every retry. Setting ``wake`` cuts a backoff
-    wait short (the kubelet socket just appeared).
+    wait short (the kubelet socket just appeared); ``clock`` is what that wait runs on.
     """
     request = api.RegisterRequest(version=API_VERSION, endpoint=endpoint, resource_name=resource, options=options)
-    attempts = 0
+    backoff = Backoff(settings.first_retry_s, settings.max_retry_s)
     while True:
-        attempts += 1
+        attempts = backoff.attempts + 1
         kubelet = await asyncio.to_thread(SocketIdentity.of, kubelet_socket)
         try:
             await _register_once(kubelet_socket, request, settings.call_timeout_s)
@@ -80,10 +91,7 @@ async def register_until_done(
         except (TimeoutError, OSError, ConnectionError) as exc:
             if attempts == 1:
                 on_unreachable(str(exc) or type(exc).__name__)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(
-                wake.wait(), jittered_backoff(attempts, settings.first_retry_s, settings.max_retry_s)
-            )
+        await wait_at_most(clock, wake, backoff.next())
         wake.clear()
 
 

@@ -31,6 +31,11 @@ class SimulatorSettings:
 
     dial_timeout_s: float = 10.0
     """How long Register keeps dialling the plugin's socket; the kubelet's blocking dial gives up after 10 s."""
+    dial_backoff_first_s: float = 0.01
+    """Seconds, the ceiling of the first wait between two dials (jittered, doubling); far shorter than grpc-go's 1 s,
+    so that a test does not wait on a socket that appeared a moment after Register."""
+    dial_backoff_max_s: float = 1.0
+    """Seconds, the ceiling of every wait between two dials."""
     options_timeout_s: float = 10.0
     """Deadline of GetDevicePluginOptions during Register; the kubelet sets none, but a test must not hang."""
     preferred_allocation_timeout_s: float | None = None

@@ -18,6 +18,7 @@ from grpclib.client import Channel
 from grpclib.const import Status
 from grpclib.server import Server
 
+from gpuplugin.core.clock import Backoff
 from gpuplugin.core.model import is_extended_resource_name
 from gpuplugin.kubelet.api import v1beta1
 from gpuplugin.testing.node import KUBELET_SOCKET, Endpoint, NodeState, Registration, Rejection
@@ -135,7 +136,7 @@ class RegistrationServer:
 
     async def dial(self, channel: Channel) -> None:
         """Connect like grpc-go's blocking dial: retry with backoff until the socket answers or time runs out."""
-        delay_s = 0.01
+        backoff = Backoff(self._settings.dial_backoff_first_s, self._settings.dial_backoff_max_s)
         last: OSError | None = None
         try:
             async with asyncio.timeout(self._settings.dial_timeout_s):
@@ -145,7 +146,6 @@ class RegistrationServer:
                         return
                     except OSError as exc:
                         last = exc
-                    await asyncio.sleep(delay_s)
-                    delay_s = min(delay_s * 2, 1.0)
+                    await asyncio.sleep(backoff.next())
         except TimeoutError:
             raise ConnectionError(f"context deadline exceeded dialling {channel}: {last!r}") from last

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gpuplugin.backends.nvml import NvmlSettings, NvmlSettingsError
-from gpuplugin.backends.partitioned import PartitionedConfigError, PartitionedSettings
+from gpuplugin.backends.nvml import NvmlSettings
+from gpuplugin.backends.partitioned import PartitionedSettings
 from gpuplugin.cli import main
 from gpuplugin.core.errors import MAX_MESSAGE_CHARS, ConfigError
 from gpuplugin.core.limits import (
@@ -31,8 +31,8 @@ from gpuplugin.core.limits import (
 )
 from gpuplugin.core.model import MAX_DEVICE_ID_LENGTH, ContainerSpec, Device, DeviceTree
 from gpuplugin.daemon.settings import MAX_CONFIG_BYTES, Overrides, decode_config, parse_config, resolve
-from gpuplugin.devices.health import MAX_XID, HealthPolicy, HealthPolicyError
-from gpuplugin.devices.sharing import SharingError, TimeSlicing
+from gpuplugin.devices.health import MAX_XID, HealthPolicy
+from gpuplugin.devices.sharing import TimeSlicing
 from gpuplugin.kubelet.api import v1beta1 as api
 from tests.test_settings import assert_one_line_error
 
@@ -127,7 +127,7 @@ def test_replicas_times_gpus_are_counted_before_replicas_are_built() -> None:
     """20000 replicas of 8 GPUs (160,000 devices, a 10 MB message) are refused by count, naming the field."""
     sharing = shared(20000)
     started = time.perf_counter()
-    with pytest.raises(SharingError) as caught:
+    with pytest.raises(ConfigError) as caught:
         sharing.apply(gpus(8))
     assert time.perf_counter() - started < 0.1, "refused by counting, not by building 160,000 replicas"
     message = str(caught.value)
@@ -147,11 +147,11 @@ def test_the_largest_replica_count_that_fits_is_served() -> None:
 def test_unshared_gpus_of_the_same_name_count_too() -> None:
     """Replicas of GPU 0 plus the whole GPUs left under the same name are counted together, perGpu counts too."""
     sharing = shared(2, perGpu={0: MAX_DEVICES_PER_RESOURCE})
-    with pytest.raises(SharingError, match=r"resources\[0\]\.replicas/perGpu: 8 GPUs with up to 24672 replicas each"):
+    with pytest.raises(ConfigError, match=r"resources\[0\]\.replicas/perGpu: 8 GPUs with up to 24672 replicas each"):
         sharing.apply(gpus(8))
     only_first = shared(MAX_DEVICES_PER_RESOURCE, devices=[0])
     with pytest.raises(
-        SharingError,
+        ConfigError,
         match=r"1 GPU with 24672 replicas each make 24679 devices of nvidia.com/gpu with the 7 unshared ones; ",
     ):
         only_first.apply(gpus(8))
@@ -194,7 +194,7 @@ def test_the_ends_of_the_health_ranges_are_accepted() -> None:
 @pytest.mark.parametrize("value", ["1024", "-1", "9" * 30, "1" * 5000])
 def test_xids_from_the_environment_are_bounded(value: str) -> None:
     """DP_ENABLE_HEALTHCHECKS with an XID out of range is refused naming the variable."""
-    with pytest.raises(HealthPolicyError, match=r"^DP_ENABLE_HEALTHCHECKS: "):
+    with pytest.raises(ConfigError, match=r"^DP_ENABLE_HEALTHCHECKS: "):
         HealthPolicy().with_env({"DP_ENABLE_HEALTHCHECKS": value})
 
 
@@ -211,7 +211,7 @@ def test_xids_from_the_environment_are_bounded(value: str) -> None:
 )
 def test_nvml_ranges_name_the_field(options: dict[str, Any], message: str) -> None:
     """Every numeric NVML setting has a range, and leaving it names the setting."""
-    with pytest.raises(NvmlSettingsError, match=f"^{message}"):
+    with pytest.raises(ConfigError, match=f"^{message}"):
         NvmlSettings.from_options(options)
 
 
@@ -228,7 +228,7 @@ def test_nvml_ranges_name_the_field(options: dict[str, Any], message: str) -> No
 def test_partition_counts_are_bounded(options: dict[str, Any], message: str) -> None:
     """A layout holds at most 7 partitions (MIG's limit), refused before a huge count is multiplied out."""
     started = time.perf_counter()
-    with pytest.raises(PartitionedConfigError, match=f"^{message}"):
+    with pytest.raises(ConfigError, match=f"^{message}"):
         PartitionedSettings.from_options(options)
     assert time.perf_counter() - started < 0.5
 
@@ -278,11 +278,11 @@ def test_yaml_aliases_cannot_make_a_config_huge(text: str) -> None:
 
 async def test_yaml_aliases_cannot_make_a_mock_config_huge(tmp_path: Path) -> None:
     """The mock's own config file has the same bound."""
-    from gpuplugin.backends.mock import MockConfigError, load_settings
+    from gpuplugin.backends.mock import load_settings
 
     path = tmp_path / "mock.yaml"
     path.write_text(billion_laughs("nvlink_groups"))
-    with pytest.raises(MockConfigError, match=r"holds more than 100000 values"):
+    with pytest.raises(ConfigError, match=r"holds more than 100000 values"):
         await load_settings({"config": str(path)}, state_dir=tmp_path)
 
 
@@ -459,7 +459,7 @@ _BACKEND_KEYS = {
 @given(data=st.data(), backend=st.sampled_from(sorted(_BACKEND_KEYS)))
 def test_random_backend_options_give_settings_or_the_backends_error(data: st.DataObject, backend: str) -> None:
     """A backend's section, whatever it holds, gives its settings or its own one-line error, never another."""
-    from gpuplugin.backends.mock import MockConfigError, MockSettings
+    from gpuplugin.backends.mock import MockSettings
 
     keys = st.sampled_from(_BACKEND_KEYS[backend])
     values = st.recursive(
@@ -469,9 +469,9 @@ def test_random_backend_options_give_settings_or_the_backends_error(data: st.Dat
     )
     options = data.draw(st.dictionaries(keys, values, max_size=5))
     parsers: dict[str, tuple[Callable[[Mapping[str, Any]], object], type[ValueError]]] = {
-        "mock": (MockSettings.from_options, MockConfigError),
-        "nvml": (NvmlSettings.from_options, NvmlSettingsError),
-        "partitioned": (PartitionedSettings.from_options, PartitionedConfigError),
+        "mock": (MockSettings.from_options, ConfigError),
+        "nvml": (NvmlSettings.from_options, ConfigError),
+        "partitioned": (PartitionedSettings.from_options, ConfigError),
     }
     parse, error = parsers[backend]
     with contextlib.suppress(error):

@@ -10,12 +10,12 @@ from dataclasses import dataclass, field
 import pytest
 
 from gpuplugin.core.backend import HealthChanged
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import Health
 from gpuplugin.devices.health import (
     DEFAULT_FATAL_XIDS,
     DEFAULT_IGNORED_XIDS,
     HealthPolicy,
-    HealthPolicyError,
     HealthTracker,
     XidAction,
 )
@@ -101,8 +101,8 @@ def test_enable_beats_disable_xids() -> None:
     ],
 )
 def test_bad_words_name_the_variable(variable: str, value: str) -> None:
-    """A word that is not an XID number (or xids/all where allowed) is a HealthPolicyError naming the variable."""
-    with pytest.raises(HealthPolicyError, match=variable):
+    """A word that is not an XID number (or xids/all where allowed) is a ConfigError naming the variable."""
+    with pytest.raises(ConfigError, match=variable):
         HealthPolicy().with_env({variable: value})
 
 

@@ -38,7 +38,6 @@ from gpuplugin.devices.mps import (
     MpsBackend,
     MpsSharing,
 )
-from gpuplugin.devices.sharing import SharingError
 from gpuplugin.kubelet.api import v1beta1 as api
 from gpuplugin.kubelet.server import ServerSettings
 from gpuplugin.kubelet.watcher import WatcherSettings
@@ -159,7 +158,7 @@ def test_explicit_limits_apply_and_oversubscription_is_refused() -> None:
     served = MpsSharing.from_mapping({"resources": [entry]}).apply(tree)
     assert {(d.spec.env[MEMORY_LIMIT], d.spec.env[THREAD_PERCENTAGE]) for d in served.devices} == {("0=300M", "50")}
     too_much = MpsSharing.from_mapping({"resources": [{**entry, "memoryLimitMiB": 400}]})
-    with pytest.raises(SharingError, match=r"sharing\.mps\.resources\[0\]\.memoryLimitMiB: 3 replicas of 400 MiB"):
+    with pytest.raises(ConfigError, match=r"sharing\.mps\.resources\[0\]\.memoryLimitMiB: 3 replicas of 400 MiB"):
         too_much.apply(tree)
 
 

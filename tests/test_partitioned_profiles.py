@@ -12,7 +12,6 @@ from gpuplugin.backends.partitioned import (
     H200_PROFILES,
     Layout,
     LayoutError,
-    PartitionedConfigError,
     PartitionedSettings,
     ProfileError,
     ProfileSource,
@@ -23,6 +22,7 @@ from gpuplugin.backends.partitioned import (
     profile_name,
     table_from_infos,
 )
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import AllocationPolicyKind
 
 H200_MIB = 143771
@@ -188,6 +188,6 @@ def test_settings_read_layouts_in_every_spelling() -> None:
 )
 def test_settings_errors_name_the_field(options: dict[str, Any], message: str) -> None:
     """Every invalid setting fails with a message that starts with the field's name."""
-    with pytest.raises(PartitionedConfigError) as caught:
+    with pytest.raises(ConfigError) as caught:
         PartitionedSettings.from_options(options)
     assert str(caught.value).startswith(message)

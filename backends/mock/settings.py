@@ -10,6 +10,7 @@ from typing import Any
 
 import aiofiles
 
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.limits import MAX_CONFIG_VALUES, within_values
 from gpuplugin.core.model import ContainerSpec, Device
 
@@ -31,10 +32,6 @@ MAX_NVLINK_GROUPS = MAX_GPUS // 2
 MAX_CONFIG_BYTES = 1024 * 1024
 #: sun_path is 108 bytes on Linux, one of them the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
-
-
-class MockConfigError(ValueError):
-    """A mock setting is invalid; the message names it. Retrying does not help, fixing the setting does."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,7 +92,7 @@ class MockSettings:
             if value is None or key == "config":
                 continue
             if key not in known:
-                raise MockConfigError(f"mock.{key}: unknown setting; known: {', '.join(sorted(known))}")
+                raise ConfigError(f"mock.{key}: unknown setting; known: {', '.join(sorted(known))}")
             values[key] = value
 
         default = cls()
@@ -132,27 +129,27 @@ async def load_settings(options: Mapping[str, Any], *, state_dir: Path | None = 
         async with aiofiles.open(Path(path), "rb") as f:
             data = await f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
-        raise MockConfigError(f"mock.config: cannot read {path}: {e.strerror or e}") from None
+        raise ConfigError(f"mock.config: cannot read {path}: {e.strerror or e}") from None
     if len(data) > MAX_CONFIG_BYTES:
-        raise MockConfigError(f"mock.config: {path} is larger than {MAX_CONFIG_BYTES} bytes")
+        raise ConfigError(f"mock.config: {path} is larger than {MAX_CONFIG_BYTES} bytes")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise MockConfigError(f"mock.config: {path} is not UTF-8 text (byte {e.start})") from None
+        raise ConfigError(f"mock.config: {path} is not UTF-8 text (byte {e.start})") from None
     import yaml  # here: a mock without a config file never loads it
 
     try:
         loaded = yaml.safe_load(text)
     except RecursionError:
-        raise MockConfigError(f"mock.config: {path} is nested too deeply") from None
+        raise ConfigError(f"mock.config: {path} is nested too deeply") from None
     except yaml.YAMLError as e:
-        raise MockConfigError(f"mock.config: {path} is not valid YAML: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"mock.config: {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, Mapping):
-        raise MockConfigError(f"mock.config: {path} must hold a mapping of mock settings, got {type(loaded).__name__}")
+        raise ConfigError(f"mock.config: {path} must hold a mapping of mock settings, got {type(loaded).__name__}")
     if not within_values(loaded, MAX_CONFIG_VALUES):
-        raise MockConfigError(
+        raise ConfigError(
             f"mock.config: {path} holds more than {MAX_CONFIG_VALUES} values once its aliases are expanded"
         )
     return MockSettings.from_options({**loaded, **options}, state_dir=state_dir)
@@ -168,7 +165,7 @@ def _integer(name: str, value: object, *, minimum: int, maximum: int = MAX_GPUS 
         number = int(value.strip())
     if number is None or not minimum <= number <= maximum:
         shown = repr(value) if not isinstance(value, str) or len(value) <= 40 else repr(value[:40] + "…")
-        raise MockConfigError(f"{name}: must be an integer from {minimum} to {maximum}, got {shown}")
+        raise ConfigError(f"{name}: must be an integer from {minimum} to {maximum}, got {shown}")
     return number
 
 
@@ -176,15 +173,15 @@ def _text(name: str, value: object) -> str:
     if isinstance(value, Path):
         value = str(value)
     if not isinstance(value, str) or not value.strip():
-        raise MockConfigError(f"{name}: must be a non-empty string, got {value!r}")
+        raise ConfigError(f"{name}: must be a non-empty string, got {value!r}")
     return value
 
 
 def _sequence(name: str, value: object, maximum: int = MAX_GPUS) -> Sequence[object]:
     if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-        raise MockConfigError(f"{name}: must be a list, got {type(value).__name__}")
+        raise ConfigError(f"{name}: must be a list, got {type(value).__name__}")
     if len(value) > maximum:
-        raise MockConfigError(f"{name}: has {len(value)} entries, at most {maximum}")
+        raise ConfigError(f"{name}: has {len(value)} entries, at most {maximum}")
     return value
 
 
@@ -203,9 +200,9 @@ def _nvlink_groups(value: object) -> tuple[NVLinkGroup, ...]:
         if isinstance(group, Mapping):
             unknown = set(group) - {"gpus", "links"}
             if unknown:
-                raise MockConfigError(f"{name}: unknown keys {sorted(map(str, unknown))}; known: gpus, links")
+                raise ConfigError(f"{name}: unknown keys {sorted(map(str, unknown))}; known: gpus, links")
             if "gpus" not in group:
-                raise MockConfigError(f"{name}.gpus: missing; a group is a list of GPU indices or {{gpus, links}}")
+                raise ConfigError(f"{name}.gpus: missing; a group is a list of GPU indices or {{gpus, links}}")
             links = group.get("links", DEFAULT_NVLINKS)
             group, name = group["gpus"], f"{name}.gpus"
         gpus = tuple(_integer(f"{name}[{j}]", gpu, minimum=0) for j, gpu in enumerate(_sequence(name, group)))
@@ -221,17 +218,17 @@ def _check_settings(s: MockSettings) -> None:
     _integer("mock.memory_mib", s.memory_mib, minimum=1, maximum=MAX_MEMORY_MIB)
     _integer("mock.numa_nodes", s.numa_nodes, minimum=1, maximum=MAX_NUMA_NODES)
     if len(s.nvlink_groups) > MAX_NVLINK_GROUPS:
-        raise MockConfigError(f"mock.nvlink_groups: has {len(s.nvlink_groups)} groups, at most {MAX_NVLINK_GROUPS}")
+        raise ConfigError(f"mock.nvlink_groups: has {len(s.nvlink_groups)} groups, at most {MAX_NVLINK_GROUPS}")
     for name in ("model", "node_name", "device_node_host_path"):
         _text(f"mock.{name}", getattr(s, name))
     try:
         Device(id="GPU-check", resource=s.resource, gpu="GPU-check", spec=ContainerSpec())
     except ValueError as e:
-        raise MockConfigError(f"mock.resource: {e}") from None
+        raise ConfigError(f"mock.resource: {e}") from None
     if not s.device_node_host_path.startswith("/"):
-        raise MockConfigError(f"mock.device_node_host_path: must be an absolute path, got {s.device_node_host_path!r}")
+        raise ConfigError(f"mock.device_node_host_path: must be an absolute path, got {s.device_node_host_path!r}")
     if len(str(s.control_socket).encode()) > MAX_SOCKET_PATH_BYTES:
-        raise MockConfigError(
+        raise ConfigError(
             f"mock.control_socket: {str(s.control_socket)!r} is longer than the {MAX_SOCKET_PATH_BYTES} bytes "
             "a unix socket path may have"
         )
@@ -243,13 +240,13 @@ def _check_settings(s: MockSettings) -> None:
         _check_indices(f"mock.pcie_switches[{i}]", switch, s.gpus)
         for gpu in switch:
             if gpu in switch_of:
-                raise MockConfigError(f"mock.pcie_switches[{i}]: GPU {gpu} is already behind switch {switch_of[gpu]}")
+                raise ConfigError(f"mock.pcie_switches[{i}]: GPU {gpu} is already behind switch {switch_of[gpu]}")
             switch_of[gpu] = i
 
 
 def _check_indices(name: str, indices: tuple[int, ...], gpus: int) -> None:
     for gpu in indices:
         if not 0 <= gpu < gpus:
-            raise MockConfigError(f"{name}: GPU index {gpu} out of range 0..{gpus - 1}")
+            raise ConfigError(f"{name}: GPU index {gpu} out of range 0..{gpus - 1}")
     if len(set(indices)) != len(indices):
-        raise MockConfigError(f"{name}: lists a GPU twice: {list(indices)}")
+        raise ConfigError(f"{name}: lists a GPU twice: {list(indices)}")

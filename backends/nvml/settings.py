@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import ContainerSpec, Device
 
 #: Longest event wait allowed: the health thread checks its stop flag between waits, so this bounds shutdown.
@@ -16,10 +17,6 @@ MAX_EVENT_WAIT_TIMEOUT_MS = 10_000
 MAX_BACKOFF_S = 3600.0
 #: Most consecutive failed event waits tolerated before every GPU is marked Unhealthy.
 MAX_WAIT_ERROR_THRESHOLD = 1000
-
-
-class NvmlSettingsError(ValueError):
-    """An NVML backend setting could not be read; the message names the field. Retrying does not help."""
 
 
 class DeviceIdStrategy(enum.StrEnum):
@@ -79,35 +76,33 @@ class NvmlSettings:
         try:
             object.__setattr__(self, "device_id_strategy", DeviceIdStrategy(self.device_id_strategy))
         except ValueError:
-            raise NvmlSettingsError(
-                f"device_id_strategy: {self.device_id_strategy!r} is not one of uuid, index"
-            ) from None
+            raise ConfigError(f"device_id_strategy: {self.device_id_strategy!r} is not one of uuid, index") from None
         try:
             # The model owns the rule for resource names; a throwaway device applies it.
             Device(id="probe", resource=self.resource, gpu="probe", spec=ContainerSpec())
         except ValueError as error:
-            raise NvmlSettingsError(f"resource: {error}") from None
+            raise ConfigError(f"resource: {error}") from None
         if not 1 <= self.event_wait_timeout_ms <= MAX_EVENT_WAIT_TIMEOUT_MS:
-            raise NvmlSettingsError(
+            raise ConfigError(
                 f"event_wait_timeout_ms: {self.event_wait_timeout_ms} is outside 1..{MAX_EVENT_WAIT_TIMEOUT_MS}"
                 " (it bounds how long shutdown waits for the health thread)"
             )
         if not 1 <= self.wait_error_threshold <= MAX_WAIT_ERROR_THRESHOLD:
-            raise NvmlSettingsError(
+            raise ConfigError(
                 f"wait_error_threshold: {self.wait_error_threshold} is outside 1..{MAX_WAIT_ERROR_THRESHOLD}"
             )
         if not self.rediscover_backoff_max_s <= MAX_BACKOFF_S:
-            raise NvmlSettingsError(
+            raise ConfigError(
                 f"rediscover_backoff_max_s: {self.rediscover_backoff_max_s:g} is above {MAX_BACKOFF_S:g} (an hour)"
             )
         if not 0 < self.retry_backoff_initial_s <= self.rediscover_backoff_max_s:
-            raise NvmlSettingsError(
+            raise ConfigError(
                 f"retry_backoff_initial_s: {self.retry_backoff_initial_s:g} must be above 0 and at most"
                 f" rediscover_backoff_max_s ({self.rediscover_backoff_max_s:g})"
             )
         for name in ("driver_root", "device_root", "sysfs_root"):
             if not str(getattr(self, name)).startswith("/"):
-                raise NvmlSettingsError(f"{name}: {getattr(self, name)!r} must be an absolute path")
+                raise ConfigError(f"{name}: {getattr(self, name)!r} must be an absolute path")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> NvmlSettings:
@@ -117,7 +112,7 @@ class NvmlSettings:
         for key, raw in options.items():
             name = str(key).replace("-", "_")
             if name not in known:
-                raise NvmlSettingsError(f"{key}: unknown NVML setting; known: {', '.join(sorted(known))}")
+                raise ConfigError(f"{key}: unknown NVML setting; known: {', '.join(sorted(known))}")
             values[name] = _convert(name, raw)
         return cls(**values)
 
@@ -134,7 +129,7 @@ def _convert(name: str, raw: Any) -> Any:
             return raw
         if isinstance(raw, str) and raw.strip().lower() in _BOOLS:
             return _BOOLS[raw.strip().lower()]
-        raise NvmlSettingsError(f"{name}: {raw!r} is not a boolean (true or false)")
+        raise ConfigError(f"{name}: {raw!r} is not a boolean (true or false)")
     if name in _INT_FIELDS:
         if isinstance(raw, int) and not isinstance(raw, bool):
             return raw
@@ -143,7 +138,7 @@ def _convert(name: str, raw: Any) -> Any:
                 return int(raw.strip())
             except ValueError:
                 pass
-        raise NvmlSettingsError(f"{name}: {raw!r} is not a whole number")
+        raise ConfigError(f"{name}: {raw!r} is not a whole number")
     if name in _FLOAT_FIELDS:
         value: float | None = None
         if isinstance(raw, int | float) and not isinstance(raw, bool):
@@ -154,13 +149,13 @@ def _convert(name: str, raw: Any) -> Any:
             except ValueError:
                 value = None
         if value is None or not math.isfinite(value):
-            raise NvmlSettingsError(f"{name}: {raw!r} is not a number of seconds")
+            raise ConfigError(f"{name}: {raw!r} is not a number of seconds")
         return value
     if name == "device_id_strategy":
         try:
             return DeviceIdStrategy(str(raw).strip().lower())
         except ValueError:
-            raise NvmlSettingsError(f"device_id_strategy: {raw!r} is not one of uuid, index") from None
+            raise ConfigError(f"device_id_strategy: {raw!r} is not one of uuid, index") from None
     if not isinstance(raw, str):
-        raise NvmlSettingsError(f"{name}: {raw!r} is not a string")
+        raise ConfigError(f"{name}: {raw!r} is not a string")
     return raw

@@ -22,10 +22,6 @@ MAX_PARTITIONS_PER_GPU = 7
 MAX_LAYOUTS = 1024
 
 
-class PartitionedConfigError(ValueError):
-    """A partitioned setting is invalid; the message names the field. Retrying does not help, fixing it does."""
-
-
 class Strategy(enum.StrEnum):
     """NVIDIA's MIG strategies."""
 
@@ -117,9 +113,9 @@ class PartitionedSettings:
 
     def __post_init__(self) -> None:
         if self.parent == "partitioned":
-            raise PartitionedConfigError("partitioned.parent: the partitioned backend cannot slice itself")
+            raise ConfigError("partitioned.parent: the partitioned backend cannot slice itself")
         if self.profiles is ProfileSource.NVML and self.parent != "nvml":
-            raise PartitionedConfigError(
+            raise ConfigError(
                 f"partitioned.profiles: nvml reads each GPU's profiles through NVML; parent is {self.parent!r}, "
                 "set parent: nvml or profiles: h200"
             )
@@ -147,9 +143,7 @@ class PartitionedSettings:
             if raw is None:
                 continue
             if key not in known:
-                raise PartitionedConfigError(
-                    f"partitioned.{raw_key}: unknown setting; known: {', '.join(sorted(known))}"
-                )
+                raise ConfigError(f"partitioned.{raw_key}: unknown setting; known: {', '.join(sorted(known))}")
             values[key] = _CONVERTERS[key](f"partitioned.{key}", raw)
         return cls(**values)
 
@@ -160,7 +154,7 @@ def check_layout(name: str, layout: Layout, table: ProfileTable) -> None:
         try:
             table.get(profile)
         except ProfileError as error:
-            raise PartitionedConfigError(f"{name}: {error}") from None
+            raise ConfigError(f"{name}: {error}") from None
 
 
 def parse_layout(name: str, value: object) -> Layout:
@@ -173,7 +167,7 @@ def parse_layout(name: str, value: object) -> Layout:
 
 def _at_most(name: str, partitions: int) -> None:
     if partitions > MAX_PARTITIONS_PER_GPU:
-        raise PartitionedConfigError(
+        raise ConfigError(
             f"{name}: {partitions} partitions; a GPU holds at most {MAX_PARTITIONS_PER_GPU} (MIG's limit)"
         )
 
@@ -197,21 +191,21 @@ def _parse_layout(name: str, value: object) -> Layout:
     if isinstance(value, Sequence) and not isinstance(value, bytes):
         _at_most(name, len(value))
         return Layout(profiles=tuple(_profile(f"{name}[{i}]", p) for i, p in enumerate(value)))
-    raise PartitionedConfigError(
+    raise ConfigError(
         f"{name}: must be all-<profile>, none, a list of profiles or a mapping of profile to count, got {value!r}"
     )
 
 
 def _profile(name: str, value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise PartitionedConfigError(f"{name}: a profile name such as 1g.18gb, got {value!r}")
+        raise ConfigError(f"{name}: a profile name such as 1g.18gb, got {value!r}")
     return value.strip()
 
 
 def _count(name: str, value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_PARTITIONS_PER_GPU:
         return value
-    raise PartitionedConfigError(f"{name}: must be a count from 0 to {MAX_PARTITIONS_PER_GPU}, got {value!r}")
+    raise ConfigError(f"{name}: must be a count from 0 to {MAX_PARTITIONS_PER_GPU}, got {value!r}")
 
 
 def _gpu_key(name: str, key: object) -> GpuKey:
@@ -220,25 +214,25 @@ def _gpu_key(name: str, key: object) -> GpuKey:
     if isinstance(key, str) and key.strip():
         match = _GPU_KEY.match(key.strip())
         return int(match.group(1)) if match else key.strip()
-    raise PartitionedConfigError(f"{name}: keys are GPU indices or UUIDs, got {key!r}")
+    raise ConfigError(f"{name}: keys are GPU indices or UUIDs, got {key!r}")
 
 
 def _layouts(name: str, value: object) -> Mapping[GpuKey, Layout]:
     if not isinstance(value, Mapping):
-        raise PartitionedConfigError(f"{name}: must map GPU indices or UUIDs to layouts, got {value!r}")
+        raise ConfigError(f"{name}: must map GPU indices or UUIDs to layouts, got {value!r}")
     if len(value) > MAX_LAYOUTS:
-        raise PartitionedConfigError(f"{name}: {len(value)} entries; at most {MAX_LAYOUTS}")
+        raise ConfigError(f"{name}: {len(value)} entries; at most {MAX_LAYOUTS}")
     layouts: dict[GpuKey, Layout] = {}
     for raw_key, raw in value.items():
         key = _gpu_key(name, raw_key)
         if key in layouts:
-            raise PartitionedConfigError(f"{name}: GPU {key} has two layouts")
+            raise ConfigError(f"{name}: GPU {key} has two layouts")
         layouts[key] = parse_layout(f"{name}.{key}", raw)
     return MappingProxyType(layouts)
 
 
 Converter = Callable[[str, object], object]
-"""Reads one setting's raw value; raises PartitionedConfigError naming the setting."""
+"""Reads one setting's raw value; raises ConfigError naming the setting."""
 
 
 def _enum(kind: type[enum.StrEnum]) -> Converter:
@@ -247,20 +241,20 @@ def _enum(kind: type[enum.StrEnum]) -> Converter:
             return kind(str(value).strip().lower())
         except ValueError:
             choices = ", ".join(member.value for member in kind)
-            raise PartitionedConfigError(f"{name}: must be one of {choices}, got {value!r}") from None
+            raise ConfigError(f"{name}: must be one of {choices}, got {value!r}") from None
 
     return convert
 
 
 def _parent(name: str, value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise PartitionedConfigError(f"{name}: must name a backend (mock or nvml), got {value!r}")
+        raise ConfigError(f"{name}: must name a backend (mock or nvml), got {value!r}")
     return value.strip()
 
 
 def _parent_options(name: str, value: object) -> Mapping[str, Any]:
     if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise PartitionedConfigError(f"{name}: must be a mapping of the parent's settings, got {value!r}")
+        raise ConfigError(f"{name}: must be a mapping of the parent's settings, got {value!r}")
     return MappingProxyType(dict(value))
 
 
@@ -269,14 +263,14 @@ def _allocation_policy(name: str, value: object) -> AllocationPolicyKind:
         return AllocationPolicyKind(str(value).strip().lower())
     except ValueError:
         choices = ", ".join(member.value for member in AllocationPolicyKind)
-        raise PartitionedConfigError(f"{name}: must be one of {choices}, got {value!r}") from None
+        raise ConfigError(f"{name}: must be one of {choices}, got {value!r}") from None
 
 
 def _mps(name: str, value: object) -> ControlDaemonSettings:
     try:
         return ControlDaemonSettings.from_mapping(value, name)
     except ConfigError as error:
-        raise PartitionedConfigError(str(error)) from None
+        raise ConfigError(str(error)) from None
 
 
 _CONVERTERS: Mapping[str, Converter] = MappingProxyType(

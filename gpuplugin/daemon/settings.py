@@ -13,9 +13,9 @@ from gpuplugin.core.errors import ConfigError, config_key
 from gpuplugin.core.limits import MAX_CONFIG_VALUES, within_values
 from gpuplugin.daemon.logs import LogFormat
 from gpuplugin.daemon.manager import ManagerSettings
-from gpuplugin.daemon.probes import AddressError, ListenAddress, ProbeSettings
+from gpuplugin.daemon.probes import ListenAddress, ProbeSettings
 from gpuplugin.devices.cdi import CdiSettings
-from gpuplugin.devices.health import MAX_QUIET_PERIOD_S, MAX_XID, HealthPolicy, HealthPolicyError
+from gpuplugin.devices.health import MAX_QUIET_PERIOD_S, MAX_XID, HealthPolicy
 from gpuplugin.devices.mps import MpsSharing, absolute_path
 from gpuplugin.devices.sharing import TimeSlicing
 from gpuplugin.devices.strategies import DeviceListStrategy
@@ -163,16 +163,10 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
         raise ConfigError(f"{source}: plugin.logFormat: must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     state_dir = overrides.state_dir or _path(plugin, "stateDir", source, str(defaults.state_dir))
     registry_dir = _path(plugin, "pluginsRegistryDir", source, str(defaults.manager.server.plugins_registry_dir))
-    try:
-        health = _health(_section(config, "health", source), source).with_env(env)
-    except HealthPolicyError as exc:
-        raise ConfigError(str(exc)) from None
+    health = _health(_section(config, "health", source), source).with_env(env)
     address_text = overrides.metrics_address or _str(plugin, "metricsAddress", source, "plugin", "-")
     option = "--metrics-address" if overrides.metrics_address else f"{source}: plugin.metricsAddress"
-    try:
-        address = ListenAddress.parse(address_text, option) if address_text != "-" else None
-    except AddressError as exc:
-        raise ConfigError(str(exc)) from None
+    address = ListenAddress.parse(address_text, option) if address_text != "-" else None
     flags = _section(config, "flags", source)
     _no_unknown(flags, _FLAGS, source, "flags")
     plugin_flags = dict(_section(flags, "plugin", source, "flags"))

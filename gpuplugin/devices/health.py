@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 import structlog
 
 from gpuplugin.core.backend import HealthChanged
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import Health
 from gpuplugin.core.tasks import TaskSet
 
@@ -38,10 +39,6 @@ class XidAction(enum.StrEnum):
     """Unhealthy now; Healthy again after the quiet period, once a probe answers."""
     FATAL = "fatal"
     """Unhealthy until the GPU is reset or the node rebooted (or an operator recovers it)."""
-
-
-class HealthPolicyError(ValueError):
-    """A health setting could not be read; the message names it. Retrying does not help."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,9 +90,9 @@ def _xid(variable: str, word: str) -> int:
     try:
         xid = int(word)
     except ValueError:
-        raise HealthPolicyError(f"{variable}: {word[:20]!r} is not an XID number, 'xids' or 'all'") from None
+        raise ConfigError(f"{variable}: {word[:20]!r} is not an XID number, 'xids' or 'all'") from None
     if not 0 <= xid <= MAX_XID:
-        raise HealthPolicyError(f"{variable}: XID {xid} is out of range 0..{MAX_XID}")
+        raise ConfigError(f"{variable}: XID {xid} is out of range 0..{MAX_XID}")
     return xid
 
 

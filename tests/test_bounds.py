@@ -201,12 +201,22 @@ def test_xids_from_the_environment_are_bounded(value: str) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"wait_error_threshold": 0}, "wait_error_threshold: 0 is outside 1..1000"),
-        ({"wait_error_threshold": 1001}, "wait_error_threshold: 1001 is outside 1..1000"),
-        ({"event_wait_timeout_ms": 10001}, "event_wait_timeout_ms: 10001 is outside 1..10000"),
-        ({"rediscover_backoff_max_s": 3601}, "rediscover_backoff_max_s: 3601 is above 3600"),
-        ({"retry_backoff_initial_s": 0}, "retry_backoff_initial_s: 0 must be above 0"),
-        ({"retry_backoff_initial_s": "nan"}, "retry_backoff_initial_s: 'nan' is not a number of seconds"),
+        ({"wait_error_threshold": 0}, "wait_error_threshold: must be an integer from 1 to 1000, got 0$"),
+        ({"wait_error_threshold": 1001}, "wait_error_threshold: must be an integer from 1 to 1000, got 1001$"),
+        ({"event_wait_timeout_ms": 10001}, "event_wait_timeout_ms: must be an integer from 1 to 10000, got 10001$"),
+        (
+            {"rediscover_backoff_max_s": 3601},
+            "rediscover_backoff_max_s: must be a number above 0 and at most 3600, got 3601$",
+        ),
+        ({"retry_backoff_initial_s": 0}, "retry_backoff_initial_s: must be a number above 0 and at most 3600, got 0$"),
+        (
+            {"retry_backoff_initial_s": "nan"},
+            "retry_backoff_initial_s: must be a number above 0 and at most 3600, got 'nan'$",
+        ),
+        (
+            {"retry_backoff_initial_s": 90},
+            r"retry_backoff_initial_s: 90 must be at most rediscover_backoff_max_s \(60\)$",
+        ),
     ],
 )
 def test_nvml_ranges_name_the_field(options: dict[str, Any], message: str) -> None:

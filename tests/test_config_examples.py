@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 
@@ -243,7 +244,7 @@ def test_full_example_lists_every_setting_with_a_comment() -> None:
     assert set(data["plugin"]) == _PLUGIN_SECTION
     assert set(data["backend"]) == {"name", "mock", "nvml", "partitioned"}
     assert set(data["backend"]["mock"]) == {f.name for f in fields(MockSettings)} | {"config"}
-    assert set(data["backend"]["nvml"]) == {f.name for f in fields(NvmlSettings)}
+    assert set(data["backend"]["nvml"]) == {f.name for f in msgspec.structs.fields(NvmlSettings)}
     assert set(data["backend"]["partitioned"]) == {f.name for f in fields(PartitionedSettings)}
     assert set(data["health"]) == {"enabled", "ignoredXids", "fatalXids", "enabledXids", "recoveryQuietPeriodSeconds"}
     assert set(data["allocation"]) == {"policy"}

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from gpuplugin.backends.nvml import NvmlSettings
 from gpuplugin.backends.partitioned import PartitionedSettings
 from gpuplugin.cli import main
-from gpuplugin.core.errors import MAX_MESSAGE_CHARS, ConfigError
+from gpuplugin.core.errors import MAX_MESSAGE_CHARS, ConfigError, DevicesRefuseConfig
 from gpuplugin.core.limits import (
     KUBELET_MAX_MESSAGE_BYTES,
     LARGE_NUMA_NODE,
@@ -127,7 +127,7 @@ def test_replicas_times_gpus_are_counted_before_replicas_are_built() -> None:
     """20000 replicas of 8 GPUs (160,000 devices, a 10 MB message) are refused by count, naming the field."""
     sharing = shared(20000)
     started = time.perf_counter()
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(DevicesRefuseConfig) as caught:
         sharing.apply(gpus(8))
     assert time.perf_counter() - started < 0.1, "refused by counting, not by building 160,000 replicas"
     message = str(caught.value)
@@ -147,7 +147,9 @@ def test_the_largest_replica_count_that_fits_is_served() -> None:
 def test_unshared_gpus_of_the_same_name_count_too() -> None:
     """Replicas of GPU 0 plus the whole GPUs left under the same name are counted together, perGpu counts too."""
     sharing = shared(2, perGpu={0: MAX_DEVICES_PER_RESOURCE})
-    with pytest.raises(ConfigError, match=r"resources\[0\]\.replicas/perGpu: 8 GPUs with up to 24672 replicas each"):
+    with pytest.raises(
+        DevicesRefuseConfig, match=r"resources\[0\]\.replicas/perGpu: 8 GPUs with up to 24672 replicas each"
+    ):
         sharing.apply(gpus(8))
     only_first = shared(MAX_DEVICES_PER_RESOURCE, devices=[0])
     with pytest.raises(
@@ -170,9 +172,12 @@ def test_unshared_gpus_of_the_same_name_count_too() -> None:
         ("health:\n  recoveryQuietPeriodSeconds: .nan\n", "health.recoveryQuietPeriodSeconds: must be a number"),
         ("health:\n  recoveryQuietPeriodSeconds: .inf\n", "health.recoveryQuietPeriodSeconds: must be a number"),
         ("health:\n  recoveryQuietPeriodSeconds: 86401\n", "from 0 to 86400, got 86401"),
-        ("health:\n  fatalXids: [79, 1024]\n", "health.fatalXids: must be a list of XID numbers (0 to 1023)"),
-        ("health:\n  ignoredXids: [-1]\n", "health.ignoredXids: must be a list of XID numbers (0 to 1023)"),
-        ("health:\n  enabledXids: [99999999999]\n", "health.enabledXids: must be a list of XID numbers"),
+        ("health:\n  fatalXids: [79, 1024]\n", "health.fatalXids[1]: must be an integer from 0 to 1023, got 1024"),
+        ("health:\n  ignoredXids: [-1]\n", "health.ignoredXids[0]: must be an integer from 0 to 1023, got -1"),
+        (
+            "health:\n  enabledXids: [99999999999]\n",
+            "health.enabledXids[0]: must be an integer from 0 to 1023, got 99999999999",
+        ),
     ],
 )
 def test_health_ranges_name_the_field(text: str, message: str) -> None:

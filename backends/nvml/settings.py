@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import msgspec
 
-from gpuplugin.core.config import decode, word
+from gpuplugin.core.config import AbsolutePath, decode, word
 from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import ContainerSpec, Device
 
@@ -18,10 +18,6 @@ MAX_EVENT_WAIT_TIMEOUT_MS = 10_000
 MAX_BACKOFF_S = 3600.0
 #: Most consecutive failed event waits tolerated before every GPU is marked Unhealthy.
 MAX_WAIT_ERROR_THRESHOLD = 1000
-
-
-#: A path from the root: the daemon's working directory means nothing on a node.
-AbsolutePath = Annotated[str, msgspec.Meta(pattern="^/")]
 
 
 class DeviceIdStrategy(enum.StrEnum):

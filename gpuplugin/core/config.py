@@ -9,20 +9,26 @@ msgspec, not pydantic: it adds ~4 MB RSS and ~20 ms of import to ``serve`` where
 from __future__ import annotations
 
 import re
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 import msgspec.inspect as mi
 
 from gpuplugin.core.errors import ConfigError, config_key
 
-__all__ = ["Section", "decode", "word"]
+__all__ = ["ABSOLUTE", "AbsolutePath", "Section", "decode", "word"]
 
 T = TypeVar("T")
 
 
-class Section(msgspec.Struct, forbid_unknown_fields=True, rename="camel", frozen=True, kw_only=True):
-    """One section of a config file: its keys are the fields' camelCase names and no others."""
+#: A path from the root, without NUL: the daemon's working directory means nothing on a node.
+ABSOLUTE = r"^/[^\x00]*$"
+AbsolutePath = Annotated[str, msgspec.Meta(pattern=ABSOLUTE)]
+
+
+class Section(msgspec.Struct, forbid_unknown_fields=True, rename="camel", kw_only=True):
+    """One section of a config file: its keys are the fields' camelCase names and no others. Read once, then turned
+    into the frozen settings the rest of the code holds."""
 
 
 #: Booleans as flags and environment variables spell them; ``lax`` decoding reads true/false and 1/0 itself.
@@ -89,7 +95,7 @@ def _message(text: str, data: object, schema: type[Any], path: str, checked: boo
         problem = f"must be one of {', '.join(map(str, choices))}"
     elif isinstance(info, mi.BoolType):
         problem = "must be true or false"
-    elif isinstance(info, mi.StrType) and info.pattern == "^/":
+    elif isinstance(info, mi.StrType) and info.pattern == ABSOLUTE:
         problem = "must be an absolute path"
     if value is not _MISSING:
         problem = problem.split(", got ")[0] + f", got {value!r}"
@@ -129,7 +135,7 @@ def _type_at(info: mi.Type, steps: list[str | int]) -> mi.Type:
             info = next((f.type for f in info.fields if f.encode_name == step), mi.AnyType())
         elif isinstance(info, mi.DictType):
             info = info.value_type
-        elif isinstance(info, mi.ListType | mi.VarTupleType):
+        elif isinstance(info, mi.ListType | mi.VarTupleType | mi.SetType | mi.FrozenSetType):
             info = info.item_type
         else:
             return mi.AnyType()

@@ -30,6 +30,12 @@ class ConfigError(ValueError):
         return cls(f"{path}: {message}")
 
 
+class DevicesRefuseConfig(ConfigError):
+    """A setting that does not fit the devices found: too many replicas for the kubelet, a replica ID too long, MPS
+    limits above a GPU's memory. Its own class because it is known only once the devices are: a reload refused this
+    way has already replaced the pipeline, so the daemon restores the previous config rather than keep serving."""
+
+
 def shorten(message: str) -> str:
     """``message`` on one line, cut to ``MAX_MESSAGE_CHARS``."""
     line = " ".join(message.splitlines())

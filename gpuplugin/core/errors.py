@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -45,7 +46,8 @@ def shorten(message: str) -> str:
 def config_key(key: object) -> str:
     """A config key as it can stand in a one-line message: plain keys as they are, odd ones quoted and cut."""
     text = str(key)
-    if text.isprintable() and " " not in text and len(text) <= 80:
+    # Only a plain word stands bare: a key with a dot, colon or bracket would read as part of the path.
+    if re.fullmatch(r"[\w-]{1,80}", text):
         return text
     return repr(text[:80])
 

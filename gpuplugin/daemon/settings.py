@@ -245,18 +245,21 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
         raise ConfigError(f"--log-format: must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     address_text = overrides.metrics_address or plugin.metrics_address or "-"
     option = "--metrics-address" if overrides.metrics_address else f"{source}: plugin.metricsAddress"
+    address = ListenAddress.parse(address_text, option) if address_text != "-" else None
+    health = _health(file.health or HealthSection()).with_env(env)
+    policy = (file.allocation or AllocationSection()).policy
+    backend, options = _backend(overrides, file, policy)
+    # The sections below are read by their own settings, which name the field but not the file.
     plugin_flags = dict((config.get("flags") or {}).get("plugin") or {})
     if overrides.device_list_strategy is not None:
         plugin_flags["deviceListStrategy"] = overrides.device_list_strategy
-    policy = (file.allocation or AllocationSection()).policy
     sharing = config.get("sharing") or {}
+    time_slicing, mps = _shared(sharing.get("timeSlicing"), policy), _shared(sharing.get("mps"), policy)
     with _prefixed(source):
-        time_slicing = _shared(sharing.get("timeSlicing"), policy)
-        mps = _shared(sharing.get("mps"), policy)
         return PluginSettings(
-            backend=(backend := _backend(overrides, file, policy))[0],
-            backend_options=backend[1],
-            probes=ProbeSettings(address=ListenAddress.parse(address_text, option) if address_text != "-" else None),
+            backend=backend,
+            backend_options=options,
+            probes=ProbeSettings(address=address),
             manager=dataclasses.replace(
                 defaults.manager,
                 server=dataclasses.replace(
@@ -265,7 +268,7 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
                     plugins_registry_dir=Path(plugin.plugins_registry_dir or server.plugins_registry_dir),
                 ),
             ),
-            health=_health(file.health or HealthSection()).with_env(env),
+            health=health,
             log_format=log_format,
             log_level=log_level.lower(),
             state_dir=overrides.state_dir or Path(plugin.state_dir or defaults.state_dir),

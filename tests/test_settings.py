@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 import pytest
@@ -254,15 +254,16 @@ def test_relative_directories_in_the_file_are_refused(key: str) -> None:
 
 
 #: Every key the plugin's own schema reads, as a path of keys from the top of the file.
+SECTIONS: list[tuple[str, type[msgspec.Struct]]] = [
+    ("plugin", PluginSection),
+    ("health", HealthSection),
+    ("allocation", AllocationSection),
+    ("flags", Flags),
+    ("sharing", SharingSection),
+]
 SETTING_PATHS = [
     (section, *rest)
-    for section, schema in [
-        ("plugin", cast(type[msgspec.Struct], PluginSection)),
-        ("health", HealthSection),
-        ("allocation", AllocationSection),
-        ("flags", Flags),
-        ("sharing", SharingSection),
-    ]
+    for section, schema in SECTIONS
     for rest in [(), *[(f.encode_name,) for f in msgspec.structs.fields(schema)]]
 ] + [
     ("version",),

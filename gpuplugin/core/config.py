@@ -15,8 +15,22 @@ import msgspec
 import msgspec.inspect as mi
 
 from gpuplugin.core.errors import ConfigError, config_key
+from gpuplugin.core.limits import MAX_CONFIG_VALUES, within_values
 
-__all__ = ["ABSOLUTE", "AbsolutePath", "Section", "decode", "word"]
+__all__ = [
+    "ABSOLUTE",
+    "MAX_CONFIG_BYTES",
+    "AbsolutePath",
+    "Section",
+    "Text",
+    "decode",
+    "decode_config",
+    "parse_config",
+    "word",
+]
+
+#: The largest config file read: what a Kubernetes ConfigMap holds (1 MiB). A larger file is refused unread.
+MAX_CONFIG_BYTES = 1024 * 1024
 
 T = TypeVar("T")
 
@@ -24,11 +38,49 @@ T = TypeVar("T")
 #: A path from the root, without NUL: the daemon's working directory means nothing on a node.
 ABSOLUTE = r"^/[^\x00]*$"
 AbsolutePath = Annotated[str, msgspec.Meta(pattern=ABSOLUTE)]
+#: Text with something in it besides spaces.
+TEXT = r"\S"
+Text = Annotated[str, msgspec.Meta(pattern=TEXT)]
 
 
 class Section(msgspec.Struct, forbid_unknown_fields=True, rename="camel", kw_only=True):
     """One section of a config file: its keys are the fields' camelCase names and no others. Read once, then turned
     into the frozen settings the rest of the code holds."""
+
+
+def decode_config(data: bytes, source: str) -> str:
+    """The text of a config file read as at most ``MAX_CONFIG_BYTES + 1`` bytes; ConfigError if too big or not
+    UTF-8."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source}: larger than {MAX_CONFIG_BYTES} bytes (1 MiB, what a ConfigMap holds)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x})") from None
+
+
+def parse_config(text: str, source: str) -> dict[str, Any]:
+    """Parse and check the top level of a config file."""
+    import yaml  # here: a plugin started without a config file never pays for it (1 MB, tens of ms)
+
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: must be a mapping, got {type(data).__name__}")
+    if not within_values(data, MAX_CONFIG_VALUES):
+        raise ConfigError(f"{source}: holds more than {MAX_CONFIG_VALUES} values once its YAML aliases are expanded")
+    return data
 
 
 #: Booleans as flags and environment variables spell them; ``lax`` decoding reads true/false and 1/0 itself.
@@ -88,17 +140,20 @@ def _message(text: str, data: object, schema: type[Any], path: str, checked: boo
         problem, value = "missing; it has no default", _MISSING
     elif match and match["key"]:
         problem, value = "keys must be text", _MISSING
-    elif isinstance(info, mi.IntType | mi.FloatType) and problem.startswith("Expected `"):
+    elif isinstance(info, mi.IntType | mi.FloatType):
         problem = _range(info) or problem
     elif isinstance(info, mi.EnumType | mi.LiteralType):
         choices = [m.value for m in info.cls] if isinstance(info, mi.EnumType) else list(info.values)
         problem = f"must be one of {', '.join(map(str, choices))}"
     elif isinstance(info, mi.BoolType):
         problem = "must be true or false"
-    elif isinstance(info, mi.StrType) and info.pattern == ABSOLUTE:
-        problem = "must be an absolute path"
+    elif isinstance(info, mi.StrType) and info.pattern in (ABSOLUTE, TEXT) and isinstance(value, str):
+        problem = "must be an absolute path" if info.pattern == ABSOLUTE else "must be a non-empty string"
+    elif isinstance(info, mi.ListType) and isinstance(value, list) and len(value) > (info.max_length or len(value)):
+        problem, value = f"has {len(value)} entries, at most {info.max_length}", _MISSING
     if value is not _MISSING:
-        problem = problem.split(", got ")[0] + f", got {value!r}"
+        shown = repr(value)
+        problem = problem.split(", got ")[0] + f", got {shown if len(shown) <= 60 else shown[:60] + '…'}"
     problem = problem.replace(" | null`", "`")  # an optional section: None is its default, not a choice
     problem = re.sub(r"`([^`]*)`", lambda m: re.sub(r"\w+", lambda w: _KINDS.get(w[0], w[0]), m[1]), problem)
     problem = problem[:1].lower() + problem[1:]
@@ -128,7 +183,10 @@ def _type_at(info: mi.Type, steps: list[str | int]) -> mi.Type:
             if isinstance(info, mi.Metadata):
                 info = info.type
             else:
-                info = next((t for t in info.types if not isinstance(t, mi.NoneType)), info.types[0])
+                # The member a step can lead into: a key into a mapping or Struct, an index into a list.
+                kinds = (mi.StructType, mi.DictType) if isinstance(step, str) else (mi.ListType, mi.VarTupleType)
+                members = [t for t in info.types if not isinstance(t, mi.NoneType)] or list(info.types)
+                info = next((t for t in members if isinstance(_bare(t), kinds)), members[0])
         if step is None:
             break
         if isinstance(info, mi.StructType):
@@ -140,6 +198,10 @@ def _type_at(info: mi.Type, steps: list[str | int]) -> mi.Type:
         else:
             return mi.AnyType()
     return info
+
+
+def _bare(info: mi.Type) -> mi.Type:
+    return _bare(info.type) if isinstance(info, mi.Metadata) else info
 
 
 def _range(info: mi.IntType | mi.FloatType) -> str | None:

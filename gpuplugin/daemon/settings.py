@@ -12,9 +12,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-from gpuplugin.core.config import AbsolutePath, Section, decode
+from gpuplugin.core.config import MAX_CONFIG_BYTES, AbsolutePath, Section, Text, decode, decode_config, parse_config
 from gpuplugin.core.errors import ConfigError
-from gpuplugin.core.limits import MAX_CONFIG_VALUES, within_values
 from gpuplugin.daemon.logs import LogFormat
 from gpuplugin.daemon.manager import ManagerSettings
 from gpuplugin.daemon.probes import ListenAddress, ProbeSettings
@@ -31,8 +30,6 @@ __all__ = ["MAX_CONFIG_BYTES", "ConfigError", "Overrides", "PluginSettings", "de
 CONFIG_VERSION = "v1"
 LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-#: The largest config file read: what a Kubernetes ConfigMap holds (1 MiB). A larger file is refused unread.
-MAX_CONFIG_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,17 +76,6 @@ class Overrides:
     """Per backend name: the options its own flags set; only the chosen backend's apply."""
 
 
-def decode_config(data: bytes, source: str) -> str:
-    """The text of a config file read as at most ``MAX_CONFIG_BYTES + 1`` bytes; ConfigError if too big or not
-    UTF-8."""
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{source}: larger than {MAX_CONFIG_BYTES} bytes (1 MiB, what a ConfigMap holds)")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x})") from None
-
-
 def read_config(path: Path) -> str:
     """Read a config file (blocking: before the event loop starts); ConfigError naming the file if it cannot be."""
     try:
@@ -100,32 +86,7 @@ def read_config(path: Path) -> str:
     return decode_config(data, str(path))
 
 
-def parse_config(text: str, source: str) -> dict[str, Any]:
-    """Parse and check the top level of a config file."""
-    import yaml  # here: a plugin started without a config file never pays for it (1 MB, tens of ms)
-
-    try:
-        data = yaml.safe_load(text)
-    except RecursionError:
-        raise ConfigError(f"{source}: nested too deeply to be a config") from None
-    except yaml.YAMLError as exc:
-        where = ""
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: must be a mapping of sections, got {type(data).__name__}")
-    if not within_values(data, MAX_CONFIG_VALUES):
-        raise ConfigError(f"{source}: holds more than {MAX_CONFIG_VALUES} values once its YAML aliases are expanded")
-    return data
-
-
 Xid = Annotated[int, Meta(ge=0, le=MAX_XID)]
-Text = Annotated[str, Meta(min_length=1)]
 
 
 class PluginSection(Section):

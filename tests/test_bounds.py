@@ -3,7 +3,7 @@ range, and a config parser that only ever answers with settings or one ConfigErr
 
 from __future__ import annotations
 
-import contextlib
+import re
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -34,7 +34,7 @@ from gpuplugin.daemon.settings import MAX_CONFIG_BYTES, Overrides, decode_config
 from gpuplugin.devices.health import MAX_XID, HealthPolicy
 from gpuplugin.devices.sharing import TimeSlicing
 from gpuplugin.kubelet.api import v1beta1 as api
-from tests.test_settings import assert_one_line_error
+from tests.test_settings import STEPS, assert_one_line_error
 
 GPU = "nvidia.com/gpu"
 SOURCE = "test.yaml"
@@ -237,7 +237,7 @@ def test_nvml_ranges_name_the_field(options: dict[str, Any], message: str) -> No
         ({"layout": {"1g.18gb": 4, "2g.35gb": 4}}, r"partitioned.layout: 8 partitions; a GPU holds at most 7"),
         ({"layout": ["1g.18gb"] * 100000}, r"partitioned.layout: 100000 partitions"),
         ({"layout": ",".join(["1g.18gb"] * 8)}, r"partitioned.layout: 8 partitions"),
-        ({"layouts": dict.fromkeys(range(1025), "none")}, r"partitioned.layouts: 1025 entries; at most 1024"),
+        ({"layouts": dict.fromkeys(range(1025), "none")}, r"partitioned.layouts: has 1025 entries, at most 1024"),
     ],
 )
 def test_partition_counts_are_bounded(options: dict[str, Any], message: str) -> None:
@@ -473,7 +473,7 @@ _BACKEND_KEYS = {
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data(), backend=st.sampled_from(sorted(_BACKEND_KEYS)))
 def test_random_backend_options_give_settings_or_the_backends_error(data: st.DataObject, backend: str) -> None:
-    """A backend's section, whatever it holds, gives its settings or its own one-line error, never another."""
+    """A backend's section, whatever it holds, gives its settings or a ConfigError starting with the setting's path."""
     from gpuplugin.backends.mock import MockSettings
 
     keys = st.sampled_from(_BACKEND_KEYS[backend])
@@ -483,11 +483,17 @@ def test_random_backend_options_give_settings_or_the_backends_error(data: st.Dat
         max_leaves=20,
     )
     options = data.draw(st.dictionaries(keys, values, max_size=5))
-    parsers: dict[str, tuple[Callable[[Mapping[str, Any]], object], type[ValueError]]] = {
-        "mock": (MockSettings.from_options, ConfigError),
-        "nvml": (NvmlSettings.from_options, ConfigError),
-        "partitioned": (PartitionedSettings.from_options, ConfigError),
+    parsers: dict[str, Callable[[Mapping[str, Any]], object]] = {
+        "mock": MockSettings.from_options,
+        "nvml": NvmlSettings.from_options,
+        "partitioned": PartitionedSettings.from_options,
     }
-    parse, error = parsers[backend]
-    with contextlib.suppress(error):
-        parse(options)
+    try:
+        parsers[backend](options)
+    except ConfigError as error:
+        message = str(error)
+    else:
+        return
+    # The section's name, then the setting's path (NVML's settings are named bare, as its flags are).
+    section = {"mock": r"mock\.", "nvml": "", "partitioned": r"partitioned\."}[backend]
+    assert re.match(rf"^{section}(?:[\w-]+|'[^']*'){STEPS}: \S", message), message

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
 
 from gpuplugin.backends.partitioned.profiles import BUILT_IN_TABLES, ProfileError, ProfileTable
+from gpuplugin.core.config import Text, decode, word
 from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import AllocationPolicyKind
 from gpuplugin.devices.mps import ControlDaemonSettings
@@ -136,16 +140,44 @@ class PartitionedSettings:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> PartitionedSettings:
         """Read settings from a config section or flags; keys may use ``-`` or ``_``; None means unset."""
-        known = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for raw_key, raw in options.items():
-            key = str(raw_key).replace("-", "_")
-            if raw is None:
-                continue
-            if key not in known:
-                raise ConfigError(f"partitioned.{raw_key}: unknown setting; known: {', '.join(sorted(known))}")
-            values[key] = _CONVERTERS[key](f"partitioned.{key}", raw)
-        return cls(**values)
+        values = {str(key).replace("-", "_"): value for key, value in options.items() if value is not None}
+        values = {key: word(value) if key in _WORDS else value for key, value in values.items()}
+        section = decode(values, PartitionedSection, "partitioned", lax=True)
+        given: dict[str, Any] = {
+            "parent": section.parent,
+            "parent_options": None if section.parent_options is None else MappingProxyType(section.parent_options),
+            "strategy": section.strategy,
+            "layout": None if section.layout is None else parse_layout("partitioned.layout", section.layout),
+            "layouts": None if section.layouts is None else _layouts("partitioned.layouts", section.layouts),
+            "profiles": section.profiles,
+            "allocation_policy": section.allocation_policy,
+            "isolation": section.isolation,
+            "mps": None if section.mps is None else ControlDaemonSettings.from_mapping(section.mps, "partitioned.mps"),
+        }
+        return cls(**{key: value for key, value in given.items() if value is not None})
+
+
+#: A layout as written: ``all-<profile>``, ``none``, profiles separated by commas, a list, or a mapping.
+LayoutValue = str | list[Any] | dict[Any, Any]
+
+
+class PartitionedSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The partitioned backend's section as written; layouts are read by ``parse_layout``, ``mps`` by
+    ControlDaemonSettings."""
+
+    parent: Text | None = None
+    parent_options: dict[str, Any] | None = None
+    strategy: Strategy | None = None
+    layout: LayoutValue | None = None
+    layouts: Annotated[dict[Any, LayoutValue], Meta(max_length=MAX_LAYOUTS)] | None = None
+    profiles: ProfileSource | None = None
+    allocation_policy: AllocationPolicyKind | None = None
+    isolation: Isolation | None = None
+    mps: dict[str, Any] | None = None
+
+
+#: Choices that flags may spell in any case.
+_WORDS = frozenset({"strategy", "profiles", "allocation_policy", "isolation"})
 
 
 def check_layout(name: str, layout: Layout, table: ProfileTable) -> None:
@@ -217,11 +249,7 @@ def _gpu_key(name: str, key: object) -> GpuKey:
     raise ConfigError(f"{name}: keys are GPU indices or UUIDs, got {key!r}")
 
 
-def _layouts(name: str, value: object) -> Mapping[GpuKey, Layout]:
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{name}: must map GPU indices or UUIDs to layouts, got {value!r}")
-    if len(value) > MAX_LAYOUTS:
-        raise ConfigError(f"{name}: {len(value)} entries; at most {MAX_LAYOUTS}")
+def _layouts(name: str, value: Mapping[Any, Any]) -> Mapping[GpuKey, Layout]:
     layouts: dict[GpuKey, Layout] = {}
     for raw_key, raw in value.items():
         key = _gpu_key(name, raw_key)
@@ -229,60 +257,3 @@ def _layouts(name: str, value: object) -> Mapping[GpuKey, Layout]:
             raise ConfigError(f"{name}: GPU {key} has two layouts")
         layouts[key] = parse_layout(f"{name}.{key}", raw)
     return MappingProxyType(layouts)
-
-
-Converter = Callable[[str, object], object]
-"""Reads one setting's raw value; raises ConfigError naming the setting."""
-
-
-def _enum(kind: type[enum.StrEnum]) -> Converter:
-    def convert(name: str, value: object) -> enum.StrEnum:
-        try:
-            return kind(str(value).strip().lower())
-        except ValueError:
-            choices = ", ".join(member.value for member in kind)
-            raise ConfigError(f"{name}: must be one of {choices}, got {value!r}") from None
-
-    return convert
-
-
-def _parent(name: str, value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"{name}: must name a backend (mock or nvml), got {value!r}")
-    return value.strip()
-
-
-def _parent_options(name: str, value: object) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise ConfigError(f"{name}: must be a mapping of the parent's settings, got {value!r}")
-    return MappingProxyType(dict(value))
-
-
-def _allocation_policy(name: str, value: object) -> AllocationPolicyKind:
-    try:
-        return AllocationPolicyKind(str(value).strip().lower())
-    except ValueError:
-        choices = ", ".join(member.value for member in AllocationPolicyKind)
-        raise ConfigError(f"{name}: must be one of {choices}, got {value!r}") from None
-
-
-def _mps(name: str, value: object) -> ControlDaemonSettings:
-    try:
-        return ControlDaemonSettings.from_mapping(value, name)
-    except ConfigError as error:
-        raise ConfigError(str(error)) from None
-
-
-_CONVERTERS: Mapping[str, Converter] = MappingProxyType(
-    {
-        "parent": _parent,
-        "parent_options": _parent_options,
-        "strategy": _enum(Strategy),
-        "layout": parse_layout,
-        "layouts": _layouts,
-        "profiles": _enum(ProfileSource),
-        "allocation_policy": _allocation_policy,
-        "isolation": _enum(Isolation),
-        "mps": _mps,
-    }
-)

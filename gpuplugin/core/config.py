@@ -149,7 +149,7 @@ def _message(text: str, data: object, schema: type[Any], path: str, checked: boo
         problem = "must be true or false"
     elif isinstance(info, mi.StrType) and info.pattern in (ABSOLUTE, TEXT) and isinstance(value, str):
         problem = "must be an absolute path" if info.pattern == ABSOLUTE else "must be a non-empty string"
-    elif isinstance(info, mi.ListType) and isinstance(value, list) and len(value) > (info.max_length or len(value)):
+    elif isinstance(info, mi.ListType | mi.DictType) and " of length <= " in problem and isinstance(value, list | dict):
         problem, value = f"has {len(value)} entries, at most {info.max_length}", _MISSING
     if value is not _MISSING:
         shown = repr(value)

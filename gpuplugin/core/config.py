@@ -1,9 +1,10 @@
 """Config sections as msgspec Structs: unknown keys refused, the files' camelCase names, each field's range declared
 beside it, and every mistake one ConfigError whose message starts with the field's path
-(``sharing.timeSlicing.resources[0].replicas: expected int >= 2, got 1``).
+(``sharing.timeSlicing.resources[0].replicas: must be an integer from 2 to 24672, got 1``).
 
-msgspec, not pydantic: it adds ~4 MB RSS and ~20 ms of import to ``serve`` where pydantic adds ~22 MB and ~90 ms
-(figures in pyproject.toml), and its errors already carry the path, which is all a one-line message needs.
+msgspec, not pydantic: a few nested schemas and one validation cost ~5 MB RSS and 30 ms in a fresh interpreter with
+msgspec, ~22 MB and 100 ms with pydantic (figures in pyproject.toml); msgspec's errors carry the path, and the
+declared range is read back from the schema, which is all a one-line message needs.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
 import msgspec
 from msgspec import Meta
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MAX_CONFIG_BYTES", "ConfigError", "Overrides", "PluginSettings", "decode_config", "parse_config", "resolve"]
 
-CONFIG_VERSION = "v1"
 LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -89,6 +88,10 @@ def read_config(path: Path) -> str:
 Xid = Annotated[int, Meta(ge=0, le=MAX_XID)]
 
 
+MigStrategy = Literal["none", "single", "mixed"]
+MIG_STRATEGIES: tuple[str, ...] = get_args(MigStrategy)
+
+
 class PluginSection(Section):
     """``plugin``: where the plugin talks to the kubelet, what it logs and where it serves its probes."""
 
@@ -146,7 +149,7 @@ class PluginFlags(Section):
 class Flags(Section):
     """NVIDIA's ``flags``; ``gfd`` is accepted so that NVIDIA's files load (feature discovery is not ours)."""
 
-    mig_strategy: Literal["none", "single", "mixed"] | None = None
+    mig_strategy: MigStrategy | None = None
     fail_on_init_error: bool | None = None
     nvidia_driver_root: AbsolutePath | None = None
     nvidia_dev_root: AbsolutePath | None = None
@@ -183,8 +186,6 @@ _UNSUPPORTED = {
     "resources": "renaming by pattern is not supported; use sharing.timeSlicing.resources[].rename",
     "imex": "IMEX channels are not supported",
 }
-MIG_STRATEGIES = ("none", "single", "mixed")
-SHARED_POLICIES = ("distributed", "packed")
 
 
 def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, str], source: str) -> PluginSettings:

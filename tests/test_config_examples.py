@@ -11,6 +11,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 
@@ -21,7 +22,7 @@ from gpuplugin.backends.partitioned.backend import parent_context
 from gpuplugin.backends.registry import BackendContext
 from gpuplugin.core.model import AllocationPolicyKind
 from gpuplugin.daemon.agent import make_backend, pipeline, served_tree, settings_from_text
-from gpuplugin.daemon.settings import _FLAGS, _PLUGIN_FLAGS, _PLUGIN_SECTION, _SECTIONS, Overrides, PluginSettings
+from gpuplugin.daemon.settings import ConfigFile, Flags, Overrides, PluginFlags, PluginSection, PluginSettings
 from gpuplugin.devices.cdi import CdiSpecWriter
 from gpuplugin.devices.health import HealthPolicy
 from gpuplugin.devices.sharing import TimeSlicing
@@ -51,6 +52,11 @@ OVERLAY_CHOSEN = [n for n in sorted(EXAMPLES) if "backend" not in yaml.safe_load
 #: NVIDIA's keys that load but configure NVIDIA's own tools; full.yaml shows them as comments only.
 IGNORED_NVIDIA_FLAGS = {"gfd"}
 IGNORED_NVIDIA_PLUGIN_FLAGS = {"nvidiaCTKPath", "containerDriverRoot"}
+
+
+def keys(schema: type[msgspec.Struct]) -> set[str]:
+    """The keys a section's schema reads, as the file spells them."""
+    return {f.encode_name for f in msgspec.structs.fields(schema)}
 
 
 def text_of(name: str) -> str:
@@ -239,16 +245,16 @@ def test_full_example_lists_every_setting_with_a_comment() -> None:
     """full.yaml names every setting of the schema and every backend's, and comments each one."""
     text = text_of("full.yaml")
     data: dict[str, Any] = yaml.safe_load(text)
-    assert set(data) == _SECTIONS
-    assert set(data["plugin"]) == _PLUGIN_SECTION
+    assert set(data) == keys(ConfigFile)
+    assert set(data["plugin"]) == keys(PluginSection)
     assert set(data["backend"]) == {"name", "mock", "nvml", "partitioned"}
     assert set(data["backend"]["mock"]) == {f.name for f in fields(MockSettings)} | {"config"}
-    assert set(data["backend"]["nvml"]) == {f.name for f in fields(NvmlSettings)}
+    assert set(data["backend"]["nvml"]) == {f.name for f in msgspec.structs.fields(NvmlSettings)}
     assert set(data["backend"]["partitioned"]) == {f.name for f in fields(PartitionedSettings)}
     assert set(data["health"]) == {"enabled", "ignoredXids", "fatalXids", "enabledXids", "recoveryQuietPeriodSeconds"}
     assert set(data["allocation"]) == {"policy"}
-    assert set(data["flags"]) == _FLAGS - IGNORED_NVIDIA_FLAGS
-    assert set(data["flags"]["plugin"]) == _PLUGIN_FLAGS - IGNORED_NVIDIA_PLUGIN_FLAGS
+    assert set(data["flags"]) == keys(Flags) - IGNORED_NVIDIA_FLAGS
+    assert set(data["flags"]["plugin"]) == keys(PluginFlags) - IGNORED_NVIDIA_PLUGIN_FLAGS
     for key in IGNORED_NVIDIA_FLAGS | IGNORED_NVIDIA_PLUGIN_FLAGS:
         assert f"# {key}:" in text
     time_slicing = data["sharing"]["timeSlicing"]

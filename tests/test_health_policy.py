@@ -11,12 +11,12 @@ import pytest
 
 from gpuplugin.core.backend import HealthChanged
 from gpuplugin.core.clock import VirtualClock
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import Health
 from gpuplugin.devices.health import (
     DEFAULT_FATAL_XIDS,
     DEFAULT_IGNORED_XIDS,
     HealthPolicy,
-    HealthPolicyError,
     HealthTracker,
     XidAction,
 )
@@ -102,8 +102,8 @@ def test_enable_beats_disable_xids() -> None:
     ],
 )
 def test_bad_words_name_the_variable(variable: str, value: str) -> None:
-    """A word that is not an XID number (or xids/all where allowed) is a HealthPolicyError naming the variable."""
-    with pytest.raises(HealthPolicyError, match=variable):
+    """A word that is not an XID number (or xids/all where allowed) is a ConfigError naming the variable."""
+    with pytest.raises(ConfigError, match=variable):
         HealthPolicy().with_env({variable: value})
 
 
@@ -284,6 +284,6 @@ async def test_aclose_leaves_no_tasks(make: Callable[..., Harness]) -> None:
 
 @pytest.mark.parametrize(("first_s", "max_s"), [(0, 60), (2, 1), (1, 3601), (-1, 1)])
 def test_bad_probe_retry_settings_name_them(first_s: float, max_s: float) -> None:
-    """Probe retry waits out of order or range are a HealthPolicyError naming both settings."""
-    with pytest.raises(HealthPolicyError, match=r"probe_retry_first_s .* probe_retry_max_s"):
+    """Probe retry waits out of order or range are a ConfigError naming both settings."""
+    with pytest.raises(ConfigError, match=r"probe_retry_first_s .* probe_retry_max_s"):
         HealthPolicy(probe_retry_first_s=first_s, probe_retry_max_s=max_s)

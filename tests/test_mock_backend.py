@@ -14,7 +14,6 @@ import gpuplugin.backends.mock
 from gpuplugin.backends.mock import (
     ControlRequestError,
     MockBackend,
-    MockConfigError,
     MockSettings,
     NVLinkGroup,
     create,
@@ -24,6 +23,7 @@ from gpuplugin.backends.mock import (
 from gpuplugin.backends.registry import BackendContext, load_factory
 from gpuplugin.core.backend import Backend, BackendEvent, HealthChanged, InventoryChanged
 from gpuplugin.core.clock import VirtualClock
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import DeviceNode, Health, PCIeLevel
 from gpuplugin.devices.health import HealthPolicy, XidAction
 
@@ -218,7 +218,7 @@ async def test_yaml_config_is_read_at_start_and_options_override_it(workdir: Pat
         ),
         ({"nvlink_groups": [{"links": 4}]}, "mock.nvlink_groups[0].gpus: missing"),
         ({"nvlink_groups": [[0, "a"]]}, "mock.nvlink_groups[0][1]: must be an integer from 0 to 1023, got 'a'"),
-        ({"nvlink_groups": "all"}, "mock.nvlink_groups: must be a list, got str"),
+        ({"nvlink_groups": "all"}, "mock.nvlink_groups: expected list, got 'all'"),
         ({"gpus": 4, "pcie_switches": [[0, 1], [4, 5]]}, "mock.pcie_switches[1]: GPU index 4 out of range 0..3"),
         ({"pcie_switches": [[0, 1], [1, 2]]}, "mock.pcie_switches[1]: GPU 1 is already behind switch 0"),
         ({"device_node_host_path": "dev/null"}, "mock.device_node_host_path: must be an absolute path"),
@@ -232,8 +232,8 @@ async def test_yaml_config_is_read_at_start_and_options_override_it(workdir: Pat
     ],
 )
 def test_a_bad_setting_raises_one_error_naming_it(options: dict[str, Any], message: str) -> None:
-    """Each invalid setting raises MockConfigError whose message starts with the setting's name."""
-    with pytest.raises(MockConfigError) as caught:
+    """Each invalid setting raises ConfigError whose message starts with the setting's name."""
+    with pytest.raises(ConfigError) as caught:
         MockSettings.from_options(options)
     assert str(caught.value).startswith(message), str(caught.value)
     assert isinstance(caught.value, ValueError)
@@ -241,7 +241,7 @@ def test_a_bad_setting_raises_one_error_naming_it(options: dict[str, Any], messa
 
 def test_settings_built_in_code_are_checked_too() -> None:
     """Constructing MockSettings directly with GPUs outside the layout fails, naming the group."""
-    with pytest.raises(MockConfigError, match=r"^mock\.nvlink_groups\[0\]: GPU index 4 out of range 0\.\.3$"):
+    with pytest.raises(ConfigError, match=r"^mock\.nvlink_groups\[0\]: GPU index 4 out of range 0\.\.3$"):
         MockSettings(gpus=4)
 
 
@@ -249,10 +249,10 @@ def test_settings_built_in_code_are_checked_too() -> None:
     ("content", "message"),
     [
         (None, "mock.config: cannot read"),
-        ("- 1\n- 2\n", "mock.config: .* must hold a mapping of mock settings, got list"),
-        ("gpus: [\n", "mock.config: .* is not valid YAML"),
-        (b"gpus: \xff\n", "mock.config: .* is not UTF-8 text"),
-        ("gpus: " + "[" * 5000 + "\n", "mock.config: .* (nested too deeply|is not valid YAML)"),
+        ("- 1\n- 2\n", "mock.config: .*: must be a mapping, got list"),
+        ("gpus: [\n", "mock.config: .*: not valid YAML at line 2"),
+        (b"gpus: \xff\n", r"mock.config: .*: not UTF-8 text \(byte 6 is 0xff\)"),
+        ("gpus: " + "[" * 5000 + "\n", "mock.config: .*: (nested too deeply|not valid YAML)"),
         ("gpus: eight\n", "mock.gpus: must be an integer from 1 to 1024, got 'eight'"),
         ("nvlink_groups: [[0, 8]]\n", r"mock.nvlink_groups\[0\]: GPU index 8 out of range 0..7"),
     ],
@@ -260,21 +260,21 @@ def test_settings_built_in_code_are_checked_too() -> None:
 async def test_a_bad_config_file_raises_an_error_naming_the_setting(
     workdir: Path, content: str | bytes | None, message: str
 ) -> None:
-    """A missing, malformed, non-UTF-8 or invalid YAML file raises MockConfigError naming `mock.config` or the bad
+    """A missing, malformed, non-UTF-8 or invalid YAML file raises ConfigError naming `mock.config` or the bad
     field."""
     config = workdir / "mock.yaml"
     if isinstance(content, bytes):
         config.write_bytes(content)
     elif content is not None:
         config.write_text(content)
-    with pytest.raises(MockConfigError, match=f"^{message}"):
+    with pytest.raises(ConfigError, match=f"^{message}"):
         await load_settings({"config": str(config)}, state_dir=workdir)
 
 
 async def test_start_fails_with_the_config_error(workdir: Path) -> None:
     """A backend created with invalid options fails in start() with the error and leaves no socket behind."""
     b = create(context(workdir, gpus="x"))
-    with pytest.raises(MockConfigError, match=r"^mock\.gpus: "):
+    with pytest.raises(ConfigError, match=r"^mock\.gpus: "):
         await b.start()
     await b.aclose()
     assert not (workdir / "mock.sock").exists()

@@ -22,7 +22,7 @@ from gpuplugin.backends.nvml.fake import FakeMigDevice, FakeNvml, h200_node, wri
 from gpuplugin.backends.partitioned import PartitionedBackend, PartitionedSettings, create
 from gpuplugin.backends.registry import BackendContext
 from gpuplugin.core.backend import InventoryChanged
-from gpuplugin.core.errors import ConfigError
+from gpuplugin.core.errors import ConfigError, DevicesRefuseConfig
 from gpuplugin.core.model import DeviceTree, Health, frozen_mapping
 from gpuplugin.daemon.manager import Manager, ManagerSettings
 from gpuplugin.daemon.settings import Overrides, resolve
@@ -38,7 +38,6 @@ from gpuplugin.devices.mps import (
     MpsBackend,
     MpsSharing,
 )
-from gpuplugin.devices.sharing import SharingError
 from gpuplugin.kubelet.api import v1beta1 as api
 from gpuplugin.kubelet.server import ServerSettings
 from gpuplugin.kubelet.watcher import WatcherSettings
@@ -159,7 +158,9 @@ def test_explicit_limits_apply_and_oversubscription_is_refused() -> None:
     served = MpsSharing.from_mapping({"resources": [entry]}).apply(tree)
     assert {(d.spec.env[MEMORY_LIMIT], d.spec.env[THREAD_PERCENTAGE]) for d in served.devices} == {("0=300M", "50")}
     too_much = MpsSharing.from_mapping({"resources": [{**entry, "memoryLimitMiB": 400}]})
-    with pytest.raises(SharingError, match=r"sharing\.mps\.resources\[0\]\.memoryLimitMiB: 3 replicas of 400 MiB"):
+    with pytest.raises(
+        DevicesRefuseConfig, match=r"sharing\.mps\.resources\[0\]\.memoryLimitMiB: 3 replicas of 400 MiB"
+    ):
         too_much.apply(tree)
 
 

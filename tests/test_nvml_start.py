@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 
-from gpuplugin.backends.nvml import DeviceIdStrategy, NvmlBackend, NvmlSettings, NvmlSettingsError, create
+from gpuplugin.backends.nvml import DeviceIdStrategy, NvmlBackend, NvmlSettings, create
 from gpuplugin.backends.nvml.fake import FakeNvml, h200_node
 from gpuplugin.backends.nvml.library import preload_library
 from gpuplugin.backends.registry import BackendContext
 from gpuplugin.core.backend import Backend, BackendUnavailable, InventoryChanged
 from gpuplugin.core.clock import VirtualClock
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.devices.health import HealthPolicy
 from tests.fakes import next_event
 
@@ -56,7 +57,7 @@ def test_settings_from_flag_strings() -> None:
 )
 def test_settings_errors_name_the_field(options: dict[str, Any], field: str) -> None:
     """A bad or unknown option is refused with a message that starts with its name."""
-    with pytest.raises(NvmlSettingsError, match=f"^{field}: "):
+    with pytest.raises(ConfigError, match=f"^{field}: "):
         NvmlSettings.from_options(options)
 
 

@@ -12,7 +12,6 @@ from gpuplugin.backends.partitioned import (
     H200_PROFILES,
     Layout,
     LayoutError,
-    PartitionedConfigError,
     PartitionedSettings,
     ProfileError,
     ProfileSource,
@@ -23,6 +22,7 @@ from gpuplugin.backends.partitioned import (
     profile_name,
     table_from_infos,
 )
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import AllocationPolicyKind
 
 H200_MIB = 143771
@@ -176,18 +176,18 @@ def test_settings_read_layouts_in_every_spelling() -> None:
         ({"strategy": "all"}, "partitioned.strategy: must be one of none, single, mixed"),
         ({"layout": "all-5g.20gb"}, "partitioned.layout: unknown profile '5g.20gb'"),
         ({"layouts": {"2": ["3g.71gb", "9g.1gb"]}}, "partitioned.layouts.2: unknown profile '9g.1gb'"),
-        ({"layouts": ["1g.18gb"]}, "partitioned.layouts: must map GPU indices or UUIDs"),
+        ({"layouts": ["1g.18gb"]}, "partitioned.layouts: expected mapping, got ['1g.18gb']"),
         ({"layouts": {0: {"1g.18gb": -1}}}, "partitioned.layouts.0.1g.18gb: must be a count"),
         ({"profiles": "nvml"}, "partitioned.profiles: nvml reads each GPU's profiles through NVML"),
         ({"profiles": "a100"}, "partitioned.profiles: must be one of h200, nvml"),
         ({"parent": "partitioned"}, "partitioned.parent: the partitioned backend cannot slice itself"),
-        ({"parent_options": ["x"]}, "partitioned.parent_options: must be a mapping"),
+        ({"parent_options": ["x"]}, "partitioned.parent_options: expected mapping, got ['x']"),
         ({"allocation_policy": "random"}, "partitioned.allocation_policy: must be one of"),
         ({"layuot": "none"}, "partitioned.layuot: unknown setting"),
     ],
 )
 def test_settings_errors_name_the_field(options: dict[str, Any], message: str) -> None:
     """Every invalid setting fails with a message that starts with the field's name."""
-    with pytest.raises(PartitionedConfigError) as caught:
+    with pytest.raises(ConfigError) as caught:
         PartitionedSettings.from_options(options)
     assert str(caught.value).startswith(message)

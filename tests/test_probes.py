@@ -18,11 +18,11 @@ import structlog
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.daemon.metrics import Metrics
 from gpuplugin.daemon.probes import (
     MAX_REQUEST_BODY_BYTES,
     MAX_REQUEST_HEAD_BYTES,
-    AddressError,
     ListenAddress,
     ProbeServer,
     ProbeServerError,
@@ -55,14 +55,14 @@ def test_address_forms_parse(text: str, host: str, port: int) -> None:
 )
 def test_bad_address_names_the_option(text: str) -> None:
     """A malformed address fails with a message naming the option and the value."""
-    with pytest.raises(AddressError, match=r"^--metrics-address: ") as caught:
+    with pytest.raises(ConfigError, match=r"^--metrics-address: ") as caught:
         ListenAddress.parse(text)
     assert repr(text) in str(caught.value)
 
 
 def test_address_error_names_a_config_key() -> None:
     """The caller chooses the option name, so a config-file key can be named instead of the flag."""
-    with pytest.raises(AddressError, match=r"^plugin\.metricsAddress: "):
+    with pytest.raises(ConfigError, match=r"^plugin\.metricsAddress: "):
         ListenAddress.parse("nope", option="plugin.metricsAddress")
 
 

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpuplugin.cli import main
-from gpuplugin.daemon.settings import ConfigError, Overrides, PluginSettings, parse_config, resolve
+from gpuplugin.daemon.settings import (
+    AllocationSection,
+    ConfigError,
+    Flags,
+    HealthSection,
+    Overrides,
+    PluginSection,
+    PluginSettings,
+    SharingSection,
+    parse_config,
+    resolve,
+)
 from gpuplugin.devices.health import DEFAULT_FATAL_XIDS, DEFAULT_IGNORED_XIDS, HealthPolicy, XidAction
 
 SOURCE = "test.yaml"
@@ -127,14 +142,17 @@ def test_env_dp_variables_apply_on_top_of_the_file() -> None:
         ("backend:\n  name: 3\n", "backend.name"),
         ("backend:\n  mock: 3\n", "backend.mock"),
         ("health:\n  ignoredXids: 13\n", "health.ignoredXids"),
-        ("health:\n  ignoredXids: [13, x]\n", "health.ignoredXids"),
-        ("health:\n  ignoredXids: [true]\n", "health.ignoredXids"),
-        ("health:\n  fatalXids: [1.5]\n", "health.fatalXids"),
+        ("health:\n  ignoredXids: [13, x]\n", "health.ignoredXids[1]"),
+        ("health:\n  ignoredXids: [true]\n", "health.ignoredXids[0]"),
+        ("health:\n  fatalXids: [1.5]\n", "health.fatalXids[0]"),
         ("health:\n  enabledXids: {a: 1}\n", "health.enabledXids"),
         ("health:\n  recoveryQuietPeriodSeconds: -1\n", "health.recoveryQuietPeriodSeconds"),
         ("health:\n  recoveryQuietPeriodSeconds: soon\n", "health.recoveryQuietPeriodSeconds"),
         ("health:\n  recoveryQuietPeriodSeconds: true\n", "health.recoveryQuietPeriodSeconds"),
         ("health:\n  enabled: yes please\n", "health.enabled"),
+        ("health:\n  probeRetryFirstSeconds: 0\n", "health.probeRetryFirstSeconds"),
+        ("health:\n  probeRetryMaxSeconds: 3601\n", "health.probeRetryMaxSeconds"),
+        ("health:\n  probeRetryFirstSeconds: 90\n", "health.probeRetryFirstSeconds"),
         ("health:\n  quietPeriod: 3\n", "health.quietPeriod"),
         ("plugin: 3\n", "plugin"),
         ("plugin: [a]\n", "plugin"),
@@ -147,6 +165,12 @@ def test_bad_field_names_the_field(text: str, field: str) -> None:
     with pytest.raises(ConfigError) as caught:
         settings_from(text)
     assert str(caught.value).startswith(f"{SOURCE}: {field}: ")
+
+
+def test_probe_retry_waits_come_from_the_health_section() -> None:
+    """``health.probeRetryFirstSeconds`` and ``probeRetryMaxSeconds`` set the health policy's probe backoff."""
+    policy = settings_from("health:\n  probeRetryFirstSeconds: 2\n  probeRetryMaxSeconds: 120\n").health
+    assert (policy.probe_retry_first_s, policy.probe_retry_max_s) == (2.0, 120.0)
 
 
 def test_bad_log_level_names_the_field() -> None:
@@ -236,3 +260,52 @@ def test_relative_directories_in_the_file_are_refused(key: str) -> None:
     """A directory in the file must be absolute: a node's working directory means nothing."""
     with pytest.raises(ConfigError, match=f"plugin.{key}: must be an absolute path"):
         resolve(Overrides(), {"plugin": {key: "relative/dir"}}, {}, "cfg.yaml")
+
+
+#: Every key the plugin's own schema reads, as a path of keys from the top of the file.
+SECTIONS: list[tuple[str, type[msgspec.Struct]]] = [
+    ("plugin", PluginSection),
+    ("health", HealthSection),
+    ("allocation", AllocationSection),
+    ("flags", Flags),
+    ("sharing", SharingSection),
+]
+SETTING_PATHS = [
+    (section, *rest)
+    for section, schema in SECTIONS
+    for rest in [(), *[(f.encode_name,) for f in msgspec.structs.fields(schema)]]
+] + [
+    ("version",),
+    ("backend", "name"),
+    ("flags", "plugin", "deviceListStrategy"),
+    ("flags", "plugin", "cdiSpecDir"),
+    ("sharing", "timeSlicing", "resources"),
+    ("sharing", "mps", "resources"),
+    ("sharing", "mps", "daemon"),
+]
+#: Steps of a path after its section: ``.key``, ``.'odd key'`` (quoted as repr does), ``[0]`` or a mapping's ``[...]``.
+STEPS = r"""(?:\.[\w-]+|\.'(?:[^'\\]|\\.)*'|\."(?:[^"\\]|\\.)*"|\[(?:\d+|\.\.\.)\])*"""
+#: What YAML can hold: scalars of every kind (NaN and huge numbers too), lists and text-keyed mappings of them.
+YAML_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=10), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(path=st.sampled_from(SETTING_PATHS), value=YAML_VALUES)
+def test_any_value_anywhere_is_read_or_refused_naming_its_path(path: tuple[str, ...], value: object) -> None:
+    """Any value at any setting is either read or a ConfigError whose message names the file, then a path."""
+    config: dict[str, Any] = {}
+    node = config
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    try:
+        resolve(Overrides(), config, {}, SOURCE)
+    except ConfigError as error:
+        message = str(error)
+    else:
+        return
+    assert re.match(rf"^{SOURCE}: {path[0]}{STEPS}: \S", message), message

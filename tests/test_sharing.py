@@ -10,6 +10,7 @@ import pytest
 from grpclib import GRPCError
 from grpclib.const import Status
 
+from gpuplugin.core.errors import DevicesRefuseConfig
 from gpuplugin.core.model import (
     AllocationPolicyKind,
     ContainerSpec,
@@ -22,7 +23,7 @@ from gpuplugin.core.model import (
 )
 from gpuplugin.daemon.manager import TreeTransform
 from gpuplugin.daemon.settings import ConfigError
-from gpuplugin.devices.sharing import SharingError, TimeSlicing
+from gpuplugin.devices.sharing import TimeSlicing
 from gpuplugin.testing.admission import AdmissionError
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ def test_per_resource_policy_overrides_default() -> None:
 def test_replica_id_over_63_characters_names_the_device() -> None:
     """A device whose replica ID would exceed 63 characters makes apply fail with an error naming it."""
     long_id = "GPU-" + "a" * 58
-    with pytest.raises(SharingError, match=long_id):
+    with pytest.raises(DevicesRefuseConfig, match=long_id):
         sharing(resources=[{"name": GPU, "replicas": 2}]).apply(tree(gpu(0, device_id=long_id)))
 
 

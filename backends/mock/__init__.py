@@ -24,7 +24,6 @@ from gpuplugin.backends.mock.control import (
 from gpuplugin.backends.mock.inventory import Inventory, gpu_uuid
 from gpuplugin.backends.mock.settings import (
     DEFAULT_CONTROL_SOCKET,
-    MockConfigError,
     MockSettings,
     NVLinkGroup,
     load_settings,
@@ -42,7 +41,6 @@ __all__ = [
     "Inventory",
     "LoseRequest",
     "MockBackend",
-    "MockConfigError",
     "MockSettings",
     "NVLinkGroup",
     "PlugRequest",

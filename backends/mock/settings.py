@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import aiofiles
+import msgspec
+from msgspec import Meta
 
-from gpuplugin.core.limits import MAX_CONFIG_VALUES, within_values
+from gpuplugin.core.config import MAX_CONFIG_BYTES, AbsolutePath, Text, decode, decode_config, parse_config
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import ContainerSpec, Device
 
 #: Where the control socket lives unless told otherwise: the core's default state directory.
@@ -27,14 +30,8 @@ MAX_NUMA_NODES = 1024
 MAX_NVLINKS = 64
 #: NVLink groups at most: pairs covering every GPU; each pair of GPUs is checked against every group.
 MAX_NVLINK_GROUPS = MAX_GPUS // 2
-#: The largest mock config file read (bytes), as for the plugin's own config.
-MAX_CONFIG_BYTES = 1024 * 1024
 #: sun_path is 108 bytes on Linux, one of them the terminating NUL.
 MAX_SOCKET_PATH_BYTES = 107
-
-
-class MockConfigError(ValueError):
-    """A mock setting is invalid; the message names it. Retrying does not help, fixing the setting does."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,39 +85,56 @@ class MockSettings:
         cls, options: Mapping[str, Any], *, state_dir: Path | None = None, env: Mapping[str, str] = os.environ
     ) -> MockSettings:
         """Validate settings given as plain values (a YAML mapping, command-line flags); None means unset."""
-        known = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for raw_key, value in options.items():
-            key = str(raw_key).replace("-", "_")
-            if value is None or key == "config":
-                continue
-            if key not in known:
-                raise MockConfigError(f"mock.{key}: unknown setting; known: {', '.join(sorted(known))}")
-            values[key] = value
-
+        values = {str(k).replace("-", "_"): v for k, v in options.items() if v is not None and k != "config"}
+        section = decode(values, MockSection, "mock", lax=True)
         default = cls()
-        gpus = _integer("mock.gpus", values.get("gpus", default.gpus), minimum=1, maximum=MAX_GPUS)
-        socket_default = DEFAULT_CONTROL_SOCKET if state_dir is None else Path(state_dir) / "mock.sock"
-        groups = values.get("nvlink_groups")
-        switches = values.get("pcie_switches")
+        gpus = section.gpus or default.gpus
+        groups, switches = section.nvlink_groups, section.pcie_switches
         return cls(
             gpus=gpus,
-            model=_text("mock.model", values.get("model", default.model)),
-            memory_mib=_integer(
-                "mock.memory_mib", values.get("memory_mib", default.memory_mib), minimum=1, maximum=MAX_MEMORY_MIB
+            model=section.model or default.model,
+            memory_mib=section.memory_mib or default.memory_mib,
+            resource=section.resource or default.resource,
+            node_name=section.node_name or env.get("NODE_NAME") or default.node_name,
+            numa_nodes=section.numa_nodes or default.numa_nodes,
+            nvlink_groups=(NVLinkGroup(tuple(range(gpus))),) if groups is None else tuple(map(_group, groups)),
+            pcie_switches=even_pairs(gpus) if switches is None else tuple(tuple(s) for s in switches),
+            control_socket=Path(
+                section.control_socket or (DEFAULT_CONTROL_SOCKET if state_dir is None else state_dir / "mock.sock")
             ),
-            resource=_text("mock.resource", values.get("resource", default.resource)),
-            node_name=_text("mock.node_name", values.get("node_name", env.get("NODE_NAME") or default.node_name)),
-            numa_nodes=_integer(
-                "mock.numa_nodes", values.get("numa_nodes", default.numa_nodes), minimum=1, maximum=MAX_NUMA_NODES
-            ),
-            nvlink_groups=(NVLinkGroup(tuple(range(gpus))),) if groups is None else _nvlink_groups(groups),
-            pcie_switches=even_pairs(gpus) if switches is None else _index_lists("mock.pcie_switches", switches),
-            control_socket=Path(_text("mock.control_socket", values.get("control_socket", socket_default))),
-            device_node_host_path=_text(
-                "mock.device_node_host_path", values.get("device_node_host_path", default.device_node_host_path)
-            ),
+            device_node_host_path=section.device_node_host_path or default.device_node_host_path,
         )
+
+
+def _group(group: GpuIndices | LinkGroupSection) -> NVLinkGroup:
+    """A group as written: a list of GPU indices, or ``{gpus, links}``."""
+    return NVLinkGroup(tuple(group)) if isinstance(group, list) else NVLinkGroup(tuple(group.gpus), group.links)
+
+
+GpuIndex = Annotated[int, Meta(ge=0, le=MAX_GPUS - 1)]
+GpuIndices = Annotated[list[GpuIndex], Meta(max_length=MAX_GPUS)]
+
+
+class LinkGroupSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An NVLink group written as ``{gpus: [...], links: N}``."""
+
+    gpus: GpuIndices
+    links: Annotated[int, Meta(ge=1, le=MAX_NVLINKS)] = DEFAULT_NVLINKS
+
+
+class MockSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The mock backend's section (``backend.mock``, or its own file), as written: the keys MockSettings has."""
+
+    gpus: Annotated[int, Meta(ge=1, le=MAX_GPUS)] | None = None
+    model: Text | None = None
+    memory_mib: Annotated[int, Meta(ge=1, le=MAX_MEMORY_MIB)] | None = None
+    resource: Text | None = None
+    node_name: Text | None = None
+    numa_nodes: Annotated[int, Meta(ge=1, le=MAX_NUMA_NODES)] | None = None
+    nvlink_groups: Annotated[list[GpuIndices | LinkGroupSection], Meta(max_length=MAX_NVLINK_GROUPS)] | None = None
+    pcie_switches: Annotated[list[GpuIndices], Meta(max_length=MAX_GPUS)] | None = None
+    control_socket: Text | None = None
+    device_node_host_path: AbsolutePath | None = None
 
 
 async def load_settings(options: Mapping[str, Any], *, state_dir: Path | None = None) -> MockSettings:
@@ -128,128 +142,44 @@ async def load_settings(options: Mapping[str, Any], *, state_dir: Path | None = 
     path = options.get("config")
     if path is None:
         return MockSettings.from_options(options, state_dir=state_dir)
+    source = f"mock.config: {path}"
     try:
         async with aiofiles.open(Path(path), "rb") as f:
             data = await f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
-        raise MockConfigError(f"mock.config: cannot read {path}: {e.strerror or e}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise MockConfigError(f"mock.config: {path} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise MockConfigError(f"mock.config: {path} is not UTF-8 text (byte {e.start})") from None
-    import yaml  # here: a mock without a config file never loads it
-
-    try:
-        loaded = yaml.safe_load(text)
-    except RecursionError:
-        raise MockConfigError(f"mock.config: {path} is nested too deeply") from None
-    except yaml.YAMLError as e:
-        raise MockConfigError(f"mock.config: {path} is not valid YAML: {' '.join(str(e).split())}") from None
-    if loaded is None:
-        loaded = {}
-    if not isinstance(loaded, Mapping):
-        raise MockConfigError(f"mock.config: {path} must hold a mapping of mock settings, got {type(loaded).__name__}")
-    if not within_values(loaded, MAX_CONFIG_VALUES):
-        raise MockConfigError(
-            f"mock.config: {path} holds more than {MAX_CONFIG_VALUES} values once its aliases are expanded"
-        )
+        raise ConfigError(f"mock.config: cannot read {path}: {e.strerror or e}") from None
+    loaded = parse_config(decode_config(data, source), source)
     return MockSettings.from_options({**loaded, **options}, state_dir=state_dir)
 
 
-def _integer(name: str, value: object, *, minimum: int, maximum: int = MAX_GPUS - 1) -> int:
-    """An integer from ``minimum`` to ``maximum``; the default maximum is a GPU index's."""
-    # Command-line flags arrive as text; YAML gives ints. bool is an int to Python, never to an operator.
-    number: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    elif isinstance(value, str) and value.strip().isdecimal() and len(value.strip()) <= 20:
-        number = int(value.strip())
-    if number is None or not minimum <= number <= maximum:
-        shown = repr(value) if not isinstance(value, str) or len(value) <= 40 else repr(value[:40] + "…")
-        raise MockConfigError(f"{name}: must be an integer from {minimum} to {maximum}, got {shown}")
-    return number
-
-
-def _text(name: str, value: object) -> str:
-    if isinstance(value, Path):
-        value = str(value)
-    if not isinstance(value, str) or not value.strip():
-        raise MockConfigError(f"{name}: must be a non-empty string, got {value!r}")
-    return value
-
-
-def _sequence(name: str, value: object, maximum: int = MAX_GPUS) -> Sequence[object]:
-    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-        raise MockConfigError(f"{name}: must be a list, got {type(value).__name__}")
-    if len(value) > maximum:
-        raise MockConfigError(f"{name}: has {len(value)} entries, at most {maximum}")
-    return value
-
-
-def _index_lists(name: str, value: object) -> tuple[tuple[int, ...], ...]:
-    return tuple(
-        tuple(_integer(f"{name}[{i}][{j}]", gpu, minimum=0) for j, gpu in enumerate(_sequence(f"{name}[{i}]", group)))
-        for i, group in enumerate(_sequence(name, value))
-    )
-
-
-def _nvlink_groups(value: object) -> tuple[NVLinkGroup, ...]:
-    groups: list[NVLinkGroup] = []
-    for i, group in enumerate(_sequence("mock.nvlink_groups", value, MAX_NVLINK_GROUPS)):
-        name = f"mock.nvlink_groups[{i}]"
-        links: object = DEFAULT_NVLINKS
-        if isinstance(group, Mapping):
-            unknown = set(group) - {"gpus", "links"}
-            if unknown:
-                raise MockConfigError(f"{name}: unknown keys {sorted(map(str, unknown))}; known: gpus, links")
-            if "gpus" not in group:
-                raise MockConfigError(f"{name}.gpus: missing; a group is a list of GPU indices or {{gpus, links}}")
-            links = group.get("links", DEFAULT_NVLINKS)
-            group, name = group["gpus"], f"{name}.gpus"
-        gpus = tuple(_integer(f"{name}[{j}]", gpu, minimum=0) for j, gpu in enumerate(_sequence(name, group)))
-        groups.append(
-            NVLinkGroup(gpus, _integer(f"mock.nvlink_groups[{i}].links", links, minimum=1, maximum=MAX_NVLINKS))
-        )
-    return tuple(groups)
-
-
 def _check_settings(s: MockSettings) -> None:
-    """Checks that hold however the settings were built (from options or in code)."""
-    _integer("mock.gpus", s.gpus, minimum=1, maximum=MAX_GPUS)
-    _integer("mock.memory_mib", s.memory_mib, minimum=1, maximum=MAX_MEMORY_MIB)
-    _integer("mock.numa_nodes", s.numa_nodes, minimum=1, maximum=MAX_NUMA_NODES)
-    if len(s.nvlink_groups) > MAX_NVLINK_GROUPS:
-        raise MockConfigError(f"mock.nvlink_groups: has {len(s.nvlink_groups)} groups, at most {MAX_NVLINK_GROUPS}")
-    for name in ("model", "node_name", "device_node_host_path"):
-        _text(f"mock.{name}", getattr(s, name))
+    """Checks across fields, and the model's rules, that hold however the settings were built (from options or in
+    code); each value's own type and range are MockSection's."""
     try:
         Device(id="GPU-check", resource=s.resource, gpu="GPU-check", spec=ContainerSpec())
     except ValueError as e:
-        raise MockConfigError(f"mock.resource: {e}") from None
+        raise ConfigError(f"mock.resource: {e}") from None
     if not s.device_node_host_path.startswith("/"):
-        raise MockConfigError(f"mock.device_node_host_path: must be an absolute path, got {s.device_node_host_path!r}")
+        raise ConfigError(f"mock.device_node_host_path: must be an absolute path, got {s.device_node_host_path!r}")
     if len(str(s.control_socket).encode()) > MAX_SOCKET_PATH_BYTES:
-        raise MockConfigError(
+        raise ConfigError(
             f"mock.control_socket: {str(s.control_socket)!r} is longer than the {MAX_SOCKET_PATH_BYTES} bytes "
             "a unix socket path may have"
         )
     for i, group in enumerate(s.nvlink_groups):
         _check_indices(f"mock.nvlink_groups[{i}]", group.gpus, s.gpus)
-        _integer(f"mock.nvlink_groups[{i}].links", group.links, minimum=1, maximum=MAX_NVLINKS)
     switch_of: dict[int, int] = {}
     for i, switch in enumerate(s.pcie_switches):
         _check_indices(f"mock.pcie_switches[{i}]", switch, s.gpus)
         for gpu in switch:
             if gpu in switch_of:
-                raise MockConfigError(f"mock.pcie_switches[{i}]: GPU {gpu} is already behind switch {switch_of[gpu]}")
+                raise ConfigError(f"mock.pcie_switches[{i}]: GPU {gpu} is already behind switch {switch_of[gpu]}")
             switch_of[gpu] = i
 
 
 def _check_indices(name: str, indices: tuple[int, ...], gpus: int) -> None:
     for gpu in indices:
         if not 0 <= gpu < gpus:
-            raise MockConfigError(f"{name}: GPU index {gpu} out of range 0..{gpus - 1}")
+            raise ConfigError(f"{name}: GPU index {gpu} out of range 0..{gpus - 1}")
     if len(set(indices)) != len(indices):
-        raise MockConfigError(f"{name}: lists a GPU twice: {list(indices)}")
+        raise ConfigError(f"{name}: lists a GPU twice: {list(indices)}")

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from gpuplugin.backends.nvml.backend import NvmlBackend
 from gpuplugin.backends.nvml.mig import GpuInstanceProfile
-from gpuplugin.backends.nvml.settings import DeviceIdStrategy, NvmlSettings, NvmlSettingsError
+from gpuplugin.backends.nvml.settings import DeviceIdStrategy, NvmlSettings
 from gpuplugin.backends.registry import BackendContext
 
-__all__ = ["DeviceIdStrategy", "GpuInstanceProfile", "NvmlBackend", "NvmlSettings", "NvmlSettingsError", "create"]
+__all__ = ["DeviceIdStrategy", "GpuInstanceProfile", "NvmlBackend", "NvmlSettings", "create"]
 
 
 def create(ctx: BackendContext) -> NvmlBackend:
-    """The entry point's factory: settings from ``ctx.options`` (raises NvmlSettingsError), the real pynvml."""
+    """The entry point's factory: settings from ``ctx.options`` (raises ConfigError), the real pynvml."""
     return NvmlBackend(NvmlSettings.from_options(ctx.options), ctx.health_policy)

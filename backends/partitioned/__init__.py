@@ -25,7 +25,6 @@ from gpuplugin.backends.partitioned.profiles import (
 )
 from gpuplugin.backends.partitioned.settings import (
     Layout,
-    PartitionedConfigError,
     PartitionedSettings,
     ProfileSource,
     Strategy,
@@ -41,7 +40,6 @@ __all__ = [
     "Layout",
     "LayoutError",
     "PartitionedBackend",
-    "PartitionedConfigError",
     "PartitionedSettings",
     "Placement",
     "Profile",
@@ -67,7 +65,7 @@ __all__ = [
 
 
 def create(ctx: BackendContext) -> PartitionedBackend:
-    """The entry point's factory: settings from ``ctx.options`` (raises PartitionedConfigError), the parent built
+    """The entry point's factory: settings from ``ctx.options`` (raises ConfigError), the parent built
     by its own factory with the same health policy and state directory."""
     settings = PartitionedSettings.from_options(ctx.options)
     return PartitionedBackend(settings, build_parent(settings, ctx))

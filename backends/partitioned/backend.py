@@ -15,7 +15,7 @@ from gpuplugin.backends.partitioned.profiles import (
     ProfileTable,
     table_from_infos,
 )
-from gpuplugin.backends.partitioned.settings import PartitionedConfigError, PartitionedSettings, Strategy
+from gpuplugin.backends.partitioned.settings import PartitionedSettings, Strategy
 from gpuplugin.backends.partitioned.slicing import StrategyError, profile_counts, slice_tree
 from gpuplugin.backends.registry import BackendContext, UnknownBackend, load_factory
 from gpuplugin.core.backend import (
@@ -25,6 +25,7 @@ from gpuplugin.core.backend import (
     InventoryChanged,
     PreferredAllocation,
 )
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import Device, DeviceTree
 from gpuplugin.devices.mps import ControlDaemons, with_daemon_health
 
@@ -59,7 +60,7 @@ def build_parent(settings: PartitionedSettings, ctx: BackendContext) -> Backend:
     try:
         factory = load_factory(settings.parent)
     except UnknownBackend as error:
-        raise PartitionedConfigError(f"partitioned.parent: {error}") from None
+        raise ConfigError(f"partitioned.parent: {error}") from None
     return factory(parent_context(settings, ctx))
 
 

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta
 
 from gpuplugin.backends.partitioned.profiles import BUILT_IN_TABLES, ProfileError, ProfileTable
+from gpuplugin.core.config import Text, decode, word
 from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import AllocationPolicyKind
 from gpuplugin.devices.mps import ControlDaemonSettings
@@ -20,10 +24,6 @@ _WHOLE = frozenset({"none", "whole", ""})
 MAX_PARTITIONS_PER_GPU = 7
 #: Entries of ``layouts`` at most: far above any node's GPUs; the mock's own bound.
 MAX_LAYOUTS = 1024
-
-
-class PartitionedConfigError(ValueError):
-    """A partitioned setting is invalid; the message names the field. Retrying does not help, fixing it does."""
 
 
 class Strategy(enum.StrEnum):
@@ -117,9 +117,9 @@ class PartitionedSettings:
 
     def __post_init__(self) -> None:
         if self.parent == "partitioned":
-            raise PartitionedConfigError("partitioned.parent: the partitioned backend cannot slice itself")
+            raise ConfigError("partitioned.parent: the partitioned backend cannot slice itself")
         if self.profiles is ProfileSource.NVML and self.parent != "nvml":
-            raise PartitionedConfigError(
+            raise ConfigError(
                 f"partitioned.profiles: nvml reads each GPU's profiles through NVML; parent is {self.parent!r}, "
                 "set parent: nvml or profiles: h200"
             )
@@ -140,18 +140,44 @@ class PartitionedSettings:
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> PartitionedSettings:
         """Read settings from a config section or flags; keys may use ``-`` or ``_``; None means unset."""
-        known = {f.name for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for raw_key, raw in options.items():
-            key = str(raw_key).replace("-", "_")
-            if raw is None:
-                continue
-            if key not in known:
-                raise PartitionedConfigError(
-                    f"partitioned.{raw_key}: unknown setting; known: {', '.join(sorted(known))}"
-                )
-            values[key] = _CONVERTERS[key](f"partitioned.{key}", raw)
-        return cls(**values)
+        values = {str(key).replace("-", "_"): value for key, value in options.items() if value is not None}
+        values = {key: word(value) if key in _WORDS else value for key, value in values.items()}
+        section = decode(values, PartitionedSection, "partitioned", lax=True)
+        given: dict[str, Any] = {
+            "parent": section.parent,
+            "parent_options": None if section.parent_options is None else MappingProxyType(section.parent_options),
+            "strategy": section.strategy,
+            "layout": None if section.layout is None else parse_layout("partitioned.layout", section.layout),
+            "layouts": None if section.layouts is None else _layouts("partitioned.layouts", section.layouts),
+            "profiles": section.profiles,
+            "allocation_policy": section.allocation_policy,
+            "isolation": section.isolation,
+            "mps": None if section.mps is None else ControlDaemonSettings.from_mapping(section.mps, "partitioned.mps"),
+        }
+        return cls(**{key: value for key, value in given.items() if value is not None})
+
+
+#: A layout as written: ``all-<profile>``, ``none``, profiles separated by commas, a list, or a mapping.
+LayoutValue = str | list[Any] | dict[Any, Any]
+
+
+class PartitionedSection(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """The partitioned backend's section as written; layouts are read by ``parse_layout``, ``mps`` by
+    ControlDaemonSettings."""
+
+    parent: Text | None = None
+    parent_options: dict[str, Any] | None = None
+    strategy: Strategy | None = None
+    layout: LayoutValue | None = None
+    layouts: Annotated[dict[Any, LayoutValue], Meta(max_length=MAX_LAYOUTS)] | None = None
+    profiles: ProfileSource | None = None
+    allocation_policy: AllocationPolicyKind | None = None
+    isolation: Isolation | None = None
+    mps: dict[str, Any] | None = None
+
+
+#: Choices that flags may spell in any case.
+_WORDS = frozenset({"strategy", "profiles", "allocation_policy", "isolation"})
 
 
 def check_layout(name: str, layout: Layout, table: ProfileTable) -> None:
@@ -160,7 +186,7 @@ def check_layout(name: str, layout: Layout, table: ProfileTable) -> None:
         try:
             table.get(profile)
         except ProfileError as error:
-            raise PartitionedConfigError(f"{name}: {error}") from None
+            raise ConfigError(f"{name}: {error}") from None
 
 
 def parse_layout(name: str, value: object) -> Layout:
@@ -173,7 +199,7 @@ def parse_layout(name: str, value: object) -> Layout:
 
 def _at_most(name: str, partitions: int) -> None:
     if partitions > MAX_PARTITIONS_PER_GPU:
-        raise PartitionedConfigError(
+        raise ConfigError(
             f"{name}: {partitions} partitions; a GPU holds at most {MAX_PARTITIONS_PER_GPU} (MIG's limit)"
         )
 
@@ -197,21 +223,21 @@ def _parse_layout(name: str, value: object) -> Layout:
     if isinstance(value, Sequence) and not isinstance(value, bytes):
         _at_most(name, len(value))
         return Layout(profiles=tuple(_profile(f"{name}[{i}]", p) for i, p in enumerate(value)))
-    raise PartitionedConfigError(
+    raise ConfigError(
         f"{name}: must be all-<profile>, none, a list of profiles or a mapping of profile to count, got {value!r}"
     )
 
 
 def _profile(name: str, value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise PartitionedConfigError(f"{name}: a profile name such as 1g.18gb, got {value!r}")
+        raise ConfigError(f"{name}: a profile name such as 1g.18gb, got {value!r}")
     return value.strip()
 
 
 def _count(name: str, value: object) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_PARTITIONS_PER_GPU:
         return value
-    raise PartitionedConfigError(f"{name}: must be a count from 0 to {MAX_PARTITIONS_PER_GPU}, got {value!r}")
+    raise ConfigError(f"{name}: must be a count from 0 to {MAX_PARTITIONS_PER_GPU}, got {value!r}")
 
 
 def _gpu_key(name: str, key: object) -> GpuKey:
@@ -220,75 +246,14 @@ def _gpu_key(name: str, key: object) -> GpuKey:
     if isinstance(key, str) and key.strip():
         match = _GPU_KEY.match(key.strip())
         return int(match.group(1)) if match else key.strip()
-    raise PartitionedConfigError(f"{name}: keys are GPU indices or UUIDs, got {key!r}")
+    raise ConfigError(f"{name}: keys are GPU indices or UUIDs, got {key!r}")
 
 
-def _layouts(name: str, value: object) -> Mapping[GpuKey, Layout]:
-    if not isinstance(value, Mapping):
-        raise PartitionedConfigError(f"{name}: must map GPU indices or UUIDs to layouts, got {value!r}")
-    if len(value) > MAX_LAYOUTS:
-        raise PartitionedConfigError(f"{name}: {len(value)} entries; at most {MAX_LAYOUTS}")
+def _layouts(name: str, value: Mapping[Any, Any]) -> Mapping[GpuKey, Layout]:
     layouts: dict[GpuKey, Layout] = {}
     for raw_key, raw in value.items():
         key = _gpu_key(name, raw_key)
         if key in layouts:
-            raise PartitionedConfigError(f"{name}: GPU {key} has two layouts")
+            raise ConfigError(f"{name}: GPU {key} has two layouts")
         layouts[key] = parse_layout(f"{name}.{key}", raw)
     return MappingProxyType(layouts)
-
-
-Converter = Callable[[str, object], object]
-"""Reads one setting's raw value; raises PartitionedConfigError naming the setting."""
-
-
-def _enum(kind: type[enum.StrEnum]) -> Converter:
-    def convert(name: str, value: object) -> enum.StrEnum:
-        try:
-            return kind(str(value).strip().lower())
-        except ValueError:
-            choices = ", ".join(member.value for member in kind)
-            raise PartitionedConfigError(f"{name}: must be one of {choices}, got {value!r}") from None
-
-    return convert
-
-
-def _parent(name: str, value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise PartitionedConfigError(f"{name}: must name a backend (mock or nvml), got {value!r}")
-    return value.strip()
-
-
-def _parent_options(name: str, value: object) -> Mapping[str, Any]:
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise PartitionedConfigError(f"{name}: must be a mapping of the parent's settings, got {value!r}")
-    return MappingProxyType(dict(value))
-
-
-def _allocation_policy(name: str, value: object) -> AllocationPolicyKind:
-    try:
-        return AllocationPolicyKind(str(value).strip().lower())
-    except ValueError:
-        choices = ", ".join(member.value for member in AllocationPolicyKind)
-        raise PartitionedConfigError(f"{name}: must be one of {choices}, got {value!r}") from None
-
-
-def _mps(name: str, value: object) -> ControlDaemonSettings:
-    try:
-        return ControlDaemonSettings.from_mapping(value, name)
-    except ConfigError as error:
-        raise PartitionedConfigError(str(error)) from None
-
-
-_CONVERTERS: Mapping[str, Converter] = MappingProxyType(
-    {
-        "parent": _parent,
-        "parent_options": _parent_options,
-        "strategy": _enum(Strategy),
-        "layout": parse_layout,
-        "layouts": _layouts,
-        "profiles": _enum(ProfileSource),
-        "allocation_policy": _allocation_policy,
-        "isolation": _enum(Isolation),
-        "mps": _mps,
-    }
-)

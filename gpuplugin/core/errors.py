@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 from grpclib.const import Status
@@ -24,6 +25,12 @@ class ConfigError(ValueError):
         return cls(f"{path}: {message}")
 
 
+class DevicesRefuseConfig(ConfigError):
+    """A setting that does not fit the devices found: too many replicas for the kubelet, a replica ID too long, MPS
+    limits above a GPU's memory. Its own class because it is known only once the devices are: a reload refused this
+    way has already replaced the pipeline, so the daemon restores the previous config rather than keep serving."""
+
+
 def shorten(message: str) -> str:
     """``message`` on one line, cut to ``MAX_MESSAGE_CHARS``."""
     line = " ".join(message.splitlines())
@@ -33,7 +40,8 @@ def shorten(message: str) -> str:
 def config_key(key: object) -> str:
     """A config key as it can stand in a one-line message: plain keys as they are, odd ones quoted and cut."""
     text = str(key)
-    if text.isprintable() and " " not in text and len(text) <= 80:
+    # Only a plain word stands bare: a key with a dot, colon or bracket would read as part of the path.
+    if re.fullmatch(r"[\w-]{1,80}", text):
         return text
     return repr(text[:80])
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from gpuplugin.core.errors import ConfigError
+from gpuplugin.core.errors import DevicesRefuseConfig
 from gpuplugin.core.model import Device, DeviceTree, Health
 
 #: grpc-go's default maximum receive message size, which the kubelet's device-manager client keeps.
@@ -28,7 +28,7 @@ MAX_DEVICE_ENTRY_BYTES = 85
 MAX_DEVICES_PER_RESOURCE = MAX_LIST_MESSAGE_BYTES // MAX_DEVICE_ENTRY_BYTES
 
 
-class ResourceTooLarge(ConfigError):
+class ResourceTooLarge(DevicesRefuseConfig):
     """A resource has more devices than its ListAndWatch message can carry to the kubelet."""
 
 

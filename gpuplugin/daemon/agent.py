@@ -20,7 +20,7 @@ import structlog
 
 from gpuplugin.backends.registry import BackendContext, load_factory
 from gpuplugin.core.backend import Backend, BackendUnavailable
-from gpuplugin.core.errors import ConfigError
+from gpuplugin.core.errors import DevicesRefuseConfig
 from gpuplugin.core.instance import InstanceLock, remove_dead_sockets
 from gpuplugin.core.limits import check_tree
 from gpuplugin.core.model import DeviceTree
@@ -231,7 +231,7 @@ class Daemon:
                 await self.manager.reconfigure(
                     transforms=transforms, sinks=None if keep_sinks else sinks, backend=backend
                 )
-            except ConfigError as exc:  # found once the devices are known: too many replicas for the kubelet
+            except DevicesRefuseConfig as exc:  # found once the devices are known: too many replicas for the kubelet
                 self.refused += 1
                 log.error("config refused; back to the current config", error=str(exc))
                 await self._restore(old, backend_replaced=backend is not None, sinks_replaced=not keep_sinks)

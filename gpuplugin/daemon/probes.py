@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import h11
 import structlog
 
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.tasks import Supervisor, TaskSet
 
 if TYPE_CHECKING:
@@ -48,10 +49,6 @@ Page = tuple[int, list[tuple[bytes, bytes]], bytes]
 """An answer: status, headers (without framing and Date, which the connection adds), body."""
 
 
-class AddressError(ValueError):
-    """A listen address could not be read; the message names the option. Retrying does not help."""
-
-
 class ProbeServerError(Exception):
     """The probe server cannot listen (port taken, address not local); retrying helps once the port is free."""
 
@@ -71,17 +68,17 @@ class ListenAddress:
         expected = f"{option}: expected HOST:PORT, :PORT or [IPv6]:PORT, got {text!r}"
         host, colon, port_text = text.strip().rpartition(":")
         if not colon:
-            raise AddressError(expected)
+            raise ConfigError(expected)
         if host.startswith("[") or host.endswith("]"):
             if not (host.startswith("[") and host.endswith("]")) or len(host) == 2:
-                raise AddressError(expected)
+                raise ConfigError(expected)
             host = host[1:-1]
         elif ":" in host:
-            raise AddressError(f"{option}: an IPv6 address needs brackets, as in [::1]:{port_text}; got {text!r}")
+            raise ConfigError(f"{option}: an IPv6 address needs brackets, as in [::1]:{port_text}; got {text!r}")
         if any(c.isspace() or c in "[]/" for c in host):
-            raise AddressError(expected)
+            raise ConfigError(expected)
         if not (port_text.isascii() and port_text.isdigit()) or int(port_text) > 65535:
-            raise AddressError(f"{option}: the port must be a number from 0 to 65535, got {text!r}")
+            raise ConfigError(f"{option}: the port must be a number from 0 to 65535, got {text!r}")
         return cls(host, int(port_text))
 
     def __str__(self) -> str:

@@ -7,26 +7,28 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
-from gpuplugin.core.errors import ConfigError, config_key
-from gpuplugin.core.limits import MAX_CONFIG_VALUES, within_values
+import msgspec
+from msgspec import Meta
+
+from gpuplugin.core.config import MAX_CONFIG_BYTES, AbsolutePath, Section, Text, decode, decode_config, parse_config
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.daemon.logs import LogFormat
 from gpuplugin.daemon.manager import ManagerSettings
-from gpuplugin.daemon.probes import AddressError, ListenAddress, ProbeSettings
+from gpuplugin.daemon.probes import ListenAddress, ProbeSettings
 from gpuplugin.devices.cdi import CdiSettings
-from gpuplugin.devices.health import MAX_QUIET_PERIOD_S, MAX_XID, HealthPolicy, HealthPolicyError
-from gpuplugin.devices.mps import MpsSharing, absolute_path
+from gpuplugin.devices.health import MAX_PROBE_RETRY_S, MAX_QUIET_PERIOD_S, MAX_XID, HealthPolicy
 from gpuplugin.devices.sharing import TimeSlicing
 from gpuplugin.devices.strategies import DeviceListStrategy
 
+if TYPE_CHECKING:
+    from gpuplugin.devices.mps import MpsSharing
+
 __all__ = ["MAX_CONFIG_BYTES", "ConfigError", "Overrides", "PluginSettings", "decode_config", "parse_config", "resolve"]
 
-CONFIG_VERSION = "v1"
 LOG_FORMATS: tuple[LogFormat, ...] = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-#: The largest config file read: what a Kubernetes ConfigMap holds (1 MiB). A larger file is refused unread.
-MAX_CONFIG_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,17 +75,6 @@ class Overrides:
     """Per backend name: the options its own flags set; only the chosen backend's apply."""
 
 
-def decode_config(data: bytes, source: str) -> str:
-    """The text of a config file read as at most ``MAX_CONFIG_BYTES + 1`` bytes; ConfigError if too big or not
-    UTF-8."""
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{source}: larger than {MAX_CONFIG_BYTES} bytes (1 MiB, what a ConfigMap holds)")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 text (byte {exc.start} is {data[exc.start]:#04x})") from None
-
-
 def read_config(path: Path) -> str:
     """Read a config file (blocking: before the event loop starts); ConfigError naming the file if it cannot be."""
     try:
@@ -94,55 +85,109 @@ def read_config(path: Path) -> str:
     return decode_config(data, str(path))
 
 
-def parse_config(text: str, source: str) -> dict[str, Any]:
-    """Parse and check the top level of a config file."""
-    import yaml  # here: a plugin started without a config file never pays for it (1 MB, tens of ms)
-
-    try:
-        data = yaml.safe_load(text)
-    except RecursionError:
-        raise ConfigError(f"{source}: nested too deeply to be a config") from None
-    except yaml.YAMLError as exc:
-        where = ""
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{source}: not valid YAML{where}: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: must be a mapping of sections, got {type(data).__name__}")
-    if not within_values(data, MAX_CONFIG_VALUES):
-        raise ConfigError(f"{source}: holds more than {MAX_CONFIG_VALUES} values once its YAML aliases are expanded")
-    version = data.get("version", CONFIG_VERSION)
-    if version != CONFIG_VERSION:
-        raise ConfigError(f"{source}: version: must be {CONFIG_VERSION!r}, got {version!r}")
-    return data
+Xid = Annotated[int, Meta(ge=0, le=MAX_XID)]
 
 
-#: Top-level sections: ours, and NVIDIA's v1 ones that we read (``flags``, ``sharing``).
-_SECTIONS = {"version", "plugin", "backend", "health", "allocation", "flags", "sharing"}
+MigStrategy = Literal["none", "single", "mixed"]
+MIG_STRATEGIES: tuple[str, ...] = get_args(MigStrategy)
+
+
+class PluginSection(Section):
+    """``plugin``: where the plugin talks to the kubelet, what it logs and where it serves its probes."""
+
+    kubelet_dir: AbsolutePath | None = None
+    log_format: LogFormat | None = None
+    log_level: Text | None = None
+    """One of LOG_LEVELS in any case; checked once merged with ``--log-level``."""
+    state_dir: AbsolutePath | None = None
+    metrics_address: Text | None = None
+    """``HOST:PORT``, or ``-`` for no probe server."""
+    plugins_registry_dir: AbsolutePath | None = None
+
+
+class BackendSection(msgspec.Struct, kw_only=True):
+    """``backend``: which backend, and each backend's own section under its name, read by that backend. Other keys
+    are let through: a backend installed by entry point reads a section of its own name."""
+
+    name: Text = "mock"
+    mock: dict[str, Any] | None = None
+    nvml: dict[str, Any] | None = None
+    partitioned: dict[str, Any] | None = None
+
+
+class HealthSection(Section):
+    """``health``: which XIDs count, how long a recoverable GPU stays quiet, or no checks at all."""
+
+    ignored_xids: frozenset[Xid] | None = None
+    fatal_xids: frozenset[Xid] | None = None
+    enabled_xids: frozenset[Xid] | None = None
+    recovery_quiet_period_seconds: Annotated[float, Meta(ge=0, le=MAX_QUIET_PERIOD_S)] | None = None
+    probe_retry_first_seconds: Annotated[float, Meta(gt=0, le=MAX_PROBE_RETRY_S)] | None = None
+    probe_retry_max_seconds: Annotated[float, Meta(gt=0, le=MAX_PROBE_RETRY_S)] | None = None
+    enabled: bool = True
+
+
+class AllocationSection(Section):
+    """``allocation``: the default policy of shared devices (time-slicing, MPS and partitions)."""
+
+    policy: Literal["distributed", "packed"] | None = None
+
+
+class PluginFlags(Section):
+    """NVIDIA's ``flags.plugin``; the device-list and CDI keys are read by their own settings."""
+
+    pass_device_specs: bool | None = None
+    device_list_strategy: Any = None
+    device_id_strategy: Text | None = msgspec.field(default=None, name="deviceIDStrategy")
+    cdi_annotation_prefix: Any = None
+    cdi_vendor: Any = None
+    cdi_spec_dir: Any = None
+    cdi_spec_format: Any = None
+    # Accepted so that NVIDIA's files load; they configure NVIDIA's own tooling, which we do not run.
+    nvidia_ctk_path: Any = msgspec.field(default=None, name="nvidiaCTKPath")
+    container_driver_root: Any = None
+
+
+class Flags(Section):
+    """NVIDIA's ``flags``; ``gfd`` is accepted so that NVIDIA's files load (feature discovery is not ours)."""
+
+    mig_strategy: MigStrategy | None = None
+    fail_on_init_error: bool | None = None
+    nvidia_driver_root: AbsolutePath | None = None
+    nvidia_dev_root: AbsolutePath | None = None
+    plugin: PluginFlags | None = None
+    gfd: Any = None
+    mps_root: AbsolutePath | None = None
+
+
+class SharingSection(Section):
+    """NVIDIA's ``sharing``: one of ``timeSlicing`` and ``mps``, each read by its own settings."""
+
+    time_slicing: dict[str, Any] | None = None
+    mps: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.mps is not None and self.time_slicing is not None:
+            raise ConfigError.at("mps", "cannot be combined with sharing.timeSlicing; choose one")
+
+
+class ConfigFile(Section):
+    """A whole config file: ours, and NVIDIA's v1 sections that we read (``flags``, ``sharing``)."""
+
+    version: Literal["v1"] = "v1"
+    plugin: PluginSection | None = None
+    backend: BackendSection | None = None
+    health: HealthSection | None = None
+    allocation: AllocationSection | None = None
+    flags: Flags | None = None
+    sharing: SharingSection | None = None
+
+
 #: NVIDIA's sections we do not implement, with what to use instead.
 _UNSUPPORTED = {
     "resources": "renaming by pattern is not supported; use sharing.timeSlicing.resources[].rename",
     "imex": "IMEX channels are not supported",
 }
-_FLAGS = {"migStrategy", "failOnInitError", "nvidiaDriverRoot", "nvidiaDevRoot", "plugin", "gfd", "mpsRoot"}
-_PLUGIN_FLAGS = {
-    "passDeviceSpecs",
-    "deviceListStrategy",
-    "deviceIDStrategy",
-    "cdiAnnotationPrefix",
-    "cdiVendor",
-    "cdiSpecDir",
-    "cdiSpecFormat",
-    # Accepted so that NVIDIA's files load; they configure NVIDIA's own tooling, which we do not run.
-    "nvidiaCTKPath",
-    "containerDriverRoot",
-}
-MIG_STRATEGIES = ("none", "single", "mixed")
-SHARED_POLICIES = ("distributed", "packed")
 
 
 def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, str], source: str) -> PluginSettings:
@@ -150,93 +195,78 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
     for key in config:
         if key in _UNSUPPORTED:
             raise ConfigError(f"{source}: {key}: {_UNSUPPORTED[key]}")
-    _no_unknown(config, _SECTIONS, source, "")
-    plugin = _section(config, "plugin", source)
-    _no_unknown(plugin, _PLUGIN_SECTION, source, "plugin")
+    file = decode(config, ConfigFile, source=source)
+    plugin = file.plugin or PluginSection()
+    flags = file.flags or Flags()
     defaults = PluginSettings()
-    kubelet_dir = overrides.kubelet_dir or _path(plugin, "kubeletDir", source, str(defaults.manager.server.kubelet_dir))
-    log_level = overrides.log_level or _str(plugin, "logLevel", source, "plugin", defaults.log_level)
+    server = defaults.manager.server
+    log_level = overrides.log_level or plugin.log_level or defaults.log_level
     if log_level.lower() not in LOG_LEVELS:
-        raise ConfigError(f"{source}: plugin.logLevel: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
-    log_format = overrides.log_format or _str(plugin, "logFormat", source, "plugin", defaults.log_format)
+        option = "--log-level" if overrides.log_level else f"{source}: plugin.logLevel"
+        raise ConfigError(f"{option}: must be one of {', '.join(LOG_LEVELS)}, got {log_level!r}")
+    log_format = overrides.log_format or plugin.log_format or defaults.log_format
     if log_format not in LOG_FORMATS:
-        raise ConfigError(f"{source}: plugin.logFormat: must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
-    state_dir = overrides.state_dir or _path(plugin, "stateDir", source, str(defaults.state_dir))
-    registry_dir = _path(plugin, "pluginsRegistryDir", source, str(defaults.manager.server.plugins_registry_dir))
-    try:
-        health = _health(_section(config, "health", source), source).with_env(env)
-    except HealthPolicyError as exc:
-        raise ConfigError(str(exc)) from None
-    address_text = overrides.metrics_address or _str(plugin, "metricsAddress", source, "plugin", "-")
+        raise ConfigError(f"--log-format: must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    address_text = overrides.metrics_address or plugin.metrics_address or "-"
     option = "--metrics-address" if overrides.metrics_address else f"{source}: plugin.metricsAddress"
-    try:
-        address = ListenAddress.parse(address_text, option) if address_text != "-" else None
-    except AddressError as exc:
-        raise ConfigError(str(exc)) from None
-    flags = _section(config, "flags", source)
-    _no_unknown(flags, _FLAGS, source, "flags")
-    plugin_flags = dict(_section(flags, "plugin", source, "flags"))
-    _no_unknown(plugin_flags, _PLUGIN_FLAGS, source, "flags.plugin")
+    address = ListenAddress.parse(address_text, option) if address_text != "-" else None
+    with _prefixed(source):
+        health = _health(file.health or HealthSection()).with_env(env)
+    policy = (file.allocation or AllocationSection()).policy
+    backend, options = _backend(overrides, file, policy)
+    # The sections below are read by their own settings, which name the field but not the file.
+    plugin_flags = dict((config.get("flags") or {}).get("plugin") or {})
     if overrides.device_list_strategy is not None:
         plugin_flags["deviceListStrategy"] = overrides.device_list_strategy
-    shared_policy = _choice(_section(config, "allocation", source), "policy", SHARED_POLICIES, source, "allocation")
-    backend, options = _backend(overrides, config, flags, plugin_flags, shared_policy, source)
+    sharing = config.get("sharing") or {}
+    time_slicing, mps = _shared(sharing.get("timeSlicing"), policy), _shared(sharing.get("mps"), policy)
     with _prefixed(source):
-        sharing = _time_slicing(_section(config, "sharing", source), shared_policy, source)
-        mps = _mps(_section(config, "sharing", source), flags, shared_policy)
-        strategies = DeviceListStrategy.from_mapping(plugin_flags, "flags.plugin")
-        cdi = CdiSettings.from_mapping(plugin_flags, "flags.plugin")
-    return PluginSettings(
-        backend=backend,
-        probes=ProbeSettings(address=address),
-        backend_options=options,
-        manager=dataclasses.replace(
-            defaults.manager,
-            server=dataclasses.replace(
-                defaults.manager.server, kubelet_dir=kubelet_dir, plugins_registry_dir=registry_dir
+        return PluginSettings(
+            backend=backend,
+            backend_options=options,
+            probes=ProbeSettings(address=address),
+            manager=dataclasses.replace(
+                defaults.manager,
+                server=dataclasses.replace(
+                    server,
+                    kubelet_dir=overrides.kubelet_dir or Path(plugin.kubelet_dir or server.kubelet_dir),
+                    plugins_registry_dir=Path(plugin.plugins_registry_dir or server.plugins_registry_dir),
+                ),
             ),
-        ),
-        health=health,
-        log_format=log_format,
-        log_level=log_level.lower(),
-        state_dir=state_dir,
-        sharing=sharing,
-        mps=mps,
-        strategies=strategies,
-        cdi=cdi,
-        instance_wait_s=overrides.instance_wait_s,
-    )
+            health=health,
+            log_format=log_format,
+            log_level=log_level.lower(),
+            state_dir=overrides.state_dir or Path(plugin.state_dir or defaults.state_dir),
+            sharing=None if time_slicing is None else TimeSlicing.from_mapping(time_slicing, "sharing.timeSlicing"),
+            mps=None if mps is None else _mps(mps, flags),
+            strategies=DeviceListStrategy.from_mapping(plugin_flags, "flags.plugin"),
+            cdi=CdiSettings.from_mapping(plugin_flags, "flags.plugin"),
+            instance_wait_s=overrides.instance_wait_s,
+        )
 
 
-_PLUGIN_SECTION = {"kubeletDir", "logFormat", "logLevel", "stateDir", "metricsAddress", "pluginsRegistryDir"}
-
-
-def _backend(
-    overrides: Overrides,
-    config: Mapping[str, Any],
-    flags: Mapping[str, Any],
-    plugin_flags: Mapping[str, Any],
-    shared_policy: str | None,
-    source: str,
-) -> tuple[str, dict[str, Any]]:
+def _backend(overrides: Overrides, file: ConfigFile, shared_policy: str | None) -> tuple[str, dict[str, Any]]:
     """The backend's name and options: its config section, NVIDIA's flags for NVML, then command-line flags."""
-    section = _section(config, "backend", source)
-    backend = overrides.backend or _str(section, "name", source, "backend", "mock")
-    options = dict(_section(section, backend, source, "backend"))
+    section = file.backend or BackendSection()
+    flags = file.flags or Flags()
+    plugin_flags = flags.plugin or PluginFlags()
+    backend = overrides.backend or section.name
+    raw = getattr(section, backend, None) if backend in _BUILT_IN else None
+    options = dict(raw or {})
     nvml_flags = {
         key: value
         for key, value in (
-            ("fail_on_init_error", flags.get("failOnInitError")),
-            ("driver_root", flags.get("nvidiaDriverRoot")),
-            ("device_root", flags.get("nvidiaDevRoot")),
-            ("pass_device_specs", plugin_flags.get("passDeviceSpecs")),
-            ("device_id_strategy", plugin_flags.get("deviceIDStrategy")),
+            ("fail_on_init_error", flags.fail_on_init_error),
+            ("driver_root", flags.nvidia_driver_root),
+            ("device_root", flags.nvidia_dev_root),
+            ("pass_device_specs", plugin_flags.pass_device_specs),
+            ("device_id_strategy", plugin_flags.device_id_strategy),
         )
         if value is not None
     }
-    mig = overrides.mig_strategy or flags.get("migStrategy", "none")
+    mig = overrides.mig_strategy or flags.mig_strategy or "none"
     if mig not in MIG_STRATEGIES:
-        raise ConfigError(f"{source}: flags.migStrategy: must be one of {', '.join(MIG_STRATEGIES)}, got {mig!r}")
+        raise ConfigError(f"--mig-strategy: must be one of {', '.join(MIG_STRATEGIES)}, got {mig!r}")
     if backend == "nvml" and mig != "none":
         # NVIDIA's migStrategy on the NVML backend: serve MIG devices, keep MIG-disabled GPUs whole.
         backend, options = (
@@ -249,7 +279,7 @@ def _backend(
         parent = str(options.get("parent", "mock"))
         parent_options = options.get("parent_options") or {}
         if not isinstance(parent_options, dict):
-            raise ConfigError(f"{source}: backend.partitioned.parent_options: must be a mapping")
+            raise ConfigError("backend.partitioned.parent_options: must be a mapping")
         options["parent_options"] = {
             **(nvml_flags if parent == "nvml" else {}),
             **parent_options,
@@ -261,26 +291,43 @@ def _backend(
     return backend, {**options, **overrides.backend_options.get(backend, {})}
 
 
-def _time_slicing(sharing: Mapping[str, Any], shared_policy: str | None, source: str) -> TimeSlicing | None:
-    _no_unknown(sharing, {"timeSlicing", "mps"}, source, "sharing")
-    if sharing.get("mps") is not None and sharing.get("timeSlicing") is not None:
-        raise ConfigError.at("sharing.mps", "cannot be combined with sharing.timeSlicing; choose one")
-    section = sharing.get("timeSlicing")
-    if section is None:
-        return None
-    if shared_policy is not None and isinstance(section, dict):
-        section = {"allocationPolicy": shared_policy, **section}
-    return TimeSlicing.from_mapping(section, "sharing.timeSlicing")
+#: Backends whose sections the schema names; another backend's section is its own business.
+_BUILT_IN = frozenset(f.encode_name for f in msgspec.structs.fields(BackendSection)) - {"name"}
 
 
-def _mps(sharing: Mapping[str, Any], flags: Mapping[str, Any], shared_policy: str | None) -> MpsSharing | None:
-    section = sharing.get("mps")
-    if section is None:
-        return None
-    if shared_policy is not None and isinstance(section, dict):
-        section = {"allocationPolicy": shared_policy, **section}
-    root = flags.get("mpsRoot")
-    return MpsSharing.from_mapping(section, root=None if root is None else absolute_path(root, "flags.mpsRoot"))
+def _shared(section: dict[str, Any] | None, shared_policy: str | None) -> dict[str, Any] | None:
+    """A sharing section with ``allocation.policy`` as its default policy."""
+    if section is None or shared_policy is None:
+        return section
+    return {"allocationPolicy": shared_policy, **section}
+
+
+def _mps(section: dict[str, Any], flags: Flags) -> MpsSharing:
+    from gpuplugin.devices.mps import MpsSharing  # here: only MPS sharing needs it (daemons, subprocesses: ~10 ms)
+
+    root = None if flags.mps_root is None else Path(flags.mps_root)
+    return MpsSharing.from_mapping(section, root=root)
+
+
+def _health(section: HealthSection) -> HealthPolicy:
+    base = HealthPolicy()
+    quiet = section.recovery_quiet_period_seconds
+    first, longest = section.probe_retry_first_seconds, section.probe_retry_max_seconds
+    first_s = base.probe_retry_first_s if first is None else float(first)
+    max_s = base.probe_retry_max_s if longest is None else float(longest)
+    if first_s > max_s:
+        raise ConfigError.at(
+            "health.probeRetryFirstSeconds", f"must be at most health.probeRetryMaxSeconds ({max_s:g}), got {first_s:g}"
+        )
+    return HealthPolicy(
+        ignored_xids=base.ignored_xids if section.ignored_xids is None else section.ignored_xids,
+        fatal_xids=base.fatal_xids if section.fatal_xids is None else section.fatal_xids,
+        forced_xids=base.forced_xids if section.enabled_xids is None else section.enabled_xids,
+        recovery_quiet_period_s=base.recovery_quiet_period_s if quiet is None else float(quiet),
+        probe_retry_first_s=first_s,
+        probe_retry_max_s=max_s,
+        checks_enabled=section.enabled,
+    )
 
 
 @contextlib.contextmanager
@@ -290,77 +337,3 @@ def _prefixed(source: str) -> Iterator[None]:
         yield
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-
-
-def _path(plugin: Mapping[str, Any], key: str, source: str, default: str) -> Path:
-    """A directory from the file: absolute, since the daemon's working directory means nothing on a node."""
-    text = _str(plugin, key, source, "plugin", default)
-    if not text.startswith("/") or "\0" in text:
-        raise ConfigError(f"{source}: plugin.{key}: must be an absolute path, got {text!r}")
-    return Path(text)
-
-
-def _choice(section: Mapping[str, Any], key: str, choices: tuple[str, ...], source: str, path: str) -> str | None:
-    _no_unknown(section, {key}, source, path)
-    value = section.get(key)
-    if value is not None and value not in choices:
-        raise ConfigError(f"{source}: {path}.{key}: must be one of {', '.join(choices)}, got {value!r}")
-    return value
-
-
-def _health(section: Mapping[str, Any], source: str) -> HealthPolicy:
-    base = HealthPolicy()
-    known = {"ignoredXids", "fatalXids", "enabledXids", "recoveryQuietPeriodSeconds", "enabled"}
-    _no_unknown(section, known, source, "health")
-    quiet = section.get("recoveryQuietPeriodSeconds", base.recovery_quiet_period_s)
-    # ``not <=``: NaN fails it too.
-    if not isinstance(quiet, int | float) or isinstance(quiet, bool) or not 0 <= quiet <= MAX_QUIET_PERIOD_S:
-        raise ConfigError(
-            f"{source}: health.recoveryQuietPeriodSeconds: must be a number of seconds from 0 to "
-            f"{MAX_QUIET_PERIOD_S:g}, got {quiet!r}"
-        )
-    enabled = section.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"{source}: health.enabled: must be true or false, got {enabled!r}")
-    return HealthPolicy(
-        ignored_xids=_xids(section, "ignoredXids", source, base.ignored_xids),
-        fatal_xids=_xids(section, "fatalXids", source, base.fatal_xids),
-        forced_xids=_xids(section, "enabledXids", source, base.forced_xids),
-        recovery_quiet_period_s=float(quiet),
-        checks_enabled=enabled,
-    )
-
-
-def _xids(section: Mapping[str, Any], key: str, source: str, default: frozenset[int]) -> frozenset[int]:
-    value = section.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, list) or not all(
-        isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_XID for x in value
-    ):
-        raise ConfigError(f"{source}: health.{key}: must be a list of XID numbers (0 to {MAX_XID}), got {value!r}")
-    return frozenset(value)
-
-
-def _section(parent: Mapping[str, Any], key: str, source: str, path: str = "") -> Mapping[str, Any]:
-    value = parent.get(key)
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        name = f"{path}.{key}" if path else key
-        raise ConfigError(f"{source}: {name}: must be a mapping, got {type(value).__name__}")
-    return value
-
-
-def _str(section: Mapping[str, Any], key: str, source: str, path: str, default: str) -> str:
-    value = section.get(key, default)
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"{source}: {path}.{key}: must be a non-empty string, got {value!r}")
-    return value
-
-
-def _no_unknown(section: Mapping[str, Any], known: set[str], source: str, path: str) -> None:
-    unknown = sorted(config_key(k) for k in set(section) - known)
-    if unknown:
-        name = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise ConfigError(f"{source}: {name}: unknown setting (known: {', '.join(sorted(known))})")

@@ -15,6 +15,7 @@ import structlog
 
 from gpuplugin.core.backend import HealthChanged
 from gpuplugin.core.clock import REAL_CLOCK, Backoff, Clock
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import Health
 from gpuplugin.core.tasks import TaskSet
 
@@ -43,10 +44,6 @@ class XidAction(enum.StrEnum):
     """Unhealthy until the GPU is reset or the node rebooted (or an operator recovers it)."""
 
 
-class HealthPolicyError(ValueError):
-    """A health setting could not be read; the message names it. Retrying does not help."""
-
-
 @dataclass(frozen=True, slots=True)
 class HealthPolicy:
     """How faults turn into health changes."""
@@ -73,7 +70,7 @@ class HealthPolicy:
 
     def __post_init__(self) -> None:
         if not 0 < self.probe_retry_first_s <= self.probe_retry_max_s <= MAX_PROBE_RETRY_S:
-            raise HealthPolicyError(
+            raise ConfigError(
                 f"probe_retry_first_s ({self.probe_retry_first_s:g}) and probe_retry_max_s"
                 f" ({self.probe_retry_max_s:g}): need 0 < first <= max <= {MAX_PROBE_RETRY_S:g} seconds"
             )
@@ -109,9 +106,9 @@ def _xid(variable: str, word: str) -> int:
     try:
         xid = int(word)
     except ValueError:
-        raise HealthPolicyError(f"{variable}: {word[:20]!r} is not an XID number, 'xids' or 'all'") from None
+        raise ConfigError(f"{variable}: {word[:20]!r} is not an XID number, 'xids' or 'all'") from None
     if not 0 <= xid <= MAX_XID:
-        raise HealthPolicyError(f"{variable}: XID {xid} is out of range 0..{MAX_XID}")
+        raise ConfigError(f"{variable}: XID {xid} is out of range 0..{MAX_XID}")
     return xid
 
 

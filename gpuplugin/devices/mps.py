@@ -28,10 +28,10 @@ import structlog
 
 from gpuplugin.core.backend import AllocationPolicyKind, Backend, BackendEvent, InventoryChanged, PreferredAllocation
 from gpuplugin.core.clock import Backoff
-from gpuplugin.core.errors import ConfigError, config_key
+from gpuplugin.core.errors import ConfigError, DevicesRefuseConfig, config_key
 from gpuplugin.core.model import ContainerSpec, Device, DeviceTree, Health, Mount, ResourceRules, frozen_mapping
 from gpuplugin.core.tasks import TaskSet
-from gpuplugin.devices.sharing import REPLICA_ATTRIBUTE, SharingError, TimeSlicing
+from gpuplugin.devices.sharing import REPLICA_ATTRIBUTE, TimeSlicing
 
 log = structlog.get_logger("gpuplugin.devices.mps")
 
@@ -219,7 +219,7 @@ class MpsSharing:
     def apply(self, tree: DeviceTree) -> DeviceTree:
         """Replace each shared GPU by its MPS replicas; one replica per container, as one client has one share.
 
-        Raises SharingError when explicit limits of a GPU's replicas add up to more than the GPU has.
+        Raises DevicesRefuseConfig when explicit limits of a GPU's replicas add up to more than the GPU has.
         """
         replicated = self.replicas.apply(tree)
         if replicated is tree:
@@ -259,7 +259,7 @@ class MpsSharing:
         if memory is None and total is not None:
             memory = total // count
         if memory is not None and total is not None and memory * count > total:
-            raise SharingError(
+            raise DevicesRefuseConfig(
                 f"{limits.where}.memoryLimitMiB: {count} replicas of {memory} MiB need {memory * count} MiB, "
                 f"GPU {device.gpu} has {total} MiB"
             )

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeGuard
 
-from gpuplugin.core.errors import ConfigError, config_key
+from gpuplugin.core.errors import ConfigError, DevicesRefuseConfig, config_key
 from gpuplugin.core.limits import KUBELET_MAX_MESSAGE_BYTES, MAX_DEVICES_PER_RESOURCE, MAX_LIST_MESSAGE_BYTES
 from gpuplugin.core.model import (
     MAX_DEVICE_ID_LENGTH,
@@ -42,11 +42,6 @@ MAX_LISTED_GPUS = 1024
 
 GpuRef = int | str
 """A GPU named in the config: its index (an int, or a string of digits) or its UUID."""
-
-
-class SharingError(ConfigError):
-    """Time-slicing cannot turn the discovered devices into replicas (an ID too long, too many replicas for the
-    kubelet); retrying does not help, changing the config does."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +163,7 @@ class TimeSlicing:
             gpus = f"{len(counts)} GPU{'s' if len(counts) > 1 else ''}"
             unshared = total - sum(counts)
             besides = f" with the {unshared} unshared ones" if unshared else ""
-            raise SharingError(
+            raise DevicesRefuseConfig(
                 f"{where}.{field_name}: {gpus} with {each} replicas each make {total} devices of {name}{besides}; "
                 f"a resource may have at most {MAX_DEVICES_PER_RESOURCE}, what fits in its "
                 f"ListAndWatch message ({MAX_LIST_MESSAGE_BYTES // 2**20} MiB, half the kubelet's "
@@ -178,7 +173,7 @@ class TimeSlicing:
     def apply(self, tree: DeviceTree) -> DeviceTree:
         """Replace each shared device by its replicas, in place, and set the rules of the shared resources.
 
-        Raises SharingError when a replica ID would exceed the kubelet's 63 characters, or when a resource would
+        Raises DevicesRefuseConfig when a replica ID would exceed the kubelet's 63 characters, or when a resource would
         have more devices than its ListAndWatch message can carry; the latter is counted before any is built.
         """
         if not self.resources:
@@ -214,7 +209,7 @@ def replica_id(device_id: str, n: int) -> str:
 def _replica(device: Device, resource: str, n: int) -> Device:
     new_id = replica_id(device.id, n)
     if len(new_id) > MAX_DEVICE_ID_LENGTH:
-        raise SharingError(
+        raise DevicesRefuseConfig(
             f"cannot share device {device.id!r} of {device.resource}: its replica ID {new_id!r} has "
             f"{len(new_id)} characters, the kubelet accepts {MAX_DEVICE_ID_LENGTH}"
         )

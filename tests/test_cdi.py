@@ -225,8 +225,8 @@ def spec_dir(tmp_path: Path) -> Path:
     return tmp_path / "cdi"
 
 
-def writer_for(spec_dir: Path, spec_format: Any = "json") -> CdiSpecWriter:
-    return CdiSpecWriter(CdiSettings(spec_dir=spec_dir, format=spec_format))
+def writer_for(spec_dir: Path, spec_format: Any = "json", retry_first_s: float = 1.0) -> CdiSpecWriter:
+    return CdiSpecWriter(CdiSettings(spec_dir=spec_dir, format=spec_format, retry_first_s=retry_first_s))
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -394,7 +394,7 @@ def spec_names(path: Path) -> list[str]:
 async def test_spec_file_follows_the_served_devices(workdir: Path, mock_node: MockNodeFactory) -> None:
     """The spec appears at start describing every CDI name Allocate gives, follows an unplug, and goes at shutdown."""
     strategy = DeviceListStrategy.from_mapping({"deviceListStrategy": ["cdi-cri", "cdi-annotations"]})
-    writer = spec_writer_for(strategy, CdiSettings(spec_dir=workdir / "cdi"))
+    writer = spec_writer_for(strategy, CdiSettings(spec_dir=workdir / "cdi", retry_first_s=0.05))
     assert writer is not None
     path = workdir / "cdi" / FILE
     async with mock_node([strategy.apply], [writer]) as n:
@@ -430,15 +430,12 @@ async def test_shared_resource_gets_its_own_spec(workdir: Path, mock_node: MockN
 # Truthful readiness: a spec that is not on disk is a problem, never a name Allocate gives.
 
 
-async def test_a_spec_that_cannot_be_written_is_a_problem_until_a_retry_writes_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_spec_that_cannot_be_written_is_a_problem_until_a_retry_writes_it(tmp_path: Path) -> None:
     """An unwritable spec directory sets `problem` and `missing` names the devices; the background retry writes
     the spec once the directory can be made, and both clear."""
-    monkeypatch.setattr("gpuplugin.devices.cdi.RETRY_FIRST_S", 0.01)
     blocker = tmp_path / "cdi"
     blocker.write_text("")
-    writer = writer_for(blocker)
+    writer = writer_for(blocker, retry_first_s=0.01)
     await writer.publish(served(gpu(0), gpu(1)))
     assert writer.problem is not None and str(blocker / FILE) in writer.problem
     assert "cannot create the directory" in writer.problem
@@ -456,8 +453,7 @@ async def test_a_failed_rewrite_leaves_only_the_old_devices_on_disk(
 ) -> None:
     """When a new spec cannot replace the old one, the devices the old file describes still count as on disk and
     the new one does not."""
-    monkeypatch.setattr("gpuplugin.devices.cdi.RETRY_FIRST_S", 60.0)
-    writer = writer_for(spec_dir)
+    writer = writer_for(spec_dir, retry_first_s=30.0)
     await writer.publish(served(gpu(0)))
 
     async def failing_replace(src: Any, dst: Any) -> None:
@@ -481,7 +477,6 @@ async def test_allocate_refuses_devices_without_a_spec_and_readyz_says_why(
 ) -> None:
     """With the spec unwritable, Allocate fails FAILED_PRECONDITION naming the CDI device and the node is not ready
     (the reason names the file); once a retry writes it, Allocate answers and the CDI reason is gone."""
-    monkeypatch.setattr("gpuplugin.devices.cdi.RETRY_FIRST_S", 0.05)
     real_replace = aiofiles.os.replace
 
     async def failing_replace(src: Any, dst: Any) -> None:
@@ -489,7 +484,7 @@ async def test_allocate_refuses_devices_without_a_spec_and_readyz_says_why(
 
     monkeypatch.setattr(aiofiles.os, "replace", failing_replace)
     strategy = DeviceListStrategy.from_mapping({"deviceListStrategy": "cdi-cri"})
-    writer = spec_writer_for(strategy, CdiSettings(spec_dir=workdir / "cdi"))
+    writer = spec_writer_for(strategy, CdiSettings(spec_dir=workdir / "cdi", retry_first_s=0.05))
     assert writer is not None
     async with mock_node([strategy.apply], [writer]) as n:
         gpus = n.gpus()

@@ -21,6 +21,7 @@ import aiofiles.os
 import aiofiles.tempfile
 import structlog
 
+from gpuplugin.core.clock import Backoff
 from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import Device, DeviceTree
 from gpuplugin.core.tasks import TaskSet
@@ -54,6 +55,11 @@ class CdiSettings:
     """Directory of the spec files; ``/var/run/cdi`` is where runtimes look for transient, generated specs."""
     format: SpecFormat = "json"
     """File format; runtimes read both, JSON needs no YAML parser to check by hand."""
+    retry_first_s: float = 1.0
+    """Seconds (above 0), the ceiling of the first wait before writing a failed spec again; doubles, jittered."""
+    retry_max_s: float = 30.0
+    """Seconds (``retry_first_s`` to 3600), the ceiling of every wait: a directory made writable again is noticed
+    within half a minute, and a broken one costs a few syscalls a minute."""
 
     @classmethod
     def from_mapping(cls, data: Any, path: str = "flags.plugin") -> CdiSettings:
@@ -116,12 +122,6 @@ def render(spec: Mapping[str, Any], spec_format: SpecFormat) -> bytes:
 
         return yaml.safe_dump(dict(spec), sort_keys=False).encode()
     return (json.dumps(spec, indent=2) + "\n").encode()
-
-
-#: Seconds between retries of a failed write (doubling from the first to the last): a directory made writable
-#: again is noticed within half a minute, and a broken one costs a few syscalls a minute.
-RETRY_FIRST_S = 1.0
-RETRY_MAX_S = 30.0
 
 
 class CdiSpecWriter:
@@ -204,10 +204,9 @@ class CdiSpecWriter:
         self._on_disk = frozenset().union(*self._described.values())
 
     async def _retry_until_written(self) -> None:
-        delay_s = RETRY_FIRST_S
+        backoff = Backoff(self.settings.retry_first_s, self.settings.retry_max_s)
         while self._problems and self._tree is not None:
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, RETRY_MAX_S)
+            await asyncio.sleep(backoff.next())
             async with self._publishing:
                 await self._publish(self._tree)
         log.info("CDI specs in place again", directory=str(self.settings.spec_dir))

@@ -11,6 +11,7 @@ async def test_a_start_registers_and_reads_idle_rss() -> None:
     """One start waits for the plugin's registration and reads its resident memory before stopping it."""
     (start,) = await startup.run(1, 2, ())
     assert start.registered_ms > 0
+    assert start.cpu_ms > 0
     assert start.idle_rss_mb > 1
 
 
@@ -21,9 +22,10 @@ def test_percentile_is_an_observed_value() -> None:
 
 
 def test_command_prints_median_p90_and_rss() -> None:
-    """The command prints the registration figures over the starts and the idle RSS, one line each."""
+    """The command prints exec to registered over the starts, the CPU used by then and the idle RSS, a line each."""
     result = CliRunner().invoke(startup.main, ["--starts", "1", "--gpus", "1"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].startswith("exec -> registered over 1 starts: median ")
-    assert lines[1].startswith("idle RSS 0.5 s after registration: median ")
+    assert lines[1].startswith("CPU used by then: median ")
+    assert lines[2].startswith("idle RSS 0.5 s after registration: median ")

@@ -29,7 +29,6 @@ from gpuplugin.daemon.manager import Manager, ServerFactory, TreeSink, TreeTrans
 from gpuplugin.daemon.reload import ConfigWatcher
 from gpuplugin.daemon.settings import Overrides, PluginSettings, parse_config, resolve
 from gpuplugin.devices.cdi import spec_writer_for
-from gpuplugin.devices.mps import MpsBackend
 from gpuplugin.devices.strategies import DeviceListStrategy
 from gpuplugin.kubelet.server import ResourceServer
 
@@ -49,6 +48,9 @@ def make_backend(settings: PluginSettings) -> Backend:
         BackendContext(options=settings.backend_options, health_policy=settings.health, state_dir=settings.state_dir)
     )
     if settings.mps is not None:
+        # Here, not at the top: a node without MPS sharing never loads the MPS daemon's control code.
+        from gpuplugin.devices.mps import MpsBackend
+
         backend = MpsBackend(backend, settings.mps)
     return backend
 

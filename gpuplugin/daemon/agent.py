@@ -26,16 +26,15 @@ from gpuplugin.core.limits import check_tree
 from gpuplugin.core.model import DeviceTree
 from gpuplugin.core.tasks import Supervisor, TaskFailing, TaskSet, supervising
 from gpuplugin.daemon.manager import Manager, ServerFactory, TreeSink, TreeTransform
-from gpuplugin.daemon.probes import ProbeServer
 from gpuplugin.daemon.reload import ConfigWatcher
 from gpuplugin.daemon.settings import Overrides, PluginSettings, parse_config, resolve
 from gpuplugin.devices.cdi import spec_writer_for
-from gpuplugin.devices.mps import MpsBackend
 from gpuplugin.devices.strategies import DeviceListStrategy
 from gpuplugin.kubelet.server import ResourceServer
 
 if TYPE_CHECKING:
     from gpuplugin.daemon.metrics import Metrics
+    from gpuplugin.daemon.probes import ProbeServer
 
 log = structlog.get_logger("gpuplugin")
 
@@ -49,6 +48,9 @@ def make_backend(settings: PluginSettings) -> Backend:
         BackendContext(options=settings.backend_options, health_policy=settings.health, state_dir=settings.state_dir)
     )
     if settings.mps is not None:
+        # Here, not at the top: a node without MPS sharing never loads the MPS daemon's control code.
+        from gpuplugin.devices.mps import MpsBackend
+
         backend = MpsBackend(backend, settings.mps)
     return backend
 
@@ -111,11 +113,13 @@ class Daemon:
         self._config_text = config_text
         self._overrides = overrides
         transforms, sinks = pipeline(settings)
-        # Metrics exist only where the probe server serves them: prometheus_client costs memory and start-up time.
+        # Metrics and the probe server exist only where an address is set: prometheus_client and h11 cost memory
+        # and start-up time.
         self.metrics: Metrics | None = None
         server_factory: ServerFactory = ResourceServer
         if settings.probes.address is not None:
             from gpuplugin.daemon.metrics import Metrics
+            from gpuplugin.daemon.probes import ProbeServer
 
             self.metrics = Metrics()
             server_factory = self.metrics.server_factory

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpuplugin.core.backend import Backend
 from gpuplugin.devices.health import HealthPolicy
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 ENTRY_POINT_GROUP = "gpuplugin.backends"
 #: The backends that ship with gpuplugin, found even where the package metadata is not installed.
@@ -39,8 +42,12 @@ class UnknownBackend(LookupError):
 
 
 def _entry_points() -> dict[str, EntryPoint]:
-    found = {name: EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in BUILT_IN.items()}
-    found.update({ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)})
+    # Here, not at the top: scanning every installed distribution's metadata costs a serve start milliseconds that
+    # a built-in backend does not need.
+    from importlib.metadata import EntryPoint, entry_points
+
+    found = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    found.update({name: EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in BUILT_IN.items()})
     return found
 
 
@@ -49,6 +56,11 @@ def backend_names() -> list[str]:
 
 
 def load_factory(name: str) -> BackendFactory:
+    """The factory of the backend ``name``: a built-in one without reading any metadata, else an entry point's."""
+    if name in BUILT_IN:
+        module, _, attribute = BUILT_IN[name].partition(":")
+        built_in: BackendFactory = getattr(importlib.import_module(module), attribute)
+        return built_in
     ep = _entry_points().get(name)
     if ep is not None:
         factory: BackendFactory = ep.load()

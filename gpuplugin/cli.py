@@ -8,7 +8,6 @@ import dataclasses
 import json
 import math
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
@@ -17,7 +16,7 @@ import click
 import structlog
 
 from gpuplugin import package_version
-from gpuplugin.backends.registry import UnknownBackend, backend_names, load_factory
+from gpuplugin.backends.registry import UnknownBackend, load_factory
 from gpuplugin.core.backend import BackendUnavailable
 from gpuplugin.core.errors import shorten
 from gpuplugin.core.instance import InstanceLockError
@@ -54,7 +53,7 @@ _common = [
     click.option(
         "--backend",
         envvar="GPUPLUGIN_BACKEND",
-        help="Where devices come from (installed: " + ", ".join(backend_names()) + "). Default: mock.",
+        help="Where devices come from: mock, nvml, partitioned, or a backend installed by entry point. Default: mock.",
     ),
     click.option(
         "--config",
@@ -303,6 +302,8 @@ def devices(as_json: bool, **params: Any) -> None:
     try:
         if params.get("state_dir") is None:
             # Keep clear of a daemon's sockets in the default state directory.
+            import tempfile  # here: only `devices` needs it
+
             with tempfile.TemporaryDirectory(prefix="gpuplugin-", dir="/tmp") as state_dir:
                 rows = asyncio.run(_devices(dataclasses.replace(settings, state_dir=Path(state_dir))))
         else:

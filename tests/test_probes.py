@@ -19,10 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gpuplugin.core.errors import ConfigError
+from gpuplugin.daemon.http import MAX_REQUEST_BODY_BYTES, MAX_REQUEST_HEAD_BYTES
 from gpuplugin.daemon.metrics import Metrics
 from gpuplugin.daemon.probes import (
-    MAX_REQUEST_BODY_BYTES,
-    MAX_REQUEST_HEAD_BYTES,
     ListenAddress,
     ProbeServer,
     ProbeServerError,

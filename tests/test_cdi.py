@@ -207,7 +207,7 @@ def test_settings_defaults_and_values() -> None:
         ({"cdiSpecDir": "run/cdi"}, "flags.plugin.cdiSpecDir: must be an absolute directory path, got 'run/cdi'"),
         ({"cdiSpecDir": 5}, "flags.plugin.cdiSpecDir: must be an absolute directory path, got 5"),
         ({"cdiSpecFormat": "toml"}, "flags.plugin.cdiSpecFormat: must be one of json, yaml, got 'toml'"),
-        ("cdi", "flags.plugin: must be a mapping, got str"),
+        ("cdi", "flags.plugin: expected mapping, got 'cdi'"),
     ],
 )
 def test_invalid_settings_name_the_field(data: Any, message: str) -> None:

@@ -74,6 +74,18 @@ def nvml_backend(gpus: int = 2) -> NvmlBackend:
     return NvmlBackend(NvmlSettings(driver_root="/nonexistent"), HealthPolicy(), h200_node(gpus))
 
 
+def test_daemon_settings_read_in_either_spelling() -> None:
+    """``daemon`` keys read as camelCase (``sharing.mps``) or as the settings' names (partitioned), delays included."""
+    camel = {"probeIntervalSeconds": 1, "firstRestartDelaySeconds": 2, "maxRestartDelaySeconds": 60, "command": "a b"}
+    snake = {"probe_interval_s": 1, "first_restart_delay_s": 2, "max_restart_delay_s": 60, "command": ["a", "b"]}
+    expected = ControlDaemonSettings(
+        command=("a", "b"), probe_interval_s=1.0, first_restart_delay_s=2.0, max_restart_delay_s=60.0
+    )
+    assert ControlDaemonSettings.from_mapping(camel, "d") == ControlDaemonSettings.from_mapping(snake, "d") == expected
+    with pytest.raises(ConfigError, match=r"^partitioned\.mps\.first_restart_delay_s: must be at most max_restart"):
+        ControlDaemonSettings.from_mapping({"first_restart_delay_s": 31}, "partitioned.mps")
+
+
 def test_nvidia_mps_config_is_accepted_as_it_is() -> None:
     """NVIDIA's ``sharing.mps`` (renameByDefault, resources with replicas) loads into MPS sharing, with mpsRoot."""
     settings = resolve(Overrides(), {"sharing": {"mps": NVIDIA_MPS}, "flags": {"mpsRoot": "/var/mps"}}, {}, "f")
@@ -91,7 +103,7 @@ def test_nvidia_mps_config_is_accepted_as_it_is() -> None:
         ),
         (
             {"sharing": {"mps": {"resources": [{"name": "nvidia.com/gpu", "replicas": 2, "memoryLimitMiB": 0}]}}},
-            "f: sharing.mps.resources[0].memoryLimitMiB: must be a whole number of MiB from 1 to 1048576, got 0",
+            "f: sharing.mps.resources[0].memoryLimitMiB: must be an integer from 1 to 1048576 (MiB), got 0",
         ),
         (
             {
@@ -99,7 +111,10 @@ def test_nvidia_mps_config_is_accepted_as_it_is() -> None:
                     "mps": {"resources": [{"name": "nvidia.com/gpu", "replicas": 2, "activeThreadPercentage": 101}]}
                 }
             },
-            "f: sharing.mps.resources[0].activeThreadPercentage: must be a whole number 1 to 100, got 101",
+            (
+                "f: sharing.mps.resources[0].activeThreadPercentage: "
+                "must be an integer from 1 to 100 (percent of the GPU's SMs), got 101"
+            ),
         ),
         (
             {"sharing": {"mps": {"resources": [{"name": "nvidia.com/gpu", "replicas": 1}]}}},
@@ -112,7 +127,26 @@ def test_nvidia_mps_config_is_accepted_as_it_is() -> None:
         ({"sharing": {"mps": {**NVIDIA_MPS, "daemon": {"probeIntervalSeconds": 0}}}}, "f: sharing.mps.daemon.probe"),
         (
             {"sharing": {"mps": {**NVIDIA_MPS, "daemon": {"answerTimeoutSeconds": float("inf")}}}},
-            "f: sharing.mps.daemon.answerTimeoutSeconds: must be a number of seconds above 0 and at most 3600",
+            "f: sharing.mps.daemon.answerTimeoutSeconds: must be a number above 0 and at most 3600 (seconds), got inf",
+        ),
+        (
+            {"sharing": {"mps": {**NVIDIA_MPS, "daemon": {"maxRestartDelaySeconds": 7200}}}},
+            (
+                "f: sharing.mps.daemon.maxRestartDelaySeconds: "
+                "must be a number above 0 and at most 3600 (seconds), got 7200"
+            ),
+        ),
+        (
+            {"sharing": {"mps": {**NVIDIA_MPS, "daemon": {"firstRestartDelaySeconds": 40}}}},
+            "f: sharing.mps.daemon.firstRestartDelaySeconds: must be at most maxRestartDelaySeconds (30), got 40",
+        ),
+        (
+            {"sharing": {"mps": {**NVIDIA_MPS, "daemon": {"probeInterval": 5}}}},
+            "f: sharing.mps.daemon.probeInterval: unknown setting (known: answerTimeoutSeconds, command, ",
+        ),
+        (
+            {"sharing": {"mps": {**NVIDIA_MPS, "daemon": {"command": []}}}},
+            "f: sharing.mps.daemon.command: expected list of length >= 1, got []",
         ),
     ],
 )

@@ -195,38 +195,56 @@ REPLICAS_RANGE += " holds), got"
         ({"resources": [{"name": GPU, "replicas": 10**8}]}, "resources[0].replicas: must be an integer from 2 to"),
         (
             {"resources": [{"name": GPU, "replicas": 2, "perGpu": {0: 24673}}]},
-            "resources[0].perGpu.0: must be an integer from 1 (not shared) to 24672, got 24673",
+            "resources[0].perGpu.0: must be an integer from 1 to 24672 (1: that GPU is not shared), got 24673",
         ),
         (
             {"resources": [{"name": GPU, "replicas": 2, "devices": list(range(1025))}]},
-            "resources[0].devices: lists 1025 GPUs; at most 1024",
+            "resources[0].devices: has 1025 entries, at most 1024",
         ),
         (
             {"resources": [{"name": GPU, "replicas": 2, "perGpu": dict.fromkeys(range(1025), 2)}]},
-            "resources[0].perGpu: names 1025 GPUs; at most 1024",
+            "resources[0].perGpu: has 1025 entries, at most 1024",
         ),
         (
             {"resources": [{"name": GPU}]},
-            REPLICAS_RANGE + " None",
+            "resources[0].replicas: missing; it has no default",
         ),
         ({"resources": [{"name": "gpu", "replicas": 2}]}, "resources[0].name: must be an extended resource name"),
         ({"resources": [{"name": "kubernetes.io/gpu", "replicas": 2}]}, "resources[0].name: must be an extended"),
-        ({"resources": [{"name": GPU, "replicas": 2, "rename": "bad name"}]}, "resources[0].rename: 'bad name'"),
-        ({"resources": [{"name": GPU, "replicas": 2, "rename": 7}]}, "resources[0].rename: must be an extended"),
-        ({"resources": [{"name": GPU, "replicas": 2, "devices": "some"}]}, 'resources[0].devices: must be "all"'),
-        ({"resources": [{"name": GPU, "replicas": 2, "devices": [0, -1]}]}, "resources[0].devices[1]: must be a GPU"),
+        (
+            {"resources": [{"name": GPU, "replicas": 2, "rename": "bad name"}]},
+            "resources[0].rename: must be an extended resource name (domain/name), got 'bad name'",
+        ),
+        (
+            {"resources": [{"name": GPU, "replicas": 2, "rename": 7}]},
+            "resources[0].rename: must be an extended resource name (domain/name), got 7",
+        ),
+        (
+            {"resources": [{"name": GPU, "replicas": 2, "devices": "some"}]},
+            "resources[0].devices: must be one of all (or a list of GPU indices and UUIDs), got 'some'",
+        ),
+        (
+            {"resources": [{"name": GPU, "replicas": 2, "devices": [0, -1]}]},
+            "resources[0].devices[1]: must be an integer at least 0 (a GPU's index, or its UUID), got -1",
+        ),
         (
             {"resources": [{"name": GPU, "replicas": 2, "perGpu": {0: 0}}]},
-            "resources[0].perGpu.0: must be an integer from 1 (not shared) to 24672, got 0",
+            "resources[0].perGpu.0: must be an integer from 1 to 24672 (1: that GPU is not shared), got 0",
         ),
-        ({"resources": [{"name": GPU, "replicas": 2, "perGpu": [1]}]}, "resources[0].perGpu: must be a mapping"),
-        ({"resources": [{"name": GPU, "replicas": 2, "perGpu": {-2: 2}}]}, "resources[0].perGpu.-2: must be a GPU"),
+        (
+            {"resources": [{"name": GPU, "replicas": 2, "perGpu": [1]}]},
+            "resources[0].perGpu: expected mapping (replicas by GPU index or UUID), got [1]",
+        ),
+        (
+            {"resources": [{"name": GPU, "replicas": 2, "perGpu": {-2: 2}}]},
+            "resources[0].perGpu.-2: must be an integer at least 0 (a GPU's index, or its UUID), got -2",
+        ),
         ({"resources": [{"name": GPU, "replicas": 2, "color": 1}]}, "resources[0].color: unknown setting"),
         ({"resources": [{"name": GPU, "replicas": 2}], "allocationPolicy": "topology"}, "allocationPolicy: must be"),
         ({"renameByDefault": "yes"}, "renameByDefault: must be true or false, got 'yes'"),
         ({"failRequestsGreaterThanOne": 1}, "failRequestsGreaterThanOne: must be true or false, got 1"),
-        ({"resources": {"name": GPU}}, "resources: must be a list, got dict"),
-        ({"resources": ["nvidia.com/gpu"]}, "resources[0]: must be a mapping, got str"),
+        ({"resources": {"name": GPU}}, "resources: expected list, got {'name': 'nvidia.com/gpu'}"),
+        ({"resources": ["nvidia.com/gpu"]}, "resources[0]: expected mapping, got 'nvidia.com/gpu'"),
         ({"replicas": 2}, f"{PATH}.replicas: unknown setting"),
         (
             {"resources": [{"name": GPU, "replicas": 2}, {"name": GPU, "replicas": 3}]},
@@ -258,7 +276,7 @@ def test_invalid_config_names_the_field(section: dict[str, Any], message: str) -
 
 def test_top_level_must_be_a_mapping() -> None:
     """A timeSlicing value that is not a mapping is refused naming the section."""
-    with pytest.raises(ConfigError, match=r"^sharing\.timeSlicing: must be a mapping, got list$"):
+    with pytest.raises(ConfigError, match=r"^sharing\.timeSlicing: expected mapping, got \[\]$"):
         TimeSlicing.from_mapping([], PATH)
 
 

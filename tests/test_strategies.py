@@ -221,9 +221,18 @@ def test_strategy_accepts_string_comma_list_and_list(value: Any, expected: tuple
     ("data", "message"),
     [
         ({"deviceListStrategy": "cdi"}, "flags.plugin.deviceListStrategy: must be one of envvar, volume-mounts"),
-        ({"deviceListStrategy": ["envvar", 3]}, "flags.plugin.deviceListStrategy[1]: must be one of"),
-        ({"deviceListStrategy": []}, "flags.plugin.deviceListStrategy: must be a strategy or a non-empty list"),
-        ({"deviceListStrategy": {"a": 1}}, "flags.plugin.deviceListStrategy: must be a strategy"),
+        (
+            {"deviceListStrategy": ["envvar", 3]},
+            "flags.plugin.deviceListStrategy[1]: must be one of envvar, volume-mounts, cdi-annotations, cdi-cri, got 3",
+        ),
+        (
+            {"deviceListStrategy": []},
+            "flags.plugin.deviceListStrategy: expected list of length >= 1 (one, or a list of them), got []",
+        ),
+        (
+            {"deviceListStrategy": {"a": 1}},
+            "flags.plugin.deviceListStrategy: expected str | list, got {'a': 1}",
+        ),
         ({"cdiAnnotationPrefix": "cdi.k8s.io"}, "flags.plugin.cdiAnnotationPrefix: must be a DNS subdomain"),
         ({"cdiAnnotationPrefix": "Bad_Prefix/"}, "flags.plugin.cdiAnnotationPrefix: must be a DNS subdomain"),
         ({"cdiVendor": "nvidia.com/gpu"}, "flags.plugin.cdiVendor: must be a DNS subdomain"),
@@ -239,7 +248,7 @@ def test_invalid_settings_name_the_field(data: dict[str, Any], message: str) -> 
 
 def test_section_must_be_a_mapping() -> None:
     """A section that is not a mapping is refused naming it."""
-    with pytest.raises(ConfigError, match=r"^flags\.plugin: must be a mapping, got str$"):
+    with pytest.raises(ConfigError, match=r"^flags\.plugin: expected mapping, got 'envvar'$"):
         DeviceListStrategy.from_mapping("envvar", PATH)
 
 

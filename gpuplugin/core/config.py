@@ -10,12 +10,12 @@ range is read back from the schema, which is all a one-line message needs.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NamedTuple, TypeVar
 
 import msgspec
 import msgspec.inspect as mi
 
-from gpuplugin.core.errors import ConfigError, config_key
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.limits import MAX_CONFIG_VALUES, within_values
 
 __all__ = [
@@ -104,13 +104,22 @@ _STEP = re.compile(r"\.([^.\[]+)|\[(\d+|\.\.\.)\]")
 _MISSING = object()
 
 
+class _Entry(NamedTuple):
+    """A step to one entry of a mapping, by its key: msgspec names only ``[...]``, a message names the key."""
+
+    key: object
+
+
+Step = str | int | _Entry
+
+
 def decode(data: object, schema: type[T], path: str = "", *, source: str = "", lax: bool = False) -> T:
     """``data`` (parsed YAML, or flags) read as ``schema``; ConfigError naming the field under ``path`` (and the file,
     ``source``) if it does not fit. ``lax`` also reads numbers and booleans given as text, as flags arrive."""
     try:
         return msgspec.convert(data, schema, strict=not lax)
     except msgspec.ValidationError as exc:
-        message = _message(str(exc), data, schema, path, isinstance(exc.__cause__, ConfigError))
+        message = _message(str(exc), data, schema, path, isinstance(exc.__cause__, ConfigError), lax)
         raise ConfigError(f"{source}: {message}" if source else message) from None
 
 
@@ -118,28 +127,32 @@ def decode(data: object, schema: type[T], path: str = "", *, source: str = "", l
 _KINDS = {"object": "mapping", "array": "list", "null": "nothing"}
 
 
-def _message(text: str, data: object, schema: type[Any], path: str, checked: bool) -> str:
+def _message(text: str, data: object, schema: type[Any], path: str, checked: bool, lax: bool) -> str:
     """One line from msgspec's error; ``checked``: raised by a schema's own check, whose message names the field
     from the section it checks."""
     match = _AT.fullmatch(text)
     problem, where = (match["problem"], match["where"]) if match else (text, "")
-    steps: list[str | int] = [
-        name or (int(index) if index.isdigit() else index) for name, index in _STEP.findall(where)
-    ]
+    steps: list[Step] = [name or (int(index) if index.isdigit() else index) for name, index in _STEP.findall(where)]
+    bad_key = bool(match and match["key"])
+    steps = _entries(text, data, schema, [*steps, "..."] if bad_key else steps, lax)
     unknown = _UNKNOWN.fullmatch(problem)
     missing = _REQUIRED.fullmatch(problem)
     value = _value(data, steps)
-    info = _type_at(mi.type_info(schema), steps)
+    info, why = _type_at(
+        mi.type_info(schema), steps, steps[-1].key if bad_key and isinstance(steps[-1], _Entry) else value, key=bad_key
+    )
     if checked:
         return f"{_field(path, steps)}.{problem}".lstrip(".")
+    if bad_key:
+        value = steps[-1].key if isinstance(steps[-1], _Entry) else _MISSING
     if unknown:
         known = ", ".join(sorted(f.encode_name for f in info.fields) if isinstance(info, mi.StructType) else ())
-        steps.append(config_key(unknown["name"]))
-        problem, value = f"unknown setting (known: {known})", _MISSING
+        steps.append(_Entry(unknown["name"]))
+        problem, value, why = f"unknown setting (known: {known})", _MISSING, None
     elif missing:
         steps.append(missing["name"])
-        problem, value = "missing; it has no default", _MISSING
-    elif match and match["key"]:
+        problem, value, why = "missing; it has no default", _MISSING, None
+    elif bad_key and not isinstance(value, str | int):
         problem, value = "keys must be text", _MISSING
     elif isinstance(info, mi.IntType | mi.FloatType):
         problem = _range(info) or problem
@@ -148,10 +161,15 @@ def _message(text: str, data: object, schema: type[Any], path: str, checked: boo
         problem = f"must be one of {', '.join(map(str, choices))}"
     elif isinstance(info, mi.BoolType):
         problem = "must be true or false"
+    elif isinstance(info, mi.StrType) and why:
+        # A described text's description is the rule its pattern and length spell.
+        problem, why = f"must be {why}", None
     elif isinstance(info, mi.StrType) and info.pattern in (ABSOLUTE, TEXT) and isinstance(value, str):
         problem = "must be an absolute path" if info.pattern == ABSOLUTE else "must be a non-empty string"
     elif isinstance(info, mi.ListType | mi.DictType) and " of length <= " in problem and isinstance(value, list | dict):
-        problem, value = f"has {len(value)} entries, at most {info.max_length}", _MISSING
+        problem, value, why = f"has {len(value)} entries, at most {info.max_length}", _MISSING, None
+    if why:
+        problem = f"{problem.split(', got ')[0]} ({why})"
     if value is not _MISSING:
         shown = repr(value)
         problem = problem.split(", got ")[0] + f", got {shown if len(shown) <= 60 else shown[:60] + '…'}"
@@ -162,43 +180,107 @@ def _message(text: str, data: object, schema: type[Any], path: str, checked: boo
     return f"{field}: {problem}" if field else problem
 
 
-def _field(path: str, steps: list[str | int]) -> str:
+def _entries(text: str, data: object, schema: type[Any], steps: list[Step], lax: bool) -> list[Step]:
+    """``steps`` with each ``...`` (a mapping's entry) replaced by the key of the first entry that fails alone."""
+    for i, step in enumerate(steps):
+        mapping = _value(data, steps[:i])
+        if step != "..." or not isinstance(mapping, dict):
+            continue
+        for key, item in mapping.items():
+            trial = _replaced(data, steps[:i], {key: item})
+            try:
+                msgspec.convert(trial, schema, strict=not lax)
+            except msgspec.ValidationError as exc:
+                if str(exc) == text:
+                    data, steps[i] = trial, _Entry(key)
+                    break
+    return steps
+
+
+def _replaced(data: Any, steps: list[Step], new: object) -> object:
+    """A copy of ``data`` with the value at ``steps`` replaced by ``new``."""
+    if not steps:
+        return new
+    key = steps[0].key if isinstance(steps[0], _Entry) else steps[0]
+    if isinstance(data, dict):
+        return {**data, key: _replaced(data[key], steps[1:], new)}
+    assert isinstance(key, int)  # msgspec's paths index lists with numbers
+    copy = list(data)
+    copy[key] = _replaced(copy[key], steps[1:], new)
+    return copy
+
+
+def _field(path: str, steps: list[Step]) -> str:
     """``sharing.timeSlicing`` and ``resources``, ``0``: ``sharing.timeSlicing.resources[0]``."""
-    return (path + "".join(f"[{s}]" if isinstance(s, int) or s == "..." else f".{s}" for s in steps)).lstrip(".")
+    return (path + "".join(_step(s) for s in steps)).lstrip(".")
 
 
-def _value(data: object, steps: list[str | int]) -> object:
+def _step(step: Step) -> str:
+    if isinstance(step, _Entry):
+        return f".{_config_key(step.key)}"
+    return f"[{step}]" if isinstance(step, int) or step == "..." else f".{step}"
+
+
+def _config_key(key: object) -> str:
+    """A mapping's key as it can stand in a path: plain keys as they are, odd ones quoted and cut."""
+    text = str(key)
+    # Only a plain word stands bare: a key with a dot, colon or bracket would read as part of the path.
+    return text if re.fullmatch(r"[\w-]{1,80}", text) else repr(text[:80])
+
+
+def _value(data: object, steps: list[Step]) -> object:
     """The value at ``steps`` in ``data``, or _MISSING where it cannot be followed (a mapping's ``[...]``)."""
     for step in steps:
+        key = step.key if isinstance(step, _Entry) else step
         if isinstance(data, list | tuple):
-            data = data[step] if isinstance(step, int) and step < len(data) else _MISSING
+            data = data[key] if isinstance(key, int) and key < len(data) else _MISSING
         else:
-            data = data.get(step, _MISSING) if isinstance(data, dict) else _MISSING
+            data = data.get(key, _MISSING) if isinstance(data, dict) else _MISSING
     return data
 
 
-def _type_at(info: mi.Type, steps: list[str | int]) -> mi.Type:
-    """The type of the value at ``steps`` in a value of type ``info``; of an optional value, its type besides None."""
-    for step in [*steps, None]:
+def _type_at(info: mi.Type, steps: list[Step], value: object, *, key: bool = False) -> tuple[mi.Type, str | None]:
+    """The type of ``value`` (``key``: a mapping's key) at ``steps`` in a value of type ``info``, and what its
+    declaration says of it (``Meta(description=...)``); of a union, the member of ``value``'s kind."""
+    why = None
+    last = len(steps) - 1
+    for i, step in enumerate([*steps, None]):
         while isinstance(info, mi.Metadata | mi.UnionType):
             if isinstance(info, mi.Metadata):
+                why = (info.extra_json_schema or {}).get("description", why)
                 info = info.type
             else:
                 # The member a step can lead into: a key into a mapping or Struct, an index into a list.
-                kinds = (mi.StructType, mi.DictType) if isinstance(step, str) else (mi.ListType, mi.VarTupleType)
+                kinds: tuple[type[mi.Type], ...] = (mi.StructType, mi.DictType)
+                if isinstance(step, int):
+                    kinds = (mi.ListType, mi.VarTupleType)
+                elif step is None:
+                    kinds = next((k for t, k in _KIND_OF if isinstance(value, t)), (mi.ListType, mi.VarTupleType))
                 members = [t for t in info.types if not isinstance(t, mi.NoneType)] or list(info.types)
                 info = next((t for t in members if isinstance(_bare(t), kinds)), members[0])
         if step is None:
             break
+        why = None
         if isinstance(info, mi.StructType):
             info = next((f.type for f in info.fields if f.encode_name == step), mi.AnyType())
         elif isinstance(info, mi.DictType):
-            info = info.value_type
+            info = info.key_type if key and i == last else info.value_type
         elif isinstance(info, mi.ListType | mi.VarTupleType | mi.SetType | mi.FrozenSetType):
             info = info.item_type
         else:
-            return mi.AnyType()
-    return info
+            return mi.AnyType(), None
+    return info, why
+
+
+#: The schema types a value of each kind may be meant for, to pick a union's member in a message.
+_KIND_OF: tuple[tuple[type, tuple[type[mi.Type], ...]], ...] = (
+    (bool, (mi.BoolType,)),
+    (int, (mi.IntType, mi.FloatType)),
+    (float, (mi.FloatType,)),
+    (str, (mi.StrType, mi.LiteralType, mi.EnumType)),
+    (dict, (mi.StructType, mi.DictType)),
+    (list, (mi.ListType, mi.VarTupleType)),
+)
 
 
 def _bare(info: mi.Type) -> mi.Type:

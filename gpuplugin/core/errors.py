@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 from grpclib.const import Status
@@ -35,15 +34,6 @@ def shorten(message: str) -> str:
     """``message`` on one line, cut to ``MAX_MESSAGE_CHARS``."""
     line = " ".join(message.splitlines())
     return line if len(line) <= MAX_MESSAGE_CHARS else line[: MAX_MESSAGE_CHARS - 1] + "…"
-
-
-def config_key(key: object) -> str:
-    """A config key as it can stand in a one-line message: plain keys as they are, odd ones quoted and cut."""
-    text = str(key)
-    # Only a plain word stands bare: a key with a dot, colon or bracket would read as part of the path.
-    if re.fullmatch(r"[\w-]{1,80}", text):
-        return text
-    return repr(text[:80])
 
 
 class RequestError(Exception):

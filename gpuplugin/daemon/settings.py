@@ -19,7 +19,7 @@ from gpuplugin.daemon.manager import ManagerSettings
 from gpuplugin.daemon.probes import ListenAddress, ProbeSettings
 from gpuplugin.devices.cdi import CdiSettings
 from gpuplugin.devices.health import MAX_PROBE_RETRY_S, MAX_QUIET_PERIOD_S, MAX_XID, HealthPolicy
-from gpuplugin.devices.sharing import TimeSlicing
+from gpuplugin.devices.sharing import ResourceSection, TimeSlicing, TimeSlicingSection
 from gpuplugin.devices.strategies import DeviceListStrategy
 
 if TYPE_CHECKING:
@@ -161,9 +161,10 @@ class Flags(Section):
 
 
 class SharingSection(Section):
-    """NVIDIA's ``sharing``: one of ``timeSlicing`` and ``mps``, each read by its own settings."""
+    """NVIDIA's ``sharing``: one of ``timeSlicing`` and ``mps``; ``mps`` is read by MpsSharing, whose module (and
+    its daemons' machinery) is imported only when MPS sharing is configured."""
 
-    time_slicing: dict[str, Any] | None = None
+    time_slicing: TimeSlicingSection[ResourceSection] | None = None
     mps: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -218,8 +219,11 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
     plugin_flags = dict((config.get("flags") or {}).get("plugin") or {})
     if overrides.device_list_strategy is not None:
         plugin_flags["deviceListStrategy"] = overrides.device_list_strategy
-    sharing = config.get("sharing") or {}
-    time_slicing, mps = _shared(sharing.get("timeSlicing"), policy), _shared(sharing.get("mps"), policy)
+    sharing = file.sharing or SharingSection()
+    time_slicing = sharing.time_slicing
+    if time_slicing is not None and time_slicing.allocation_policy is None:
+        time_slicing = msgspec.structs.replace(time_slicing, allocation_policy=policy)
+    mps = sharing.mps if sharing.mps is None or policy is None else {"allocationPolicy": policy, **sharing.mps}
     with _prefixed(source):
         return PluginSettings(
             backend=backend,
@@ -237,7 +241,7 @@ def resolve(overrides: Overrides, config: Mapping[str, Any], env: Mapping[str, s
             log_format=log_format,
             log_level=log_level.lower(),
             state_dir=overrides.state_dir or Path(plugin.state_dir or defaults.state_dir),
-            sharing=None if time_slicing is None else TimeSlicing.from_mapping(time_slicing, "sharing.timeSlicing"),
+            sharing=None if time_slicing is None else TimeSlicing.from_section(time_slicing, "sharing.timeSlicing"),
             mps=None if mps is None else _mps(mps, flags),
             strategies=DeviceListStrategy.from_mapping(plugin_flags, "flags.plugin"),
             cdi=CdiSettings.from_mapping(plugin_flags, "flags.plugin"),
@@ -293,13 +297,6 @@ def _backend(overrides: Overrides, file: ConfigFile, shared_policy: str | None) 
 
 #: Backends whose sections the schema names; another backend's section is its own business.
 _BUILT_IN = frozenset(f.encode_name for f in msgspec.structs.fields(BackendSection)) - {"name"}
-
-
-def _shared(section: dict[str, Any] | None, shared_policy: str | None) -> dict[str, Any] | None:
-    """A sharing section with ``allocation.policy`` as its default policy."""
-    if section is None or shared_policy is None:
-        return section
-    return {"allocationPolicy": shared_policy, **section}
 
 
 def _mps(section: dict[str, Any], flags: Flags) -> MpsSharing:

@@ -14,15 +14,17 @@ import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import aiofiles
 import aiofiles.os
 import aiofiles.tempfile
+import msgspec
 import structlog
+from msgspec import Meta
 
 from gpuplugin.core.clock import Backoff
-from gpuplugin.core.errors import ConfigError
+from gpuplugin.core.config import ABSOLUTE, decode
 from gpuplugin.core.model import Device, DeviceTree
 from gpuplugin.core.tasks import TaskSet
 from gpuplugin.devices.strategies import (
@@ -67,19 +69,18 @@ class CdiSettings:
 
         Raises ConfigError naming the field.
         """
-        if data is None:
-            return cls()
-        if not isinstance(data, dict):
-            raise ConfigError.at(path, f"must be a mapping, got {type(data).__name__}")
-        spec_dir = data.get("cdiSpecDir", str(DEFAULT_SPEC_DIR))
-        if not isinstance(spec_dir, str) or not spec_dir.startswith("/"):
-            raise ConfigError.at(f"{path}.cdiSpecDir", f"must be an absolute directory path, got {spec_dir!r}")
-        spec_format = data.get("cdiSpecFormat", "json")
-        if spec_format not in SPEC_FORMATS:
-            raise ConfigError.at(
-                f"{path}.cdiSpecFormat", f"must be one of {', '.join(SPEC_FORMATS)}, got {spec_format!r}"
-            )
-        return cls(spec_dir=Path(spec_dir), format=spec_format)
+        section = decode(data, CdiFlags, path)
+        return cls(spec_dir=Path(section.cdi_spec_dir), format=section.cdi_spec_format)
+
+
+class CdiFlags(msgspec.Struct, rename="camel", kw_only=True):
+    """The keys of NVIDIA's ``flags.plugin`` read here; the section is shared with other settings, whose keys are
+    left alone here (the config file's schema refuses unknown ones)."""
+
+    cdi_spec_dir: Annotated[str, Meta(pattern=ABSOLUTE, description="an absolute directory path")] = str(
+        DEFAULT_SPEC_DIR
+    )
+    cdi_spec_format: SpecFormat = "json"
 
 
 def spec_writer_for(strategy: DeviceListStrategy, settings: CdiSettings) -> CdiSpecWriter | None:

@@ -22,16 +22,19 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Annotated, Any
 
+import msgspec
 import structlog
+from msgspec import Meta
 
 from gpuplugin.core.backend import AllocationPolicyKind, Backend, BackendEvent, InventoryChanged, PreferredAllocation
 from gpuplugin.core.clock import Backoff
-from gpuplugin.core.errors import ConfigError, DevicesRefuseConfig, config_key
+from gpuplugin.core.config import AbsolutePath, Section, Text, decode
+from gpuplugin.core.errors import ConfigError, DevicesRefuseConfig
 from gpuplugin.core.model import ContainerSpec, Device, DeviceTree, Health, Mount, ResourceRules, frozen_mapping
 from gpuplugin.core.tasks import TaskSet
-from gpuplugin.devices.sharing import REPLICA_ATTRIBUTE, TimeSlicing
+from gpuplugin.devices.sharing import REPLICA_ATTRIBUTE, ResourceSection, TimeSlicing, TimeSlicingSection
 
 log = structlog.get_logger("gpuplugin.devices.mps")
 
@@ -89,51 +92,62 @@ class ControlDaemonSettings:
 
     @classmethod
     def from_mapping(cls, data: Any, path: str) -> ControlDaemonSettings:
-        """Read ``root``, ``command``, ``probeIntervalSeconds``, ``answerTimeoutSeconds``; raises ConfigError."""
-        if data is None:
+        """Read a ``daemon`` section, with camelCase keys (``probeIntervalSeconds``, as ``sharing.mps``) or the
+        settings' own names (``probe_interval_s``, as the partitioned backend's section); raises ConfigError."""
+        snake = isinstance(data, dict) and any(key in _SNAKE_NAMES for key in data)
+        schema: Any = (DaemonOptions if snake else DaemonSection) | None
+        section: msgspec.Struct | None = decode(data, schema, path)
+        if section is None:
             return cls()
-        if not isinstance(data, Mapping):
-            raise ConfigError.at(path, f"must be a mapping, got {type(data).__name__}")
-        keys = {
-            "root": "root",
-            "command": "command",
-            "probeIntervalSeconds": "probe_interval_s",
-            "probe_interval_s": "probe_interval_s",
-            "answerTimeoutSeconds": "answer_timeout_s",
-            "answer_timeout_s": "answer_timeout_s",
-        }
-        values: dict[str, Any] = {}
-        for key, value in data.items():
-            name = keys.get(str(key))
-            if name is None:
-                known = ", ".join(k for k in keys if "_" not in k)
-                raise ConfigError.at(f"{path}.{config_key(key)}", f"unknown setting (known: {known})")
-            where = f"{path}.{key}"
-            if name == "root":
-                values[name] = absolute_path(value, where)
-            elif name == "command":
-                values[name] = _command(value, where)
-            else:
-                if not isinstance(value, int | float) or isinstance(value, bool) or not 0 < value <= MAX_DAEMON_SECONDS:
-                    raise ConfigError.at(
-                        where, f"must be a number of seconds above 0 and at most {MAX_DAEMON_SECONDS:g}, got {value!r}"
-                    )
-                values[name] = float(value)
-        return cls(**values)
+        values = {key: value for key, value in msgspec.structs.asdict(section).items() if value is not None}
+        if "root" in values:
+            values["root"] = Path(values["root"])
+        if "command" in values:
+            command = values["command"]
+            values["command"] = tuple(command.split() if isinstance(command, str) else command)
+        settings = cls(**values)
+        if settings.first_restart_delay_s > settings.max_restart_delay_s:
+            first, longest = (
+                name if snake else _daemon_key(name) for name in ("first_restart_delay_s", "max_restart_delay_s")
+            )
+            raise ConfigError.at(
+                f"{path}.{first}",
+                f"must be at most {longest} ({settings.max_restart_delay_s:g}), got {settings.first_restart_delay_s:g}",
+            )
+        return settings
 
 
-def absolute_path(value: Any, path: str) -> Path:
-    """A host directory from the config: absolute, since the daemon's working directory means nothing on a node."""
-    if not isinstance(value, str | Path) or not str(value).startswith("/") or "\0" in str(value):
-        raise ConfigError.at(path, f"must be an absolute path, got {value!r}")
-    return Path(value)
+def _daemon_key(name: str) -> str:
+    """``probe_interval_s``: ``probeIntervalSeconds``, as NVIDIA names seconds in its files."""
+    words = name.removesuffix("_s").split("_") + (["seconds"] if name.endswith("_s") else [])
+    return words[0] + "".join(w.title() for w in words[1:])
 
 
-def _command(value: Any, path: str) -> tuple[str, ...]:
-    words = value.split() if isinstance(value, str) else value
-    if not isinstance(words, list | tuple) or not words or not all(isinstance(w, str) and w for w in words):
-        raise ConfigError.at(path, f"must be a command (a string or a list of words), got {value!r}")
-    return tuple(words)
+DaemonSeconds = Annotated[float, Meta(gt=0, le=MAX_DAEMON_SECONDS, description="seconds")]
+#: The control program with any prefix: a string of words, or a list of them.
+Command = Text | Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1)]
+
+
+class DaemonSection(Section, rename=_daemon_key):
+    """The ``daemon`` settings of ``sharing.mps``: ControlDaemonSettings' fields, each above 0 and at most an hour:
+    longer without noticing a dead daemon is a daemon unwatched."""
+
+    root: AbsolutePath | None = None
+    command: Command | None = None
+    probe_interval_s: DaemonSeconds | None = None
+    answer_timeout_s: DaemonSeconds | None = None
+    first_restart_delay_s: DaemonSeconds | None = None
+    max_restart_delay_s: DaemonSeconds | None = None
+
+
+#: The same settings under their own names (``probe_interval_s``), as the partitioned backend's section spells keys.
+DaemonOptions = msgspec.defstruct(
+    "DaemonOptions",
+    [(f.name, f.type, f.default) for f in msgspec.structs.fields(DaemonSection)],
+    forbid_unknown_fields=True,
+    kw_only=True,
+)
+_SNAKE_NAMES = frozenset(f.name for f in msgspec.structs.fields(DaemonSection) if f.name != f.encode_name)
 
 
 def thread_percentage(compute_slices: int, of_slices: int) -> int:
@@ -170,8 +184,20 @@ class MpsLimits:
     """The config entry they come from, for errors found once the GPUs are known."""
 
 
-#: Keys of a ``sharing.mps.resources[]`` entry beyond time-slicing's.
-_LIMIT_KEYS = {"memoryLimitMiB": "memory_mib", "activeThreadPercentage": "thread_percentage"}
+class MpsResourceSection(ResourceSection):
+    """One entry of ``sharing.mps.resources``: time-slicing's keys and explicit limits of each replica."""
+
+    memory_limit_mib: Annotated[int, Meta(ge=1, le=MAX_MEMORY_LIMIT_MIB, description="MiB")] | None = msgspec.field(
+        default=None, name="memoryLimitMiB"
+    )
+    active_thread_percentage: Annotated[int, Meta(ge=1, le=100, description="percent of the GPU's SMs")] | None = None
+
+
+class MpsSection(TimeSlicingSection[MpsResourceSection]):
+    """NVIDIA's ``sharing.mps``: time-slicing's keys, explicit limits, and the control daemons' settings."""
+
+    daemon: dict[str, Any] | None = None
+    """Read by ControlDaemonSettings, which also takes the partitioned backend's spelling of its keys."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,33 +214,19 @@ class MpsSharing:
     @classmethod
     def from_mapping(cls, data: Any, path: str = "sharing.mps", *, root: Path | None = None) -> MpsSharing:
         """Validate the ``mps`` mapping of a config file (``root``: ``flags.mpsRoot``); raises ConfigError."""
-        if not isinstance(data, dict):
-            raise ConfigError.at(path, f"must be a mapping, got {type(data).__name__}")
-        section = dict(data)
-        daemons = ControlDaemonSettings.from_mapping(section.pop("daemon", None), f"{path}.daemon")
+        section = decode(data, MpsSection, path)
+        daemons = ControlDaemonSettings.from_mapping(section.daemon, f"{path}.daemon")
         if root is not None:
             daemons = dataclasses.replace(daemons, root=root)
-        limits: dict[str, MpsLimits] = {}
-        resources = section.get("resources")
-        if isinstance(resources, list):
-            stripped = []
-            for i, item in enumerate(resources):
-                if isinstance(item, dict):
-                    values = {_LIMIT_KEYS[k]: item[k] for k in _LIMIT_KEYS if k in item}
-                    limit = _limits(values, f"{path}.resources[{i}]")
-                    if limit != MpsLimits():
-                        limits[str(item.get("name"))] = limit
-                    item = {k: v for k, v in item.items() if k not in _LIMIT_KEYS}
-                stripped.append(item)
-            section["resources"] = stripped
-        replicas = TimeSlicing.from_mapping(section, path)
-        # Limits are looked up by the name the replicas are served as.
-        served = {r.name: replicas.served_name(r) for r in replicas.resources}
-        return cls(
-            replicas=replicas,
-            limits=MappingProxyType({served.get(name, name): limit for name, limit in limits.items()}),
-            daemons=daemons,
-        )
+        replicas = TimeSlicing.from_section(section, path)
+        limits = {
+            # Limits are looked up by the name the replicas are served as.
+            replicas.served_name(shared): MpsLimits(entry.memory_limit_mib, entry.active_thread_percentage, where)
+            for i, (entry, shared) in enumerate(zip(section.resources or (), replicas.resources, strict=True))
+            if entry.memory_limit_mib is not None or entry.active_thread_percentage is not None
+            for where in [f"{path}.resources[{i}]"]
+        }
+        return cls(replicas=replicas, limits=MappingProxyType(limits), daemons=daemons)
 
     def apply(self, tree: DeviceTree) -> DeviceTree:
         """Replace each shared GPU by its MPS replicas; one replica per container, as one client has one share.
@@ -265,20 +277,6 @@ class MpsSharing:
             )
         threads = limits.thread_percentage or max(1, 100 // count)
         return MpsShare(memory_mib=memory, thread_percentage=threads)
-
-
-def _limits(values: Mapping[str, Any], path: str) -> MpsLimits:
-    memory = values.get("memory_mib")
-    if memory is not None and (
-        not isinstance(memory, int) or isinstance(memory, bool) or not 1 <= memory <= MAX_MEMORY_LIMIT_MIB
-    ):
-        raise ConfigError.at(
-            f"{path}.memoryLimitMiB", f"must be a whole number of MiB from 1 to {MAX_MEMORY_LIMIT_MIB}, got {memory!r}"
-        )
-    threads = values.get("thread_percentage")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 100):
-        raise ConfigError.at(f"{path}.activeThreadPercentage", f"must be a whole number 1 to 100, got {threads!r}")
-    return MpsLimits(memory_mib=memory, thread_percentage=threads, where=path)
 
 
 # The control daemons.

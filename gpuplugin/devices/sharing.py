@@ -11,9 +11,12 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, TypeGuard
+from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
 
-from gpuplugin.core.errors import ConfigError, DevicesRefuseConfig, config_key
+from msgspec import Meta
+
+from gpuplugin.core.config import Section, Text, decode
+from gpuplugin.core.errors import ConfigError, DevicesRefuseConfig
 from gpuplugin.core.limits import KUBELET_MAX_MESSAGE_BYTES, MAX_DEVICES_PER_RESOURCE, MAX_LIST_MESSAGE_BYTES
 from gpuplugin.core.model import (
     MAX_DEVICE_ID_LENGTH,
@@ -31,8 +34,6 @@ SHARED_SUFFIX = ".shared"
 REPLICA_SEPARATOR = "::"
 #: The attribute a replica carries its number in.
 REPLICA_ATTRIBUTE = "replica"
-#: Policies that make sense for replicas; topology scoring is about links between distinct GPUs.
-REPLICA_POLICIES = (AllocationPolicyKind.DISTRIBUTED, AllocationPolicyKind.PACKED)
 #: Replicas of one GPU at most: what one resource may serve in all (see gpuplugin.core.limits). The replicas of all
 #: the GPUs of a resource together are held to the same bound when the GPUs are known, before any is built.
 MAX_REPLICAS = MAX_DEVICES_PER_RESOURCE
@@ -42,6 +43,55 @@ MAX_LISTED_GPUS = 1024
 
 GpuRef = int | str
 """A GPU named in the config: its index (an int, or a string of digits) or its UUID."""
+
+# The sections as written.
+
+ResourceName = Annotated[str, Meta(description="an extended resource name (domain/name)")]
+Replicas = Annotated[int, Meta(ge=2, le=MAX_REPLICAS, description="what one resource's ListAndWatch message holds")]
+GpuReplicas = Annotated[int, Meta(ge=1, le=MAX_REPLICAS, description="1: that GPU is not shared")]
+GpuIndex = Annotated[int, Meta(ge=0, description="a GPU's index, or its UUID")]
+GpuRefValue = GpuIndex | Text
+ReplicaPolicy = Literal["distributed", "packed"]
+#: The policies that make sense for replicas; topology scoring is about links between distinct GPUs.
+REPLICA_POLICIES = tuple(AllocationPolicyKind(p) for p in get_args(ReplicaPolicy))
+
+
+class ResourceSection(Section):
+    """One entry of ``resources``: NVIDIA's ``name``, ``replicas``, ``rename``, ``devices``, and our ``perGpu``."""
+
+    name: ResourceName
+    replicas: Replicas
+    rename: ResourceName | None = None
+    devices: (
+        Annotated[Literal["all"], Meta(description="or a list of GPU indices and UUIDs")]
+        | Annotated[list[GpuRefValue], Meta(max_length=MAX_LISTED_GPUS)]
+        | None
+    ) = None
+    per_gpu: (
+        Annotated[
+            dict[GpuRefValue, GpuReplicas],
+            Meta(max_length=MAX_LISTED_GPUS, description="replicas by GPU index or UUID"),
+        ]
+        | None
+    ) = None
+    allocation_policy: ReplicaPolicy | None = None
+
+    def __post_init__(self) -> None:
+        for key, name in (("name", self.name), ("rename", self.rename)):
+            if name is not None and not is_extended_resource_name(name):
+                raise ConfigError.at(key, f"must be an extended resource name (domain/name), got {name!r}")
+
+
+R = TypeVar("R", bound=ResourceSection)
+
+
+class TimeSlicingSection(Section, Generic[R]):
+    """NVIDIA's ``sharing.timeSlicing`` (and the replica keys of ``sharing.mps``, whose entries say more)."""
+
+    rename_by_default: bool = False
+    fail_requests_greater_than_one: bool = False
+    resources: list[R] | None = None
+    allocation_policy: ReplicaPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,21 +143,14 @@ class TimeSlicing:
     @classmethod
     def from_mapping(cls, data: Any, path: str = "sharing.timeSlicing") -> TimeSlicing:
         """Validate the ``timeSlicing`` mapping of a config file; raises ConfigError naming the field."""
-        if data is None:
+        return cls.from_section(decode(data, TimeSlicingSection[ResourceSection] | None, path), path)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_section(cls, section: TimeSlicingSection[Any] | None, path: str = "sharing.timeSlicing") -> TimeSlicing:
+        """The settings of a decoded section; checks what involves several fields (names, renames)."""
+        if section is None:
             return cls()
-        section = _mapping(data, path)
-        _no_unknown(
-            section,
-            {"renameByDefault", "failRequestsGreaterThanOne", "resources", "allocationPolicy"},
-            path,
-        )
-        raw_resources = section.get("resources", [])
-        if raw_resources is None:
-            raw_resources = []
-        if not isinstance(raw_resources, list):
-            raise ConfigError.at(f"{path}.resources", f"must be a list, got {type(raw_resources).__name__}")
-        rename_by_default = _bool(section, "renameByDefault", path)
-        resources = tuple(_resource(item, f"{path}.resources[{i}]") for i, item in enumerate(raw_resources))
+        resources = tuple(_resource(r) for r in section.resources or ())
         seen: dict[str, int] = {}
         targets: dict[str, int] = {}
         for i, resource in enumerate(resources):
@@ -117,7 +160,7 @@ class TimeSlicing:
                     f"{where}.name", f"{resource.name!r} is already shared by resources[{seen[resource.name]}]"
                 )
             seen[resource.name] = i
-            target = _target(resource, rename_by_default)
+            target = _target(resource, section.rename_by_default)
             if not is_extended_resource_name(target):
                 field_name = "rename" if resource.rename is not None else "name"
                 raise ConfigError.at(
@@ -128,11 +171,12 @@ class TimeSlicing:
                     f"{where}.rename", f"{target!r} is already the name of resources[{targets[target]}]"
                 )
             targets[target] = i
+        policy = section.allocation_policy
         return cls(
             resources=resources,
-            rename_by_default=rename_by_default,
-            fail_requests_greater_than_one=_bool(section, "failRequestsGreaterThanOne", path),
-            allocation_policy=_policy(section, path) or AllocationPolicyKind.DISTRIBUTED,
+            rename_by_default=section.rename_by_default,
+            fail_requests_greater_than_one=section.fail_requests_greater_than_one,
+            allocation_policy=AllocationPolicyKind.DISTRIBUTED if policy is None else AllocationPolicyKind(policy),
             path=path,
         )
 
@@ -238,96 +282,19 @@ def _names(ref: GpuRef, device: Device) -> bool:
     return ref in (device.gpu, device.id, device.attributes.get("uuid"))
 
 
-def _resource(data: Any, path: str) -> SharedResource:
-    section = _mapping(data, path)
-    _no_unknown(section, {"name", "replicas", "rename", "devices", "perGpu", "allocationPolicy"}, path)
-    name = section.get("name")
-    if not isinstance(name, str) or not is_extended_resource_name(name):
-        raise ConfigError.at(f"{path}.name", f"must be an extended resource name (domain/name), got {name!r}")
-    replicas = section.get("replicas")
-    if not _is_int(replicas) or not 2 <= replicas <= MAX_REPLICAS:
-        raise ConfigError.at(
-            f"{path}.replicas",
-            f"must be an integer from 2 to {MAX_REPLICAS} (what one resource's ListAndWatch message holds), "
-            f"got {replicas!r}",
-        )
-    rename = section.get("rename")
-    if rename is not None and not isinstance(rename, str):
-        raise ConfigError.at(f"{path}.rename", f"must be an extended resource name (domain/name), got {rename!r}")
+def _resource(section: ResourceSection) -> SharedResource:
+    per_gpu = {_ref(key): count for key, count in (section.per_gpu or {}).items()}
     return SharedResource(
-        name=name,
-        replicas=replicas,
-        rename=rename,
-        devices=_devices(section.get("devices", "all"), f"{path}.devices"),
-        per_gpu=_per_gpu(section.get("perGpu"), f"{path}.perGpu"),
-        allocation_policy=_policy(section, path),
+        name=section.name,
+        replicas=section.replicas,
+        rename=section.rename,
+        devices=None if section.devices in (None, "all") else tuple(_ref(r) for r in section.devices),
+        per_gpu=MappingProxyType(per_gpu),
+        allocation_policy=None
+        if section.allocation_policy is None
+        else AllocationPolicyKind(section.allocation_policy),
     )
 
 
-def _devices(value: Any, path: str) -> tuple[GpuRef, ...] | None:
-    if value is None or value == "all":
-        return None
-    if not isinstance(value, list):
-        raise ConfigError.at(path, f'must be "all" or a list of GPU indices and UUIDs, got {value!r}')
-    if len(value) > MAX_LISTED_GPUS:
-        raise ConfigError.at(path, f"lists {len(value)} GPUs; at most {MAX_LISTED_GPUS}")
-    return tuple(_gpu_ref(item, f"{path}[{i}]") for i, item in enumerate(value))
-
-
-def _per_gpu(value: Any, path: str) -> Mapping[GpuRef, int]:
-    if value is None:
-        return MappingProxyType({})
-    if not isinstance(value, dict):
-        raise ConfigError.at(path, f"must be a mapping of GPU index or UUID to replicas, got {type(value).__name__}")
-    if len(value) > MAX_LISTED_GPUS:
-        raise ConfigError.at(path, f"names {len(value)} GPUs; at most {MAX_LISTED_GPUS}")
-    counts: dict[GpuRef, int] = {}
-    for key, count in value.items():
-        where = f"{path}.{config_key(key)}"
-        ref = _gpu_ref(key, where)
-        if not _is_int(count) or not 1 <= count <= MAX_REPLICAS:
-            raise ConfigError.at(where, f"must be an integer from 1 (not shared) to {MAX_REPLICAS}, got {count!r}")
-        counts[ref] = count
-    return MappingProxyType(counts)
-
-
-def _gpu_ref(value: Any, path: str) -> GpuRef:
-    if _is_int(value) and value >= 0:
-        return int(value)
-    if isinstance(value, str) and value.strip():
-        return value.strip()
-    raise ConfigError.at(path, f"must be a GPU index (≥ 0) or UUID, got {value!r}")
-
-
-def _policy(section: Mapping[str, Any], path: str) -> AllocationPolicyKind | None:
-    value = section.get("allocationPolicy")
-    if value is None:
-        return None
-    allowed = [str(p) for p in REPLICA_POLICIES]
-    if value not in allowed:
-        raise ConfigError.at(f"{path}.allocationPolicy", f"must be one of {', '.join(allowed)}, got {value!r}")
-    return AllocationPolicyKind(value)
-
-
-def _bool(section: Mapping[str, Any], key: str, path: str) -> bool:
-    value = section.get(key, False)
-    if not isinstance(value, bool):
-        raise ConfigError.at(f"{path}.{key}", f"must be true or false, got {value!r}")
-    return value
-
-
-def _is_int(value: Any) -> TypeGuard[int]:
-    # YAML's true/false are ints to Python; a replica count of "true" is a typo, not 1.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _mapping(data: Any, path: str) -> Mapping[str, Any]:
-    if not isinstance(data, dict):
-        raise ConfigError.at(path, f"must be a mapping, got {type(data).__name__}")
-    return data
-
-
-def _no_unknown(section: Mapping[str, Any], known: set[str], path: str) -> None:
-    unknown = sorted(config_key(k) for k in section if k not in known)
-    if unknown:
-        raise ConfigError.at(f"{path}.{unknown[0]}", f"unknown setting (known: {', '.join(sorted(known))})")
+def _ref(value: GpuRef) -> GpuRef:
+    return value.strip() if isinstance(value, str) else value

@@ -14,9 +14,12 @@ import json
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from gpuplugin.core.errors import ConfigError
+import msgspec
+from msgspec import Meta
+
+from gpuplugin.core.config import Text, decode
 from gpuplugin.core.model import ContainerSpec, Device, DeviceNode, DeviceTree, Mount, frozen_mapping
 
 VISIBLE_DEVICES = "NVIDIA_VISIBLE_DEVICES"
@@ -72,6 +75,25 @@ def cdi_kind(vendor: str, resource: str) -> str:
     return f"{vendor}/{cdi_class(resource)}"
 
 
+CdiVendor = Annotated[str, Meta(pattern=CDI_VENDOR.pattern, max_length=253, description="a DNS subdomain (CDI vendor)")]
+AnnotationPrefix = Annotated[
+    str,
+    Meta(pattern=CDI_VENDOR.pattern[:-1] + "/$", max_length=254, description="a DNS subdomain followed by '/'"),
+]
+
+
+class DeviceListFlags(msgspec.Struct, rename="camel", kw_only=True):
+    """The keys of NVIDIA's ``flags.plugin`` read here; the section is shared with other settings, whose keys are
+    left alone here (the config file's schema refuses unknown ones)."""
+
+    device_list_strategy: (
+        Text | Annotated[list[DeviceListStrategyKind], Meta(min_length=1, description="one, or a list of them")] | None
+    ) = None
+    """A name, names separated by commas (as NVIDIA's flag), or a list; None: ``envvar``."""
+    cdi_annotation_prefix: AnnotationPrefix = DEFAULT_CDI_ANNOTATION_PREFIX
+    cdi_vendor: CdiVendor = DEFAULT_CDI_VENDOR
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceListStrategy:
     """NVIDIA's ``deviceListStrategy`` with ``cdiAnnotationPrefix`` and our ``cdiVendor``; a TreeTransform."""
@@ -90,23 +112,19 @@ class DeviceListStrategy:
         The section is NVIDIA's ``flags.plugin``, shared with other settings, so other keys are left alone.
         Raises ConfigError naming the field.
         """
-        if data is None:
-            return cls()
-        if not isinstance(data, dict):
-            raise ConfigError.at(path, f"must be a mapping, got {type(data).__name__}")
-        default = cls()
-        prefix = data.get("cdiAnnotationPrefix", default.cdi_annotation_prefix)
-        if not isinstance(prefix, str) or not _valid_annotation_prefix(prefix):
-            raise ConfigError.at(
-                f"{path}.cdiAnnotationPrefix", f"must be a DNS subdomain followed by '/', got {prefix!r}"
-            )
-        vendor = data.get("cdiVendor", default.cdi_vendor)
-        if not isinstance(vendor, str) or len(vendor) > 253 or not CDI_VENDOR.match(vendor):
-            raise ConfigError.at(f"{path}.cdiVendor", f"must be a DNS subdomain (CDI vendor), got {vendor!r}")
+        section = decode(data, DeviceListFlags, path)
+        value = section.device_list_strategy or DeviceListStrategyKind.ENVVAR.value
+        where = f"{path}.deviceListStrategy"
+        # NVIDIA's flag and variable take a comma-separated string, its config file a list.
+        kinds = (
+            [decode(n.strip(), DeviceListStrategyKind, where) for n in value.split(",")]
+            if isinstance(value, str)
+            else value
+        )
         return cls(
-            strategies=_strategies(data.get("deviceListStrategy"), f"{path}.deviceListStrategy"),
-            cdi_annotation_prefix=prefix,
-            cdi_vendor=vendor,
+            strategies=tuple(dict.fromkeys(kinds)),
+            cdi_annotation_prefix=section.cdi_annotation_prefix,
+            cdi_vendor=section.cdi_vendor,
         )
 
     @property
@@ -203,26 +221,3 @@ def container_edits(spec: ContainerSpec) -> dict[str, Any]:
 
 def cdi_device_node(node: DeviceNode) -> dict[str, str]:
     return {"path": node.container_path, "hostPath": node.host_path, "permissions": node.permissions}
-
-
-def _strategies(value: Any, path: str) -> tuple[DeviceListStrategyKind, ...]:
-    if value is None:
-        return DeviceListStrategy().strategies
-    # NVIDIA's flag and variable take a comma-separated string, its config file a list.
-    items = value.split(",") if isinstance(value, str) else value
-    allowed = ", ".join(str(k) for k in DeviceListStrategyKind)
-    if not isinstance(items, list) or not items:
-        raise ConfigError.at(path, f"must be a strategy or a non-empty list of them ({allowed}), got {value!r}")
-    chosen: dict[DeviceListStrategyKind, None] = {}
-    for i, item in enumerate(items):
-        where = path if isinstance(value, str) else f"{path}[{i}]"
-        name = item.strip() if isinstance(item, str) else None
-        if name not in {str(k) for k in DeviceListStrategyKind}:
-            raise ConfigError.at(where, f"must be one of {allowed}, got {item!r}")
-        chosen[DeviceListStrategyKind(name)] = None
-    return tuple(chosen)
-
-
-def _valid_annotation_prefix(prefix: str) -> bool:
-    domain, slash, rest = prefix.partition("/")
-    return bool(slash) and not rest and len(domain) <= 253 and CDI_VENDOR.match(domain) is not None

@@ -1,0 +1,136 @@
+"""The resource server's HTTP/2 transport: grpclib's protocol with its writes coalesced, one write per turn.
+
+grpclib writes h2's ``data_to_send()`` to the socket after every h2 operation: a unary response's headers, its
+message and its trailers each cost a ``send`` of their own. :class:`CorkedTransport` sits between grpclib and the
+socket's transport: writes made during one event-loop turn are joined and written once, at the end of that turn.
+A response written by its handler in one task step (ours: the answer is ready when ``send_message`` runs) therefore
+leaves in one ``send``; under concurrent calls, the responses finished in the same turn share one.
+
+Nothing is left unwritten: the flush is scheduled with the first write of a turn, and ``close`` writes what waits
+before closing the socket. Only ``abort`` and a lost connection drop it, where the socket can take nothing more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+from grpclib.protocol import H2Protocol
+
+#: Waiting bytes written at once rather than at the end of the turn: a large stream of messages in one turn still
+#: reaches the socket's transport, whose write buffer limits are what make grpclib wait (``pause_writing``).
+FLUSH_AT_BYTES = 64 * 1024
+
+
+class CorkedTransport(asyncio.Transport):
+    """A write transport that joins the writes of one event-loop turn into one write of the transport it wraps."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._waiting: list[bytes] = []
+        self._waiting_bytes = 0
+        self._flush_scheduled = False
+        self.writes = 0
+        """Writes made to the wrapped transport: each is one ``send`` where the socket takes it at once."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        self._waiting.append(bytes(data))
+        self._waiting_bytes += len(data)
+        if self._waiting_bytes >= FLUSH_AT_BYTES:
+            self.flush()
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what waits now, as one write."""
+        if not self._waiting:
+            return
+        data = self._waiting[0] if len(self._waiting) == 1 else b"".join(self._waiting)
+        self._waiting.clear()
+        self._waiting_bytes = 0
+        if self._transport.is_closing():
+            # The socket is going; asyncio would only count (and, repeated, log) a write into it.
+            return
+        self.writes += 1
+        self._transport.write(data)
+
+    def writelines(self, list_of_data: Any) -> None:
+        for data in list_of_data:
+            self.write(data)
+
+    def close(self) -> None:
+        # Trailers or a GOAWAY written just before closing still reach the peer: asyncio sends a closing
+        # transport's buffer before it closes the socket.
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self.discard()
+        self._transport.abort()
+
+    def discard(self) -> None:
+        """Forget what waits: the socket is gone and can take nothing more."""
+        self._waiting.clear()
+        self._waiting_bytes = 0
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
+
+    def get_write_buffer_size(self) -> int:
+        return self._waiting_bytes + self._transport.get_write_buffer_size()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+
+class CorkedH2Protocol(H2Protocol):
+    """grpclib's HTTP/2 protocol writing through a :class:`CorkedTransport`."""
+
+    transport: CorkedTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are no subclasses of asyncio.Transport, but have its methods.
+        self.transport = CorkedTransport(cast(asyncio.Transport, transport), asyncio.get_running_loop())
+        super().connection_made(self.transport)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.transport is not None:
+            self.transport.discard()
+        super().connection_lost(exc)

@@ -1,0 +1,344 @@
+"""The corked transport: a turn's writes leave as one, nothing is left unwritten, and grpclib/h2 still have the
+internals it builds on."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, cast
+
+import grpc
+import grpclib
+import h2
+import hpack
+import pytest
+import uvloop
+from grpclib.client import Channel
+from grpclib.const import Cardinality, Handler
+from grpclib.protocol import Connection, H2Protocol
+from grpclib.server import Server, Stream
+from h2.connection import H2Connection
+from hyperframe.frame import Frame
+
+from gpuplugin.kubelet.codec import PrecodedCodec
+from gpuplugin.kubelet.server import _Server
+from gpuplugin.kubelet.transport import FLUSH_AT_BYTES, CorkedH2Protocol, CorkedTransport
+from tests import test_wire_grpcio
+from tests.conftest import MOCK_GPU, MockNodeFactory
+from tests.fakes import GPU_RESOURCE, StaticBackend, gpu_tree, short_tmp_dir
+from tests.test_wire_grpcio import GrpcioApi, Plugin, allocate_request, device_plugin_stub, running_plugin
+
+#: The grpcio code generated from the proto, shared with the wire tests.
+grpcio_api = test_wire_grpcio.grpcio_api
+
+
+class RecordingTransport(asyncio.Transport):
+    """A transport that records what is written to it, and whether it was closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: list[bytes] = []
+        self.closing = False
+        self.aborted = False
+
+    def write(self, data: Any) -> None:
+        self.written.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def abort(self) -> None:
+        self.closing = self.aborted = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def corked() -> tuple[CorkedTransport, RecordingTransport]:
+    inner = RecordingTransport()
+    return CorkedTransport(inner, asyncio.get_running_loop()), inner
+
+
+async def test_writes_of_one_turn_leave_as_one_write() -> None:
+    """Three writes in one turn reach the socket's transport as one write, in order, at the end of the turn."""
+    transport, inner = corked()
+    transport.write(b"headers")
+    transport.write(b"")
+    transport.write(b"data")
+    transport.write(b"trailers")
+    assert inner.written == []
+    await asyncio.sleep(0)
+    assert inner.written == [b"headersdatatrailers"]
+    assert transport.writes == 1
+    transport.write(b"next")
+    await asyncio.sleep(0)
+    assert inner.written == [b"headersdatatrailers", b"next"]
+
+
+async def test_close_writes_what_waits_first() -> None:
+    """Closing writes the waiting bytes (trailers, a GOAWAY) before the socket's transport closes."""
+    transport, inner = corked()
+    transport.write(b"goaway")
+    transport.close()
+    assert inner.written == [b"goaway"]
+    assert inner.closing
+    await asyncio.sleep(0)
+    assert inner.written == [b"goaway"]
+
+
+async def test_abort_and_a_closing_socket_drop_what_waits() -> None:
+    """Abort forgets the waiting bytes; a socket already closing gets no write from the scheduled flush."""
+    transport, inner = corked()
+    transport.write(b"lost")
+    transport.abort()
+    await asyncio.sleep(0)
+    assert inner.written == []
+    assert inner.aborted
+    transport, inner = corked()
+    transport.write(b"late")
+    inner.closing = True
+    await asyncio.sleep(0)
+    assert inner.written == []
+    assert transport.writes == 0
+
+
+async def test_large_writes_are_not_held_for_the_turn() -> None:
+    """Once FLUSH_AT_BYTES wait, they are written at once, so the socket's write buffer limits still apply."""
+    transport, inner = corked()
+    transport.write(b"x" * (FLUSH_AT_BYTES - 1))
+    assert inner.written == []
+    assert transport.get_write_buffer_size() == FLUSH_AT_BYTES - 1
+    transport.write(b"y")
+    assert [len(w) for w in inner.written] == [FLUSH_AT_BYTES]
+    await asyncio.sleep(0)
+    assert len(inner.written) == 1
+
+
+def frames(data: bytes) -> list[tuple[str, set[str]]]:
+    """The HTTP/2 frames in ``data``: type name and flags."""
+    out = []
+    view = memoryview(data)
+    while view:
+        frame, length = Frame.parse_frame_header(view[:9])
+        out.append((type(frame).__name__, set(frame.flags)))
+        view = view[9 + length :]
+    return out
+
+
+async def test_one_write_per_allocate(mock_node: MockNodeFactory) -> None:
+    """Each sequential Allocate is answered with exactly one write: headers, message and trailers together."""
+    async with mock_node([]) as node:
+        server = node.manager.servers[MOCK_GPU]
+        gpu = node.gpus()[0]
+        await node.allocate(gpu)
+        before = server.transport_writes
+        for _ in range(20):
+            await node.allocate(gpu)
+        assert server.transport_writes - before == 20
+
+
+async def test_a_unary_response_is_one_write_of_headers_message_trailers() -> None:
+    """The one write of a unary response holds HEADERS, DATA and HEADERS with END_STREAM, in that order."""
+    writes: list[bytes] = []
+    async with echo_server() as (_, path):
+        original = CorkedTransport.flush
+
+        def recording_flush(self: CorkedTransport) -> None:
+            writes.append(b"".join(self._waiting))
+            original(self)
+
+        async with Channel(path=path, codec=RawCodec()) as channel:
+            await call_echo(channel, b"warm")
+            CorkedTransport.flush = recording_flush  # type: ignore[method-assign]
+            try:
+                assert await call_echo(channel, b"ping") == b"ping"
+            finally:
+                CorkedTransport.flush = original  # type: ignore[method-assign]
+    sent = [w for w in writes if w]
+    assert len(sent) == 1
+    assert frames(sent[0]) == [
+        ("HeadersFrame", {"END_HEADERS"}),
+        ("DataFrame", set()),
+        ("HeadersFrame", {"END_HEADERS", "END_STREAM"}),
+    ]
+
+
+class Echo:
+    """A unary RPC answering its request's bytes."""
+
+    def __mapping__(self) -> dict[str, Handler]:
+        return {"/test.Echo/Echo": Handler(self.echo, Cardinality.UNARY_UNARY, bytes, bytes)}
+
+    async def echo(self, stream: Stream[Any, Any]) -> None:
+        request = await stream.recv_message()
+        assert isinstance(request, bytes)
+        await stream.send_message(request)
+
+
+class RawCodec(PrecodedCodec):
+    """Requests stay bytes: the echo service has no message types."""
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        return data
+
+
+@asynccontextmanager
+async def echo_server() -> AsyncIterator[tuple[_Server, str]]:
+    """The resource server's grpclib server, serving Echo on a fresh unix socket."""
+    with short_tmp_dir() as directory:
+        server = _Server([Echo()], codec=RawCodec())
+        path = str(directory / "echo.sock")
+        await server.start(path=path)
+        try:
+            yield server, path
+        finally:
+            server.close()
+            await server.wait_closed()
+
+
+async def call_echo(channel: Channel, message: bytes) -> bytes:
+    async with channel.request("/test.Echo/Echo", Cardinality.UNARY_UNARY, bytes, bytes) as stream:
+        await stream.send_message(message, end=True)
+        reply = await stream.recv_message()
+    assert isinstance(reply, bytes)
+    return reply
+
+
+async def echo_calls(calls: int) -> tuple[int, int]:
+    """Writes made answering ``calls`` sequential echoes after one warm-up; and the last reply's length."""
+    async with echo_server() as (server, path), Channel(path=path, codec=RawCodec()) as channel:
+        await call_echo(channel, b"warm")
+        before = server.transport_writes
+        replies = [await call_echo(channel, b"x" * n) for n in range(calls)]
+        return server.transport_writes - before, len(replies[-1])
+
+
+def test_one_write_per_response_on_uvloop() -> None:
+    """On uvloop, the loop the plugin serves on, each unary response is one write too."""
+    assert uvloop.run(echo_calls(10)) == (10, 9)
+
+
+async def test_a_large_response_arrives_whole() -> None:
+    """A response larger than FLUSH_AT_BYTES and h2's frame size arrives whole, through the same transport."""
+    async with echo_server() as (_, path), Channel(path=path, codec=RawCodec()) as channel:
+        big = bytes(range(256)) * 1024
+        assert await call_echo(channel, big) == big
+
+
+def test_grpclib_and_h2_internals_the_server_relies_on() -> None:
+    """grpclib's server, protocol and h2 still have what ``_Server`` and ``transport`` use; pyproject pins them."""
+    assert grpclib.__version__ == "0.4.9"
+    assert h2.__version__.startswith("4.4.")
+    assert hpack.__version__.startswith("4.")
+    # _Server._protocol_factory rebuilds grpclib's: the attributes it reads and the constructors it calls.
+    server = Server([Echo()])
+    for name in ("_mapping", "_codec", "_status_details_codec", "__dispatch__", "_handlers", "_config", "_h2_config"):
+        assert hasattr(server, name), name
+    assert callable(server.__gc_step__)
+    assert list(inspect.signature(grpclib.server.Handler).parameters) == [
+        "mapping",
+        "codec",
+        "status_details_codec",
+        "dispatch",
+    ]
+    assert list(inspect.signature(H2Protocol).parameters) == ["handler", "config", "h2_config"]
+    # h2's header validation and normalisation are off for the server's connections.
+    config = server._h2_config
+    assert not config.validate_inbound_headers
+    assert not config.validate_outbound_headers
+    assert not config.normalize_inbound_headers
+    assert not config.normalize_outbound_headers
+    assert isinstance(H2Connection.MAX_CLOSED_STREAMS, int)
+
+
+async def test_the_protocol_writes_only_through_the_corked_transport() -> None:
+    """grpclib's Connection gets the transport connection_made is given: every frame goes through the cork."""
+    server = _Server([Echo()], codec=RawCodec())
+    protocol = server._protocol_factory()
+    assert isinstance(protocol, CorkedH2Protocol)
+    inner = RecordingTransport()
+    protocol.connection_made(inner)
+    try:
+        assert isinstance(protocol.transport, CorkedTransport)
+        assert isinstance(protocol.connection, Connection)
+        assert protocol.connection._transport is protocol.transport
+        # The connection preface (SETTINGS) waits for the end of the turn, then goes out as one write.
+        assert inner.written == []
+        await asyncio.sleep(0)
+        assert len(inner.written) == 1
+        assert frames(inner.written[0])[0][0] == "SettingsFrame"
+    finally:
+        protocol.connection_lost(None)
+        await server_closed(server)
+
+
+async def server_closed(server: Server) -> None:
+    for handler in server._handlers:
+        handler.close()
+        await handler.wait_closed()
+
+
+async def test_list_and_watch_messages_each_leave_at_once(mock_node: MockNodeFactory) -> None:
+    """A device-list update on an open ListAndWatch stream is written in the turn it is sent, not held back."""
+    async with mock_node([]) as node:
+        server = node.manager.servers[MOCK_GPU]
+        before = server.transport_writes
+        node.backend.lose(0)
+        # The simulator sees the GPU go only once the update was written: nothing else would write it later.
+        await node.kubelet.wait_for(lambda: node.kubelet.allocatable(MOCK_GPU) == 1, timeout=5)
+        assert server.transport_writes == before + 1
+
+
+@pytest.mark.parametrize("size", [0, 1, 16_383, 16_385])
+async def test_echo_sizes_around_frame_boundaries(size: int) -> None:
+    """Messages of 0 bytes and around h2's 16 KiB frame size arrive intact."""
+    async with echo_server() as (_, path), Channel(path=path, codec=RawCodec()) as channel:
+        message = bytes(i % 251 for i in range(size))
+        assert await call_echo(channel, message) == message
+
+
+@pytest.fixture
+async def grpcio_plugin(grpcio_api: GrpcioApi) -> AsyncIterator[Plugin]:
+    """Four GPUs served to a grpcio kubelet."""
+    async with running_plugin(grpcio_api, StaticBackend(gpu_tree(4))) as running:
+        yield running
+
+
+async def test_grpcio_gets_whole_unary_responses(grpcio_plugin: Plugin) -> None:
+    """A grpcio client over the unix socket gets each unary response whole: headers, message, OK trailers."""
+    async with device_plugin_stub(grpcio_plugin) as stub:
+        await grpcio_unary_calls(grpcio_plugin.api.pb2, stub)
+
+
+async def grpcio_unary_calls(pb2: Any, stub: Any) -> None:
+    for _ in range(3):
+        call = stub.Allocate(allocate_request(pb2, ["GPU-0"], ["GPU-1", "GPU-2"]))
+        response = await call
+        assert len(response.container_responses) == 2
+        assert all(c.envs for c in response.container_responses)
+        assert await call.code() == grpc.StatusCode.OK
+        assert await call.initial_metadata() is not None
+        assert await call.trailing_metadata() is not None
+    refused = stub.Allocate(allocate_request(pb2, ["GPU-9"]))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await refused
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "GPU-9" in cast(str, raised.value.details())
+
+
+async def test_grpcio_gets_whole_list_and_watch_messages_and_its_end(grpcio_plugin: Plugin) -> None:
+    """ListAndWatch over grpcio: the full list arrives, then on stop the empty list and the stream's OK trailers."""
+    async with device_plugin_stub(grpcio_plugin) as stub:
+        call = stub.ListAndWatch(grpcio_plugin.api.pb2.Empty())
+        first = await call.read()
+        assert [d.ID for d in first.devices] == ["GPU-0", "GPU-1", "GPU-2", "GPU-3"]
+        await grpcio_plugin.manager.servers[GPU_RESOURCE].stop()
+        last = await call.read()
+        assert list(last.devices) == []
+        assert await call.read() is grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK

@@ -20,11 +20,20 @@ from grpclib.const import Cardinality, Handler
 from grpclib.protocol import Connection, H2Protocol
 from grpclib.server import Server, Stream
 from h2.connection import H2Connection
+from hpack import Decoder
 from hyperframe.frame import Frame
 
 from gpuplugin.kubelet.codec import PrecodedCodec
 from gpuplugin.kubelet.server import _Server
-from gpuplugin.kubelet.transport import FLUSH_AT_BYTES, CorkedH2Protocol, CorkedTransport
+from gpuplugin.kubelet.transport import (
+    FLUSH_AT_BYTES,
+    OK_RESPONSE_HEADERS,
+    OK_TRAILERS,
+    CorkedH2Protocol,
+    CorkedTransport,
+    PrecodedHeadersEncoder,
+    context_free_block,
+)
 from tests import test_wire_grpcio
 from tests.conftest import MOCK_GPU, MockNodeFactory
 from tests.fakes import GPU_RESOURCE, StaticBackend, gpu_tree, short_tmp_dir
@@ -142,26 +151,27 @@ async def test_one_write_per_allocate(mock_node: MockNodeFactory) -> None:
         assert server.transport_writes - before == 20
 
 
-async def test_a_unary_response_is_one_write_of_headers_message_trailers() -> None:
-    """The one write of a unary response holds HEADERS, DATA and HEADERS with END_STREAM, in that order."""
+async def one_echo_write(monkeypatch: pytest.MonkeyPatch) -> bytes:
+    """What the server writes answering one echo call (after a warm-up call); fails unless it is one write."""
     writes: list[bytes] = []
-    async with echo_server() as (_, path):
-        original = CorkedTransport.flush
+    original = CorkedTransport.flush
 
-        def recording_flush(self: CorkedTransport) -> None:
-            writes.append(b"".join(self._waiting))
-            original(self)
+    def recording_flush(self: CorkedTransport) -> None:
+        writes.append(b"".join(self._waiting))
+        original(self)
 
-        async with Channel(path=path, codec=RawCodec()) as channel:
-            await call_echo(channel, b"warm")
-            CorkedTransport.flush = recording_flush  # type: ignore[method-assign]
-            try:
-                assert await call_echo(channel, b"ping") == b"ping"
-            finally:
-                CorkedTransport.flush = original  # type: ignore[method-assign]
-    sent = [w for w in writes if w]
-    assert len(sent) == 1
-    assert frames(sent[0]) == [
+    async with echo_server() as (_, path), Channel(path=path, codec=RawCodec()) as channel:
+        await call_echo(channel, b"warm")
+        with monkeypatch.context() as patch:
+            patch.setattr(CorkedTransport, "flush", recording_flush)
+            assert await call_echo(channel, b"ping") == b"ping"
+    (sent,) = [w for w in writes if w]
+    return sent
+
+
+async def test_a_unary_response_is_one_write_of_headers_message_trailers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one write of a unary response holds HEADERS, DATA and HEADERS with END_STREAM, in that order."""
+    assert frames(await one_echo_write(monkeypatch)) == [
         ("HeadersFrame", {"END_HEADERS"}),
         ("DataFrame", set()),
         ("HeadersFrame", {"END_HEADERS", "END_STREAM"}),
@@ -267,6 +277,8 @@ async def test_the_protocol_writes_only_through_the_corked_transport() -> None:
         assert isinstance(protocol.transport, CorkedTransport)
         assert isinstance(protocol.connection, Connection)
         assert protocol.connection._transport is protocol.transport
+        assert isinstance(protocol.connection._connection, H2Connection)
+        assert isinstance(protocol.connection._connection.encoder, PrecodedHeadersEncoder)
         # The connection preface (SETTINGS) waits for the end of the turn, then goes out as one write.
         assert inner.written == []
         await asyncio.sleep(0)
@@ -342,3 +354,35 @@ async def test_grpcio_gets_whole_list_and_watch_messages_and_its_end(grpcio_plug
         assert list(last.devices) == []
         assert await call.read() is grpc.aio.EOF
         assert await call.code() == grpc.StatusCode.OK
+
+
+def test_precoded_blocks_decode_whatever_the_peer_table_holds() -> None:
+    """The precoded OK headers and trailers decode to themselves on a fresh decoder and on one with a full table."""
+    encoder, decoder = PrecodedHeadersEncoder(), Decoder()
+    for block in (encoder.encode([(b"x-filler", b"a" * 100)] * 3), encoder.encode([(b"grpc-message", b"m")])):
+        decoder.decode(block, raw=True)
+    for headers in (OK_RESPONSE_HEADERS, OK_TRAILERS):
+        block = encoder.encode(list(headers))
+        assert block == context_free_block(headers)
+        assert [tuple(h) for h in decoder.decode(block, raw=True)] == list(headers)
+        assert [tuple(h) for h in Decoder().decode(block, raw=True)] == list(headers)
+
+
+def test_a_table_size_change_goes_first_through_the_ordinary_encoder() -> None:
+    """After the peer resizes its table, the next block carries the size update; the precoded one follows."""
+    encoder, decoder = PrecodedHeadersEncoder(), Decoder()
+    encoder.header_table_size = 256
+    first = encoder.encode(list(OK_TRAILERS))
+    assert first != context_free_block(OK_TRAILERS)
+    assert [tuple(h) for h in decoder.decode(first, raw=True)] == list(OK_TRAILERS)
+    assert decoder.header_table_size == 256
+    assert encoder.encode(list(OK_TRAILERS)) == context_free_block(OK_TRAILERS)
+    other = [(b"grpc-status", b"5"), (b"grpc-message", b"gone")]
+    assert [tuple(h) for h in decoder.decode(encoder.encode(other), raw=True)] == other
+
+
+async def test_responses_carry_the_precoded_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's connections send an OK response's headers and trailers as the precoded blocks."""
+    sent = await one_echo_write(monkeypatch)
+    assert context_free_block(OK_RESPONSE_HEADERS) in sent
+    assert context_free_block(OK_TRAILERS) in sent

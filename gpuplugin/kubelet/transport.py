@@ -8,14 +8,22 @@ leaves in one ``send``; under concurrent calls, the responses finished in the sa
 
 Nothing is left unwritten: the flush is scheduled with the first write of a turn, and ``close`` writes what waits
 before closing the socket. Only ``abort`` and a lost connection drop it, where the socket can take nothing more.
+
+:class:`PrecodedHeadersEncoder` answers the header lists every OK response repeats (its headers, its trailers) with
+HPACK blocks encoded once. They are encoded to reference only HPACK's static table and never to enter the dynamic
+one, so they mean the same whatever the connection's dynamic table holds; a pending table size update (the peer
+changed its table size) goes through the ordinary encoder, which must put it first in the next block.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable, Sequence
 from typing import Any, cast
 
+from grpclib.encoding.base import GRPC_CONTENT_TYPE
 from grpclib.protocol import H2Protocol
+from hpack import Encoder, NeverIndexedHeaderTuple
 
 #: Waiting bytes written at once rather than at the end of the turn: a large stream of messages in one turn still
 #: reaches the socket's transport, whose write buffer limits are what make grpclib wait (``pause_writing``).
@@ -120,8 +128,41 @@ class CorkedTransport(asyncio.Transport):
         return self._transport.get_protocol()
 
 
+Headers = tuple[tuple[bytes, bytes], ...]
+
+#: What grpclib's server sends, as h2 hands it to the encoder, for every OK unary response and stream end: the
+#: response headers (proto codec, no initial metadata) and the trailers of an OK status without trailing metadata.
+OK_RESPONSE_HEADERS: Headers = ((b":status", b"200"), (b"content-type", f"{GRPC_CONTENT_TYPE}+proto".encode()))
+OK_TRAILERS: Headers = ((b"grpc-status", b"0"),)
+
+
+def context_free_block(headers: Headers) -> bytes:
+    """The HPACK block of ``headers`` that neither reads nor changes a dynamic table: static-table indexes and
+    never-indexed literals only."""
+    return Encoder().encode([NeverIndexedHeaderTuple(name, value) for name, value in headers])
+
+
+class PrecodedHeadersEncoder(Encoder):
+    """h2's HPACK encoder, answering the header lists it was given with blocks encoded once."""
+
+    def __init__(self, known: Sequence[Headers] = (OK_RESPONSE_HEADERS, OK_TRAILERS)) -> None:
+        super().__init__()
+        self._blocks = {headers: context_free_block(headers) for headers in known}
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        # h2 passes a list of (bytes, bytes) tuples; anything else (a dict, a generator) is encoded as usual.
+        if type(headers) is list and not self.header_table.resized:
+            try:
+                block = self._blocks.get(tuple(headers))
+            except TypeError:  # an unhashable entry: not one of ours
+                block = None
+            if block is not None:
+                return block
+        return super().encode(cast(Iterable[Any], headers), huffman)
+
+
 class CorkedH2Protocol(H2Protocol):
-    """grpclib's HTTP/2 protocol writing through a :class:`CorkedTransport`."""
+    """grpclib's HTTP/2 protocol writing through a :class:`CorkedTransport`, its OK headers precoded."""
 
     transport: CorkedTransport | None = None
 
@@ -129,6 +170,9 @@ class CorkedH2Protocol(H2Protocol):
         # uvloop's transports are no subclasses of asyncio.Transport, but have its methods.
         self.transport = CorkedTransport(cast(asyncio.Transport, transport), asyncio.get_running_loop())
         super().connection_made(self.transport)
+        # Replaced before any header block was encoded (the connection preface is SETTINGS only): no HPACK state
+        # is lost, and later SETTINGS_HEADER_TABLE_SIZE changes reach the new encoder.
+        self.connection._connection.encoder = PrecodedHeadersEncoder()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.transport is not None:

@@ -20,7 +20,7 @@ from grpclib.const import Cardinality, Handler
 from grpclib.protocol import Connection, H2Protocol
 from grpclib.server import Server, Stream
 from h2.connection import H2Connection
-from hpack import Decoder
+from hpack import Decoder, Encoder, InvalidTableIndex
 from hyperframe.frame import Frame
 
 from gpuplugin.kubelet.codec import PrecodedCodec
@@ -32,6 +32,7 @@ from gpuplugin.kubelet.transport import (
     CorkedH2Protocol,
     CorkedTransport,
     PrecodedHeadersEncoder,
+    RepeatedHeadersDecoder,
     context_free_block,
 )
 from tests import test_wire_grpcio
@@ -279,6 +280,7 @@ async def test_the_protocol_writes_only_through_the_corked_transport() -> None:
         assert protocol.connection._transport is protocol.transport
         assert isinstance(protocol.connection._connection, H2Connection)
         assert isinstance(protocol.connection._connection.encoder, PrecodedHeadersEncoder)
+        assert isinstance(protocol.connection._connection.decoder, RepeatedHeadersDecoder)
         # The connection preface (SETTINGS) waits for the end of the turn, then goes out as one write.
         assert inner.written == []
         await asyncio.sleep(0)
@@ -386,3 +388,46 @@ async def test_responses_carry_the_precoded_blocks(monkeypatch: pytest.MonkeyPat
     sent = await one_echo_write(monkeypatch)
     assert context_free_block(OK_RESPONSE_HEADERS) in sent
     assert context_free_block(OK_TRAILERS) in sent
+
+
+def decoded(decoder: Decoder, block: bytes) -> list[tuple[bytes, bytes]]:
+    return [(bytes(name), bytes(value)) for name, value in decoder.decode(block, raw=True)]
+
+
+def test_repeated_blocks_decode_as_a_plain_decoder_would() -> None:
+    """Fed the same blocks, the remembering decoder answers as hpack's own, also for a block of indexed fields only
+    seen again after another block changed the table, and after the table size changed."""
+    encoder, ours, plain = Encoder(), RepeatedHeadersDecoder(), Decoder()
+    request = [(b":method", b"POST"), (b":path", b"/v1beta1.DevicePlugin/Allocate"), (b"te", b"trailers")]
+    first, repeated = encoder.encode(request), encoder.encode(request)
+    for block in (first, repeated, repeated):
+        assert decoded(ours, block) == decoded(plain, block)
+    assert decoded(ours, repeated) == request
+    # A new entry moves the request's entries down the table: the same bytes now name other headers.
+    changing = encoder.encode([(b"x-new", b"1")])
+    assert decoded(ours, changing) == decoded(plain, changing)
+    assert decoded(ours, repeated) == decoded(plain, repeated) != request
+    ours.header_table_size = plain.header_table_size = 0
+    with pytest.raises(InvalidTableIndex):
+        plain.decode(repeated, raw=True)
+    with pytest.raises(InvalidTableIndex):
+        ours.decode(repeated, raw=True)
+
+
+def test_a_repeated_block_is_decoded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block of indexed fields seen again with the table unchanged is answered without decoding it again."""
+    encoder, ours = Encoder(), RepeatedHeadersDecoder()
+    request = [(b":method", b"POST"), (b"te", b"trailers"), (b"user-agent", b"kubelet")]
+    ours.decode(encoder.encode(request), raw=True)
+    repeated = encoder.encode(request)
+    assert decoded(ours, repeated) == request
+    calls: list[bytes] = []
+    original = Decoder.decode
+
+    def counting(self: Decoder, data: bytes, raw: bool = False) -> Any:
+        calls.append(data)
+        return original(self, data, raw)
+
+    monkeypatch.setattr(Decoder, "decode", counting)
+    assert decoded(ours, repeated) == request
+    assert calls == []

@@ -13,6 +13,11 @@ before closing the socket. Only ``abort`` and a lost connection drop it, where t
 HPACK blocks encoded once. They are encoded to reference only HPACK's static table and never to enter the dynamic
 one, so they mean the same whatever the connection's dynamic table holds; a pending table size update (the peer
 changed its table size) goes through the ordinary encoder, which must put it first in the next block.
+
+:class:`RepeatedHeadersDecoder` decodes once a request header block made only of indexed fields, the form the
+kubelet's grpc-go client sends from its second request on (the same seven headers, each already in the table). Such
+a block does not change the decoder's table, so its meaning stays the same until something else changes the table:
+any other block, or a new table size or limit, and then it is decoded again.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any, cast
 
 from grpclib.encoding.base import GRPC_CONTENT_TYPE
 from grpclib.protocol import H2Protocol
-from hpack import Encoder, NeverIndexedHeaderTuple
+from hpack import Decoder, Encoder, HeaderTuple, NeverIndexedHeaderTuple
 
 #: Waiting bytes written at once rather than at the end of the turn: a large stream of messages in one turn still
 #: reaches the socket's transport, whose write buffer limits are what make grpclib wait (``pause_writing``).
@@ -161,6 +166,40 @@ class PrecodedHeadersEncoder(Encoder):
         return super().encode(cast(Iterable[Any], headers), huffman)
 
 
+#: Bytes that are a whole indexed header field each (indexes 1 to 126): a block of only these changes no table.
+_ONE_BYTE_INDEXES = bytes(range(0x81, 0xFF))
+#: Distinct repeated blocks remembered; the kubelet sends one per RPC it calls.
+REPEATED_BLOCKS_REMEMBERED = 16
+
+
+class RepeatedHeadersDecoder(Decoder):
+    """h2's HPACK decoder, decoding a block of indexed fields only once while the table it refers to is unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._table_changes = 0
+        """Counts decodes that may have changed the table: a remembered block is valid only at its count."""
+        self._remembered: dict[bytes, tuple[tuple[int, int, int, int], list[HeaderTuple]]] = {}
+
+    def _state(self) -> tuple[int, int, int, int]:
+        table = self.header_table
+        return (self._table_changes, table.maxsize, self.max_allowed_table_size, self.max_header_list_size)
+
+    def decode(self, data: bytes, raw: bool = False) -> Any:
+        if not raw or not data or data.translate(None, _ONE_BYTE_INDEXES):
+            self._table_changes += 1
+            return super().decode(data, raw)
+        state = self._state()
+        remembered = self._remembered.get(data)
+        if remembered is not None and remembered[0] == state:
+            return list(remembered[1])
+        headers = list(super().decode(data, raw))
+        if len(self._remembered) >= REPEATED_BLOCKS_REMEMBERED:
+            self._remembered.clear()
+        self._remembered[data] = (state, headers)
+        return list(headers)
+
+
 class CorkedH2Protocol(H2Protocol):
     """grpclib's HTTP/2 protocol writing through a :class:`CorkedTransport`, its OK headers precoded."""
 
@@ -170,9 +209,14 @@ class CorkedH2Protocol(H2Protocol):
         # uvloop's transports are no subclasses of asyncio.Transport, but have its methods.
         self.transport = CorkedTransport(cast(asyncio.Transport, transport), asyncio.get_running_loop())
         super().connection_made(self.transport)
-        # Replaced before any header block was encoded (the connection preface is SETTINGS only): no HPACK state
-        # is lost, and later SETTINGS_HEADER_TABLE_SIZE changes reach the new encoder.
-        self.connection._connection.encoder = PrecodedHeadersEncoder()
+        # Replaced before any header block was encoded or decoded (the connection preface is SETTINGS only): no
+        # HPACK state is lost, and later SETTINGS changes reach the new encoder and decoder.
+        h2_connection = self.connection._connection
+        h2_connection.encoder = PrecodedHeadersEncoder()
+        decoder = RepeatedHeadersDecoder()
+        decoder.max_header_list_size = h2_connection.decoder.max_header_list_size
+        decoder.max_allowed_table_size = h2_connection.decoder.max_allowed_table_size
+        h2_connection.decoder = decoder
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.transport is not None:

@@ -1,9 +1,11 @@
-"""The syscall benchmark's reading of strace's table and of the run's Allocate count."""
+"""The transport's benchmarks: the syscall count's reading of strace's table and of the run, and the serving
+side's measure without sockets."""
 
 from __future__ import annotations
 
 import os
 
+from benchmarks.server_cpu import measure
 from benchmarks.syscalls import answered_allocates, parse_summary, serve_child
 
 STRACE_TABLE = """\
@@ -39,3 +41,11 @@ def test_answered_allocates_counts_the_plugins_measures_and_their_warmups() -> N
 def test_serve_child_finds_no_serve_process_under_this_one() -> None:
     """A process without a serve child has none found."""
     assert serve_child(os.getpid()) is None
+
+
+async def test_server_cpu_answers_each_request_with_one_write() -> None:
+    """Fed grpc-go-like Allocate requests, the server answers every one, each with one write of the response."""
+    figures = await measure(200, None)
+    assert figures["writes_per_allocate"] == 1.0
+    assert figures["bytes_per_allocate"] > 100
+    assert figures["cpu_us_per_allocate"] > 0

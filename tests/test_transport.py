@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -23,6 +23,7 @@ from h2.connection import H2Connection
 from hpack import Decoder, Encoder, InvalidTableIndex
 from hyperframe.frame import Frame
 
+from benchmarks.server_cpu import requests
 from gpuplugin.kubelet.codec import PrecodedCodec
 from gpuplugin.kubelet.server import _Server
 from gpuplugin.kubelet.transport import (
@@ -74,59 +75,77 @@ def corked() -> tuple[CorkedTransport, RecordingTransport]:
     return CorkedTransport(inner, asyncio.get_running_loop()), inner
 
 
-async def test_writes_of_one_turn_leave_as_one_write() -> None:
-    """Three writes in one turn reach the socket's transport as one write, in order, at the end of the turn."""
+async def write_all(transport: CorkedTransport, *chunks: bytes) -> None:
+    """Write ``chunks`` from a task of its own: one writer."""
+    for chunk in chunks:
+        transport.write(chunk)
+
+
+async def test_the_first_writer_of_a_turn_writes_through_and_later_ones_share_one_write() -> None:
+    """The first task to write in a turn writes each chunk at once; the writes of the tasks after it in the same turn
+    wait, in order, and leave as one write at the turn's end."""
     transport, inner = corked()
-    transport.write(b"headers")
-    transport.write(b"")
-    transport.write(b"data")
-    transport.write(b"trailers")
-    assert inner.written == []
+    await asyncio.gather(
+        write_all(transport, b"h1", b"", b"d1", b"t1"),
+        write_all(transport, b"h2", b"d2", b"t2"),
+        write_all(transport, b"h3"),
+    )
     await asyncio.sleep(0)
-    assert inner.written == [b"headersdatatrailers"]
-    assert transport.writes == 1
-    transport.write(b"next")
+    assert inner.written == [b"h1", b"d1", b"t1", b"h2d2t2h3"]
+    assert transport.writes == 4
+    await write_all(transport, b"next")
+    assert inner.written[-1] == b"next"
+
+
+async def second_writer(transport: CorkedTransport, *chunks: bytes, then: Callable[[], object]) -> None:
+    """Write ``chunks`` as the second writer of a turn, so that they wait for its end, and call ``then`` in the
+    same turn, while they wait."""
+
+    async def write_then() -> None:
+        await write_all(transport, *chunks)
+        then()
+
+    await asyncio.gather(write_all(transport, b"first"), write_then())
     await asyncio.sleep(0)
-    assert inner.written == [b"headersdatatrailers", b"next"]
 
 
 async def test_close_writes_what_waits_first() -> None:
     """Closing writes the waiting bytes (trailers, a GOAWAY) before the socket's transport closes."""
     transport, inner = corked()
-    transport.write(b"goaway")
-    transport.close()
-    assert inner.written == [b"goaway"]
+    await second_writer(transport, b"goaway", then=transport.close)
+    assert inner.written == [b"first", b"goaway"]
     assert inner.closing
-    await asyncio.sleep(0)
-    assert inner.written == [b"goaway"]
 
 
 async def test_abort_and_a_closing_socket_drop_what_waits() -> None:
-    """Abort forgets the waiting bytes; a socket already closing gets no write from the scheduled flush."""
+    """Abort forgets the waiting bytes; a socket already closing gets no write at the turn's end."""
     transport, inner = corked()
-    transport.write(b"lost")
-    transport.abort()
-    await asyncio.sleep(0)
-    assert inner.written == []
+    await second_writer(transport, b"lost", then=transport.abort)
+    assert inner.written == [b"first"]
     assert inner.aborted
     transport, inner = corked()
-    transport.write(b"late")
-    inner.closing = True
-    await asyncio.sleep(0)
-    assert inner.written == []
-    assert transport.writes == 0
+    await second_writer(transport, b"late", then=lambda: setattr(inner, "closing", True))
+    assert inner.written == [b"first"]
+    assert transport.writes == 1
 
 
 async def test_large_writes_are_not_held_for_the_turn() -> None:
     """Once FLUSH_AT_BYTES wait, they are written at once, so the socket's write buffer limits still apply."""
     transport, inner = corked()
-    transport.write(b"x" * (FLUSH_AT_BYTES - 1))
-    assert inner.written == []
-    assert transport.get_write_buffer_size() == FLUSH_AT_BYTES - 1
-    transport.write(b"y")
-    assert [len(w) for w in inner.written] == [FLUSH_AT_BYTES]
-    await asyncio.sleep(0)
-    assert len(inner.written) == 1
+    waiting: list[int] = []
+    await second_writer(
+        transport, b"x" * (FLUSH_AT_BYTES - 1), then=lambda: waiting.append(transport.get_write_buffer_size())
+    )
+    assert waiting == [FLUSH_AT_BYTES - 1]
+    transport, inner = corked()
+    await second_writer(
+        transport,
+        b"x" * (FLUSH_AT_BYTES - 1),
+        b"y",
+        then=lambda: waiting.append(len(inner.written[-1])),
+    )
+    assert waiting == [FLUSH_AT_BYTES - 1, FLUSH_AT_BYTES]
+    assert len(inner.written) == 2
 
 
 def frames(data: bytes) -> list[tuple[str, set[str]]]:
@@ -140,43 +159,64 @@ def frames(data: bytes) -> list[tuple[str, set[str]]]:
     return out
 
 
-async def test_one_write_per_allocate(mock_node: MockNodeFactory) -> None:
-    """Each sequential Allocate is answered with exactly one write: headers, message and trailers together."""
-    async with mock_node([]) as node:
-        server = node.manager.servers[MOCK_GPU]
-        gpu = node.gpus()[0]
-        await node.allocate(gpu)
-        before = server.transport_writes
-        for _ in range(20):
-            await node.allocate(gpu)
-        assert server.transport_writes - before == 20
+RESPONSE_FRAMES = [
+    ("HeadersFrame", {"END_HEADERS"}),
+    ("DataFrame", set()),
+    ("HeadersFrame", {"END_HEADERS", "END_STREAM"}),
+]
 
 
-async def one_echo_write(monkeypatch: pytest.MonkeyPatch) -> bytes:
-    """What the server writes answering one echo call (after a warm-up call); fails unless it is one write."""
-    writes: list[bytes] = []
-    original = CorkedTransport.flush
+@asynccontextmanager
+async def fed_echo() -> AsyncIterator[tuple[CorkedH2Protocol, RecordingTransport, list[bytes]]]:
+    """The resource server's protocol serving Echo on a recording transport, its connection set up, and 20 echo
+    requests as grpc-go frames them."""
+    server = _Server([Echo()], codec=RawCodec())
+    protocol = server._protocol_factory()
+    assert isinstance(protocol, CorkedH2Protocol)
+    inner = RecordingTransport()
+    protocol.connection_made(inner)
+    preface, made = requests("/test.Echo/Echo", b"ping", 20)
+    protocol.data_received(preface)
+    await asyncio.sleep(0)
+    inner.written.clear()
+    try:
+        yield protocol, inner, made
+    finally:
+        protocol.connection_lost(None)
+        await server_closed(server)
 
-    def recording_flush(self: CorkedTransport) -> None:
-        writes.append(b"".join(self._waiting))
-        original(self)
 
-    async with echo_server() as (_, path), Channel(path=path, codec=RawCodec()) as channel:
-        await call_echo(channel, b"warm")
-        with monkeypatch.context() as patch:
-            patch.setattr(CorkedTransport, "flush", recording_flush)
-            assert await call_echo(channel, b"ping") == b"ping"
-    (sent,) = [w for w in writes if w]
-    return sent
+async def test_a_lone_response_leaves_frame_by_frame_as_it_is_made() -> None:
+    """A request alone in its turn is answered within the handler's step, each frame written as it is made: the
+    client reads the headers while the server still makes the rest."""
+    async with fed_echo() as (protocol, inner, made):
+        for request in made[:3]:
+            inner.written.clear()
+            protocol.data_received(request)
+            await asyncio.sleep(0)
+            assert [frames(w) for w in inner.written] == [[frame] for frame in RESPONSE_FRAMES]
 
 
-async def test_a_unary_response_is_one_write_of_headers_message_trailers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The one write of a unary response holds HEADERS, DATA and HEADERS with END_STREAM, in that order."""
-    assert frames(await one_echo_write(monkeypatch)) == [
-        ("HeadersFrame", {"END_HEADERS"}),
-        ("DataFrame", set()),
-        ("HeadersFrame", {"END_HEADERS", "END_STREAM"}),
-    ]
+async def concurrent_writes(count: int) -> list[bytes]:
+    """What the server writes answering ``count`` requests that arrive together."""
+    async with fed_echo() as (protocol, inner, made):
+        protocol.data_received(b"".join(made[:count]))
+        for _ in range(3):
+            await asyncio.sleep(0)
+        return list(inner.written)
+
+
+async def test_responses_of_one_turn_share_one_write() -> None:
+    """16 requests arriving together: the first response leaves frame by frame, the other 15 in one write."""
+    written = await concurrent_writes(16)
+    assert len(written) == 4
+    assert frames(b"".join(written)) == RESPONSE_FRAMES * 16
+
+
+def test_responses_of_one_turn_share_one_write_on_uvloop() -> None:
+    """On uvloop, the loop the plugin serves on, the responses of one turn share a write too."""
+    written = uvloop.run(concurrent_writes(16))
+    assert len(written) == 4
 
 
 class Echo:
@@ -218,20 +258,6 @@ async def call_echo(channel: Channel, message: bytes) -> bytes:
         reply = await stream.recv_message()
     assert isinstance(reply, bytes)
     return reply
-
-
-async def echo_calls(calls: int) -> tuple[int, int]:
-    """Writes made answering ``calls`` sequential echoes after one warm-up; and the last reply's length."""
-    async with echo_server() as (server, path), Channel(path=path, codec=RawCodec()) as channel:
-        await call_echo(channel, b"warm")
-        before = server.transport_writes
-        replies = [await call_echo(channel, b"x" * n) for n in range(calls)]
-        return server.transport_writes - before, len(replies[-1])
-
-
-def test_one_write_per_response_on_uvloop() -> None:
-    """On uvloop, the loop the plugin serves on, each unary response is one write too."""
-    assert uvloop.run(echo_calls(10)) == (10, 9)
 
 
 async def test_a_large_response_arrives_whole() -> None:
@@ -281,9 +307,7 @@ async def test_the_protocol_writes_only_through_the_corked_transport() -> None:
         assert isinstance(protocol.connection._connection, H2Connection)
         assert isinstance(protocol.connection._connection.encoder, PrecodedHeadersEncoder)
         assert isinstance(protocol.connection._connection.decoder, RepeatedHeadersDecoder)
-        # The connection preface (SETTINGS) waits for the end of the turn, then goes out as one write.
-        assert inner.written == []
-        await asyncio.sleep(0)
+        # The connection preface (SETTINGS), the turn's first write, goes out at once.
         assert len(inner.written) == 1
         assert frames(inner.written[0])[0][0] == "SettingsFrame"
     finally:
@@ -383,9 +407,12 @@ def test_a_table_size_change_goes_first_through_the_ordinary_encoder() -> None:
     assert [tuple(h) for h in decoder.decode(encoder.encode(other), raw=True)] == other
 
 
-async def test_responses_carry_the_precoded_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_responses_carry_the_precoded_blocks() -> None:
     """The server's connections send an OK response's headers and trailers as the precoded blocks."""
-    sent = await one_echo_write(monkeypatch)
+    async with fed_echo() as (protocol, inner, made):
+        protocol.data_received(made[0])
+        await asyncio.sleep(0)
+        sent = b"".join(inner.written)
     assert context_free_block(OK_RESPONSE_HEADERS) in sent
     assert context_free_block(OK_TRAILERS) in sent
 

@@ -1,12 +1,15 @@
-"""The resource server's HTTP/2 transport: grpclib's protocol with its writes coalesced, one write per turn.
+"""The resource server's HTTP/2 transport: grpclib's protocol with the writes of concurrent responses coalesced,
+and the HPACK work every response repeats done once.
 
 grpclib writes h2's ``data_to_send()`` to the socket after every h2 operation: a unary response's headers, its
 message and its trailers each cost a ``send`` of their own. :class:`CorkedTransport` sits between grpclib and the
-socket's transport: writes made during one event-loop turn are joined and written once, at the end of that turn.
-A response written by its handler in one task step (ours: the answer is ready when ``send_message`` runs) therefore
-leaves in one ``send``; under concurrent calls, the responses finished in the same turn share one.
+socket's transport. The first task (or callback) to write in an event-loop turn writes through at once; once a
+second one writes in the same turn, its writes and everything after them wait and leave as one write at the end of
+the turn. A lone call, the kubelet's way (one admission at a time), is answered as soon as each frame is made: the
+client wakes on the response's first frame and reads the rest while the server still makes it, which measured
+faster than one write at the end; responses finished in the same turn under concurrent calls share one ``send``.
 
-Nothing is left unwritten: the flush is scheduled with the first write of a turn, and ``close`` writes what waits
+Nothing is left unwritten: the end of the turn is scheduled with its first write, and ``close`` writes what waits
 before closing the socket. Only ``abort`` and a lost connection drop it, where the socket can take nothing more.
 
 :class:`PrecodedHeadersEncoder` answers the header lists every OK response repeats (its headers, its trailers) with
@@ -35,8 +38,13 @@ from hpack import Decoder, Encoder, HeaderTuple, NeverIndexedHeaderTuple
 FLUSH_AT_BYTES = 64 * 1024
 
 
+#: Who wrote first in the current turn, before anyone has: a task, or None for a callback such as data_received.
+_NOBODY = object()
+
+
 class CorkedTransport(asyncio.Transport):
-    """A write transport that joins the writes of one event-loop turn into one write of the transport it wraps."""
+    """A write transport that writes the first writer's frames of a turn through, and joins the writes of every
+    later writer in the same turn into one write at the turn's end."""
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__()
@@ -44,23 +52,27 @@ class CorkedTransport(asyncio.Transport):
         self._loop = loop
         self._waiting: list[bytes] = []
         self._waiting_bytes = 0
-        self._flush_scheduled = False
+        self._turn_writer: object = _NOBODY
         self.writes = 0
         """Writes made to the wrapped transport: each is one ``send`` where the socket takes it at once."""
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             return
+        writer = asyncio.current_task(self._loop)
+        if self._turn_writer is _NOBODY:
+            self._turn_writer = writer
+            self._loop.call_soon(self._end_turn)
+        if writer is self._turn_writer and not self._waiting:
+            self._write(bytes(data))
+            return
         self._waiting.append(bytes(data))
         self._waiting_bytes += len(data)
         if self._waiting_bytes >= FLUSH_AT_BYTES:
             self.flush()
-        elif not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._scheduled_flush)
 
-    def _scheduled_flush(self) -> None:
-        self._flush_scheduled = False
+    def _end_turn(self) -> None:
+        self._turn_writer = _NOBODY
         self.flush()
 
     def flush(self) -> None:
@@ -70,6 +82,9 @@ class CorkedTransport(asyncio.Transport):
         data = self._waiting[0] if len(self._waiting) == 1 else b"".join(self._waiting)
         self._waiting.clear()
         self._waiting_bytes = 0
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
         if self._transport.is_closing():
             # The socket is going; asyncio would only count (and, repeated, log) a write into it.
             return

@@ -75,7 +75,7 @@ CLOSED_STREAMS_REMEMBERED = 1024
 
 
 class _Server(Server):
-    """grpclib's server, writing each turn's frames at once (``transport``), bounding h2's memory of closed streams
+    """grpclib's server, concurrent responses sharing writes (``transport``), bounding h2's memory of closed streams
     and closing the connections it accepted when it closes.
 
     grpclib's ``close()`` stops listening and cancels the requests running, but leaves connections open: a request
@@ -100,7 +100,7 @@ class _Server(Server):
 
     @property
     def transport_writes(self) -> int:
-        """Writes made to the sockets of the connections still open: one per unary response, at most."""
+        """Writes made to the sockets of the connections still open."""
         return sum(p.transport.writes for p in self._protocols if p.transport is not None)
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 from grpclib.protocol import H2Protocol
-from grpclib.server import Server
+from grpclib.server import Handler, Server
 from h2.connection import H2Connection
 
 from gpuplugin.core.backend import AllocationPolicyKind, Backend, PreferredAllocation
@@ -34,6 +34,7 @@ from gpuplugin.kubelet.pluginwatcher import DEFAULT_PLUGINS_REGISTRY_DIR
 from gpuplugin.kubelet.registrar import Registrar
 from gpuplugin.kubelet.registration import RegistrationSettings
 from gpuplugin.kubelet.service import DevicePluginService, plugin_options
+from gpuplugin.kubelet.transport import CorkedH2Protocol
 from gpuplugin.kubelet.view import ResourceView
 
 log = structlog.get_logger("gpuplugin.kubelet.server")
@@ -74,8 +75,8 @@ CLOSED_STREAMS_REMEMBERED = 1024
 
 
 class _Server(Server):
-    """grpclib's server, bounding h2's memory of closed streams and closing the connections it accepted when it
-    closes.
+    """grpclib's server, concurrent responses sharing writes (``transport``), bounding h2's memory of closed streams
+    and closing the connections it accepted when it closes.
 
     grpclib's ``close()`` stops listening and cancels the requests running, but leaves connections open: a request
     arriving on one afterwards (a kubelet mid-burst at SIGTERM) starts a handler that nothing waits for, destroyed
@@ -86,12 +87,21 @@ class _Server(Server):
         super().__init__(handlers, codec=codec)
         # A class attribute of h2's, read when a connection is made: it applies to every connection from now on.
         H2Connection.MAX_CLOSED_STREAMS = CLOSED_STREAMS_REMEMBERED
-        self._protocols: weakref.WeakSet[H2Protocol] = weakref.WeakSet()
+        self._protocols: weakref.WeakSet[CorkedH2Protocol] = weakref.WeakSet()
 
     def _protocol_factory(self) -> H2Protocol:
-        protocol = super()._protocol_factory()
+        # grpclib's own factory, but for the protocol class: tests/test_transport.py checks the internals it uses.
+        self.__gc_step__()
+        handler = Handler(self._mapping, self._codec, self._status_details_codec, self.__dispatch__)
+        self._handlers.add(handler)
+        protocol = CorkedH2Protocol(handler, self._config, self._h2_config)
         self._protocols.add(protocol)
         return protocol
+
+    @property
+    def transport_writes(self) -> int:
+        """Writes made to the sockets of the connections still open."""
+        return sum(p.transport.writes for p in self._protocols if p.transport is not None)
 
     def close(self) -> None:
         super().close()
@@ -127,7 +137,7 @@ class ResourceServer:
             settings.plugins_registry_dir,
             lambda: self.service.options,
         )
-        self._server: Server | None = None
+        self._server: _Server | None = None
         self.socket_path: Path | None = None
         self._socket_identity: SocketIdentity | None = None
         """The inode of the socket we created: a file of that name that differs is not ours to remove."""
@@ -152,6 +162,11 @@ class ResourceServer:
     @missing_specs.setter
     def missing_specs(self, missing: Callable[[Iterable[str]], Sequence[str]] | None) -> None:
         self.allocator.missing_specs = missing
+
+    @property
+    def transport_writes(self) -> int:
+        """Writes made to the sockets of the kubelet's open connections (see ``transport``)."""
+        return 0 if self._server is None else self._server.transport_writes
 
     @property
     def registrations(self) -> int:

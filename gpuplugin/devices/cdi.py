@@ -222,25 +222,11 @@ class CdiSpecWriter:
             self._update_on_disk()
 
     async def _write(self, path: Path, content: bytes, names: frozenset[str]) -> None:
-        # Runtimes read these files at any moment: a temporary file in the same directory, renamed over the
-        # target, means a reader sees the old content or the new one, never a part. The name does not end in
-        # .json or .yaml, so a runtime scanning the directory ignores it.
-        temporary: str | None = None
         try:
-            async with aiofiles.tempfile.NamedTemporaryFile(
-                "wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
-            ) as f:
-                temporary = str(f.name)
-                await f.write(content)
-                await f.flush()
-                await aiofiles.os.wrap(os.fsync)(f.fileno())
-            await aiofiles.os.wrap(os.chmod)(temporary, _FILE_MODE)
-            await aiofiles.os.replace(temporary, path)
+            await write_atomically(path, content)
         except OSError as exc:
             log.error("cannot write a CDI spec", file=str(path), error=str(exc))
             self._problems[path] = f"cannot write: {exc.strerror or exc}"
-            if temporary is not None:
-                await _remove_quietly(temporary)
             return
         self._written[path] = content
         self._described[path] = names
@@ -258,6 +244,30 @@ class CdiSpecWriter:
         del self._written[path]
         self._described.pop(path, None)
         log.info("CDI spec removed", file=str(path))
+
+
+async def write_atomically(path: Path, content: bytes, mode: int = _FILE_MODE) -> None:
+    """Replace ``path`` with ``content``, so that a reader sees the old file or the new one, never a part.
+
+    Runtimes read spec files at any moment: a temporary file in the same directory is renamed over the target.
+    Its name does not end in .json or .yaml, so a runtime scanning the directory ignores it. Raises OSError (the
+    temporary file removed).
+    """
+    temporary: str | None = None
+    try:
+        async with aiofiles.tempfile.NamedTemporaryFile(
+            "wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+        ) as f:
+            temporary = str(f.name)
+            await f.write(content)
+            await f.flush()
+            await aiofiles.os.wrap(os.fsync)(f.fileno())
+        await aiofiles.os.wrap(os.chmod)(temporary, mode)
+        await aiofiles.os.replace(temporary, path)
+    except OSError:
+        if temporary is not None:
+            await _remove_quietly(temporary)
+        raise
 
 
 def _describe(device: Device, vendor: str) -> tuple[str, str | None, dict[str, Any]]:

@@ -1,0 +1,111 @@
+"""The prepared claims, on disk in the plugin's state directory, so that a plugin restart keeps them.
+
+The kubelet does not prepare a claim again after our restart while its pod runs: whatever we told it must still
+hold, and a later unprepare must find the claim. The file is rewritten atomically after every change.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+import aiofiles.os
+
+from gpuplugin.devices.cdi import write_atomically
+from gpuplugin.dra.claims import AllocatedDevice, ClaimRef
+
+CHECKPOINT_VERSION = 1
+#: Only the plugin (root) reads it.
+_FILE_MODE = 0o600
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedClaim:
+    """A claim the kubelet was told is prepared, with the devices it was given."""
+
+    claim: ClaimRef
+    devices: tuple[AllocatedDevice, ...]
+
+
+class CheckpointCorrupt(Exception):
+    """The checkpoint cannot be read back; the message names the file and what is wrong."""
+
+
+def encode(claims: Mapping[str, PreparedClaim]) -> bytes:
+    document = {
+        "version": CHECKPOINT_VERSION,
+        "claims": {
+            uid: {
+                "namespace": prepared.claim.namespace,
+                "name": prepared.claim.name,
+                "devices": [{"request": d.request, "pool": d.pool, "device": d.device} for d in prepared.devices],
+            }
+            for uid, prepared in sorted(claims.items())
+        },
+    }
+    return (json.dumps(document, indent=1) + "\n").encode()
+
+
+def decode(content: bytes, path: Path) -> dict[str, PreparedClaim]:
+    """The claims of a checkpoint file's content; raises CheckpointCorrupt naming ``path``."""
+    try:
+        document = json.loads(content)
+        if document.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(f"version {document.get('version')!r}, expected {CHECKPOINT_VERSION}")
+        claims: dict[str, PreparedClaim] = {}
+        for uid, entry in document["claims"].items():
+            devices = tuple(_device(d) for d in entry["devices"])
+            claims[uid] = PreparedClaim(ClaimRef(_text(entry["namespace"]), _text(entry["name"]), uid), devices)
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointCorrupt(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
+    return claims
+
+
+def _device(entry: Any) -> AllocatedDevice:
+    return AllocatedDevice(_text(entry["request"]), _text(entry["pool"]), _text(entry["device"]))
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+class Checkpoint:
+    """The prepared claims by UID, mirrored to one file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._claims: dict[str, PreparedClaim] = {}
+
+    @property
+    def claims(self) -> Mapping[str, PreparedClaim]:
+        return self._claims
+
+    async def load(self) -> None:
+        """Read the file (none yet: no claims); raises CheckpointCorrupt."""
+        try:
+            async with aiofiles.open(self.path, "rb") as f:
+                content = await f.read()
+        except FileNotFoundError:
+            self._claims = {}
+            return
+        self._claims = decode(content, self.path)
+
+    async def put(self, prepared: PreparedClaim) -> None:
+        """Record a prepared claim; raises OSError (the claim is then not recorded)."""
+        await self._save({**self._claims, prepared.claim.uid: prepared})
+
+    async def drop(self, uid: str) -> None:
+        """Forget a claim (unknown: nothing to do); raises OSError."""
+        if uid in self._claims:
+            await self._save({k: v for k, v in self._claims.items() if k != uid})
+
+    async def _save(self, claims: dict[str, PreparedClaim]) -> None:
+        await aiofiles.os.makedirs(self.path.parent, exist_ok=True)
+        await write_atomically(self.path, encode(claims), _FILE_MODE)
+        self._claims = claims

@@ -1,0 +1,73 @@
+"""The CDI spec of one prepared claim: a file per claim, one CDI device named by the claim's UID.
+
+One device per claim, not per GPU: CDI applies each device's environment in turn, so ``NVIDIA_VISIBLE_DEVICES``
+listing every GPU of the claim must come from a single device. Files are written with the CDI writer's atomic
+replace and removed on unprepare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import aiofiles.os
+
+from gpuplugin.core.model import ContainerSpec, Device, merge_specs
+from gpuplugin.devices.cdi import CDI_VERSION, render, write_atomically
+from gpuplugin.devices.strategies import cdi_device_node
+from gpuplugin.dra.driver import CDI_CLASS, DriverSettings
+
+
+def spec_path(settings: DriverSettings, claim_uid: str) -> Path:
+    """``<vendor>-claim_<uid>.json``: CDI's own naming, one file per claim so unprepare removes exactly it."""
+    return settings.cdi_dir / f"{settings.cdi_vendor}-{CDI_CLASS}_{claim_uid}.json"
+
+
+def cdi_device_id(settings: DriverSettings, claim_uid: str) -> str:
+    """The fully qualified CDI device name the kubelet passes to the runtime for every device of the claim."""
+    return f"{settings.cdi_kind}={claim_uid}"
+
+
+def claim_edits(spec: ContainerSpec) -> dict[str, Any]:
+    """The containerEdits of a claim's merged container spec: environment, device nodes and mounts."""
+    edits: dict[str, Any] = {}
+    env = {**spec.env, **spec.list_env}
+    if env:
+        edits["env"] = [f"{key}={value}" for key, value in sorted(env.items())]
+    if spec.device_nodes:
+        edits["deviceNodes"] = [cdi_device_node(node) for node in spec.device_nodes]
+    if spec.mounts:
+        edits["mounts"] = [
+            {
+                "hostPath": mount.host_path,
+                "containerPath": mount.container_path,
+                "options": ["ro" if mount.read_only else "rw", "nosuid", "nodev", "bind"],
+            }
+            for mount in spec.mounts
+        ]
+    return edits
+
+
+def claim_spec(settings: DriverSettings, claim_uid: str, devices: Sequence[Device]) -> dict[str, Any]:
+    """The CDI spec of a claim given its devices; raises SpecConflict when their specs disagree."""
+    edits = claim_edits(merge_specs(device.spec for device in devices))
+    return {
+        "cdiVersion": CDI_VERSION,
+        "kind": settings.cdi_kind,
+        "devices": [{"name": claim_uid, "containerEdits": edits}],
+    }
+
+
+async def write_claim_spec(settings: DriverSettings, claim_uid: str, devices: Sequence[Device]) -> None:
+    """Write the claim's spec atomically; raises OSError or SpecConflict."""
+    content = render(claim_spec(settings, claim_uid, devices), "json")
+    await aiofiles.os.makedirs(settings.cdi_dir, exist_ok=True)
+    await write_atomically(spec_path(settings, claim_uid), content)
+
+
+async def remove_claim_spec(settings: DriverSettings, claim_uid: str) -> None:
+    """Remove the claim's spec; a spec already gone is fine (unprepare is idempotent). Raises OSError."""
+    with contextlib.suppress(FileNotFoundError):
+        await aiofiles.os.remove(spec_path(settings, claim_uid))

@@ -1,0 +1,181 @@
+"""The kubelet's DRA manager, played over real unix sockets: its plugin watcher finds a DRA plugin's registration
+socket in ``plugins_registry``, asks ``GetInfo``, picks the newest DRAPlugin service both sides know, reports with
+``NotifyRegistrationStatus``, then calls NodePrepareResources and NodeUnprepareResources as a pod comes and goes.
+
+``ClaimTable`` plays the API server's part: the claims the scheduler allocated, read by the plugin under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import structlog
+from grpclib.client import Channel
+
+from gpuplugin.dra.claims import AllocatedDevice, ClaimRef, ClaimUnavailable
+from gpuplugin.kubelet.api import pluginregistration
+from gpuplugin.kubelet.api.k8s.io.kubelet.pkg.apis.dra import v1, v1beta1
+from gpuplugin.testing.plugin_watcher import _sockets_in
+from gpuplugin.testing.registration_server import RPC_FAILURES
+
+log = structlog.get_logger("gpuplugin.testing.dra")
+
+DRA_PLUGIN_TYPE = "DRAPlugin"
+#: What a 1.34 kubelet speaks, newest first (``servicesSupportedByKubelet``).
+KUBELET_SERVICES: tuple[tuple[str, ModuleType], ...] = (("v1.DRAPlugin", v1), ("v1beta1.DRAPlugin", v1beta1))
+#: The kubelet's own deadline on a DRA call (``defaultClientCallTimeout``).
+CALL_TIMEOUT_S = 45.0
+
+
+@dataclass
+class ClaimTable:
+    """Allocated claims by UID, as the scheduler wrote them into their status; a ClaimSource."""
+
+    claims: dict[str, tuple[ClaimRef, str, tuple[AllocatedDevice, ...]]] = field(default_factory=dict)
+    reads: int = 0
+
+    def allocate(
+        self, driver: str, pool: str, devices: Mapping[str, Sequence[str]], *, namespace: str = "default"
+    ) -> ClaimRef:
+        """A new claim given ``devices`` (request name → device names) of ``driver``'s ``pool``."""
+        uid = str(uuid.uuid4())
+        claim = ClaimRef(namespace, f"claim-{uid[:8]}", uid)
+        results = tuple(AllocatedDevice(request, pool, name) for request, names in devices.items() for name in names)
+        self.claims[uid] = (claim, driver, results)
+        return claim
+
+    async def allocation(self, claim: ClaimRef, driver: str) -> tuple[AllocatedDevice, ...]:
+        self.reads += 1
+        known = self.claims.get(claim.uid)
+        if known is None or known[0] != claim:
+            raise ClaimUnavailable(f"claim {claim.namespace}/{claim.name} not found")
+        return known[2] if known[1] == driver else ()
+
+
+@dataclass
+class RegisteredPlugin:
+    """A DRA plugin the watcher registered: its driver name, socket and the service version chosen."""
+
+    driver: str
+    endpoint: str
+    service: str
+    api: ModuleType
+
+
+class DraKubelet:
+    """The plugin watcher for DRA plugins and the DRA manager's client; an async context manager."""
+
+    def __init__(self, registry_dir: Path, *, poll_s: float = 0.01) -> None:
+        self.registry_dir = registry_dir
+        self._poll_s = poll_s
+        self.plugins: dict[str, RegisteredPlugin] = {}
+        self.rejections: list[str] = []
+        """The errors NotifyRegistrationStatus reported, in order."""
+        self._changed = asyncio.Condition()
+        self._watch: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> DraKubelet:
+        self._watch = asyncio.create_task(self._watch_registry(), name="dra-kubelet:plugin-watcher")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        task, self._watch = self._watch, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def wait_registered(self, driver: str, timeout_s: float = 5.0) -> RegisteredPlugin:
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(lambda: driver in self.plugins)
+        return self.plugins[driver]
+
+    async def wait_gone(self, driver: str, timeout_s: float = 5.0) -> None:
+        async with asyncio.timeout(timeout_s), self._changed:
+            await self._changed.wait_for(lambda: driver not in self.plugins)
+
+    async def prepare(self, driver: str, claims: Sequence[ClaimRef]) -> Any:
+        """NodePrepareResources through the chosen service; the response message of its version."""
+        plugin = self.plugins[driver]
+        request = plugin.api.NodePrepareResourcesRequest(claims=[_claim(plugin.api, c) for c in claims])
+        return await self._call(plugin, "node_prepare_resources", request)
+
+    async def unprepare(self, driver: str, claims: Sequence[ClaimRef]) -> Any:
+        plugin = self.plugins[driver]
+        request = plugin.api.NodeUnprepareResourcesRequest(claims=[_claim(plugin.api, c) for c in claims])
+        return await self._call(plugin, "node_unprepare_resources", request)
+
+    async def _call(self, plugin: RegisteredPlugin, method: str, request: Any) -> Any:
+        channel = Channel(path=plugin.endpoint)
+        try:
+            return await getattr(plugin.api.DraPluginStub(channel), method)(request, timeout=CALL_TIMEOUT_S)
+        finally:
+            channel.close()
+
+    async def _watch_registry(self) -> None:
+        """Register each socket created in the registry; a socket removed deregisters its plugin."""
+        seen: dict[str, tuple[int, int]] = {}
+        owners: dict[str, str] = {}
+        while True:
+            sockets = await asyncio.to_thread(_sockets_in, self.registry_dir)
+            for name in [n for n in seen if sockets.get(n) != seen[n]]:
+                del seen[name]
+                driver = owners.pop(name, None)
+                if driver is not None:
+                    await self._update(lambda d=driver: self.plugins.pop(d, None))
+                    log.info("DRA plugin deregistered", driver=driver)
+            for name, identity in sockets.items():
+                if name not in seen:
+                    seen[name] = identity
+                    plugin = await self._register(self.registry_dir / name)
+                    if plugin is not None:
+                        owners[name] = plugin.driver
+                        await self._update(lambda p=plugin: self.plugins.__setitem__(p.driver, p))
+            await asyncio.sleep(self._poll_s)
+
+    async def _update(self, change: Any) -> None:
+        async with self._changed:
+            change()
+            self._changed.notify_all()
+
+    async def _register(self, socket: Path) -> RegisteredPlugin | None:
+        """GetInfo, validation, NotifyRegistrationStatus: the plugin registered, or None."""
+        channel = Channel(path=str(socket))
+        try:
+            stub = pluginregistration.RegistrationStub(channel)
+            try:
+                info = await stub.get_info(pluginregistration.InfoRequest(), timeout=5.0)
+            except RPC_FAILURES as exc:
+                log.warning("DRA plugin watcher: GetInfo failed", socket=str(socket), error=repr(exc))
+                return None
+            plugin, error = _validate(info)
+            if error:
+                self.rejections.append(error)
+            status = pluginregistration.RegistrationStatus(plugin_registered=plugin is not None, error=error)
+            with contextlib.suppress(*RPC_FAILURES):
+                await stub.notify_registration_status(status, timeout=5.0)
+            return plugin
+        finally:
+            channel.close()
+
+
+def _validate(info: pluginregistration.PluginInfo) -> tuple[RegisteredPlugin | None, str]:
+    if info.type != DRA_PLUGIN_TYPE:
+        return None, f"no handler registered for plugin type: {info.type}"
+    if not info.supported_versions:
+        return None, "empty list of supported gRPC services (aka supported versions)"
+    for service, api in KUBELET_SERVICES:
+        if service in info.supported_versions:
+            return RegisteredPlugin(info.name, info.endpoint, service, api), ""
+    return None, f"none of the supported services {list(info.supported_versions)} is known"
+
+
+def _claim(api: ModuleType, claim: ClaimRef) -> Any:
+    return api.Claim(namespace=claim.namespace, uid=claim.uid, name=claim.name)

@@ -1,0 +1,171 @@
+"""The API server side of the DRA driver, through lightkube: the node's ResourceSlices kept in step with the
+served tree, and ResourceClaims read for their allocation results.
+
+Imported only in DRA mode: lightkube and its HTTP client cost about 12 MiB of RSS that the device plugin does
+not pay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import Any, cast
+
+import httpx2
+import structlog
+from lightkube import AsyncClient, KubeConfig
+from lightkube.core.exceptions import ApiError
+from lightkube.resources.core_v1 import Node
+from lightkube.resources.resource_v1 import ResourceClaim, ResourceSlice
+
+from gpuplugin.core.clock import REAL_CLOCK, Backoff, Clock
+from gpuplugin.core.errors import shorten
+from gpuplugin.core.model import DeviceTree
+from gpuplugin.core.tasks import TaskSet
+from gpuplugin.dra.claims import AllocatedDevice, ClaimRef, ClaimUnavailable, allocated_devices
+from gpuplugin.dra.driver import DriverSettings
+from gpuplugin.dra.slices import build_slices, slice_devices
+
+log = structlog.get_logger("gpuplugin.dra.apiserver")
+
+FIELD_MANAGER = "gpuplugin-dra"
+#: How a call to the API server fails: an error status, or no answer.
+API_FAILURES = (ApiError, httpx2.HTTPError, OSError)
+#: Seconds between retries of a failed publication (doubling, jittered): the API server back within a minute is
+#: noticed within a minute, and one that stays away costs a request a minute.
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 60.0
+
+
+def api_client(server: str | None = None) -> AsyncClient:
+    """A client for ``server`` (a URL; for tests and kubectl proxy), else the in-cluster service account or the
+    kubeconfig that ``KUBECONFIG`` names, as kubectl finds it."""
+    if server is None:
+        config = KubeConfig.from_env()
+    else:
+        # No credentials: a URL is a kubectl proxy or a test's server, which authenticate nobody.
+        config = KubeConfig.from_dict(
+            {
+                "clusters": [{"name": "server", "cluster": {"server": server}}],
+                "users": [{"name": "anonymous", "user": {}}],
+                "contexts": [{"name": "server", "context": {"cluster": "server", "user": "anonymous"}}],
+                "current-context": "server",
+            }
+        )
+    return AsyncClient(config=config, field_manager=FIELD_MANAGER, trust_env=False)
+
+
+def _failure(exc: BaseException) -> str:
+    """One line: the status and message of an error answer, or why no answer came."""
+    if isinstance(exc, ApiError):
+        return f"{exc.status.code} {exc.status.reason}: {exc.status.message}"
+    if isinstance(exc, httpx2.HTTPStatusError):
+        response = exc.response
+        return f"{response.status_code} {response.reason_phrase} for {exc.request.method} {exc.request.url.path}"
+    return shorten(f"{type(exc).__name__}: {exc}")
+
+
+class ApiClaimSource:
+    """Reads ResourceClaims from the API server; a ClaimSource."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def allocation(self, claim: ClaimRef, driver: str) -> tuple[AllocatedDevice, ...]:
+        try:
+            found = await self._client.get(ResourceClaim, claim.name, namespace=claim.namespace)
+        except ApiError as exc:
+            if exc.status.code == 404:
+                raise ClaimUnavailable(f"claim {claim.namespace}/{claim.name} not found") from None
+            raise ClaimUnavailable(f"cannot read claim {claim.namespace}/{claim.name}: {_failure(exc)}") from None
+        except API_FAILURES as exc:
+            raise ClaimUnavailable(f"cannot read claim {claim.namespace}/{claim.name}: {_failure(exc)}") from None
+        return allocated_devices(found.to_dict(), claim, driver)
+
+
+class SlicePublisher:
+    """Keeps the node's ResourceSlices equal to the healthy devices of the last tree given; a TreeSink.
+
+    Each change is a new pool generation, applied server-side slice by slice, then slices no longer needed are
+    deleted. A failure is kept in ``problem`` and retried in the background until a publication succeeds.
+    """
+
+    def __init__(self, settings: DriverSettings, client: AsyncClient, *, clock: Clock = REAL_CLOCK) -> None:
+        self.settings = settings
+        self._client = client
+        self._clock = clock
+        self._tree: DeviceTree | None = None
+        self._published: list[dict[str, Any]] | None = None
+        self._generation: int | None = None
+        self._owner: Mapping[str, str] | None = None
+        self._lock = asyncio.Lock()
+        self._tasks = TaskSet("dra-slices")
+        self._retry: asyncio.Task[None] | None = None
+        self.problem: str | None = None
+        """Why the slices on the API server are not the served tree's, one line; None when they are."""
+        self.publications = 0
+        """Generations published."""
+
+    async def publish(self, tree: DeviceTree) -> None:
+        async with self._lock:
+            self._tree = tree
+            await self._publish_logged()
+        if self.problem is not None and (self._retry is None or self._retry.done()):
+            self._retry = self._tasks.spawn(self._retry_until_published(), "retry", expect_end=True)
+
+    async def aclose(self) -> None:
+        """Stop retrying. The slices stay: the kubelet removes them if the plugin does not come back."""
+        await self._tasks.aclose()
+
+    async def _publish_logged(self) -> None:
+        try:
+            await self._publish()
+        except API_FAILURES as exc:
+            self.problem = f"cannot publish ResourceSlices: {_failure(exc)}"
+            log.warning("ResourceSlices not published", error=self.problem)
+        else:
+            self.problem = None
+
+    async def _retry_until_published(self) -> None:
+        backoff = Backoff(RETRY_FIRST_S, RETRY_MAX_S)
+        while self.problem is not None:
+            await self._clock.sleep(backoff.next())
+            async with self._lock:
+                await self._publish_logged()
+        log.info("ResourceSlices published again", node=self.settings.node_name)
+
+    async def _publish(self) -> None:
+        assert self._tree is not None
+        devices = slice_devices(self._tree)
+        if devices == self._published:
+            return
+        if self._owner is None:
+            node = await self._client.get(Node, self.settings.node_name)
+            uid = node.metadata.uid if node.metadata is not None else None
+            # Owned by the Node, the slices go when it is deleted; without its UID they are left unowned.
+            self._owner = {"name": self.settings.node_name, "uid": uid} if uid else {}
+        existing = await self._existing()
+        if self._generation is None:
+            # A restarted plugin continues after what it published before: consumers keep the highest generation.
+            self._generation = max(existing.values(), default=0)
+        generation = self._generation + 1
+        wanted = build_slices(self._tree, self.settings, generation, self._owner or None)
+        for obj in wanted:
+            resource = cast(ResourceSlice, ResourceSlice.from_dict(obj))
+            await self._client.apply(resource, field_manager=FIELD_MANAGER, force=True)
+        names = {obj["metadata"]["name"] for obj in wanted}
+        for name in sorted(existing.keys() - names):
+            await self._client.delete(ResourceSlice, name)
+        self._generation = generation
+        self._published = devices
+        self.publications += 1
+        log.info("ResourceSlices published", node=self.settings.node_name, generation=generation, devices=len(devices))
+
+    async def _existing(self) -> dict[str, int]:
+        """This node's slices of this driver on the API server: name → pool generation."""
+        fields: dict[str, Any] = {"spec.nodeName": self.settings.node_name, "spec.driver": self.settings.driver_name}
+        existing: dict[str, int] = {}
+        async for found in self._client.list(ResourceSlice, fields=fields):
+            if found.metadata is not None and found.metadata.name is not None:
+                existing[found.metadata.name] = found.spec.pool.generation
+        return existing

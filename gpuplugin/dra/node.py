@@ -1,0 +1,101 @@
+"""The DRA driver of one node: a backend's tree, with health events folded in, served to the kubelet by the DRA
+plugin and published to the API server as ResourceSlices, both following every change."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import structlog
+
+from gpuplugin.core.backend import Backend, HealthChanged, InventoryChanged
+from gpuplugin.core.model import Device, DeviceTree, Health
+from gpuplugin.core.tasks import TaskSet
+from gpuplugin.dra.apiserver import SlicePublisher
+from gpuplugin.dra.claims import ClaimSource
+from gpuplugin.dra.driver import DriverSettings
+from gpuplugin.dra.plugin import DraPlugin
+
+log = structlog.get_logger("gpuplugin.dra.node")
+
+_FaultKey = tuple[str, tuple[int, int] | None]
+
+
+class DraDriver:
+    """Runs ``backend`` for DRA: ``tree`` is what it discovered with every fault still open marked Unhealthy."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        settings: DriverSettings,
+        claims: ClaimSource,
+        publisher: SlicePublisher | None = None,
+    ) -> None:
+        self.backend = backend
+        self.settings = settings
+        self.publisher = publisher
+        self.plugin = DraPlugin(settings, lambda: self.tree, claims)
+        self.discovered = DeviceTree()
+        self.tree = DeviceTree()
+        self._faults: dict[_FaultKey, HealthChanged] = {}
+        self._tasks = TaskSet("dra")
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Start the backend, publish its devices, serve the plugin, then follow the backend's events."""
+        await self.backend.start()
+        try:
+            await self.apply(await self.backend.discover())
+            await self.plugin.start()
+        except BaseException:
+            await self.backend.aclose()
+            raise
+        self._tasks.supervise(self._follow_backend, "backend events")
+
+    async def aclose(self) -> None:
+        await self._tasks.aclose()
+        await self.plugin.aclose()
+        if self.publisher is not None:
+            await self.publisher.aclose()
+        await self.backend.aclose()
+
+    async def rediscover(self) -> None:
+        await self.apply(await self.backend.discover())
+
+    async def apply(self, discovered: DeviceTree) -> None:
+        async with self._lock:
+            self.discovered = discovered
+            self.tree = dataclasses.replace(discovered, devices=tuple(self._folded(d) for d in discovered.devices))
+            if self.publisher is not None:
+                await self.publisher.publish(self.tree)
+
+    def _folded(self, device: Device) -> Device:
+        faulty = (device.gpu, None) in self._faults or (device.gpu, device.instance) in self._faults
+        return dataclasses.replace(device, health=Health.UNHEALTHY) if faulty else device
+
+    async def on_health(self, event: HealthChanged) -> None:
+        key: _FaultKey = (event.gpu, event.instance)
+        if event.health is Health.HEALTHY:
+            if self._faults.pop(key, None) is None:
+                return
+            # The recovery also outdates an Unhealthy that a rediscovery during the fault put into the tree.
+            self.discovered = dataclasses.replace(
+                self.discovered,
+                devices=tuple(
+                    dataclasses.replace(d, health=Health.HEALTHY)
+                    if d.gpu == event.gpu and event.instance in (None, d.instance)
+                    else d
+                    for d in self.discovered.devices
+                ),
+            )
+        else:
+            self._faults[key] = event
+        log.info("health changed", gpu=event.gpu, instance=event.instance, health=str(event.health), xid=event.xid)
+        await self.apply(self.discovered)
+
+    async def _follow_backend(self) -> None:
+        async for event in self.backend.events():
+            if isinstance(event, InventoryChanged):
+                await self.apply(event.tree)
+            else:
+                await self.on_health(event)

@@ -1,0 +1,160 @@
+"""The DRA driver against an API server: ResourceSlices published and kept in step with inventory and health, and
+claims read for their allocation, over real HTTP to a fake API server on loopback (tests/fake_apiserver.py).
+
+``workdir`` (a short directory under /tmp) comes from conftest.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpuplugin.backends.mock import MockBackend
+from gpuplugin.backends.mock import create as create_mock
+from gpuplugin.backends.registry import BackendContext
+from gpuplugin.core.clock import VirtualClock
+from gpuplugin.devices.health import HealthPolicy
+from gpuplugin.dra.apiserver import ApiClaimSource, SlicePublisher, api_client
+from gpuplugin.dra.claims import ClaimRef
+from gpuplugin.dra.claimspec import spec_path
+from gpuplugin.dra.names import device_names
+from gpuplugin.dra.node import DraDriver
+from gpuplugin.testing.dra import DraKubelet
+from tests.fake_apiserver import FakeApiServer, fake_apiserver
+from tests.test_dra import DRIVER, NODE, settings_in
+
+TIMEOUT_S = 5.0
+
+
+async def eventually(predicate: Callable[[], bool]) -> None:
+    async with asyncio.timeout(TIMEOUT_S):
+        while not predicate():  # noqa: ASYNC110 (the fake API server has no event to wait on)
+            await asyncio.sleep(0.01)
+
+
+@dataclass
+class Cluster:
+    api: FakeApiServer
+    driver: DraDriver
+    kubelet: DraKubelet
+    clock: VirtualClock
+
+    @property
+    def backend(self) -> MockBackend:
+        assert isinstance(self.driver.backend, MockBackend)
+        return self.driver.backend
+
+    def names(self) -> list[str]:
+        return list(device_names(self.driver.discovered))
+
+    def generations(self) -> set[int]:
+        return {s["spec"]["pool"]["generation"] for s in self.api.slices.values()}
+
+
+@asynccontextmanager
+async def cluster(directory: Path, gpus: int = 2) -> AsyncIterator[Cluster]:
+    """The DRA driver on mock GPUs, publishing to the fake API server and reading claims from it, registered with
+    the DRA kubelet simulator."""
+    settings = settings_in(directory)
+    clock = VirtualClock()
+    async with fake_apiserver() as api:
+        api.add_node(NODE, "node-uid-1")
+        client = api_client(api.url)
+        backend = create_mock(
+            BackendContext(
+                options={"control_socket": str(directory / "mock.sock"), "gpus": gpus},
+                health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
+                state_dir=directory,
+            )
+        )
+        driver = DraDriver(backend, settings, ApiClaimSource(client), SlicePublisher(settings, client, clock=clock))
+        try:
+            async with DraKubelet(settings.plugins_registry_dir) as kubelet:
+                await driver.start()
+                try:
+                    await kubelet.wait_registered(DRIVER)
+                    yield Cluster(api, driver, kubelet, clock)
+                finally:
+                    await driver.aclose()
+        finally:
+            await client.close()
+
+
+async def test_the_nodes_gpus_are_published_as_one_slice_owned_by_the_node(workdir: Path) -> None:
+    """At start the node's two GPUs are in one ResourceSlice of the node's pool, owned by the Node."""
+    async with cluster(workdir) as c:
+        assert c.api.devices() == c.names()
+        (slice_,) = c.api.slices.values()
+        assert slice_["metadata"]["ownerReferences"][0]["uid"] == "node-uid-1"
+        assert slice_["spec"]["pool"] == {"name": NODE, "generation": 1, "resourceSliceCount": 1}
+
+
+async def test_an_xid_takes_the_gpu_out_of_the_slice_and_recovery_brings_it_back(workdir: Path) -> None:
+    """XID 79 on GPU 0: the slice loses it at a new generation; the GPU's recovery publishes it again."""
+    async with cluster(workdir) as c:
+        first, second = c.names()
+        c.backend.xid(0, 79)
+        await eventually(lambda: c.api.devices() == [second])
+        assert c.generations() == {2}
+        c.backend.recover(0)
+        await eventually(lambda: c.api.devices() == [first, second])
+        assert c.generations() == {3}
+
+
+async def test_an_unplugged_gpu_leaves_the_slice(workdir: Path) -> None:
+    """An inventory change (a GPU unplugged) is published like a health change."""
+    async with cluster(workdir) as c:
+        _, second = c.names()
+        assert c.backend.unplug(0)
+        await eventually(lambda: c.api.devices() == [second])
+
+
+async def test_a_restart_continues_the_generation_and_deletes_stale_slices(workdir: Path) -> None:
+    """A new publisher goes on from the highest generation on the server and deletes this node's extra slices;
+    another node's slices stay."""
+    async with cluster(workdir) as c:
+        stale = {**c.api.slices[next(iter(c.api.slices))], "metadata": {"name": "leftover"}}
+        other = {**stale, "metadata": {"name": "elsewhere"}, "spec": {**stale["spec"], "nodeName": "node-b"}}
+        c.api.slices.update({"leftover": stale, "elsewhere": other})
+        client = api_client(c.api.url)
+        publisher = SlicePublisher(c.driver.settings, client)
+        try:
+            await publisher.publish(c.driver.tree)
+        finally:
+            await publisher.aclose()
+            await client.close()
+        assert sorted(c.api.slices) == ["elsewhere", f"{NODE}-{DRIVER}-0"]
+        assert c.api.slices[f"{NODE}-{DRIVER}-0"]["spec"]["pool"]["generation"] == 2
+
+
+async def test_an_unreachable_api_server_is_a_problem_retried_until_published(workdir: Path) -> None:
+    """While the API server answers 503 the change is kept as ``problem`` and retried on the backoff; once it is
+    back, the retry publishes and the problem clears."""
+    async with cluster(workdir) as c:
+        publisher = c.driver.publisher
+        assert publisher is not None
+        c.api.down = True
+        c.backend.xid(0, 79)
+        await eventually(lambda: publisher.problem is not None)
+        assert publisher.problem == "cannot publish ResourceSlices: 503 ServiceUnavailable: the fake API server is down"
+        async with asyncio.timeout(TIMEOUT_S):
+            await c.clock.until_sleeping()
+        c.api.down = False
+        await c.clock.advance_to_next()
+        await eventually(lambda: publisher.problem is None)
+        assert c.api.devices() == c.names()[1:]
+
+
+async def test_claims_are_read_from_the_api_server(workdir: Path) -> None:
+    """NodePrepareResources reads the claim's allocation from the API server; a claim it lacks fails alone."""
+    async with cluster(workdir) as c:
+        first = c.names()[0]
+        c.api.add_claim("ns", "train", "uid-1", [{"request": "gpu", "driver": DRIVER, "pool": NODE, "device": first}])
+        known, ghost = ClaimRef("ns", "train", "uid-1"), ClaimRef("ns", "ghost", "uid-2")
+        response = await c.kubelet.prepare(DRIVER, [known, ghost])
+        assert [d.device_name for d in response.claims["uid-1"].devices] == [first]
+        assert response.claims["uid-2"].error == "claim ns/ghost not found"
+        assert spec_path(c.driver.settings, "uid-1").exists()

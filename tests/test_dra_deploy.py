@@ -18,6 +18,7 @@ from gpuplugin.dra.slices import device_attributes, device_capacity
 from tests.test_deploy import validate
 from tests.test_dra import DRIVER, NODE
 from tests.test_dra_apiserver import cluster, eventually
+from tests.test_dra_slices import partition
 
 DRA = Path(__file__).resolve().parent.parent / "deploy" / "dra"
 #: The HTTP requests the driver makes, as the RBAC verbs that allow them.
@@ -57,7 +58,8 @@ def test_the_kustomization_lists_the_cluster_wide_files() -> None:
 def test_cel_names_only_what_the_driver_publishes() -> None:
     """The driver name, attributes and capacities the CEL expressions and constraints use are the published ones."""
     gpu = Inventory.build(MockSettings(gpus=1, nvlink_groups=(), pcie_switches=())).devices[0]
-    attributes, capacity = set(device_attributes(gpu)), set(device_capacity(gpu))
+    attributes = set(device_attributes(gpu)) | set(device_attributes(partition(gpu, 1)))
+    capacity = set(device_capacity(gpu))
     text = "\n".join(expressions())
     assert set(re.findall(r'device\.driver == "([^"]+)"', text)) == {DEFAULT_DRIVER_NAME}
     used_attributes = set(re.findall(r'device\.attributes\["([^"]+)"\]\.(\w+)', text))

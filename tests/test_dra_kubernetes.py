@@ -26,8 +26,7 @@ from lightkube.resources.core_v1 import Node, Pod, ServiceAccount
 from lightkube.resources.resource_v1 import ResourceClaim, ResourceSlice
 from lightkube.types import PatchType
 
-from gpuplugin.backends.mock import create as create_mock
-from gpuplugin.backends.registry import BackendContext
+from gpuplugin.backends.registry import BackendContext, load_factory
 from gpuplugin.devices.health import HealthPolicy
 from gpuplugin.dra.apiserver import ApiClaimSource, SlicePublisher
 from gpuplugin.dra.claims import ClaimRef
@@ -68,7 +67,8 @@ async def apply_all(admin: AsyncClient, path: Path, namespace: str) -> None:
 
 async def ready_node(admin: AsyncClient) -> None:
     """A Node the scheduler places pods on: Ready, with room, no kubelet behind it (none is needed to schedule)."""
-    await admin.create(cast(Node, from_dict({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}})))
+    node = cast(Node, from_dict({"apiVersion": "v1", "kind": "Node", "metadata": {"name": NODE}}))
+    await admin.apply(node, field_manager="test")
     room = {"cpu": "8", "memory": "32Gi", "pods": "110"}
     now = "2026-01-01T00:00:00Z"
     ready = {"type": "Ready", "status": "True", "reason": "Test", "lastHeartbeatTime": now, "lastTransitionTime": now}
@@ -96,16 +96,16 @@ async def eventually(check: Any) -> Any:
 
 @asynccontextmanager
 async def cluster_node(
-    plane: ControlPlane, directory: Path
+    plane: ControlPlane, directory: Path, backend: str = "mock", **options: Any
 ) -> AsyncIterator[tuple[AsyncClient, DraDriver, DraKubelet]]:
-    """deploy/dra applied, a Node, and the driver on two mock GPUs with the service account's token."""
+    """deploy/dra applied, a Node, and the driver on a backend of mock GPUs with the service account's token."""
     admin = client_for(plane, ADMIN_TOKEN)
     driver_client: AsyncClient | None = None
     try:
         await apply_all(admin, DRA / "rbac.yaml", "kube-system")
         await apply_all(admin, DRA / "deviceclass.yaml", "")
         await apply_all(admin, DRA / "claim-template.yaml", "default")
-        await admin.create(cast(ServiceAccount, from_dict(_service_account("default"))))
+        await admin.apply(cast(ServiceAccount, from_dict(_service_account("default"))), field_manager="test")
         await ready_node(admin)
         driver_client = client_for(plane, await driver_token(admin))
         settings = DriverSettings(
@@ -114,15 +114,14 @@ async def cluster_node(
             plugins_registry_dir=directory / "plugins_registry",
             cdi_dir=directory / "cdi",
         )
-        backend = create_mock(
-            BackendContext(
-                options={"control_socket": str(directory / "mock.sock"), "gpus": 2},
-                health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
-                state_dir=directory,
-            )
+        mock = {"control_socket": str(directory / "mock.sock"), "gpus": 2}
+        context = BackendContext(
+            options=mock if backend == "mock" else {**options, "parent_options": mock},
+            health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
+            state_dir=directory,
         )
         publisher = SlicePublisher(settings, driver_client)
-        driver = DraDriver(backend, settings, ApiClaimSource(driver_client), publisher)
+        driver = DraDriver(load_factory(backend)(context), settings, ApiClaimSource(driver_client), publisher)
         async with DraKubelet(settings.plugins_registry_dir) as kubelet:
             await driver.start()
             try:
@@ -144,6 +143,53 @@ async def published(admin: AsyncClient) -> list[str]:
     return [d.name for s in [s async for s in admin.list(ResourceSlice)] for d in (s.spec.devices or [])]
 
 
+async def schedule(admin: AsyncClient, name: str, template: str) -> dict[str, Any]:
+    """A claim made from the example ``template`` and a pod using it; the claim (as JSON) once the scheduler
+    allocated it."""
+    templates = yaml.safe_load_all((DRA / "claim-template.yaml").read_text())
+    spec = next(t for t in templates if t["metadata"]["name"] == template)["spec"]["spec"]
+    claim_doc = {
+        "apiVersion": "resource.k8s.io/v1",
+        "kind": "ResourceClaim",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": spec,
+    }
+    await admin.create(cast(ResourceClaim, from_dict(claim_doc)))
+    requests = [r["name"] for r in spec["devices"]["requests"]]
+    pod_doc = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "containers": [{"name": "cuda", "image": "none", "resources": {"claims": [{"name": "claim"}]}}],
+            "resourceClaims": [{"name": "claim", "resourceClaimName": name}],
+        },
+    }
+    await admin.create(cast(Pod, from_dict(pod_doc)))
+
+    async def allocated() -> dict[str, Any] | None:
+        claim: dict[str, Any] = (await admin.get(ResourceClaim, name, namespace="default")).to_dict()
+        return claim if claim.get("status", {}).get("allocation") else None
+
+    claim: dict[str, Any] = await eventually(allocated)
+    assert {r["request"] for r in results(claim)} == set(requests)
+    return claim
+
+
+def results(claim: dict[str, Any]) -> list[dict[str, str]]:
+    found: list[dict[str, str]] = claim["status"]["allocation"]["devices"]["results"]
+    return found
+
+
+async def prepare(kubelet: DraKubelet, driver: DraDriver, claim: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """NodePrepareResources of an allocated claim: the devices the kubelet is given, and the CDI spec's env."""
+    ref = ClaimRef("default", claim["metadata"]["name"], claim["metadata"]["uid"])
+    entry = (await kubelet.prepare(DRIVER, [ref])).claims[ref.uid]
+    assert entry.error == ""
+    cdi = json.loads(spec_path(driver.settings, ref.uid).read_text())
+    return [d.device_name for d in entry.devices], cdi["devices"][0]["containerEdits"]["env"]
+
+
 async def test_a_claim_is_allocated_by_the_scheduler_from_our_slices_and_prepared(
     plane: ControlPlane, workdir: Path
 ) -> None:
@@ -153,49 +199,33 @@ async def test_a_claim_is_allocated_by_the_scheduler_from_our_slices_and_prepare
     async with cluster_node(plane, workdir) as (admin, driver, kubelet):
         names = list(device_names(driver.tree))
         assert await eventually(lambda: _equal(published(admin), names))
+        claim = await schedule(admin, "train", "one-large-gpu")
+        (result,) = results(claim)
+        assert (result["driver"], result["pool"]) == (DRIVER, NODE)
+        devices, env = await prepare(kubelet, driver, claim)
+        assert devices == [result["device"]]
+        gpu = device_names(driver.tree)[result["device"]]
+        assert f"NVIDIA_VISIBLE_DEVICES={gpu.id}" in env
 
-        template = yaml.safe_load_all((DRA / "claim-template.yaml").read_text())
-        spec = next(t for t in template if t["metadata"]["name"] == "one-large-gpu")["spec"]["spec"]
-        claim_doc = {
-            "apiVersion": "resource.k8s.io/v1",
-            "kind": "ResourceClaim",
-            "metadata": {"name": "train", "namespace": "default"},
-            "spec": spec,
-        }
-        await admin.create(cast(ResourceClaim, from_dict(claim_doc)))
-        pod_doc = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {"name": "train", "namespace": "default"},
-            "spec": {
-                "containers": [{"name": "cuda", "image": "none", "resources": {"claims": [{"name": "gpu"}]}}],
-                "resourceClaims": [{"name": "gpu", "resourceClaimName": "train"}],
-            },
-        }
-        await admin.create(cast(Pod, from_dict(pod_doc)))
-
-        async def allocated() -> ResourceClaim | None:
-            claim = await admin.get(ResourceClaim, "train", namespace="default")
-            return claim if claim.status is not None and claim.status.allocation is not None else None
-
-        claim = await eventually(allocated)
-        (result,) = claim.status.allocation.devices.results
-        assert (result.driver, result.pool, result.request) == (DRIVER, NODE, "gpu")
-        assert result.device in names
-
-        ref = ClaimRef("default", "train", claim.metadata.uid)
-        response = await kubelet.prepare(DRIVER, [ref])
-        entry = response.claims[ref.uid]
-        assert entry.error == ""
-        assert [d.device_name for d in entry.devices] == [result.device]
-        cdi = json.loads(spec_path(driver.settings, ref.uid).read_text())
-        gpu = device_names(driver.tree)[result.device]
-        assert f"NVIDIA_VISIBLE_DEVICES={gpu.id}" in cdi["devices"][0]["containerEdits"]["env"]
-
-        index = int(gpu.attributes["index"])
-        driver.backend.xid(index, 79)  # type: ignore[attr-defined]
-        rest = [n for n in names if n != result.device]
+        driver.backend.xid(int(gpu.attributes["index"]), 79)  # type: ignore[attr-defined]
+        rest = [n for n in names if n != result["device"]]
         assert await eventually(lambda: _equal(published(admin), rest))
+
+
+async def test_partitions_are_allocated_by_profile_and_prepared(plane: ControlPlane, workdir: Path) -> None:
+    """With the partitioned backend the slice holds its partitions; the example partition claim (CEL on the
+    profile) gets one 1g.18gb partition, prepared with that partition in the CDI spec."""
+    async with cluster_node(plane, workdir, "partitioned", layout="all-1g.18gb") as (admin, driver, kubelet):
+        names = list(device_names(driver.tree))
+        assert len(names) == 14
+        assert await eventually(lambda: _equal(published(admin), names))
+        claim = await schedule(admin, "small", "one-small-partition")
+        (result,) = results(claim)
+        partition = device_names(driver.tree)[result["device"]]
+        assert partition.attributes["profile"] == "1g.18gb"
+        devices, env = await prepare(kubelet, driver, claim)
+        assert devices == [result["device"]]
+        assert f"NVIDIA_VISIBLE_DEVICES={partition.id}" in env
 
 
 async def _equal(found: Any, wanted: list[str]) -> bool:

@@ -96,7 +96,7 @@ async def eventually(check: Any) -> Any:
 
 @asynccontextmanager
 async def cluster_node(
-    plane: ControlPlane, directory: Path, backend: str = "mock", **options: Any
+    plane: ControlPlane, directory: Path, backend: str = "mock", gpus: int = 2, **options: Any
 ) -> AsyncIterator[tuple[AsyncClient, DraDriver, DraKubelet]]:
     """deploy/dra applied, a Node, and the driver on a backend of mock GPUs with the service account's token."""
     admin = client_for(plane, ADMIN_TOKEN)
@@ -114,7 +114,7 @@ async def cluster_node(
             plugins_registry_dir=directory / "plugins_registry",
             cdi_dir=directory / "cdi",
         )
-        mock = {"control_socket": str(directory / "mock.sock"), "gpus": 2}
+        mock = {"control_socket": str(directory / "mock.sock"), "gpus": gpus}
         context = BackendContext(
             options=mock if backend == "mock" else {**options, "parent_options": mock},
             health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
@@ -210,6 +210,23 @@ async def test_a_claim_is_allocated_by_the_scheduler_from_our_slices_and_prepare
         driver.backend.xid(int(gpu.attributes["index"]), 79)  # type: ignore[attr-defined]
         rest = [n for n in names if n != result["device"]]
         assert await eventually(lambda: _equal(published(admin), rest))
+
+
+async def test_a_claim_for_two_gpus_on_one_numa_node_gets_both_in_one_cdi_device(
+    plane: ControlPlane, workdir: Path
+) -> None:
+    """Four GPUs on two NUMA nodes: the example pair claim (matchAttribute numaNode) gets two GPUs of one NUMA node
+    from the scheduler, and the plugin's CDI spec shows both."""
+    async with cluster_node(plane, workdir, gpus=4) as (admin, driver, kubelet):
+        names = list(device_names(driver.tree))
+        assert await eventually(lambda: _equal(published(admin), names))
+        claim = await schedule(admin, "pair", "two-gpus-one-numa-node")
+        chosen = [device_names(driver.tree)[r["device"]] for r in results(claim)]
+        assert len(chosen) == 2
+        assert len({gpu.numa_node for gpu in chosen}) == 1
+        devices, env = await prepare(kubelet, driver, claim)
+        assert devices == [r["device"] for r in results(claim)]
+        assert f"NVIDIA_VISIBLE_DEVICES={','.join(gpu.id for gpu in chosen)}" in env
 
 
 async def test_partitions_are_allocated_by_profile_and_prepared(plane: ControlPlane, workdir: Path) -> None:

@@ -232,3 +232,15 @@ async def test_a_claim_the_api_server_does_not_know_fails_alone(workdir: Path) -
     async with dra_node(workdir) as node:
         ghost = ClaimRef("default", "ghost", "0b0c5b6e-1111-4222-8333-944455556666")
         assert (await node.prepare(ghost)).claims[ghost.uid].error == "claim default/ghost not found"
+
+
+async def test_a_restarted_kubelet_registers_the_plugin_again_and_finds_its_claims(workdir: Path) -> None:
+    """A new kubelet (its plugin watcher starting over) registers the running plugin from its socket, and a claim
+    prepared before answers the same."""
+    async with dra_node(workdir) as node:
+        claim = node.claim(node.names()[0])
+        before = await node.prepare(claim)
+        async with DraKubelet(node.settings.plugins_registry_dir) as restarted:
+            await restarted.wait_registered(DRIVER)
+            assert await restarted.prepare(DRIVER, [claim]) == before
+        assert node.claims.reads == 1

@@ -4,10 +4,13 @@ read from ResourceClaim objects, and the checkpoint's file format."""
 from __future__ import annotations
 
 import re
+import string
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gpuplugin.backends.mock.inventory import Inventory
 from gpuplugin.backends.mock.settings import MockSettings
@@ -198,3 +201,50 @@ def test_driver_settings_refuse_names_kubernetes_would_refuse() -> None:
         DriverSettings(node_name="Node_A")
     with pytest.raises(ValueError, match=r"dra.driverName"):
         DriverSettings(node_name="n", driver_name="")
+
+
+def test_ids_differing_only_in_case_keep_distinct_names() -> None:
+    """``GPU-1`` and ``gpu-1`` in one tree both get hashed names, neither hides the other."""
+    devices = tuple(
+        Device(id=i, resource="nvidia.com/gpu", gpu=i, spec=ContainerSpec()) for i in ("GPU-1", "gpu-1", "gpu-2")
+    )
+    names = device_names(DeviceTree(devices))
+    assert [d.id for d in names.values()] == ["GPU-1", "gpu-1", "gpu-2"]
+    assert "gpu-2" in names and "gpu-1" not in names
+
+
+_ID = st.text(alphabet=string.ascii_letters + string.digits + "-_:./", min_size=1, max_size=63)
+TEXT = st.text(max_size=80)
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(
+    ids=st.lists(_ID, min_size=0, max_size=140, unique=True),
+    values=st.dictionaries(st.sampled_from(["model", "index", "minor", "memory_mib", "cuda_version", "profile"]), TEXT),
+    numa=st.none() | st.integers(-1, 7),
+)
+def test_any_tree_gives_slices_the_api_accepts(ids: list[str], values: dict[str, str], numa: int | None) -> None:
+    """Any device IDs and attribute texts: unique DNS-label names, at most 128 devices a slice, every device once,
+    string attributes within the API's 64 characters, and the API's models accept every slice."""
+    devices = tuple(
+        Device(
+            id=i,
+            resource="nvidia.com/gpu",
+            gpu=i,
+            spec=ContainerSpec(),
+            numa_node=numa,
+            attributes=frozen_mapping(values),
+        )
+        for i in ids
+    )
+    slices = build_slices(DeviceTree(devices), SETTINGS, 1)
+    found = devices_of(slices)
+    names = [d["name"] for d in found]
+    assert len(names) == len(set(names)) == len(ids)
+    assert all(DNS_LABEL.match(n) and len(n) <= MAX_NAME_LENGTH for n in names)
+    assert all(len(s["spec"]["devices"]) <= MAX_DEVICES_PER_SLICE for s in slices)
+    for device in found:
+        for attribute in device["attributes"].values():
+            assert len(attribute.get("string", "")) <= 64
+    for slice_ in slices:
+        validate(slice_)

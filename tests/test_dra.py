@@ -48,6 +48,7 @@ class DraNode:
     async def refresh(self) -> None:
         """Take the backend's tree now (what the daemon's health folding hands the plugin)."""
         self.tree = await self.backend.discover()
+        await self.plugin.tree_changed()
 
     def claim(self, *devices: str, request: str = "gpu") -> ClaimRef:
         return self.claims.allocate(DRIVER, NODE, {request: devices})
@@ -116,6 +117,7 @@ async def test_registration_names_the_dra_type_driver_socket_and_v1_first(workdi
         assert plugin.endpoint == str(node.settings.socket_path)
         assert node.plugin.registration.registered.is_set()
         assert DRA_PLUGIN_TYPE == "DRAPlugin"
+        assert plugin.services == ("v1.DRAPlugin", "v1beta1.DRAPlugin", "v1alpha1.DRAResourceHealth")
         assert node.kubelet.rejections == []
 
 
@@ -244,3 +246,17 @@ async def test_a_restarted_kubelet_registers_the_plugin_again_and_finds_its_clai
             await restarted.wait_registered(DRIVER)
             assert await restarted.prepare(DRIVER, [claim]) == before
         assert node.claims.reads == 1
+
+
+def health_of(response: Any) -> dict[str, tuple[str, int]]:
+    return {d.device.device_name: (d.device.pool_name, d.health) for d in response.devices}
+
+
+async def test_the_health_stream_lists_every_device_and_follows_an_xid(workdir: Path) -> None:
+    """NodeWatchResources sends every device Healthy, then the list again with the GPU an XID hit Unhealthy."""
+    async with dra_node(workdir) as node, node.kubelet.health_stream(DRIVER) as stream:
+        first, second = node.names()
+        assert health_of(await stream.recv_message()) == {first: (NODE, 1), second: (NODE, 1)}
+        node.backend.xid(0, 79)
+        await node.refresh()
+        assert health_of(await stream.recv_message()) == {first: (NODE, 2), second: (NODE, 1)}

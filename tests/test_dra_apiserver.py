@@ -22,6 +22,7 @@ from gpuplugin.dra.claims import ClaimRef
 from gpuplugin.dra.claimspec import spec_path
 from gpuplugin.dra.names import device_names
 from gpuplugin.dra.node import DraDriver
+from gpuplugin.kubelet.api import v1alpha1
 from gpuplugin.testing.dra import DraKubelet
 from tests.fake_apiserver import FakeApiServer, fake_apiserver
 from tests.test_dra import DRIVER, NODE, settings_in
@@ -158,3 +159,22 @@ async def test_claims_are_read_from_the_api_server(workdir: Path) -> None:
         assert [d.device_name for d in response.claims["uid-1"].devices] == [first]
         assert response.claims["uid-2"].error == "claim ns/ghost not found"
         assert spec_path(c.driver.settings, "uid-1").exists()
+
+
+async def test_the_kubelets_health_stream_follows_an_xid_and_its_recovery(workdir: Path) -> None:
+    """Through the driver's health folding, NodeWatchResources reports the GPU an XID hit Unhealthy, then Healthy
+    once it recovers."""
+    async with cluster(workdir) as c, c.kubelet.health_stream(DRIVER) as stream:
+        first = c.names()[0]
+
+        async def health() -> v1alpha1.HealthStatus:
+            response = await stream.recv_message()
+            assert response is not None
+            status: v1alpha1.HealthStatus = {d.device.device_name: d.health for d in response.devices}[first]
+            return status
+
+        assert await health() == v1alpha1.HealthStatus.HEALTHY
+        c.backend.xid(0, 79)
+        assert await health() == v1alpha1.HealthStatus.UNHEALTHY
+        c.backend.recover(0)
+        assert await health() == v1alpha1.HealthStatus.HEALTHY

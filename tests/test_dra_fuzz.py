@@ -135,3 +135,10 @@ async def test_too_many_claims_are_refused_whole(target: Target) -> None:
         await target.node.prepare(*claims)
     assert refused.value.status is Status.INVALID_ARGUMENT
     assert f"at most {MAX_CLAIMS_PER_REQUEST}" in (refused.value.message or "")
+
+
+async def test_an_undecodable_health_watch_gets_invalid_argument(target: Target) -> None:
+    """NodeWatchResources with bytes that end inside a varint is refused with INVALID_ARGUMENT, not a failure."""
+    health = "/v1alpha1.DRAResourceHealth/NodeWatchResources"
+    result = await asyncio.to_thread(target.outcome, lambda: target.raw(health, b"\x08"))
+    assert result == Status.INVALID_ARGUMENT

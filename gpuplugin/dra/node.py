@@ -68,6 +68,7 @@ class DraDriver:
             self.tree = dataclasses.replace(discovered, devices=tuple(self._folded(d) for d in discovered.devices))
             if self.publisher is not None:
                 await self.publisher.publish(self.tree)
+            await self.plugin.tree_changed()
 
     def _folded(self, device: Device) -> Device:
         faulty = (device.gpu, None) in self._faults or (device.gpu, device.instance) in self._faults

@@ -14,6 +14,7 @@ from gpuplugin.core.model import DeviceTree
 from gpuplugin.dra.checkpoint import Checkpoint
 from gpuplugin.dra.claims import ClaimSource
 from gpuplugin.dra.driver import DriverSettings
+from gpuplugin.dra.health import HealthFeed, HealthService
 from gpuplugin.dra.preparer import ClaimPreparer
 from gpuplugin.dra.registration import Registration
 from gpuplugin.dra.service import DraCodec, DraPluginService
@@ -28,6 +29,7 @@ class DraPlugin:
         self.settings = settings
         self.checkpoint = Checkpoint(settings.checkpoint_path)
         self.preparer = ClaimPreparer(settings, tree, claims, self.checkpoint)
+        self.health = HealthFeed(tree)
         self.registration = Registration(settings)
         self._server: Server | None = None
 
@@ -39,7 +41,7 @@ class DraPlugin:
         await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
         # A socket left by a previous run refuses the bind; nothing listens on it any more.
         path.unlink(missing_ok=True)
-        server = Server([DraPluginService(self.preparer)], codec=DraCodec())
+        server = Server([DraPluginService(self.preparer), HealthService(self.settings, self.health)], codec=DraCodec())
         try:
             await server.start(path=str(path))
             self._server = server
@@ -54,10 +56,15 @@ class DraPlugin:
             prepared_claims=len(self.checkpoint.claims),
         )
 
+    async def tree_changed(self) -> None:
+        """The tree ``tree()`` returns changed: health streams send the new list where a device's health changed."""
+        await self.health.tree_changed()
+
     async def aclose(self) -> None:
         """Withdraw the registration, stop serving and remove the socket. Prepared claims and their CDI specs stay:
         their pods still run, and the next start serves them from the checkpoint."""
         await self.registration.close()
+        await self.health.close()
         server, self._server = self._server, None
         if server is not None:
             server.close()

@@ -12,6 +12,7 @@ import asyncio
 import structlog
 
 from gpuplugin.dra.driver import DriverSettings
+from gpuplugin.dra.health import HEALTH_SERVICE
 from gpuplugin.dra.service import SUPPORTED_SERVICES
 from gpuplugin.kubelet.api import pluginregistration as api
 from gpuplugin.kubelet.pluginwatcher import WatcherSocket
@@ -27,7 +28,7 @@ def plugin_info(settings: DriverSettings) -> api.PluginInfo:
         type=DRA_PLUGIN_TYPE,
         name=settings.driver_name,
         endpoint=str(settings.socket_path),
-        supported_versions=list(SUPPORTED_SERVICES),
+        supported_versions=[*SUPPORTED_SERVICES, HEALTH_SERVICE],
     )
 
 

@@ -15,8 +15,9 @@ PROTO_FILES = ("v1beta1/api.proto",)
 """The device plugin API: the kubelet contract that tests/test_proto.py checks descriptor by descriptor."""
 PLUGIN_WATCHER_PROTO_FILES = ("pluginregistration/v1/api.proto",)
 """The kubelet plugin watcher's registration API, used when the device-plugins directory holds ``DEPRECATION``."""
-DRA_PROTO_FILES = ("dra/v1/api.proto", "dra/v1beta1/api.proto")
-"""The kubelet's DRA plugin API: ``v1`` and ``v1beta1``, the two a 1.34 kubelet speaks (it prefers ``v1``)."""
+DRA_PROTO_FILES = ("dra/v1/api.proto", "dra/v1beta1/api.proto", "dra-health/v1alpha1/api.proto")
+"""The kubelet's DRA plugin API (``v1`` and ``v1beta1``, the two a 1.34 kubelet speaks; it prefers ``v1``) and its
+resource-health API (``v1alpha1``, behind the 1.34 kubelet's ResourceHealthStatus gate)."""
 ALL_PROTO_FILES = PROTO_FILES + PLUGIN_WATCHER_PROTO_FILES + DRA_PROTO_FILES
 OPTIONS = "client_generation=async,server_generation=async"
 

@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import structlog
-from grpclib.client import Channel
+from grpclib.client import Channel, Stream
+from grpclib.const import Cardinality
 
 from gpuplugin.dra.claims import AllocatedDevice, ClaimRef, ClaimUnavailable
-from gpuplugin.kubelet.api import pluginregistration
+from gpuplugin.kubelet.api import pluginregistration, v1alpha1
 from gpuplugin.kubelet.api.k8s.io.kubelet.pkg.apis.dra import v1, v1beta1
 from gpuplugin.testing.plugin_watcher import _sockets_in
 from gpuplugin.testing.registration_server import RPC_FAILURES
@@ -30,6 +32,8 @@ log = structlog.get_logger("gpuplugin.testing.dra")
 DRA_PLUGIN_TYPE = "DRAPlugin"
 #: What a 1.34 kubelet speaks, newest first (``servicesSupportedByKubelet``).
 KUBELET_SERVICES: tuple[tuple[str, ModuleType], ...] = (("v1.DRAPlugin", v1), ("v1beta1.DRAPlugin", v1beta1))
+#: The optional resource-health service a 1.34 kubelet (ResourceHealthStatus gate on) opens a stream to.
+HEALTH_SERVICE = "v1alpha1.DRAResourceHealth"
 #: The kubelet's own deadline on a DRA call (``defaultClientCallTimeout``).
 CALL_TIMEOUT_S = 45.0
 
@@ -67,6 +71,8 @@ class RegisteredPlugin:
     endpoint: str
     service: str
     api: ModuleType
+    services: tuple[str, ...]
+    """Every service the plugin listed, the optional resource-health one included."""
 
 
 class DraKubelet:
@@ -111,6 +117,29 @@ class DraKubelet:
         plugin = self.plugins[driver]
         request = plugin.api.NodeUnprepareResourcesRequest(claims=[_claim(plugin.api, c) for c in claims])
         return await self._call(plugin, "node_unprepare_resources", request)
+
+    @asynccontextmanager
+    async def health_stream(self, driver: str) -> AsyncIterator[Stream[Any, Any]]:
+        """The plugin's NodeWatchResources stream, as the kubelet opens it when the plugin lists the service;
+        ``await stream.recv_message()`` reads each device list."""
+        plugin = self.plugins[driver]
+        if HEALTH_SERVICE not in plugin.services:
+            raise LookupError(f"{driver} does not list {HEALTH_SERVICE}")
+        channel = Channel(path=plugin.endpoint)
+        try:
+            async with channel.request(
+                f"/{HEALTH_SERVICE}/NodeWatchResources",
+                Cardinality.UNARY_STREAM,
+                v1alpha1.NodeWatchResourcesRequest,
+                v1alpha1.NodeWatchResourcesResponse,
+            ) as stream:
+                await stream.send_message(v1alpha1.NodeWatchResourcesRequest(), end=True)
+                try:
+                    yield stream
+                finally:
+                    await stream.cancel()
+        finally:
+            channel.close()
 
     async def _call(self, plugin: RegisteredPlugin, method: str, request: Any) -> Any:
         channel = Channel(path=plugin.endpoint)
@@ -173,7 +202,7 @@ def _validate(info: pluginregistration.PluginInfo) -> tuple[RegisteredPlugin | N
         return None, "empty list of supported gRPC services (aka supported versions)"
     for service, api in KUBELET_SERVICES:
         if service in info.supported_versions:
-            return RegisteredPlugin(info.name, info.endpoint, service, api), ""
+            return RegisteredPlugin(info.name, info.endpoint, service, api, tuple(info.supported_versions)), ""
     return None, f"none of the supported services {list(info.supported_versions)} is known"
 
 

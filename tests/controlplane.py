@@ -24,7 +24,7 @@ from typing import Any
 
 K8S_VERSION = "v1.34.4"
 BIN = Path.home() / ".cache" / "gpuplugin-e2e" / f"k8s-{K8S_VERSION}" / "bin"
-BINARIES = ("etcd", "kube-apiserver", "kube-scheduler")
+BINARIES = ("etcd", "kube-apiserver", "kube-scheduler", "kubectl")
 ADMIN_TOKEN = "gpuplugin-test-admin"
 START_TIMEOUT_S = 120.0
 
@@ -63,6 +63,11 @@ class ControlPlane:
             "contexts": [{"name": "test", "context": {"cluster": "test", "user": "user"}}],
             "current-context": "test",
         }
+
+    def kubectl(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        """The cached kubectl as the admin (blocking: from a worker thread in async tests)."""
+        command = [str(BIN / "kubectl"), "--kubeconfig", str(self.work / "admin.kubeconfig"), *args]
+        return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=60, check=False)
 
     def spawn(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
         with (self.work / f"{name}.log").open("ab") as log:

@@ -15,7 +15,7 @@ from gpuplugin.backends.mock.settings import MockSettings
 from gpuplugin.dra.claims import ClaimRef
 from gpuplugin.dra.driver import DEFAULT_DRIVER_NAME
 from gpuplugin.dra.slices import device_attributes, device_capacity
-from tests.test_deploy import validate
+from tests.test_deploy import render, validate
 from tests.test_dra import DRIVER, NODE
 from tests.test_dra_apiserver import cluster, eventually
 from tests.test_dra_slices import partition
@@ -30,9 +30,8 @@ def objects(name: str) -> list[dict[str, Any]]:
 
 
 def all_objects() -> list[dict[str, Any]]:
-    return [
-        obj for path in sorted(DRA.glob("*.yaml")) if path.name != "kustomization.yaml" for obj in objects(path.name)
-    ]
+    """The objects of the files applied as they are (the DaemonSet patch is checked rendered)."""
+    return [obj for name in ("rbac.yaml", "deviceclass.yaml", "claim-template.yaml") for obj in objects(name)]
 
 
 def expressions() -> list[str]:
@@ -48,11 +47,25 @@ def test_every_object_is_valid_for_the_api() -> None:
         validate(obj)
 
 
-def test_the_kustomization_lists_the_cluster_wide_files() -> None:
-    """The kustomization applies the RBAC and the DeviceClasses, files that exist."""
-    kustomization = yaml.safe_load((DRA / "kustomization.yaml").read_text())
-    assert kustomization["resources"] == ["rbac.yaml", "deviceclass.yaml"]
-    assert all((DRA / name).is_file() for name in kustomization["resources"])
+def test_the_kustomization_renders_valid_objects_of_dra_mode() -> None:
+    """deploy/dra renders the mock overlay's DaemonSet in DRA mode under its service account, with the kubelet's
+    plugins directory mounted and no probes (DRA mode serves none), beside the RBAC and DeviceClasses; every
+    rendered object passes the API's models."""
+    objects = render(DRA)
+    for obj in objects:
+        validate(obj)
+    assert {o["kind"] for o in objects} >= {"DaemonSet", "ServiceAccount", "ClusterRole", "DeviceClass"}
+    (daemonset,) = [o for o in objects if o["kind"] == "DaemonSet"]
+    spec = daemonset["spec"]["template"]["spec"]
+    assert spec["serviceAccountName"] == "gpuplugin-dra"
+    assert spec["automountServiceAccountToken"] is True
+    (container,) = spec["containers"]
+    assert container["args"][-2:] == ["--kubelet-api", "dra"]
+    assert "livenessProbe" not in container and "readinessProbe" not in container
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/var/lib/kubelet/plugins", "/var/lib/kubelet/plugins_registry", "/var/run/cdi", "/run/gpuplugin"} <= mounts
+    host_paths = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    assert {"/var/lib/kubelet/plugins", "/var/lib/kubelet/plugins_registry", "/var/run/cdi"} <= host_paths
 
 
 def test_cel_names_only_what_the_driver_publishes() -> None:

@@ -249,6 +249,22 @@ async def _equal(found: Any, wanted: list[str]) -> bool:
     return bool(await found == wanted)
 
 
+def test_the_dra_kustomization_and_example_claims_pass_the_real_api_server(plane: ControlPlane) -> None:
+    """``kubectl kustomize deploy/dra`` and the example claim templates are accepted by a server-side dry run."""
+    rendered = plane.kubectl("kustomize", str(DRA))
+    assert rendered.returncode == 0, rendered.stderr
+    applied = plane.kubectl("apply", "--dry-run=server", "-f", "-", stdin=rendered.stdout)
+    assert applied.returncode == 0, applied.stderr
+    assert "daemonset.apps/gpuplugin created (server dry run)" in applied.stdout
+    templates = "".join(
+        yaml.safe_dump(doc, explicit_start=True)
+        for doc in yaml.safe_load_all((DRA / "claim-template.yaml").read_text())
+        if doc["kind"] == "ResourceClaimTemplate"
+    )
+    applied = plane.kubectl("apply", "--dry-run=server", "-f", "-", stdin=templates)
+    assert applied.returncode == 0, applied.stderr
+
+
 def test_without_the_cached_binaries_the_control_plane_says_why(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -11,9 +11,12 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gpuplugin.backends.mock import MockBackend
 from gpuplugin.backends.mock import create as create_mock
+from gpuplugin.backends.partitioned import PartitionedBackend
+from gpuplugin.backends.partitioned import create as create_partitioned
 from gpuplugin.backends.registry import BackendContext
 from gpuplugin.core.clock import VirtualClock
 from gpuplugin.devices.health import HealthPolicy
@@ -45,8 +48,12 @@ class Cluster:
 
     @property
     def backend(self) -> MockBackend:
-        assert isinstance(self.driver.backend, MockBackend)
-        return self.driver.backend
+        """The mock GPUs (under the partitioned backend, its parent)."""
+        backend = self.driver.backend
+        if isinstance(backend, PartitionedBackend):
+            backend = backend.parent
+        assert isinstance(backend, MockBackend)
+        return backend
 
     def names(self) -> list[str]:
         return list(device_names(self.driver.discovered))
@@ -56,21 +63,21 @@ class Cluster:
 
 
 @asynccontextmanager
-async def cluster(directory: Path, gpus: int = 2) -> AsyncIterator[Cluster]:
+async def cluster(directory: Path, gpus: int = 2, **partitioned: Any) -> AsyncIterator[Cluster]:
     """The DRA driver on mock GPUs, publishing to the fake API server and reading claims from it, registered with
-    the DRA kubelet simulator."""
+    the DRA kubelet simulator; with ``partitioned`` options, the partitioned backend over the mock."""
     settings = settings_in(directory)
     clock = VirtualClock()
     async with fake_apiserver() as api:
         api.add_node(NODE, "node-uid-1")
         client = api_client(api.url)
-        backend = create_mock(
-            BackendContext(
-                options={"control_socket": str(directory / "mock.sock"), "gpus": gpus},
-                health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
-                state_dir=directory,
-            )
+        mock = {"control_socket": str(directory / "mock.sock"), "gpus": gpus}
+        context = BackendContext(
+            options={**partitioned, "parent_options": mock} if partitioned else mock,
+            health_policy=HealthPolicy(recovery_quiet_period_s=0.05),
+            state_dir=directory,
         )
+        backend = create_partitioned(context) if partitioned else create_mock(context)
         driver = DraDriver(backend, settings, ApiClaimSource(client), SlicePublisher(settings, client, clock=clock))
         try:
             async with DraKubelet(settings.plugins_registry_dir) as kubelet:
@@ -178,3 +185,17 @@ async def test_the_kubelets_health_stream_follows_an_xid_and_its_recovery(workdi
         assert await health() == v1alpha1.HealthStatus.UNHEALTHY
         c.backend.recover(0)
         assert await health() == v1alpha1.HealthStatus.HEALTHY
+
+
+async def test_an_xid_on_one_partition_takes_only_that_partition_out(workdir: Path) -> None:
+    """With the partitioned backend, an XID naming one partition's instance removes that partition from the slice,
+    its siblings and the other GPU's partitions stay; its recovery brings it back."""
+    async with cluster(workdir, layout="all-1g.18gb") as c:
+        names = c.names()
+        assert len(names) == 14
+        gpu0 = (await c.backend.discover()).devices[0].id
+        (hit,) = [n for n, d in device_names(c.driver.discovered).items() if (d.gpu, d.instance) == (gpu0, (3, 0))]
+        c.backend.xid(0, 79, instance=(3, 0))
+        await eventually(lambda: c.api.devices() == [n for n in names if n != hit])
+        c.backend.recover(0, instance=(3, 0))
+        await eventually(lambda: c.api.devices() == names)

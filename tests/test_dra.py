@@ -131,10 +131,10 @@ async def test_a_claim_for_one_gpu_gets_its_cdi_device_and_spec(workdir: Path) -
         assert entry.error == ""
         (device,) = entry.devices
         assert (device.pool_name, device.device_name, device.request_names) == (NODE, first, ["gpu"])
-        assert device.cdi_device_ids == [f"k8s.gpu.gpuplugin.dev/claim={claim.uid}"]
+        assert device.cdi_device_ids == [f"k8s.gpu.gpuplugin.dev/claim={claim.uid}-gpu"]
         spec = cdi_spec(node, claim)
         assert spec["kind"] == "k8s.gpu.gpuplugin.dev/claim"
-        assert spec["devices"][0]["name"] == claim.uid
+        assert spec["devices"][0]["name"] == f"{claim.uid}-gpu"
         assert env_of(spec)["NVIDIA_VISIBLE_DEVICES"] == node.tree.devices[0].id
         nodes = [n["path"] for n in spec["devices"][0]["containerEdits"]["deviceNodes"]]
         assert nodes == ["/dev/nvidia0"]
@@ -151,6 +151,25 @@ async def test_a_claim_for_two_gpus_sees_both_in_one_cdi_device(workdir: Path) -
         assert env_of(spec)["NVIDIA_VISIBLE_DEVICES"] == ",".join(d.id for d in node.tree.devices)
         nodes = [n["path"] for n in spec["devices"][0]["containerEdits"]["deviceNodes"]]
         assert nodes == ["/dev/nvidia0", "/dev/nvidia1"]
+
+
+async def test_each_request_of_a_claim_has_its_own_cdi_device(workdir: Path) -> None:
+    """A claim of two requests: each device is given its request's CDI device, which holds that request's GPU only,
+    so a container naming one request sees one GPU."""
+    async with dra_node(workdir) as node:
+        first, second = node.names()
+        claim = node.claims.allocate(DRIVER, NODE, {"train": [first], "eval": [second]})
+        entry = (await node.prepare(claim)).claims[claim.uid]
+        kind = "k8s.gpu.gpuplugin.dev/claim"
+        assert [(d.request_names, d.cdi_device_ids) for d in entry.devices] == [
+            (["train"], [f"{kind}={claim.uid}-train"]),
+            (["eval"], [f"{kind}={claim.uid}-eval"]),
+        ]
+        devices = {d["name"]: d["containerEdits"] for d in cdi_spec(node, claim)["devices"]}
+        for request, gpu in (("train", node.tree.devices[0]), ("eval", node.tree.devices[1])):
+            edits = devices[f"{claim.uid}-{request}"]
+            assert edits["env"] == [f"NVIDIA_VISIBLE_DEVICES={gpu.id}"]
+            assert [n["path"] for n in edits["deviceNodes"]] == [gpu.spec.device_nodes[0].container_path]
 
 
 async def test_preparing_twice_answers_the_same_and_reads_the_claim_once(workdir: Path) -> None:
@@ -227,6 +246,13 @@ async def test_devices_not_here_are_refused_per_claim(workdir: Path, devices: li
     async with dra_node(workdir) as node:
         claim = node.claims.allocate(DRIVER, pool, {"gpu": devices})
         assert (await node.prepare(claim)).claims[claim.uid].error == error
+
+
+async def test_a_request_name_no_cdi_device_can_carry_fails_the_claim(workdir: Path) -> None:
+    """A request name that cannot become part of a CDI device name fails its claim with a message naming it."""
+    async with dra_node(workdir) as node:
+        claim = node.claims.allocate(DRIVER, NODE, {"a b": node.names()[:1]})
+        assert (await node.prepare(claim)).claims[claim.uid].error == "request name 'a b' cannot name a CDI device"
 
 
 async def test_a_claim_the_api_server_does_not_know_fails_alone(workdir: Path) -> None:

@@ -1,14 +1,15 @@
-"""The CDI spec of one prepared claim: a file per claim, one CDI device named by the claim's UID.
+"""The CDI spec of one prepared claim: a file per claim, one CDI device per request of the claim.
 
-One device per claim, not per GPU: CDI applies each device's environment in turn, so ``NVIDIA_VISIBLE_DEVICES``
-listing every GPU of the claim must come from a single device. Files are written with the CDI writer's atomic
-replace and removed on unprepare.
+Per request, because the kubelet gives a container the CDI devices of the requests it names: a container naming
+one request of a claim must not see the GPUs of another. Not per GPU: CDI applies each device's environment in
+turn, so ``NVIDIA_VISIBLE_DEVICES`` listing every GPU of a request must come from a single device. Files are
+written with the CDI writer's atomic replace and removed on unprepare.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,14 @@ def spec_path(settings: DriverSettings, claim_uid: str) -> Path:
     return settings.cdi_dir / f"{settings.cdi_vendor}-{CDI_CLASS}_{claim_uid}.json"
 
 
-def cdi_device_id(settings: DriverSettings, claim_uid: str) -> str:
-    """The fully qualified CDI device name the kubelet passes to the runtime for every device of the claim."""
-    return f"{settings.cdi_kind}={claim_uid}"
+def cdi_device_name(claim_uid: str, request: str) -> str:
+    """``<uid>-<request>``; a subrequest's ``/`` (``gpu/large``) becomes ``_``, which CDI names allow."""
+    return f"{claim_uid}-{request.replace('/', '_')}"
+
+
+def cdi_device_id(settings: DriverSettings, claim_uid: str, request: str) -> str:
+    """The fully qualified CDI device name the kubelet passes to the runtime for the devices of one request."""
+    return f"{settings.cdi_kind}={cdi_device_name(claim_uid, request)}"
 
 
 def claim_edits(spec: ContainerSpec) -> dict[str, Any]:
@@ -50,19 +56,22 @@ def claim_edits(spec: ContainerSpec) -> dict[str, Any]:
     return edits
 
 
-def claim_spec(settings: DriverSettings, claim_uid: str, devices: Sequence[Device]) -> dict[str, Any]:
-    """The CDI spec of a claim given its devices; raises SpecConflict when their specs disagree."""
-    edits = claim_edits(merge_specs(device.spec for device in devices))
-    return {
-        "cdiVersion": CDI_VERSION,
-        "kind": settings.cdi_kind,
-        "devices": [{"name": claim_uid, "containerEdits": edits}],
-    }
+def claim_spec(settings: DriverSettings, claim_uid: str, requests: Mapping[str, Sequence[Device]]) -> dict[str, Any]:
+    """The CDI spec of a claim given its devices by request; raises SpecConflict when the specs of one request's
+    devices disagree."""
+    devices = [
+        {
+            "name": cdi_device_name(claim_uid, request),
+            "containerEdits": claim_edits(merge_specs(device.spec for device in of_request)),
+        }
+        for request, of_request in requests.items()
+    ]
+    return {"cdiVersion": CDI_VERSION, "kind": settings.cdi_kind, "devices": devices}
 
 
-async def write_claim_spec(settings: DriverSettings, claim_uid: str, devices: Sequence[Device]) -> None:
+async def write_claim_spec(settings: DriverSettings, claim_uid: str, requests: Mapping[str, Sequence[Device]]) -> None:
     """Write the claim's spec atomically; raises OSError or SpecConflict."""
-    content = render(claim_spec(settings, claim_uid, devices), "json")
+    content = render(claim_spec(settings, claim_uid, requests), "json")
     await aiofiles.os.makedirs(settings.cdi_dir, exist_ok=True)
     await write_atomically(spec_path(settings, claim_uid), content)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +17,10 @@ import aiofiles.os
 import structlog
 
 from gpuplugin.core.model import Device, DeviceTree, Health, SpecConflict
+from gpuplugin.devices.strategies import CDI_DEVICE_NAME
 from gpuplugin.dra.checkpoint import Checkpoint, PreparedClaim
 from gpuplugin.dra.claims import AllocatedDevice, ClaimRef, ClaimSource, ClaimUnavailable
-from gpuplugin.dra.claimspec import cdi_device_id, remove_claim_spec, spec_path, write_claim_spec
+from gpuplugin.dra.claimspec import cdi_device_id, cdi_device_name, remove_claim_spec, spec_path, write_claim_spec
 from gpuplugin.dra.driver import DriverSettings
 from gpuplugin.dra.names import device_names
 
@@ -31,10 +32,9 @@ _UID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 @dataclass(frozen=True, slots=True)
 class ClaimResult:
-    """One claim's answer: its devices and CDI device names, or an error."""
+    """One claim's answer: its devices, each with the CDI device name of its request, or an error."""
 
-    devices: tuple[AllocatedDevice, ...] = ()
-    cdi_device_ids: tuple[str, ...] = ()
+    devices: tuple[tuple[AllocatedDevice, str], ...] = ()
     error: str = ""
 
 
@@ -106,9 +106,9 @@ class ClaimPreparer:
             allocated = await self._claims.allocation(claim, self._settings.driver_name)
         except ClaimUnavailable as exc:
             raise ClaimRefused(str(exc)) from None
-        devices = self._resolve(allocated)
-        if devices:
-            await self._write(claim, devices)
+        requests = self._resolve(allocated)
+        if requests:
+            await self._write(claim, requests)
         prepared = PreparedClaim(claim, allocated)
         try:
             await self._checkpoint.put(prepared)
@@ -117,10 +117,10 @@ class ClaimPreparer:
         log.info("claim prepared", claim=_name(claim), uid=claim.uid, devices=[d.device for d in allocated])
         return self._result(prepared)
 
-    def _resolve(self, allocated: Sequence[AllocatedDevice]) -> list[Device]:
-        """The tree's devices of an allocation; refused when one is elsewhere, unknown here or unhealthy."""
+    def _resolve(self, allocated: Sequence[AllocatedDevice]) -> dict[str, list[Device]]:
+        """The tree's devices of an allocation by request; refused when one is elsewhere, unknown or unhealthy."""
         named = device_names(self._tree())
-        devices: dict[str, Device] = {}
+        requests: dict[str, list[Device]] = {}
         for result in allocated:
             if result.pool != self._settings.pool:
                 raise ClaimRefused(f"device {result.device} is in pool {result.pool}, not {self._settings.pool}")
@@ -129,20 +129,24 @@ class ClaimPreparer:
                 raise ClaimRefused(f"device {result.device} is not on this node")
             if device.health is not Health.HEALTHY:
                 raise ClaimRefused(f"device {result.device} is unhealthy")
-            devices[result.device] = device
-        return list(devices.values())
+            if not CDI_DEVICE_NAME.match(cdi_device_name(self._settings.pool, result.request)):
+                raise ClaimRefused(f"request name {result.request[:64]!r} cannot name a CDI device")
+            of_request = requests.setdefault(result.request, [])
+            if device not in of_request:
+                of_request.append(device)
+        return requests
 
-    async def _write(self, claim: ClaimRef, devices: Sequence[Device]) -> None:
+    async def _write(self, claim: ClaimRef, requests: Mapping[str, Sequence[Device]]) -> None:
         try:
-            await write_claim_spec(self._settings, claim.uid, devices)
+            await write_claim_spec(self._settings, claim.uid, requests)
         except SpecConflict as exc:
             raise ClaimRefused(f"the claim's devices cannot share a container: {exc}") from None
         except OSError as exc:
             raise ClaimRefused(f"cannot write the claim's CDI spec: {exc.strerror or exc}") from None
 
     def _result(self, prepared: PreparedClaim) -> ClaimResult:
-        ids = (cdi_device_id(self._settings, prepared.claim.uid),) if prepared.devices else ()
-        return ClaimResult(devices=prepared.devices, cdi_device_ids=ids)
+        uid = prepared.claim.uid
+        return ClaimResult(devices=tuple((d, cdi_device_id(self._settings, uid, d.request)) for d in prepared.devices))
 
 
 def _check_ref(claim: ClaimRef) -> None:

@@ -131,8 +131,8 @@ def _prepared(api: ModuleType, result: ClaimResult) -> Any:
                 request_names=[device.request],
                 pool_name=device.pool,
                 device_name=device.device,
-                cdi_device_ids=list(result.cdi_device_ids),
+                cdi_device_ids=[cdi_id],
             )
-            for device in result.devices
+            for device, cdi_id in result.devices
         ]
     )

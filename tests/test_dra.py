@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.dra_prepare import measure
 from gpuplugin.backends.mock import MockBackend
 from gpuplugin.backends.mock import create as create_mock
 from gpuplugin.backends.registry import BackendContext
@@ -286,3 +287,13 @@ async def test_the_health_stream_lists_every_device_and_follows_an_xid(workdir: 
         node.backend.xid(0, 79)
         await node.refresh()
         assert health_of(await stream.recv_message()) == {first: (NODE, 2), second: (NODE, 1)}
+
+
+async def test_the_prepare_benchmark_measures_every_call(workdir: Path) -> None:
+    """``benchmarks.dra_prepare`` times one prepare and one unprepare per claim, each answered without error."""
+    times = await measure(workdir, claims=3, gpus=2)
+    assert {call: len(samples) for call, samples in times.items()} == {
+        "NodePrepareResources": 3,
+        "NodeUnprepareResources": 3,
+    }
+    assert not list((workdir / "cdi").glob("*.json")), "every claim's spec was removed"

@@ -15,11 +15,12 @@ import httpx2
 import structlog
 from lightkube import AsyncClient, KubeConfig
 from lightkube.core.exceptions import ApiError
+from lightkube.core.exceptions import ConfigError as LightkubeConfigError
 from lightkube.resources.core_v1 import Node
 from lightkube.resources.resource_v1 import ResourceClaim, ResourceSlice
 
 from gpuplugin.core.clock import REAL_CLOCK, Backoff, Clock
-from gpuplugin.core.errors import shorten
+from gpuplugin.core.errors import ConfigError, shorten
 from gpuplugin.core.model import DeviceTree
 from gpuplugin.core.tasks import TaskSet
 from gpuplugin.dra.claims import AllocatedDevice, ClaimRef, ClaimUnavailable, allocated_devices
@@ -39,9 +40,16 @@ RETRY_MAX_S = 60.0
 
 def api_client(server: str | None = None) -> AsyncClient:
     """A client for ``server`` (a URL; for tests and kubectl proxy), else the in-cluster service account or the
-    kubeconfig that ``KUBECONFIG`` names, as kubectl finds it."""
+    kubeconfig that ``KUBECONFIG`` names, as kubectl finds it. Reads files: call it from a worker thread. Raises
+    ConfigError, in one line, when there is no way to reach an API server."""
     if server is None:
-        config = KubeConfig.from_env()
+        try:
+            config = KubeConfig.from_env()
+        except LightkubeConfigError as exc:
+            raise ConfigError(
+                f"kube API server: no in-cluster service account and no kubeconfig ({exc}); "
+                "set --kube-api-server or KUBECONFIG"
+            ) from None
     else:
         # No credentials: a URL is a kubectl proxy or a test's server, which authenticate nobody.
         config = KubeConfig.from_dict(

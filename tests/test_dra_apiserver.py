@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from gpuplugin.backends.mock import MockBackend
 from gpuplugin.backends.mock import create as create_mock
 from gpuplugin.backends.partitioned import PartitionedBackend
 from gpuplugin.backends.partitioned import create as create_partitioned
 from gpuplugin.backends.registry import BackendContext
 from gpuplugin.core.clock import VirtualClock
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.devices.health import HealthPolicy
 from gpuplugin.dra.apiserver import ApiClaimSource, SlicePublisher, api_client
 from gpuplugin.dra.claims import ClaimRef
@@ -199,3 +202,14 @@ async def test_an_xid_on_one_partition_takes_only_that_partition_out(workdir: Pa
         await eventually(lambda: c.api.devices() == [n for n in names if n != hit])
         c.backend.recover(0, instance=(3, 0))
         await eventually(lambda: c.api.devices() == names)
+
+
+def test_no_way_to_an_api_server_is_one_line_naming_what_to_set(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Outside a cluster and without a kubeconfig, the client is refused with a ConfigError naming the flag."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^kube API server: .*set --kube-api-server or KUBECONFIG$"):
+        api_client()

@@ -256,6 +256,17 @@ async def test_a_request_name_no_cdi_device_can_carry_fails_the_claim(workdir: P
         assert (await node.prepare(claim)).claims[claim.uid].error == "request name 'a b' cannot name a CDI device"
 
 
+async def test_a_checkpoint_that_cannot_be_written_fails_the_claim_and_leaves_no_spec(workdir: Path) -> None:
+    """When the checkpoint cannot be rewritten the claim is not prepared, and the spec written for it is removed."""
+    async with dra_node(workdir) as node:
+        node.settings.checkpoint_path.mkdir()  # a directory where the file goes: the atomic rename fails
+        claim = node.claim(node.names()[0])
+        error = (await node.prepare(claim)).claims[claim.uid].error
+        assert error.startswith("cannot write the checkpoint: ")
+        assert not spec_path(node.settings, claim.uid).exists()
+        node.settings.checkpoint_path.rmdir()
+
+
 async def test_a_claim_the_api_server_does_not_know_fails_alone(workdir: Path) -> None:
     """A claim that cannot be read gets its error; the kubelet asks again later."""
     async with dra_node(workdir) as node:

@@ -8,6 +8,7 @@ missing), and unpreparing a claim never prepared, or already unprepared, succeed
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -100,24 +101,27 @@ class ClaimPreparer:
         if known is not None:
             if await _missing(spec_path(self._settings, claim.uid)) and known.devices:
                 # Prepared before, spec gone (a wiped /var/run): the same devices, written again.
-                await self._write(claim, self._resolve(known.devices))
+                await self._write(claim, self._resolve(claim, known.devices))
             return self._result(known)
         try:
             allocated = await self._claims.allocation(claim, self._settings.driver_name)
         except ClaimUnavailable as exc:
             raise ClaimRefused(str(exc)) from None
-        requests = self._resolve(allocated)
+        requests = self._resolve(claim, allocated)
         if requests:
             await self._write(claim, requests)
         prepared = PreparedClaim(claim, allocated)
         try:
             await self._checkpoint.put(prepared)
         except OSError as exc:
+            # Not recorded, so not prepared: no spec may outlive it, or nothing would ever remove it.
+            with contextlib.suppress(OSError):
+                await remove_claim_spec(self._settings, claim.uid)
             raise ClaimRefused(f"cannot write the checkpoint: {exc.strerror or exc}") from None
         log.info("claim prepared", claim=_name(claim), uid=claim.uid, devices=[d.device for d in allocated])
         return self._result(prepared)
 
-    def _resolve(self, allocated: Sequence[AllocatedDevice]) -> dict[str, list[Device]]:
+    def _resolve(self, claim: ClaimRef, allocated: Sequence[AllocatedDevice]) -> dict[str, list[Device]]:
         """The tree's devices of an allocation by request; refused when one is elsewhere, unknown or unhealthy."""
         named = device_names(self._tree())
         requests: dict[str, list[Device]] = {}
@@ -129,7 +133,7 @@ class ClaimPreparer:
                 raise ClaimRefused(f"device {result.device} is not on this node")
             if device.health is not Health.HEALTHY:
                 raise ClaimRefused(f"device {result.device} is unhealthy")
-            if not CDI_DEVICE_NAME.match(cdi_device_name(self._settings.pool, result.request)):
+            if not CDI_DEVICE_NAME.match(cdi_device_name(claim.uid, result.request)):
                 raise ClaimRefused(f"request name {result.request[:64]!r} cannot name a CDI device")
             of_request = requests.setdefault(result.request, [])
             if device not in of_request:

@@ -146,7 +146,7 @@ async def test_an_unreachable_api_server_is_a_problem_retried_until_published(wo
     back, the retry publishes and the problem clears."""
     async with cluster(workdir) as c:
         publisher = c.driver.publisher
-        assert publisher is not None
+        assert isinstance(publisher, SlicePublisher)
         c.api.down = True
         c.backend.xid(0, 79)
         await eventually(lambda: publisher.problem is not None)

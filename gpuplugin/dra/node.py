@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from typing import Protocol
 
 import structlog
 
 from gpuplugin.core.backend import Backend, HealthChanged, InventoryChanged
 from gpuplugin.core.model import Device, DeviceTree, Health
 from gpuplugin.core.tasks import TaskSet
-from gpuplugin.dra.apiserver import SlicePublisher
 from gpuplugin.dra.claims import ClaimSource
 from gpuplugin.dra.driver import DriverSettings
 from gpuplugin.dra.plugin import DraPlugin
@@ -19,6 +19,14 @@ from gpuplugin.dra.plugin import DraPlugin
 log = structlog.get_logger("gpuplugin.dra.node")
 
 _FaultKey = tuple[str, tuple[int, int] | None]
+
+
+class Publisher(Protocol):
+    """Where every tree goes besides the kubelet (``SlicePublisher``: the API server's ResourceSlices)."""
+
+    async def publish(self, tree: DeviceTree) -> None: ...
+
+    async def aclose(self) -> None: ...
 
 
 class DraDriver:
@@ -29,7 +37,7 @@ class DraDriver:
         backend: Backend,
         settings: DriverSettings,
         claims: ClaimSource,
-        publisher: SlicePublisher | None = None,
+        publisher: Publisher | None = None,
     ) -> None:
         self.backend = backend
         self.settings = settings
@@ -66,9 +74,10 @@ class DraDriver:
         async with self._lock:
             self.discovered = discovered
             self.tree = dataclasses.replace(discovered, devices=tuple(self._folded(d) for d in discovered.devices))
+            # The kubelet first: a slow API server must not hold back what the node itself reports.
+            await self.plugin.tree_changed()
             if self.publisher is not None:
                 await self.publisher.publish(self.tree)
-            await self.plugin.tree_changed()
 
     def _folded(self, device: Device) -> Device:
         faulty = (device.gpu, None) in self._faults or (device.gpu, device.instance) in self._faults

@@ -19,6 +19,7 @@ from gpuplugin.core.backend import Backend, HealthChanged, InventoryChanged
 from gpuplugin.core.instance import InstanceLock, SocketIdentity
 from gpuplugin.core.model import Device, DeviceTree, Health
 from gpuplugin.core.tasks import SupervisionSettings, TaskSet
+from gpuplugin.devices.health import reaches, recovered
 from gpuplugin.kubelet.server import ResourceServer, ServerSettings
 from gpuplugin.kubelet.watcher import KUBELET_SOCKET, SocketWatcher, WatcherSettings
 
@@ -215,18 +216,11 @@ class Manager:
         if event.health is Health.HEALTHY:
             if self._faults.pop(key, None) is None:
                 return
-            # The recovery also outdates an Unhealthy that a rediscovery during the fault put into the tree.
-            self.discovered = dataclasses.replace(
-                self.discovered,
-                devices=tuple(
-                    dataclasses.replace(d, health=Health.HEALTHY) if self._names(d, event) else d
-                    for d in self.discovered.devices
-                ),
-            )
+            self.discovered = recovered(self.discovered, event)
         else:
             self._faults[key] = event
         self.health_changes[(str(event.health), event.xid)] += 1
-        affected = [d.id for d in self.tree.devices if self._names(d, event)]
+        affected = [d.id for d in self.tree.devices if reaches(d, event)]
         log.info(
             "health changed",
             gpu=event.gpu,
@@ -237,10 +231,6 @@ class Manager:
             devices=affected,
         )
         await self.apply(self.discovered)
-
-    @staticmethod
-    def _names(device: Device, event: HealthChanged) -> bool:
-        return device.gpu == event.gpu and (event.instance is None or device.instance == event.instance)
 
     async def _follow_backend(self) -> None:
         """Apply the backend's events. Supervised: if the stream fails or ends, the last tree keeps serving and the

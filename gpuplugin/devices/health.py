@@ -16,7 +16,7 @@ import structlog
 from gpuplugin.core.backend import HealthChanged
 from gpuplugin.core.clock import REAL_CLOCK, Backoff, Clock
 from gpuplugin.core.errors import ConfigError
-from gpuplugin.core.model import Health
+from gpuplugin.core.model import Device, DeviceTree, Health
 from gpuplugin.core.tasks import TaskSet
 
 log = structlog.get_logger("gpuplugin.devices.health")
@@ -201,3 +201,15 @@ class HealthTracker:
     async def aclose(self) -> None:
         self._timers.clear()
         await self._tasks.aclose()
+
+
+def reaches(device: Device, event: HealthChanged) -> bool:
+    """Whether ``event`` is about ``device``: every device on its GPU, or, with an instance, that partition alone."""
+    return device.gpu == event.gpu and (event.instance is None or device.instance == event.instance)
+
+
+def recovered(tree: DeviceTree, event: HealthChanged) -> DeviceTree:
+    """``tree`` with the devices a recovery reaches marked Healthy: the recovery also outdates an Unhealthy that a
+    rediscovery during the fault put into the tree."""
+    devices = tuple(replace(d, health=Health.HEALTHY) if reaches(d, event) else d for d in tree.devices)
+    return replace(tree, devices=devices)

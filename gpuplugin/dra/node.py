@@ -12,6 +12,7 @@ import structlog
 from gpuplugin.core.backend import Backend, HealthChanged, InventoryChanged
 from gpuplugin.core.model import Device, DeviceTree, Health
 from gpuplugin.core.tasks import TaskSet
+from gpuplugin.devices.health import recovered
 from gpuplugin.dra.claims import ClaimSource
 from gpuplugin.dra.driver import DriverSettings
 from gpuplugin.dra.plugin import DraPlugin
@@ -88,16 +89,7 @@ class DraDriver:
         if event.health is Health.HEALTHY:
             if self._faults.pop(key, None) is None:
                 return
-            # The recovery also outdates an Unhealthy that a rediscovery during the fault put into the tree.
-            self.discovered = dataclasses.replace(
-                self.discovered,
-                devices=tuple(
-                    dataclasses.replace(d, health=Health.HEALTHY)
-                    if d.gpu == event.gpu and event.instance in (None, d.instance)
-                    else d
-                    for d in self.discovered.devices
-                ),
-            )
+            self.discovered = recovered(self.discovered, event)
         else:
             self._faults[key] = event
         log.info("health changed", gpu=event.gpu, instance=event.instance, health=str(event.health), xid=event.xid)

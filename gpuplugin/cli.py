@@ -248,10 +248,39 @@ def main() -> None:
     help="Seconds to wait while another gpuplugin holds the state directory's lock; 0: exit at once. "
     "Default: wait until it stops.",
 )
+@click.option(
+    "--kubelet-api",
+    type=click.Choice(["device-plugin", "dra"]),
+    envvar="GPUPLUGIN_KUBELET_API",
+    help="device-plugin: the kubelet's device plugin API; dra: Dynamic Resource Allocation (ResourceSlices and the "
+    "kubelet's DRA plugin API). One per node. Default: device-plugin.",
+)
+@click.option(
+    "--node-name",
+    envvar="NODE_NAME",
+    help="DRA: this node's name (the downward API's spec.nodeName). Required with --kubelet-api dra.",
+)
+@click.option(
+    "--dra-driver-name",
+    envvar="GPUPLUGIN_DRA_DRIVER_NAME",
+    help="DRA: the driver name of the node's ResourceSlices and of the claims it prepares. Default: gpu.gpuplugin.dev.",
+)
+@click.option(
+    "--kube-api-server",
+    envvar="GPUPLUGIN_KUBE_API_SERVER",
+    help="DRA: the API server's URL (kubectl proxy, tests). Default: the in-cluster service account, else KUBECONFIG.",
+)
+@click.option(
+    "--kubelet-plugins-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="GPUPLUGIN_KUBELET_PLUGINS_DIR",
+    help="DRA: the kubelet's plugins directory (socket and checkpoint). Default: /var/lib/kubelet/plugins.",
+)
 def serve(**params: Any) -> None:
     """Serve the backend's devices to the kubelet until SIGTERM or SIGINT.
 
-    The config file is reloaded when it changes and on SIGHUP, which also rediscovers the devices.
+    The config file is reloaded when it changes and on SIGHUP, which also rediscovers the devices. With
+    --kubelet-api dra the devices are served through DRA instead, and SIGHUP only rediscovers them.
     """
     overrides = overrides_from(
         params,
@@ -261,6 +290,9 @@ def serve(**params: Any) -> None:
     )
     settings, text = load_settings(params.get("config"), overrides)
     logs.configure(settings.log_format, settings.log_level)
+    if params.get("kubelet_api") == "dra":
+        serve_dra(settings, params)
+        return
     try:
         daemon = Daemon(settings, config=params.get("config"), config_text=text, overrides=overrides)
     except ValueError as exc:
@@ -275,6 +307,41 @@ def serve(**params: Any) -> None:
         fail(str(exc), 2)
     except ValueError as exc:
         # A backend's own settings are checked when it starts (the mock reads its YAML file then).
+        fail(f"backend {settings.backend}: {exc}", 2)
+
+
+def serve_dra(settings: PluginSettings, params: Mapping[str, Any]) -> None:
+    """``serve --kubelet-api dra``: the DRA daemon on the same settings (the kubelet's plugin-watcher directory and
+    the CDI spec directory from the config); its modules, and the API client, load only here."""
+    from gpuplugin.daemon.dra import DraDaemon
+    from gpuplugin.dra.checkpoint import CheckpointCorrupt
+    from gpuplugin.dra.driver import DEFAULT_DRIVER_NAME, DEFAULT_PLUGINS_DIR, DriverSettings
+
+    node = params.get("node_name")
+    if not node:
+        fail("--node-name (or NODE_NAME) is required with --kubelet-api dra", 2)
+    try:
+        driver = DriverSettings(
+            node_name=node,
+            driver_name=params.get("dra_driver_name") or DEFAULT_DRIVER_NAME,
+            plugins_dir=params.get("kubelet_plugins_dir") or DEFAULT_PLUGINS_DIR,
+            plugins_registry_dir=settings.manager.server.plugins_registry_dir,
+            cdi_dir=settings.cdi.spec_dir,
+        )
+        daemon = DraDaemon(settings, driver, api_server=params.get("kube_api_server"))
+    except ValueError as exc:
+        # ConfigError too: what DRA mode does not do yet, named.
+        fail(str(exc), 2)
+    try:
+        with asyncio.Runner(loop_factory=loop_factory(params.get("event_loop") or "auto")) as runner:
+            runner.run(daemon.run(asyncio.Event()))
+    except (BackendUnavailable, InstanceLockError, TaskFailing, CheckpointCorrupt) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"DRA plugin: {exc.strerror or exc}: {exc.filename or ''}")
+    except ConfigError as exc:
+        fail(str(exc), 2)
+    except ValueError as exc:
         fail(f"backend {settings.backend}: {exc}", 2)
 
 

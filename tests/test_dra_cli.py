@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from benchmarks.dra_rss import measure as measure_rss
 from gpuplugin.cli import main
 from gpuplugin.dra.claims import ClaimRef
 from gpuplugin.dra.claimspec import spec_path
@@ -165,3 +166,10 @@ def test_a_corrupt_checkpoint_stops_serve_with_one_line_naming_it(workdir: Path)
     assert result.exit_code == 1
     last = result.output.strip().splitlines()[-1]
     assert last.startswith(f"gpuplugin: {checkpoint}: unreadable checkpoint (JSONDecodeError")
+
+
+async def test_the_rss_benchmark_measures_both_modes_registered() -> None:
+    """``benchmarks.dra_rss`` gets a registered process of each mode and reads a plausible RSS of each."""
+    figures = await measure_rss(1)
+    assert set(figures) == {"device-plugin", "dra"}
+    assert all(10 < samples[0] < 500 for samples in figures.values())

@@ -12,6 +12,7 @@ import yaml
 
 from gpuplugin.backends.mock.inventory import Inventory
 from gpuplugin.backends.mock.settings import MockSettings
+from gpuplugin.cli import serve
 from gpuplugin.dra.claims import ClaimRef
 from gpuplugin.dra.driver import DEFAULT_DRIVER_NAME
 from gpuplugin.dra.slices import device_attributes, device_capacity
@@ -61,6 +62,9 @@ def test_the_kustomization_renders_valid_objects_of_dra_mode() -> None:
     assert spec["automountServiceAccountToken"] is True
     (container,) = spec["containers"]
     assert container["args"][-2:] == ["--kubelet-api", "dra"]
+    context = serve.make_context("serve", list(container["args"]))
+    assert context.params["kubelet_api"] == "dra"
+    assert {e["name"] for e in container["env"]} >= {"NODE_NAME", "GPUPLUGIN_BACKEND"}
     assert "livenessProbe" not in container and "readinessProbe" not in container
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/var/lib/kubelet/plugins", "/var/lib/kubelet/plugins_registry", "/var/run/cdi", "/run/gpuplugin"} <= mounts

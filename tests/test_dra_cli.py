@@ -81,7 +81,8 @@ async def serving(directory: Path, api: FakeApiServer) -> AsyncIterator[asyncio.
 
 async def test_serve_in_dra_mode_publishes_prepares_and_takes_mock_faults(workdir: Path) -> None:
     """The process registers as a DRA plugin, publishes both mock GPUs, prepares a claim read from the API server;
-    ``gpuplugin mock xid`` takes a GPU out of the slice; SIGTERM stops it cleanly, its sockets gone."""
+    ``gpuplugin mock xid`` takes a GPU out of the slice and ``recover`` brings it back, a SIGHUP between them;
+    SIGTERM stops it cleanly, its sockets gone."""
     settings = DriverSettings(
         node_name=NODE,
         plugins_dir=workdir / "plugins",
@@ -101,6 +102,11 @@ async def test_serve_in_dra_mode_publishes_prepares_and_takes_mock_faults(workdi
             socket = str(workdir / "state" / "mock.sock")
             assert await gpuplugin("mock", "xid", "--gpu", "0", "--xid", "79", "--socket", socket) == 0
             await eventually(lambda: api.devices() == [second])
+            # SIGHUP rediscovers rather than ending the process: the recovery that follows is still published.
+            process.send_signal(signal.SIGHUP)
+            assert await gpuplugin("mock", "recover", "--gpu", "0", "--socket", socket) == 0
+            await eventually(lambda: len(api.devices()) == 2)
+            assert process.returncode is None
             process.send_signal(signal.SIGTERM)
             assert await asyncio.wait_for(process.wait(), DEADLINE_S) == 0
             await kubelet.wait_gone(DRIVER)

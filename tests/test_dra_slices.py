@@ -14,12 +14,15 @@ from hypothesis import strategies as st
 
 from gpuplugin.backends.mock.inventory import Inventory
 from gpuplugin.backends.mock.settings import MockSettings
+from gpuplugin.backends.nvml.discovery import discover
+from gpuplugin.backends.nvml.fake import FakeGpu, FakeNvml
+from gpuplugin.backends.nvml.settings import NvmlSettings
 from gpuplugin.core.model import ContainerSpec, Device, DeviceTree, frozen_mapping
 from gpuplugin.dra.checkpoint import CheckpointCorrupt, PreparedClaim, decode, encode
 from gpuplugin.dra.claims import AllocatedDevice, ClaimRef, ClaimUnavailable, allocated_devices
 from gpuplugin.dra.driver import DriverSettings
 from gpuplugin.dra.names import MAX_NAME_LENGTH, device_names, label_of
-from gpuplugin.dra.slices import MAX_DEVICES_PER_SLICE, build_slices, semver
+from gpuplugin.dra.slices import MAX_DEVICES_PER_SLICE, build_slices, device_attributes, semver
 from tests.test_deploy import validate
 
 SETTINGS = DriverSettings(node_name="node-a")
@@ -248,3 +251,13 @@ def test_any_tree_gives_slices_the_api_accepts(ids: list[str], values: dict[str,
             assert len(attribute.get("string", "")) <= 64
     for slice_ in slices:
         validate(slice_)
+
+
+def test_an_nvml_gpu_publishes_the_driver_and_cuda_versions_as_versions() -> None:
+    """A GPU discovered through NVML carries ``driverVersion`` and ``cudaVersion`` as semver, which CEL compares."""
+    fake = FakeNvml([FakeGpu("GPU-0", 0, "00000000:10:00.0")], driver_version="580.159.04", cuda_driver_version=13000)
+    fake.nvmlInit()
+    (device,) = discover(fake, NvmlSettings(sysfs_root="/nonexistent")).tree.devices
+    attributes = device_attributes(device)
+    assert attributes["driverVersion"] == {"version": "580.159.4"}
+    assert attributes["cudaVersion"] == {"version": "13.0.0"}

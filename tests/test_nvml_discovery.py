@@ -59,6 +59,8 @@ def test_discovery_reads_every_field() -> None:
         "model": "NVIDIA L4",
         "memory_mib": "22491",
         "compute_capability": "8.9",
+        "driver_version": "580.159.04",
+        "cuda_version": "13.0",
     }
 
 
@@ -187,6 +189,21 @@ def test_unsupported_queries_are_tolerated() -> None:
     assert tree.devices[0].health is Health.HEALTHY
     assert "compute_capability" not in tree.devices[0].attributes
     assert "memory_mib" not in tree.devices[0].attributes
+
+
+def test_every_device_carries_the_driver_and_cuda_versions_or_goes_without_them() -> None:
+    """The node's driver and CUDA versions (NVML's 12080 read as 12.8) are on every GPU; versions NVML cannot give
+    are left out, and the GPUs are served all the same."""
+    fake = FakeNvml([FakeGpu(A, 0, BUS_A), FakeGpu(B, 1, BUS_B)], driver_version="570.86.15", cuda_driver_version=12080)
+    tree = tree_of(fake)
+    assert {(d.attributes["driver_version"], d.attributes["cuda_version"]) for d in tree.devices} == {
+        ("570.86.15", "12.8")
+    }
+    fake.errors["nvmlSystemGetDriverVersion"] = FakeNvml.NVML_ERROR_UNKNOWN
+    fake.errors["nvmlSystemGetCudaDriverVersion"] = FakeNvml.NVML_ERROR_NOT_SUPPORTED
+    tree = tree_of(fake)
+    assert [d.health for d in tree.devices] == [Health.HEALTHY, Health.HEALTHY]
+    assert not {"driver_version", "cuda_version"} & {key for d in tree.devices for key in d.attributes}
 
 
 def test_mig_enabled_gpu_is_skipped_with_a_log_line() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -296,6 +296,23 @@ def _instance_profiles(nvml: Any, record: GpuRecord) -> tuple[GpuInstanceProfile
         return ()
 
 
+def read_versions(nvml: Any) -> Mapping[str, str]:
+    """The driver's version and the CUDA version it supports (``580.159.04``, ``13.0``), as attributes every device
+    of the node carries; one that cannot be read is left out (they describe the node, they serve nothing)."""
+    versions: dict[str, str] = {}
+    try:
+        versions["driver_version"] = as_str(nvml.nvmlSystemGetDriverVersion())
+    except nvml.NVMLError as error:
+        log.warning("driver version unreadable", error=str(error))
+    try:
+        cuda = int(nvml.nvmlSystemGetCudaDriverVersion())
+        # NVML's encoding: 1000 x major + 10 x minor.
+        versions["cuda_version"] = f"{cuda // 1000}.{cuda % 1000 // 10}"
+    except nvml.NVMLError as error:
+        log.warning("cuda version unreadable", error=str(error))
+    return frozen_mapping(versions)
+
+
 def discover(nvml: Any, settings: NvmlSettings) -> Inventory:
     """Read every GPU; one that fails is served Unhealthy, a MIG-enabled one is skipped (or, with
     ``report_mig_devices``, served as its MIG devices). Raises NVMLError only when the GPUs cannot be counted."""
@@ -339,6 +356,8 @@ def discover(nvml: Any, settings: NvmlSettings) -> Inventory:
         assert record.uuid is not None
         healthy[device.gpu] = record
         watched[record.uuid] = record.handle
+    versions = read_versions(nvml)
+    devices = [replace(d, attributes=frozen_mapping({**d.attributes, **versions})) for d in devices]
     tree = DeviceTree(devices=tuple(devices), links=links_from_pairs(read_links(nvml, healthy)))
     log.info(
         "gpus discovered",

@@ -236,6 +236,7 @@ class FakeNvml:
         topology: Mapping[frozenset[str], int] | None = None,
         init_error: int | None = None,
         driver_version: str = "580.159.04",
+        cuda_driver_version: int = 13000,
     ) -> None:
         self.lock = threading.Condition()
         """Guards every field; changing GPUs while calls run must happen under it."""
@@ -244,6 +245,8 @@ class FakeNvml:
         self.init_error = init_error
         self.errors: dict[str, int] = {}
         self.driver_version = driver_version
+        self.cuda_driver_version = cuda_driver_version
+        """As NVML gives it: 1000 x major + 10 x minor (13000 is CUDA 13.0)."""
         self.calls: Counter[str] = Counter()
         """How often each call was made, successful or not."""
         self.event_sets: list[FakeEventSet] = []
@@ -406,6 +409,11 @@ class FakeNvml:
         with self.lock:
             self._enter("nvmlSystemGetDriverVersion")
             return self.driver_version
+
+    def nvmlSystemGetCudaDriverVersion(self) -> int:
+        with self.lock:
+            self._enter("nvmlSystemGetCudaDriverVersion")
+            return self.cuda_driver_version
 
     def nvmlDeviceGetCount(self) -> int:
         with self.lock:

@@ -57,7 +57,7 @@ async def test_real_gpus_become_a_valid_slice_with_their_attributes(
         attributes = device["attributes"]
         assert attributes["uuid"]["string"].startswith("GPU-")
         assert attributes["productName"]["string"].startswith("NVIDIA")
-        assert {"index", "minor", "pciBusID", "computeCapability"} <= attributes.keys()
+        assert {"index", "minor", "pciBusID", "computeCapability", "driverVersion", "cudaVersion"} <= attributes.keys()
         assert device["capacity"]["memory"]["value"].endswith("Mi")
     print(json.dumps(slices[0], indent=1))  # shown with -s: the slice of this machine
 

@@ -26,6 +26,7 @@ from gpuplugin.dra.sharing import API_VERSION, INTERVAL_ENV, INTERVALS, KIND, ST
 from gpuplugin.testing.dra import PodNotStarted
 from tests.test_deploy import validate
 from tests.test_dra import DRIVER, NODE, DraNode, cdi_spec, dra_node, env_of
+from tests.test_dra_apiserver import cluster
 from tests.test_dra_fuzz import FUZZ
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "dra" / "shared-claim.yaml"
@@ -194,6 +195,20 @@ async def test_a_restart_keeps_the_time_slicing_of_a_prepared_claim(workdir: Pat
         assert (await node.prepare(claim)).claims[claim.uid].error == ""
         assert cdi_spec(node, claim) == before
         assert node.claims.reads == 1
+
+
+async def test_a_time_sliced_claim_read_from_the_api_server_is_prepared_time_sliced(workdir: Path) -> None:
+    """Through the API server (lightkube's ResourceClaim model): the allocation's config for our driver reaches the
+    spec, beside another driver's config that is ignored."""
+    async with cluster(workdir) as c:
+        results = [{"request": "gpu", "driver": DRIVER, "pool": NODE, "device": c.names()[0]}]
+        c.api.add_claim("ns", "shared", "uid-1", results)
+        allocation = c.api.claims[("ns", "shared")]["status"]["allocation"]["devices"]
+        allocation["config"] = [opaque({"any": ["thing"]}, driver="gpu.nvidia.com"), opaque(time_sliced("Short"))]
+        response = await c.kubelet.prepare(DRIVER, [ClaimRef("ns", "shared", "uid-1")])
+        assert response.claims["uid-1"].error == ""
+        spec = json.loads(spec_path(c.driver.settings, "uid-1").read_text())
+        assert env_of(spec)[INTERVAL_ENV] == "Short" and env_of(spec)[STRATEGY_ENV] == "TimeSlicing"
 
 
 def test_the_checkpoint_keeps_time_slicing_and_refuses_an_unknown_interval(tmp_path: Path) -> None:

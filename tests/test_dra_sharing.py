@@ -244,9 +244,11 @@ def test_the_allocation_of_a_resource_claim_carries_our_configs_only() -> None:
 
 def json_values() -> st.SearchStrategy[Any]:
     scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
-    return st.recursive(
-        scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
-    )
+
+    def nested(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+        return st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+
+    return st.recursive(scalars, nested, max_leaves=20)
 
 
 def parameters() -> st.SearchStrategy[Any]:

@@ -23,7 +23,7 @@ from gpuplugin.core.clock import REAL_CLOCK, Backoff, Clock
 from gpuplugin.core.errors import ConfigError, shorten
 from gpuplugin.core.model import DeviceTree
 from gpuplugin.core.tasks import TaskSet
-from gpuplugin.dra.claims import AllocatedDevice, ClaimRef, ClaimUnavailable, allocated_devices
+from gpuplugin.dra.claims import Allocation, ClaimRef, ClaimUnavailable, allocation_of
 from gpuplugin.dra.driver import DriverSettings
 from gpuplugin.dra.slices import build_slices, slice_devices
 
@@ -79,7 +79,7 @@ class ApiClaimSource:
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
 
-    async def allocation(self, claim: ClaimRef, driver: str) -> tuple[AllocatedDevice, ...]:
+    async def allocation(self, claim: ClaimRef, driver: str) -> Allocation:
         try:
             found = await self._client.get(ResourceClaim, claim.name, namespace=claim.namespace)
         except ApiError as exc:
@@ -88,7 +88,7 @@ class ApiClaimSource:
             raise ClaimUnavailable(f"cannot read claim {claim.namespace}/{claim.name}: {_failure(exc)}") from None
         except API_FAILURES as exc:
             raise ClaimUnavailable(f"cannot read claim {claim.namespace}/{claim.name}: {_failure(exc)}") from None
-        return allocated_devices(found.to_dict(), claim, driver)
+        return allocation_of(found.to_dict(), claim, driver)
 
 
 class SlicePublisher:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import aiofiles.os
 
 from gpuplugin.devices.cdi import write_atomically
 from gpuplugin.dra.claims import AllocatedDevice, ClaimRef
+from gpuplugin.dra.sharing import check_intervals
 
 CHECKPOINT_VERSION = 1
 #: Only the plugin (root) reads it.
@@ -29,6 +30,8 @@ class PreparedClaim:
 
     claim: ClaimRef
     devices: tuple[AllocatedDevice, ...]
+    time_slicing: Mapping[str, str] = field(default_factory=dict)
+    """The time-slice interval of each time-sliced request, to write the same spec again if it goes missing."""
 
 
 class CheckpointCorrupt(Exception):
@@ -43,6 +46,8 @@ def encode(claims: Mapping[str, PreparedClaim]) -> bytes:
                 "namespace": prepared.claim.namespace,
                 "name": prepared.claim.name,
                 "devices": [{"request": d.request, "pool": d.pool, "device": d.device} for d in prepared.devices],
+                # Only when set: a checkpoint without sharing reads the same in a plugin that knows none.
+                **({"timeSlicing": dict(prepared.time_slicing)} if prepared.time_slicing else {}),
             }
             for uid, prepared in sorted(claims.items())
         },
@@ -59,7 +64,8 @@ def decode(content: bytes, path: Path) -> dict[str, PreparedClaim]:
         claims: dict[str, PreparedClaim] = {}
         for uid, entry in document["claims"].items():
             devices = tuple(_device(d) for d in entry["devices"])
-            claims[uid] = PreparedClaim(ClaimRef(_text(entry["namespace"]), _text(entry["name"]), uid), devices)
+            ref = ClaimRef(_text(entry["namespace"]), _text(entry["name"]), uid)
+            claims[uid] = PreparedClaim(ref, devices, check_intervals(entry.get("timeSlicing", {})))
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointCorrupt(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
     return claims

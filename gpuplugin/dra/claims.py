@@ -29,6 +29,24 @@ class AllocatedDevice:
     device: str
 
 
+@dataclass(frozen=True, slots=True)
+class OpaqueConfig:
+    """One opaque config of our driver in an allocation result: the requests it names (none: all), its
+    parameters as given (decoded by ``gpuplugin.dra.sharing``), and its place in the result's ``config`` list."""
+
+    requests: tuple[str, ...]
+    parameters: Any
+    index: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Allocation:
+    """What the scheduler allocated to a claim for one driver: its devices, and the configs for that driver."""
+
+    devices: tuple[AllocatedDevice, ...]
+    configs: tuple[OpaqueConfig, ...] = ()
+
+
 class ClaimUnavailable(Exception):
     """The claim cannot be read, is not allocated, or is not the one the kubelet named; the message says which."""
 
@@ -36,8 +54,8 @@ class ClaimUnavailable(Exception):
 class ClaimSource(Protocol):
     """Where the plugin reads what was allocated to a claim."""
 
-    async def allocation(self, claim: ClaimRef, driver: str) -> tuple[AllocatedDevice, ...]:
-        """The devices of ``driver`` allocated to ``claim``; raises ClaimUnavailable."""
+    async def allocation(self, claim: ClaimRef, driver: str) -> Allocation:
+        """The devices and configs of ``driver`` allocated to ``claim``; raises ClaimUnavailable."""
         ...
 
 
@@ -64,3 +82,30 @@ def allocated_devices(resource_claim: Mapping[str, Any], claim: ClaimRef, driver
             raise ClaimUnavailable(f"claim {claim.namespace}/{claim.name} has a malformed allocation result")
         devices.append(AllocatedDevice(request, pool, device))
     return tuple(devices)
+
+
+def allocation_of(resource_claim: Mapping[str, Any], claim: ClaimRef, driver: str) -> Allocation:
+    """The devices and opaque configs of ``driver`` in a ResourceClaim object; raises ClaimUnavailable."""
+    devices = allocated_devices(resource_claim, claim, driver)
+    allocation = (resource_claim.get("status") or {}).get("allocation") or {}
+    return Allocation(devices, opaque_configs((allocation.get("devices") or {}).get("config"), claim, driver))
+
+
+def opaque_configs(entries: Any, claim: ClaimRef, driver: str) -> tuple[OpaqueConfig, ...]:
+    """The opaque configs of ``driver`` among an allocation result's ``config`` entries (None: there are none);
+    other drivers' are skipped unread. Raises ClaimUnavailable when an entry is no config."""
+    if entries is None:
+        return ()
+    malformed = ClaimUnavailable(f"claim {claim.namespace}/{claim.name} has a malformed allocation config")
+    if not isinstance(entries, list):
+        raise malformed
+    configs = []
+    for index, entry in enumerate(entries):
+        opaque = entry.get("opaque") if isinstance(entry, Mapping) else None
+        if not isinstance(opaque, Mapping) or opaque.get("driver") != driver:
+            continue
+        requests = entry.get("requests") or []
+        if not isinstance(requests, list) or not all(isinstance(r, str) for r in requests):
+            raise malformed
+        configs.append(OpaqueConfig(tuple(requests), opaque.get("parameters"), index))
+    return tuple(configs)

@@ -19,6 +19,7 @@ from gpuplugin.core.model import ContainerSpec, Device, merge_specs
 from gpuplugin.devices.cdi import CDI_VERSION, render, write_atomically
 from gpuplugin.devices.strategies import cdi_device_node
 from gpuplugin.dra.driver import CDI_CLASS, DriverSettings
+from gpuplugin.dra.sharing import sharing_env
 
 
 def spec_path(settings: DriverSettings, claim_uid: str) -> Path:
@@ -36,10 +37,11 @@ def cdi_device_id(settings: DriverSettings, claim_uid: str, request: str) -> str
     return f"{settings.cdi_kind}={cdi_device_name(claim_uid, request)}"
 
 
-def claim_edits(spec: ContainerSpec) -> dict[str, Any]:
-    """The containerEdits of a claim's merged container spec: environment, device nodes and mounts."""
+def claim_edits(spec: ContainerSpec, extra_env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The containerEdits of a claim's merged container spec: environment (with ``extra_env``), device nodes and
+    mounts."""
     edits: dict[str, Any] = {}
-    env = {**spec.env, **spec.list_env}
+    env = {**spec.env, **spec.list_env, **(extra_env or {})}
     if env:
         edits["env"] = [f"{key}={value}" for key, value in sorted(env.items())]
     if spec.device_nodes:
@@ -56,22 +58,36 @@ def claim_edits(spec: ContainerSpec) -> dict[str, Any]:
     return edits
 
 
-def claim_spec(settings: DriverSettings, claim_uid: str, requests: Mapping[str, Sequence[Device]]) -> dict[str, Any]:
-    """The CDI spec of a claim given its devices by request; raises SpecConflict when the specs of one request's
-    devices disagree."""
+def claim_spec(
+    settings: DriverSettings,
+    claim_uid: str,
+    requests: Mapping[str, Sequence[Device]],
+    time_slicing: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The CDI spec of a claim given its devices by request, and the time-slice interval of each time-sliced
+    request; raises SpecConflict when the specs of one request's devices disagree."""
+    sliced = time_slicing or {}
     devices = [
         {
             "name": cdi_device_name(claim_uid, request),
-            "containerEdits": claim_edits(merge_specs(device.spec for device in of_request)),
+            "containerEdits": claim_edits(
+                merge_specs(device.spec for device in of_request),
+                sharing_env(sliced[request]) if request in sliced else None,
+            ),
         }
         for request, of_request in requests.items()
     ]
     return {"cdiVersion": CDI_VERSION, "kind": settings.cdi_kind, "devices": devices}
 
 
-async def write_claim_spec(settings: DriverSettings, claim_uid: str, requests: Mapping[str, Sequence[Device]]) -> None:
+async def write_claim_spec(
+    settings: DriverSettings,
+    claim_uid: str,
+    requests: Mapping[str, Sequence[Device]],
+    time_slicing: Mapping[str, str] | None = None,
+) -> None:
     """Write the claim's spec atomically; raises OSError or SpecConflict."""
-    content = render(claim_spec(settings, claim_uid, requests), "json")
+    content = render(claim_spec(settings, claim_uid, requests, time_slicing), "json")
     await aiofiles.os.makedirs(settings.cdi_dir, exist_ok=True)
     await write_atomically(spec_path(settings, claim_uid), content)
 

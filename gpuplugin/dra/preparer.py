@@ -17,6 +17,7 @@ from pathlib import Path
 import aiofiles.os
 import structlog
 
+from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import Device, DeviceTree, Health, SpecConflict
 from gpuplugin.devices.strategies import CDI_DEVICE_NAME
 from gpuplugin.dra.checkpoint import Checkpoint, PreparedClaim
@@ -24,6 +25,7 @@ from gpuplugin.dra.claims import AllocatedDevice, ClaimRef, ClaimSource, ClaimUn
 from gpuplugin.dra.claimspec import cdi_device_id, cdi_device_name, remove_claim_spec, spec_path, write_claim_spec
 from gpuplugin.dra.driver import DriverSettings
 from gpuplugin.dra.names import device_names
+from gpuplugin.dra.sharing import time_slicing
 
 log = structlog.get_logger("gpuplugin.dra.preparer")
 
@@ -101,16 +103,21 @@ class ClaimPreparer:
         if known is not None:
             if await _missing(spec_path(self._settings, claim.uid)) and known.devices:
                 # Prepared before, spec gone (a wiped /var/run): the same devices, written again.
-                await self._write(claim, self._resolve(claim, known.devices))
+                await self._write(claim, self._resolve(claim, known.devices), known.time_slicing)
             return self._result(known)
         try:
-            allocated = await self._claims.allocation(claim, self._settings.driver_name)
+            allocation = await self._claims.allocation(claim, self._settings.driver_name)
         except ClaimUnavailable as exc:
             raise ClaimRefused(str(exc)) from None
+        allocated = allocation.devices
         requests = self._resolve(claim, allocated)
+        try:
+            sliced = time_slicing(allocation.configs, list(requests))
+        except ConfigError as exc:
+            raise ClaimRefused(f"claim {_name(claim)}: {exc}") from None
         if requests:
-            await self._write(claim, requests)
-        prepared = PreparedClaim(claim, allocated)
+            await self._write(claim, requests, sliced)
+        prepared = PreparedClaim(claim, allocated, sliced)
         try:
             await self._checkpoint.put(prepared)
         except OSError as exc:
@@ -140,9 +147,11 @@ class ClaimPreparer:
                 of_request.append(device)
         return requests
 
-    async def _write(self, claim: ClaimRef, requests: Mapping[str, Sequence[Device]]) -> None:
+    async def _write(
+        self, claim: ClaimRef, requests: Mapping[str, Sequence[Device]], sliced: Mapping[str, str]
+    ) -> None:
         try:
-            await write_claim_spec(self._settings, claim.uid, requests)
+            await write_claim_spec(self._settings, claim.uid, requests, sliced)
         except SpecConflict as exc:
             raise ClaimRefused(f"the claim's devices cannot share a container: {exc}") from None
         except OSError as exc:

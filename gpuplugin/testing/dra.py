@@ -21,7 +21,7 @@ import structlog
 from grpclib.client import Channel, Stream
 from grpclib.const import Cardinality
 
-from gpuplugin.dra.claims import AllocatedDevice, ClaimRef, ClaimUnavailable
+from gpuplugin.dra.claims import AllocatedDevice, Allocation, ClaimRef, ClaimUnavailable, opaque_configs
 from gpuplugin.kubelet.api import pluginregistration, v1alpha1
 from gpuplugin.kubelet.api.k8s.io.kubelet.pkg.apis.dra import v1, v1beta1
 from gpuplugin.testing.plugin_watcher import _sockets_in
@@ -42,25 +42,38 @@ CALL_TIMEOUT_S = 45.0
 class ClaimTable:
     """Allocated claims by UID, as the scheduler wrote them into their status; a ClaimSource."""
 
-    claims: dict[str, tuple[ClaimRef, str, tuple[AllocatedDevice, ...]]] = field(default_factory=dict)
+    claims: dict[str, tuple[ClaimRef, str, tuple[AllocatedDevice, ...], Any]] = field(default_factory=dict)
     reads: int = 0
 
     def allocate(
-        self, driver: str, pool: str, devices: Mapping[str, Sequence[str]], *, namespace: str = "default"
+        self,
+        driver: str,
+        pool: str,
+        devices: Mapping[str, Sequence[str]],
+        *,
+        namespace: str = "default",
+        config: Any = None,
     ) -> ClaimRef:
-        """A new claim given ``devices`` (request name → device names) of ``driver``'s ``pool``."""
+        """A new claim given ``devices`` (request name → device names) of ``driver``'s ``pool``, and ``config``
+        as the allocation result's ``config`` list (opaque configs of any driver)."""
         uid = str(uuid.uuid4())
         claim = ClaimRef(namespace, f"claim-{uid[:8]}", uid)
         results = tuple(AllocatedDevice(request, pool, name) for request, names in devices.items() for name in names)
-        self.claims[uid] = (claim, driver, results)
+        self.claims[uid] = (claim, driver, results, config)
         return claim
 
-    async def allocation(self, claim: ClaimRef, driver: str) -> tuple[AllocatedDevice, ...]:
+    async def allocation(self, claim: ClaimRef, driver: str) -> Allocation:
         self.reads += 1
         known = self.claims.get(claim.uid)
         if known is None or known[0] != claim:
             raise ClaimUnavailable(f"claim {claim.namespace}/{claim.name} not found")
-        return known[2] if known[1] == driver else ()
+        if known[1] != driver:
+            return Allocation(())
+        return Allocation(known[2], opaque_configs(known[3], claim, driver))
+
+
+class PodNotStarted(Exception):
+    """A claim of the pod was not prepared; the message is the plugin's error, as the pod's events show it."""
 
 
 @dataclass
@@ -112,6 +125,30 @@ class DraKubelet:
         plugin = self.plugins[driver]
         request = plugin.api.NodePrepareResourcesRequest(claims=[_claim(plugin.api, c) for c in claims])
         return await self._call(plugin, "node_prepare_resources", request)
+
+    async def start_pod(
+        self, driver: str, containers: Mapping[str, Sequence[tuple[ClaimRef, str]]]
+    ) -> dict[str, list[str]]:
+        """What the kubelet does as a pod starts: one NodePrepareResources for the distinct claims its containers
+        name (a claim two containers name is prepared once), then each container's CDI device IDs, those of the
+        requests it names (``""``: every request of the claim), as it hands them to the runtime.
+
+        ``containers``: container name → (claim, request) it names. Raises PodNotStarted with a claim's error.
+        """
+        claims = list(dict.fromkeys(claim for named in containers.values() for claim, _ in named))
+        response = await self.prepare(driver, claims)
+        for claim in claims:
+            error = response.claims[claim.uid].error
+            if error:
+                raise PodNotStarted(f"claim {claim.namespace}/{claim.name}: {error}")
+        cdi_ids: dict[str, list[str]] = {}
+        for container, named in containers.items():
+            ids = cdi_ids.setdefault(container, [])
+            for claim, request in named:
+                for device in response.claims[claim.uid].devices:
+                    if not request or request in device.request_names:
+                        ids.extend(i for i in device.cdi_device_ids if i not in ids)
+        return cdi_ids
 
     async def unprepare(self, driver: str, claims: Sequence[ClaimRef]) -> Any:
         plugin = self.plugins[driver]

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint proto check-proto bench bench-compare gokubelet nvidia-plugin e2e clean
+.PHONY: demo test lint proto check-proto bench bench-compare gokubelet nvidia-plugin e2e e2e-dra clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ nvidia-plugin:
 e2e: $(STAMP)
 	deploy/e2e/setup.sh
 	$(BIN)/python deploy/e2e/run.py
+
+# DRA mode (deploy/dra) on the same cluster, with containerd 1.7 built from Go modules (cached) and CDI on.
+e2e-dra: $(STAMP)
+	deploy/e2e/setup.sh
+	$(BIN)/python deploy/e2e/run_dra.py
 
 clean:
 	rm -rf $(VENV) build dist benchmarks/gokubelet/bin benchmarks/gokubelet/build benchmarks/nvidia/bin \

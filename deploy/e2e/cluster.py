@@ -116,6 +116,10 @@ class Cluster:
     ports: dict[str, int] = field(default_factory=dict)
     ip: str = ""
     lock_fd: int = -1
+    # Another containerd than the one on PATH (deploy/e2e/build-containerd.sh: its containerd, ctr and shim), and
+    # CDI on in its CRI plugin (1.7 or later), for DRA.
+    containerd_bin: Path | None = None
+    cdi: bool = False
 
     # Paths.
     @property
@@ -432,6 +436,7 @@ class Cluster:
         config = d / "config.toml"
         d.mkdir(parents=True, exist_ok=True)
         cri = 'plugins."io.containerd.grpc.v1.cri"'
+        cdi = '  enable_cdi = true\n  cdi_spec_dirs = ["/etc/cdi", "/var/run/cdi"]\n' if self.cdi else ""
         config.write_text(f"""version = 2
 root = "{d / "root"}"
 state = "{d / "state"}"
@@ -445,7 +450,7 @@ state = "{d / "state"}"
   sandbox_image = "{PAUSE_IMAGE}"
   restrict_oom_score_adj = true
   enable_selinux = false
-[{cri}.containerd]
+{cdi}[{cri}.containerd]
   snapshotter = "overlayfs"
   default_runtime_name = "runc"
 [{cri}.containerd.runtimes.runc]
@@ -457,14 +462,20 @@ state = "{d / "state"}"
   bin_dir = "/usr/lib/cni"
   conf_dir = "{cni / "net.d"}"
 """)
-        proc = self._spawn("containerd", ["containerd", "--config", str(config)])
+        # containerd finds its shim on PATH.
+        env = {**os.environ, "PATH": f"{self.containerd_bin}:{os.environ['PATH']}"} if self.containerd_bin else None
+        proc = self._spawn("containerd", [self._containerd_tool("containerd"), "--config", str(config)], env=env)
         self._wait("containerd serving", lambda: self.ctr("version") is not None, proc)
 
     def ctr(self, *args: str, timeout: float = 120) -> str:
         """Runs ctr against this cluster's containerd, in the CRI's namespace."""
         return run(
-            ["ctr", "--address", str(self.containerd_sock), "--namespace", "k8s.io", *args], timeout=timeout
+            [self._containerd_tool("ctr"), "--address", str(self.containerd_sock), "--namespace", "k8s.io", *args],
+            timeout=timeout,
         ).stdout
+
+    def _containerd_tool(self, name: str) -> str:
+        return str(self.containerd_bin / name) if self.containerd_bin else name
 
     def import_image(self, archive: Path) -> None:
         """Loads an OCI image archive into containerd's CRI namespace."""
@@ -722,9 +733,9 @@ state = "{d / "state"}"
 
 
 @contextlib.contextmanager
-def running(bin_dir: Path, work: Path, log: Log) -> Iterator[Cluster]:
+def running(bin_dir: Path, work: Path, log: Log, **options: Any) -> Iterator[Cluster]:
     """A started cluster, stopped and cleaned up on the way out (an exception or a signal included)."""
-    cluster = Cluster(bin_dir, work, log)
+    cluster = Cluster(bin_dir, work, log, **options)
 
     def on_signal(signum: int, _frame: object) -> None:
         raise SystemExit(128 + signum)

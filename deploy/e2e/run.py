@@ -239,6 +239,16 @@ class E2E:
         check(not twice, f"devices given to more than one container: {twice}")
         return owners
 
+    def check_undisturbed(self, before: dict[str, Any], after: dict[str, Any], what: str) -> None:
+        """The pod `after` is `before`: the same pod and container, never restarted; else fails with `what`."""
+        s0, s1 = before["status"]["containerStatuses"][0], after["status"]["containerStatuses"][0]
+        check(
+            after["metadata"]["uid"] == before["metadata"]["uid"]
+            and s1["containerID"] == s0["containerID"]
+            and s1["restartCount"] == 0,
+            f"{what}: {s0} → {s1}",
+        )
+
     def http(self, ip: str, path: str) -> tuple[int, str]:
         """GET http://ip:9400/path."""
         with urllib.request.urlopen(f"http://{ip}:9400{path}", timeout=5) as r:
@@ -370,13 +380,7 @@ class E2E:
         self.figures.update(kubelet_restart_to_allocatable_s=back, kubelet_restart_to_node_status_s=node)
         log(f"  kubelet restarted → pod-resources allocatable {MOCK_GPUS} in {back:.2f} s, node status in {node:.2f} s")
         after = self.running_pods("app=survivor", 1)[0]
-        s0, s1 = before["status"]["containerStatuses"][0], after["status"]["containerStatuses"][0]
-        check(
-            after["metadata"]["uid"] == before["metadata"]["uid"]
-            and s1["containerID"] == s0["containerID"]
-            and s1["restartCount"] == 0,
-            f"the running pod was disturbed by the kubelet restart: {s0} → {s1}",
-        )
+        self.check_undisturbed(before, after, "the running pod was disturbed by the kubelet restart")
         # The restarted kubelet lists a pod's devices once it has synced the pod again.
         wait_for(
             "pod-resources lists the running pod's GPU again after the kubelet restart",
@@ -415,13 +419,7 @@ class E2E:
         self.figures["configmap_edit_to_allocatable_s"] = took
         log(f"  ConfigMap edited → allocatable {MOCK_GPUS * 4} in {took:.1f} s")
         after = self.plugin_pod()
-        s0, s1 = before["status"]["containerStatuses"][0], after["status"]["containerStatuses"][0]
-        check(
-            after["metadata"]["uid"] == before["metadata"]["uid"]
-            and s1["containerID"] == s0["containerID"]
-            and s1["restartCount"] == 0,
-            f"the plugin pod restarted for a config change: {s0} → {s1}",
-        )
+        self.check_undisturbed(before, after, "the plugin pod restarted for a config change")
         self.set_config(original)
         self.wait_allocatable(MOCK_GPUS, 120)
 
@@ -535,6 +533,33 @@ SCENARIOS: list[tuple[str, Callable[[E2E], None]]] = [
 ]
 
 
+def run_scenarios(
+    e2e: Any,
+    scenarios: list[tuple[str, Callable[[Any], None]]],
+    only: set[str],
+    timings: dict[str, float],
+    passed: list[str],
+    failed: list[str],
+) -> None:
+    """Runs the scenarios in order (those in `only`, when given), up to the first failure, which shows diagnostics."""
+    for title, scenario in scenarios:
+        key = title.split()[0]
+        if only and key not in only:
+            continue
+        log(f"scenario {title}")
+        t0 = time.monotonic()
+        try:
+            scenario(e2e)
+        except Exception as e:
+            failed.append(title)
+            log(f"FAIL scenario {title}: {e}")
+            e2e.diagnostics()
+            return
+        passed.append(title)
+        timings[f"scenario_{key}_s"] = time.monotonic() - t0
+        log(f"ok   scenario {title} ({timings[f'scenario_{key}_s']:.1f} s)")
+
+
 def build(script: str) -> tuple[Path, float]:
     """Runs a build script of deploy/e2e (cached); returns what it printed last and the seconds it took."""
     t0 = time.monotonic()
@@ -550,20 +575,42 @@ def git_commit() -> str:
     return proc.stdout.strip() or "unknown"
 
 
-def main() -> int:
-    """Builds, starts, runs the scenarios, stops; exit status 0 when every scenario passed."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default="", help="comma-separated scenario numbers (default: all)")
+def parse_args(doc: str | None, results: Path, only_help: str) -> argparse.Namespace:
+    """The command line of an e2e entry: --only, --keep-work, --results."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help=only_help)
     parser.add_argument("--keep-work", action="store_true", help="keep the work directory (logs) after a pass")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="where to write the figures (JSON)")
-    args = parser.parse_args()
+    parser.add_argument("--results", type=Path, default=results, help="where to write the figures (JSON)")
+    return parser.parse_args()
+
+
+def preflight(target: str, tools: tuple[str, ...]) -> bool:
+    """Root and the host tools (`tools` and those every e2e needs) are there; one line on stderr when not."""
     if os.geteuid() != 0:
-        print("make e2e needs root: it runs a kubelet and containerd", file=sys.stderr)
-        return 2
-    for tool in ("containerd", "ctr", "runc", "debootstrap", "openssl", "gcc", "iptables"):
+        print(f"{target} needs root: it runs a kubelet and containerd", file=sys.stderr)
+        return False
+    for tool in (*tools, "runc", "debootstrap", "openssl", "gcc", "iptables"):
         if shutil.which(tool) is None:
             print(f"{tool} is missing: deploy/e2e/setup.sh installs what the e2e needs", file=sys.stderr)
-            return 2
+            return False
+    return True
+
+
+def finish(name: str, work: Path, passed: list[str], failed: list[str], *, keep_work: bool) -> int:
+    """Keeps the logs of a failed run (or when asked), else removes the work directory; the exit status."""
+    if failed or keep_work:
+        log(f"logs kept in {work}/cluster/logs")
+    else:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
+    print(f"{name}: {len(passed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def main() -> int:
+    """Builds, starts, runs the scenarios, stops; exit status 0 when every scenario passed."""
+    args = parse_args(__doc__, RESULTS, "comma-separated scenario numbers (default: all)")
+    if not preflight("make e2e", ("containerd", "ctr")):
+        return 2
     only = {s.strip() for s in args.only.split(",") if s.strip()}
     timings: dict[str, float] = {}
     log("building Kubernetes, etcd and helm from Go modules (cached by version)")
@@ -591,21 +638,7 @@ def main() -> int:
             t0 = time.monotonic()
             e2e.load_images(images.ImageBuilder(cache, work / "images", log))
             timings["images_s"] = time.monotonic() - t0
-            for title, scenario in SCENARIOS:
-                if only and title.split()[0] not in only:
-                    continue
-                log(f"scenario {title}")
-                t0 = time.monotonic()
-                try:
-                    scenario(e2e)
-                except Exception as e:
-                    failed.append(title)
-                    log(f"FAIL scenario {title}: {e}")
-                    e2e.diagnostics()
-                    break
-                passed.append(title)
-                timings[f"scenario_{title.split()[0]}_s"] = time.monotonic() - t0
-                log(f"ok   scenario {title} ({timings[f'scenario_{title.split()[0]}_s']:.1f} s)")
+            run_scenarios(e2e, SCENARIOS, only, timings, passed, failed)
             log("stopping the cluster")
     except Exception as e:
         failed.append(f"setup: {e}")
@@ -640,12 +673,7 @@ def main() -> int:
             indent=2,
         )
     )
-    if failed or args.keep_work:
-        log(f"logs kept in {work}/cluster/logs")
-    else:
-        subprocess.run(["rm", "-rf", "--one-file-system", str(work)], check=False)
-    print(f"e2e: {len(passed)} passed, {len(failed)} failed")
-    return 1 if failed else 0
+    return finish("e2e", work, passed, failed, keep_work=args.keep_work)
 
 
 if __name__ == "__main__":

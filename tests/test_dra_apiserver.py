@@ -87,6 +87,10 @@ async def cluster(directory: Path, gpus: int = 2, **partitioned: Any) -> AsyncIt
                 await driver.start()
                 try:
                     await kubelet.wait_registered(DRIVER)
+                    # The check the registration starts, done: the tests change the API server's slices after it.
+                    publisher = driver.publisher
+                    assert isinstance(publisher, SlicePublisher)
+                    await eventually(lambda: publisher.checks >= 1)
                     yield Cluster(api, driver, kubelet, clock)
                 finally:
                     await driver.aclose()
@@ -139,6 +143,32 @@ async def test_a_restart_continues_the_generation_and_deletes_stale_slices(workd
             await client.close()
         assert sorted(c.api.slices) == ["elsewhere", f"{NODE}-{DRIVER}-0"]
         assert c.api.slices[f"{NODE}-{DRIVER}-0"]["spec"]["pool"]["generation"] == 2
+
+
+async def test_slices_a_starting_kubelet_deleted_are_published_again_when_it_registers_the_plugin(
+    workdir: Path,
+) -> None:
+    """A kubelet deletes its node's slices when it starts; the plugin's registration with the new kubelet publishes
+    them again at once, at a new generation, with no device having changed."""
+    async with cluster(workdir) as c:
+        c.api.slices.clear()
+        async with DraKubelet(c.driver.settings.plugins_registry_dir) as restarted:
+            await restarted.wait_registered(DRIVER)
+            await eventually(lambda: c.api.devices() == c.names())
+            assert isinstance(c.driver.publisher, SlicePublisher)
+            assert c.driver.publisher.checks == 2
+        assert c.generations() == {2}
+
+
+async def test_slices_removed_behind_the_plugins_back_come_back_on_the_next_check(workdir: Path) -> None:
+    """Slices deleted on the API server with no registration after are restored by the periodic check."""
+    async with cluster(workdir) as c:
+        c.api.slices.clear()
+        async with asyncio.timeout(TIMEOUT_S):
+            await c.clock.until_sleeping()
+        await c.clock.advance(5.0)
+        await eventually(lambda: c.api.devices() == c.names())
+        assert c.generations() == {2}
 
 
 async def test_an_unreachable_api_server_is_a_problem_retried_until_published(workdir: Path) -> None:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cluster as clusterlib
 import images
 import run as dp
-from run import Failed, check, log, wait_for
+from run import check, log, wait_for
 
 ROOT = dp.ROOT
 NS = dp.NS
@@ -89,7 +89,6 @@ class DraE2E(dp.E2E):
         super().__init__(c, None, work)
         self.claim_pods: dict[str, dict[str, Any]] = {}
         # What was seen not to work yet, reported and written with the figures, not failed on.
-        self.gaps: list[str] = []
 
     # Helpers.
     def slice_devices(self) -> dict[str, dict[str, Any]]:
@@ -287,13 +286,9 @@ class DraE2E(dp.E2E):
         check(spec.exists(), f"the kubelet restart removed claim {uid}'s CDI spec {spec}")
         log(f"  kubelet restarted → plugin connected again {registered:.2f} s; claim-two untouched")
         # The kubelet deletes its node's ResourceSlices when it starts, for the drivers to publish them again.
-        try:
-            wait_for("the node's ResourceSlices published again", lambda: len(self.slice_devices()) >= 1, 10)
-            self.figures["kubelet_restart_to_slices_back_s"] = time.monotonic() - t0
-            log(f"  ResourceSlices back {self.figures['kubelet_restart_to_slices_back_s']:.2f} s after the restart")
-        except Failed:
-            self.gaps.append("ResourceSlices not published again within 10 s of a kubelet restart")
-            log("  GAP: the node's ResourceSlices were gone after the kubelet restart and not published again")
+        wait_for("the node's ResourceSlices published again", lambda: len(self.slice_devices()) >= dp.MOCK_GPUS, 10)
+        self.figures["kubelet_restart_to_slices_back_s"] = time.monotonic() - t0
+        log(f"  ResourceSlices back {self.figures['kubelet_restart_to_slices_back_s']:.2f} s after the restart")
         t0 = time.monotonic()
         self.c.kubectl("delete", "pod", "claim-two", "--wait=false")
         wait_for(f"claim {uid}'s CDI spec removed", lambda: not spec.exists(), 60, 0.05)
@@ -338,7 +333,6 @@ def main() -> int:
     failed: list[str] = []
     passed: list[str] = []
     figures: dict[str, float] = {}
-    gaps: list[str] = []
     try:
         t0 = time.monotonic()
         with clusterlib.running(bin_dir, work / "cluster", log, containerd_bin=containerd_bin, cdi=True) as c:
@@ -347,7 +341,6 @@ def main() -> int:
             log(f"cluster up in {timings['cluster_start_s']:.1f} s (containerd {version}, CDI on)")
             e2e = DraE2E(c, work)
             e2e.figures = figures
-            e2e.gaps = gaps
             t0 = time.monotonic()
             e2e.load_images(images.ImageBuilder(bin_dir.parent.parent, work / "images", log))
             timings["images_s"] = time.monotonic() - t0
@@ -363,7 +356,6 @@ def main() -> int:
     report = {
         "figures_s": {k: round(v, 3) for k, v in figures.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "gaps": gaps,
     }
     if not failed and not only and not commit.endswith("-dirty"):
         args.results.parent.mkdir(parents=True, exist_ok=True)

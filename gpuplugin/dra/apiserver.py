@@ -36,6 +36,10 @@ API_FAILURES = (ApiError, httpx2.HTTPError, OSError)
 #: noticed within a minute, and one that stays away costs a request a minute.
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 60.0
+#: Seconds between two checks that the node's slices are still on the API server. The kubelet deletes every slice of
+#: its node when it starts (and the plugin registers again after it): a check at each registration, and this one in
+#: case the deletion lands after it, bring them back without waiting for a device to change.
+RECONCILE_INTERVAL_S = 5.0
 
 
 def api_client(server: str | None = None) -> AsyncClient:
@@ -98,10 +102,20 @@ class SlicePublisher:
     deleted. A failure is kept in ``problem`` and retried in the background until a publication succeeds.
     """
 
-    def __init__(self, settings: DriverSettings, client: AsyncClient, *, clock: Clock = REAL_CLOCK) -> None:
+    def __init__(
+        self,
+        settings: DriverSettings,
+        client: AsyncClient,
+        *,
+        clock: Clock = REAL_CLOCK,
+        reconcile_interval_s: float = RECONCILE_INTERVAL_S,
+    ) -> None:
         self.settings = settings
         self._client = client
         self._clock = clock
+        self._reconcile_interval_s = reconcile_interval_s
+        self._reconciling: asyncio.Task[None] | None = None
+        self._names: set[str] = set()
         self._tree: DeviceTree | None = None
         self._published: list[dict[str, Any]] | None = None
         self._generation: int | None = None
@@ -113,13 +127,47 @@ class SlicePublisher:
         """Why the slices on the API server are not the served tree's, one line; None when they are."""
         self.publications = 0
         """Generations published."""
+        self.checks = 0
+        """Checks of the API server's slices against the last publication, done."""
 
     async def publish(self, tree: DeviceTree) -> None:
         async with self._lock:
             self._tree = tree
             await self._publish_logged()
+        self._retry_if_needed()
+        if self._reconciling is None:
+            self._reconciling = self._tasks.supervise(self._reconcile_forever, "reconcile")
+
+    async def reconcile(self) -> None:
+        """Publish again if this node's slices on the API server are not the ones last published (the kubelet
+        deleted them at its start, or someone else changed them)."""
+        async with self._lock:
+            if self._tree is None or self._published is None:
+                return
+            try:
+                existing = await self._existing()
+            except API_FAILURES as exc:
+                log.warning("ResourceSlices not checked", error=_failure(exc))
+                return
+            finally:
+                self.checks += 1
+            if existing.keys() == self._names and set(existing.values()) <= {self._generation}:
+                return
+            log.info(
+                "ResourceSlices missing or changed on the API server; publishing again", node=self.settings.node_name
+            )
+            self._published = None
+            await self._publish_logged()
+        self._retry_if_needed()
+
+    def _retry_if_needed(self) -> None:
         if self.problem is not None and (self._retry is None or self._retry.done()):
             self._retry = self._tasks.spawn(self._retry_until_published(), "retry", expect_end=True)
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            await self._clock.sleep(self._reconcile_interval_s)
+            await self.reconcile()
 
     async def aclose(self) -> None:
         """Stop retrying. The slices stay: the kubelet removes them if the plugin does not come back."""
@@ -166,6 +214,7 @@ class SlicePublisher:
             await self._client.delete(ResourceSlice, name)
         self._generation = generation
         self._published = devices
+        self._names = names
         self.publications += 1
         log.info("ResourceSlices published", node=self.settings.node_name, generation=generation, devices=len(devices))
 

@@ -27,6 +27,9 @@ class Publisher(Protocol):
 
     async def publish(self, tree: DeviceTree) -> None: ...
 
+    async def reconcile(self) -> None:
+        """Publish again if what the API server holds is not what was last published."""
+
     async def aclose(self) -> None: ...
 
 
@@ -44,6 +47,7 @@ class DraDriver:
         self.settings = settings
         self.publisher = publisher
         self.plugin = DraPlugin(settings, lambda: self.tree, claims)
+        self.plugin.registration.on_registered = self._kubelet_registered
         self.discovered = DeviceTree()
         self.tree = DeviceTree()
         self._faults: dict[_FaultKey, HealthChanged] = {}
@@ -60,6 +64,10 @@ class DraDriver:
             await self.backend.aclose()
             raise
         self._tasks.supervise(self._follow_backend, "backend events")
+
+    def _kubelet_registered(self) -> None:
+        if self.publisher is not None:
+            self._tasks.spawn(self.publisher.reconcile(), "reconcile slices", expect_end=True)
 
     async def aclose(self) -> None:
         await self._tasks.aclose()

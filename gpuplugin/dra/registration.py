@@ -8,6 +8,7 @@ with ``NotifyRegistrationStatus``. The socket and its service are the device plu
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import structlog
 
@@ -41,6 +42,9 @@ class Registration:
         self.registered = asyncio.Event()
         """Set once the kubelet reports the plugin registered; cleared when it reports a failure."""
         self.error: str | None = None
+        self.on_registered: Callable[[], None] | None = None
+        """Called each time the kubelet reports the plugin registered: a kubelet that has just started has
+        deleted the node's ResourceSlices."""
 
     async def start(self) -> None:
         self._socket = await WatcherSocket.serve(
@@ -52,6 +56,8 @@ class Registration:
             self.error = None
             self.registered.set()
             log.info("kubelet registered the DRA plugin", driver=self._settings.driver_name)
+            if self.on_registered is not None:
+                self.on_registered()
         else:
             self.error = status.error
             self.registered.clear()

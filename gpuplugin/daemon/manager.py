@@ -7,7 +7,6 @@ health events out to every replica and partition living on it, so every backend 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -17,16 +16,15 @@ import structlog
 
 from gpuplugin.core.backend import Backend, HealthChanged, InventoryChanged
 from gpuplugin.core.instance import InstanceLock, SocketIdentity
-from gpuplugin.core.model import Device, DeviceTree, Health
+from gpuplugin.core.model import DeviceTree
 from gpuplugin.core.tasks import SupervisionSettings, TaskSet
-from gpuplugin.devices.health import reaches, recovered
+from gpuplugin.devices.health import OpenFaults, reaches
 from gpuplugin.kubelet.server import ResourceServer, ServerSettings
 from gpuplugin.kubelet.watcher import KUBELET_SOCKET, SocketWatcher, WatcherSettings
 
 log = structlog.get_logger("gpuplugin.daemon.manager")
 
 ServerFactory = Callable[[str, Backend, ServerSettings], ResourceServer]
-HealthKey = tuple[str, tuple[int, int] | None]
 TreeTransform = Callable[[DeviceTree], DeviceTree]
 """Rewrites what a backend discovered before it is served (time-slicing replicas, device-list strategies)."""
 
@@ -69,7 +67,7 @@ class Manager:
         """What the backend reported last, before the transforms."""
         self.tree = DeviceTree()
         """What is served: the discovered tree after the transforms."""
-        self._faults: dict[HealthKey, HealthChanged] = {}
+        self._faults = OpenFaults()
         self._tasks = TaskSet("manager")
         self._follower: asyncio.Task[None] | None = None
         self.kubelet_dir_missing = False
@@ -184,7 +182,7 @@ class Manager:
                 log.info("resource removed", resource=name)
                 await self.servers.pop(name).stop()
             for name, devices in grouped.items():
-                served = self._with_health(devices)
+                served = self._faults.fold(devices)
                 server = self.servers.get(name)
                 if server is None:
                     log.info("resource added", resource=name, devices=len(served))
@@ -200,25 +198,12 @@ class Manager:
                 elif links_changed or server.view is None or tuple(server.view.devices.values()) != served:
                     await server.update(served, tree)
 
-    def _with_health(self, devices: Sequence[Device]) -> tuple[Device, ...]:
-        if not self._faults:
-            return tuple(devices)
-        return tuple(
-            dataclasses.replace(d, health=Health.UNHEALTHY)
-            if d.health is Health.HEALTHY and ((d.gpu, None) in self._faults or (d.gpu, d.instance) in self._faults)
-            else d
-            for d in devices
-        )
-
     async def on_health(self, event: HealthChanged) -> None:
         """Fold a health event in: every device on that GPU (or that one partition) changes with it."""
-        key: HealthKey = (event.gpu, event.instance)
-        if event.health is Health.HEALTHY:
-            if self._faults.pop(key, None) is None:
-                return
-            self.discovered = recovered(self.discovered, event)
-        else:
-            self._faults[key] = event
+        discovered = self._faults.record(event, self.discovered)
+        if discovered is None:
+            return
+        self.discovered = discovered
         self.health_changes[(str(event.health), event.xid)] += 1
         affected = [d.id for d in self.tree.devices if reaches(d, event)]
         log.info(

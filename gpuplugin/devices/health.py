@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -213,3 +213,37 @@ def recovered(tree: DeviceTree, event: HealthChanged) -> DeviceTree:
     rediscovery during the fault put into the tree."""
     devices = tuple(replace(d, health=Health.HEALTHY) if reaches(d, event) else d for d in tree.devices)
     return replace(tree, devices=devices)
+
+
+class OpenFaults:
+    """The health faults not recovered yet, by GPU (or partition): every tree served while one is open shows the
+    devices it reaches Unhealthy, whatever a rediscovery says meanwhile."""
+
+    def __init__(self) -> None:
+        self._faults: dict[tuple[str, tuple[int, int] | None], HealthChanged] = {}
+
+    def record(self, event: HealthChanged, discovered: DeviceTree) -> DeviceTree | None:
+        """Open or close the fault ``event`` is about; the discovered tree as it stands after it (a recovery marks
+        the devices it reaches Healthy), or None when the event changes nothing (a recovery of no open fault)."""
+        key = (event.gpu, event.instance)
+        if event.health is Health.HEALTHY:
+            if self._faults.pop(key, None) is None:
+                return None
+            return recovered(discovered, event)
+        self._faults[key] = event
+        return discovered
+
+    def fold(self, devices: Sequence[Device]) -> tuple[Device, ...]:
+        """``devices`` with those an open fault reaches marked Unhealthy."""
+        if not self._faults:
+            return tuple(devices)
+        return tuple(
+            replace(d, health=Health.UNHEALTHY)
+            if d.health is Health.HEALTHY and ((d.gpu, None) in self._faults or (d.gpu, d.instance) in self._faults)
+            else d
+            for d in devices
+        )
+
+    def clear(self) -> None:
+        """Forget every fault: a new backend reports its own."""
+        self._faults.clear()

@@ -10,16 +10,14 @@ from typing import Protocol
 import structlog
 
 from gpuplugin.core.backend import Backend, HealthChanged, InventoryChanged
-from gpuplugin.core.model import Device, DeviceTree, Health
+from gpuplugin.core.model import DeviceTree
 from gpuplugin.core.tasks import TaskSet
-from gpuplugin.devices.health import recovered
+from gpuplugin.devices.health import OpenFaults
 from gpuplugin.dra.claims import ClaimSource
 from gpuplugin.dra.driver import DriverSettings
 from gpuplugin.dra.plugin import DraPlugin
 
 log = structlog.get_logger("gpuplugin.dra.node")
-
-_FaultKey = tuple[str, tuple[int, int] | None]
 
 
 class Publisher(Protocol):
@@ -50,7 +48,7 @@ class DraDriver:
         self.plugin.registration.on_registered = self._kubelet_registered
         self.discovered = DeviceTree()
         self.tree = DeviceTree()
-        self._faults: dict[_FaultKey, HealthChanged] = {}
+        self._faults = OpenFaults()
         self._tasks = TaskSet("dra")
         self._lock = asyncio.Lock()
 
@@ -82,24 +80,17 @@ class DraDriver:
     async def apply(self, discovered: DeviceTree) -> None:
         async with self._lock:
             self.discovered = discovered
-            self.tree = dataclasses.replace(discovered, devices=tuple(self._folded(d) for d in discovered.devices))
+            self.tree = dataclasses.replace(discovered, devices=self._faults.fold(discovered.devices))
             # The kubelet first: a slow API server must not hold back what the node itself reports.
             await self.plugin.tree_changed()
             if self.publisher is not None:
                 await self.publisher.publish(self.tree)
 
-    def _folded(self, device: Device) -> Device:
-        faulty = (device.gpu, None) in self._faults or (device.gpu, device.instance) in self._faults
-        return dataclasses.replace(device, health=Health.UNHEALTHY) if faulty else device
-
     async def on_health(self, event: HealthChanged) -> None:
-        key: _FaultKey = (event.gpu, event.instance)
-        if event.health is Health.HEALTHY:
-            if self._faults.pop(key, None) is None:
-                return
-            self.discovered = recovered(self.discovered, event)
-        else:
-            self._faults[key] = event
+        discovered = self._faults.record(event, self.discovered)
+        if discovered is None:
+            return
+        self.discovered = discovered
         log.info("health changed", gpu=event.gpu, instance=event.instance, health=str(event.health), xid=event.xid)
         await self.apply(self.discovered)
 

@@ -7,6 +7,7 @@ import datetime
 import itertools
 import json
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +30,8 @@ from benchmarks.scenarios import FULL_SUITE, SCENARIOS, ChurnSettings, Scenario
 from tests import slowed_plugin
 from tests.fakes import short_tmp_dir
 from tests.slowed_plugin import SLOWED_ALLOCATE_MS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_quick_run_measures_every_phase_without_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -577,3 +580,16 @@ def test_the_real_clusters_figures_are_read_and_rendered_where_present(tmp_path:
     assert "Kubernetes v1.34.4" in text and "abc123" in text
     assert "| manifest applied → plugin pod Running | 0.87 |" in text
     assert "kubelet restarted" not in text
+
+
+def test_the_wire_ab_patch_applies_to_the_commit_it_was_measured_at(tmp_path: Path) -> None:
+    """benchmarks/wire_ab.sh's variant (betterproto2 decoding) still applies to commit 223b5f9, so the README's
+    figure for wire.py can be measured again."""
+    if subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", "223b5f9^{commit}"], check=False).returncode:
+        pytest.skip("a checkout without the history of commit 223b5f9")
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", "223b5f9"], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tmp_path)], input=archive, check=True)
+    patch = (ROOT / "benchmarks" / "wire_ab.patch").read_bytes()
+    result = subprocess.run(["patch", "-d", str(tmp_path), "-p1"], input=patch, capture_output=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "from gpuplugin.kubelet import wire" not in (tmp_path / "gpuplugin/kubelet/server.py").read_text()

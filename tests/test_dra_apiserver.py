@@ -23,7 +23,7 @@ from gpuplugin.backends.registry import BackendContext
 from gpuplugin.core.clock import VirtualClock
 from gpuplugin.core.errors import ConfigError
 from gpuplugin.devices.health import HealthPolicy
-from gpuplugin.dra.apiserver import ApiClaimSource, SlicePublisher, api_client
+from gpuplugin.dra.apiserver import RECONCILE_INTERVAL_S, ApiClaimSource, SlicePublisher, api_client
 from gpuplugin.dra.claims import ClaimRef
 from gpuplugin.dra.claimspec import spec_path
 from gpuplugin.dra.names import device_names
@@ -166,7 +166,7 @@ async def test_slices_removed_behind_the_plugins_back_come_back_on_the_next_chec
         c.api.slices.clear()
         async with asyncio.timeout(TIMEOUT_S):
             await c.clock.until_sleeping()
-        await c.clock.advance(5.0)
+        await c.clock.advance(RECONCILE_INTERVAL_S)
         await eventually(lambda: c.api.devices() == c.names())
         assert c.generations() == {2}
 

@@ -37,9 +37,10 @@ API_FAILURES = (ApiError, httpx2.HTTPError, OSError)
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 60.0
 #: Seconds between two checks that the node's slices are still on the API server. The kubelet deletes every slice of
-#: its node when it starts (and the plugin registers again after it): a check at each registration, and this one in
-#: case the deletion lands after it, bring them back without waiting for a device to change.
-RECONCILE_INTERVAL_S = 5.0
+#: its node when it starts (and the plugin registers again after it): a check at each registration brings them back
+#: at once, and this one in case the deletion lands after it. Each check is one LIST of the node's slices: every 30 s
+#: from every node of a large cluster stays a small share of the API server's requests.
+RECONCILE_INTERVAL_S = 30.0
 
 
 def api_client(server: str | None = None) -> AsyncClient:

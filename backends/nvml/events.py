@@ -119,10 +119,6 @@ class HealthWatcher:
         self._thread.start()
 
     @property
-    def stop_requested(self) -> bool:
-        return self._stop.is_set()
-
-    @property
     def died(self) -> bool:
         """The thread has ended without being asked to (an exception, or a bug that made it return)."""
         return self._ended.is_set() and not self._stop.is_set()

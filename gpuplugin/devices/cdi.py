@@ -44,7 +44,6 @@ log = structlog.get_logger("gpuplugin.devices.cdi")
 CDI_VERSION = "0.6.0"
 DEFAULT_SPEC_DIR = Path("/var/run/cdi")
 SpecFormat = Literal["json", "yaml"]
-SPEC_FORMATS: tuple[SpecFormat, ...] = ("json", "yaml")
 #: Readable by every runtime component; the file holds no secret.
 _FILE_MODE = 0o644
 

@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Annotated, Any, Generic, Literal, TypeVar, get_args
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from msgspec import Meta
 
@@ -51,9 +51,8 @@ Replicas = Annotated[int, Meta(ge=2, le=MAX_REPLICAS, description="what one reso
 GpuReplicas = Annotated[int, Meta(ge=1, le=MAX_REPLICAS, description="1: that GPU is not shared")]
 GpuIndex = Annotated[int, Meta(ge=0, description="a GPU's index, or its UUID")]
 GpuRefValue = GpuIndex | Text
-ReplicaPolicy = Literal["distributed", "packed"]
 #: The policies that make sense for replicas; topology scoring is about links between distinct GPUs.
-REPLICA_POLICIES = tuple(AllocationPolicyKind(p) for p in get_args(ReplicaPolicy))
+ReplicaPolicy = Literal["distributed", "packed"]
 
 
 class ResourceSection(Section):

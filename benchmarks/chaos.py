@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.provenance import measured_commit
 from gpuplugin.daemon.logs import configure
 from gpuplugin.devices.sharing import REPLICA_SEPARATOR
 from gpuplugin.testing.simulator import KubeletSimulator
@@ -544,18 +545,6 @@ async def run_chaos(settings: ChaosSettings, on_work: Callable[[Path], None] | N
         return await Chaos(settings, work).run()
 
 
-def git_commit() -> str:
-    """The commit measured, with ``-dirty`` when gpuplugin/, backends/ or benchmarks/ differ from it (not refused)."""
-    out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
-    dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "gpuplugin", "backends", "benchmarks"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-
-
 def main(argv: list[str] | None = None) -> int:
     defaults = ChaosSettings()
     parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos", description=__doc__.splitlines()[0])
@@ -574,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     except ChaosFailure as exc:
         print(f"chaos: FAILED: {exc}", file=sys.stderr)
         return 1
-    summary = {"commit": git_commit(), **figures.summary()}
+    summary = {"commit": measured_commit(), **figures.summary()}
     print(json.dumps(summary, indent=2))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from benchmarks import plots, report
+from benchmarks import plots, provenance, report
 from benchmarks.runner import RunSettings, run_scenario
 from benchmarks.scenarios import BACKENDS, FULL_SUITE, FULL_SUITE_NVML, SCENARIOS, Scenario, suite
 from gpuplugin.cli import FiniteRange, OneLineErrors
@@ -128,7 +128,7 @@ def refuse_unrecorded(out: Path) -> None:
     target = out.resolve()
     if target != results and results not in target.parents:
         return
-    git = report.git_state()
+    git = provenance.git_state()
     if git["dirty"] is False and git["commit"]:
         return
     if git["dirty"] is None or not git["commit"]:

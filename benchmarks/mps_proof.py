@@ -37,6 +37,7 @@ from typing import Any
 import click
 import structlog
 
+from benchmarks.provenance import measured_commit
 from gpuplugin.backends.nvml import NvmlBackend, NvmlSettings
 from gpuplugin.backends.partitioned import PartitionedBackend, PartitionedSettings
 from gpuplugin.core.backend import Backend
@@ -467,14 +468,7 @@ def markdown(report: Mapping[str, Any], commit: str) -> str:
 def main(out: Path, calls: int, fake: bool) -> None:
     """Prove MPS partitions and replicas on this machine's GPU and print the figures."""
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    # A copy of the tree without .git (a lent machine) names its commit in GPUPLUGIN_COMMIT.
-    commit = os.environ.get("GPUPLUGIN_COMMIT")
-    if commit is None:
-        try:
-            done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-            commit = done.stdout.strip() or "unknown"
-        except OSError:
-            commit = "unknown"
+    commit = measured_commit()
     report = asyncio.run(prove(calls, fake))
     report["commit"] = commit
     text = markdown(report, report["commit"])

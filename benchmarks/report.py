@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import psutil
 
 from benchmarks.nvidia_plugin import PREFIX as NVIDIA_PREFIX
+from benchmarks.provenance import git_state
 from benchmarks.runner import GO, NVIDIA_NOT_MEASURED, RunResult
 from benchmarks.scenarios import Scenario
 
@@ -151,29 +151,6 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-def git_state() -> dict[str, Any]:
-    """The checkout's commit, whether files differ from it (None: git could not tell) and the first that do."""
-
-    def git(*args: str) -> str | None:
-        try:
-            # --no-optional-locks: read only; never refresh the index of a checkout others work in.
-            done = subprocess.run(
-                ["git", "--no-optional-locks", *args], cwd=REPO, capture_output=True, text=True, check=True, timeout=10
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain")
-    changed = [] if not status else [line[3:] for line in status.splitlines() if line.strip()]
-    return {
-        "commit": commit.strip() if commit else None,
-        "dirty": None if status is None else bool(changed),
-        "changed": changed[:20],
-    }
 
 
 def plain(value: Any) -> Any:

@@ -19,7 +19,7 @@ import click.testing
 import pytest
 from click.testing import CliRunner
 
-from benchmarks import cli, compare, medians, nvidia_plugin, plots, report, runner
+from benchmarks import cli, compare, medians, nvidia_plugin, plots, provenance, report, runner
 from benchmarks.churn import container_sizes, pod_plans
 from benchmarks.cli import bench, customise, run_one, select
 from benchmarks.measure import Clock
@@ -538,17 +538,17 @@ def test_results_are_not_written_into_the_committed_folder_from_a_dirty_tree(
 ) -> None:
     """Into benchmarks/results/, a run needs a checkout without changes (or --allow-dirty); elsewhere it may write."""
     dirty = {"commit": "a" * 40, "dirty": True, "changed": ["gpuplugin/kubelet/server.py"]}
-    monkeypatch.setattr(report, "git_state", lambda: dirty)
+    monkeypatch.setattr(provenance, "git_state", lambda: dirty)
     with pytest.raises(click.UsageError, match=r"refusing to write .* files differ from commit aaaaaaaaaaaa"):
         cli.refuse_unrecorded(cli.DEFAULT_OUT / "h200-x1")
-    monkeypatch.setattr(report, "git_state", lambda: {"commit": None, "dirty": None, "changed": []})
+    monkeypatch.setattr(provenance, "git_state", lambda: {"commit": None, "dirty": None, "changed": []})
     with pytest.raises(click.UsageError, match="git cannot tell"):
         cli.refuse_unrecorded(cli.DEFAULT_OUT)
     cli.refuse_unrecorded(tmp_path)  # elsewhere: no question asked
-    monkeypatch.setattr(report, "git_state", lambda: {**dirty, "dirty": False, "changed": []})
+    monkeypatch.setattr(provenance, "git_state", lambda: {**dirty, "dirty": False, "changed": []})
     cli.refuse_unrecorded(cli.DEFAULT_OUT / "cpu")
     runs: list[RunSettings] = []
-    monkeypatch.setattr(report, "git_state", lambda: dirty)
+    monkeypatch.setattr(provenance, "git_state", lambda: dirty)
 
     def recorded(scenario: Scenario, folder: Path, settings: RunSettings) -> int:
         runs.append(settings)
@@ -593,3 +593,16 @@ def test_the_wire_ab_patch_applies_to_the_commit_it_was_measured_at(tmp_path: Pa
     result = subprocess.run(["patch", "-d", str(tmp_path), "-p1"], input=patch, capture_output=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "from gpuplugin.kubelet import wire" not in (tmp_path / "gpuplugin/kubelet/server.py").read_text()
+
+
+def test_a_results_file_names_the_commit_and_a_changed_checkout_as_dirty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """measured_commit: GPUPLUGIN_COMMIT where given (a copy without .git), else HEAD, with -dirty for changes."""
+    monkeypatch.setenv("GPUPLUGIN_COMMIT", "1d438f3")
+    assert provenance.measured_commit() == "1d438f3"
+    monkeypatch.delenv("GPUPLUGIN_COMMIT")
+    monkeypatch.setattr(provenance, "git_state", lambda: {"commit": "b" * 40, "dirty": True, "changed": ["x"]})
+    assert provenance.measured_commit() == "b" * 40 + "-dirty"
+    monkeypatch.setattr(provenance, "git_state", lambda: {"commit": "b" * 40, "dirty": False, "changed": []})
+    assert provenance.measured_commit() == "b" * 40
+    monkeypatch.setattr(provenance, "git_state", lambda: {"commit": None, "dirty": None, "changed": []})
+    assert provenance.measured_commit() == "unknown"

@@ -8,10 +8,9 @@ re-applies the transforms and sinks, so resources whose devices did not change k
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
@@ -97,22 +96,6 @@ _RELOADED_SETTINGS = {*_BACKEND_SETTINGS, "sharing", "strategies", "cdi"}
 _RESTART_SETTINGS = tuple(f.name for f in fields(PluginSettings) if f.name not in _RELOADED_SETTINGS)
 
 
-@contextlib.contextmanager
-def node_process(stop: asyncio.Event) -> Iterator[asyncio.AbstractEventLoop]:
-    """The event loop set up as a node agent's: a few I/O threads, SIGTERM and SIGINT setting ``stop``; every
-    handler of SIGTERM, SIGINT and SIGHUP removed on the way out."""
-    loop = asyncio.get_running_loop()
-    # NVML and file I/O go to threads; a few suffice, and each idle thread costs memory (its malloc arena).
-    loop.set_default_executor(ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="gpuplugin-io"))
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        yield loop
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-
-
 def _changed(new: PluginSettings, old: PluginSettings, names: Iterable[str]) -> list[str]:
     return [name for name in names if getattr(new, name) != getattr(old, name)]
 
@@ -173,13 +156,14 @@ class Daemon:
             raise self.failure
 
     async def _serve(self, stop: asyncio.Event) -> None:
-        with node_process(stop) as loop:
-            await self._serve_in(loop, stop)
-
-    async def _serve_in(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        # NVML and file I/O go to threads; a few suffice, and each idle thread costs memory (its malloc arena).
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="gpuplugin-io"))
         watcher = None
         if self._config is not None:
             watcher = ConfigWatcher(self._config, self.reload, initial_text=self._config_text)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup, watcher)
         server = self.settings.manager.server
         instance = InstanceLock(self.settings.state_dir)
@@ -201,6 +185,8 @@ class Daemon:
             await stop.wait()
         finally:
             log.info("stopping")
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
             await self._tasks.aclose()
             await self.manager.aclose()
             # After the manager: our sockets are gone before the next instance takes over.

@@ -18,7 +18,7 @@ import structlog
 from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.instance import InstanceLock
 from gpuplugin.core.tasks import Supervisor, TaskFailing, TaskSet, supervising
-from gpuplugin.daemon.agent import make_backend, node_process
+from gpuplugin.daemon.agent import make_backend
 from gpuplugin.daemon.settings import PluginSettings
 from gpuplugin.devices.strategies import DeviceListStrategy
 from gpuplugin.dra.driver import DriverSettings
@@ -72,33 +72,37 @@ class DraDaemon:
         from gpuplugin.dra.node import DraDriver
 
         self._stop = stop
-        with node_process(stop) as loop:
-            instance = InstanceLock(self.settings.state_dir)
-            client: AsyncClient | None = None
-            driver: DraDriver | None = None
-            log.info("starting", backend=self.settings.backend, kubelet_api="dra", node=self.driver_settings.node_name)
-            try:
-                client = await asyncio.to_thread(api_client, self.api_server)
-                with supervising(self.supervisor):
-                    if await instance.acquire(self.settings.instance_wait_s, stop=stop):
-                        driver = DraDriver(
-                            make_backend(self.settings),
-                            self.driver_settings,
-                            ApiClaimSource(client),
-                            SlicePublisher(self.driver_settings, client),
-                        )
-                        await driver.start()
-                        loop.add_signal_handler(signal.SIGHUP, self._rediscover, driver)
-                    await stop.wait()
-            finally:
-                log.info("stopping")
-                await self._tasks.aclose()
-                if driver is not None:
-                    await driver.aclose()
-                if client is not None:
-                    await client.close()
-                instance.release()
-                self.supervisor.close()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        instance = InstanceLock(self.settings.state_dir)
+        client: AsyncClient | None = None
+        driver: DraDriver | None = None
+        log.info("starting", backend=self.settings.backend, kubelet_api="dra", node=self.driver_settings.node_name)
+        try:
+            client = await asyncio.to_thread(api_client, self.api_server)
+            with supervising(self.supervisor):
+                if await instance.acquire(self.settings.instance_wait_s, stop=stop):
+                    driver = DraDriver(
+                        make_backend(self.settings),
+                        self.driver_settings,
+                        ApiClaimSource(client),
+                        SlicePublisher(self.driver_settings, client),
+                    )
+                    await driver.start()
+                    loop.add_signal_handler(signal.SIGHUP, self._rediscover, driver)
+                await stop.wait()
+        finally:
+            log.info("stopping")
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            await self._tasks.aclose()
+            if driver is not None:
+                await driver.aclose()
+            if client is not None:
+                await client.close()
+            instance.release()
+            self.supervisor.close()
         log.info("stopped")
         if self.failure is not None:
             raise self.failure

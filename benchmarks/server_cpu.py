@@ -1,13 +1,14 @@
-"""The resource server's CPU per Allocate with no socket, no client and no other process: only the serving side.
+"""The resource server's CPU per call (Allocate, or GetPreferredAllocation with ``--rpc preferred``) with no
+socket, no client and no other process: only the serving side.
 
-Run ``python -m benchmarks.server_cpu [--calls N] [--batch K] [--loop uvloop|asyncio] [--profile FILE]``. An h2 client
-connection makes N Allocate requests beforehand, framed and HPACK-encoded as grpc-go's client sends them (the same
-seven headers, one device per request); the server's protocol (``_Server``'s, as ``serve`` builds it) is then fed
-one request at a time (or K together, as concurrent callers' requests arrive), and the loop turned until it has
-answered, through a transport that counts what it is given
-and sends nothing. What it prints is process CPU time per Allocate: h2, grpclib, the plugin's handler and the event
-loop, none of the kernel's socket work nor a client's; on a machine shared with other work it is steadier than a
-latency. ``--profile`` writes a cProfile of the timed calls.
+Run ``python -m benchmarks.server_cpu [--calls N] [--batch K] [--loop uvloop|asyncio] [--rpc R] [--profile FILE]``.
+An h2 client connection makes N requests beforehand (Allocate of one device, or GetPreferredAllocation), framed and
+HPACK-encoded as grpc-go's client sends them (the same seven headers); the server's protocol (``_Server``'s, as
+``serve`` builds it) is then fed one request at a time (or K together, as concurrent callers' requests arrive),
+and the loop turned until it has answered, through a transport that counts what it is given and sends nothing. What
+it prints is process CPU time per call: h2, grpclib, the plugin's handler and the event loop, none of the kernel's
+socket work nor a client's; on a machine shared with other work it is steadier than a latency. ``--profile`` writes a
+cProfile of the timed calls.
 """
 
 from __future__ import annotations
@@ -112,16 +113,28 @@ def requests(path: str, message: bytes, count: int) -> tuple[bytes, list[bytes]]
     return preface, made
 
 
-async def measure(calls: int, profile: Path | None, batch: int = 1) -> dict[str, float]:
-    """CPU µs, writes and bytes per Allocate over ``calls`` requests after the warm-up, ``batch`` of them arriving
-    together (in one read, as concurrent callers' requests do)."""
+def request_of(rpc: str, tree: DeviceTree) -> tuple[str, bytes]:
+    """The path and message of one ``rpc`` request as the kubelet makes it: Allocate of one GPU, or
+    GetPreferredAllocation of one out of every GPU of the node."""
+    ids = [device.id for device in tree.of(tree.resources[0])]
+    if rpc == "allocate":
+        request: Any = api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=ids[:1])])
+        return "/v1beta1.DevicePlugin/Allocate", bytes(request)
+    request = api.PreferredAllocationRequest(
+        container_requests=[api.ContainerPreferredAllocationRequest(available_deviceIDs=ids, allocation_size=1)]
+    )
+    return "/v1beta1.DevicePlugin/GetPreferredAllocation", bytes(request)
+
+
+async def measure(calls: int, profile: Path | None, batch: int = 1, rpc: str = "allocate") -> dict[str, float]:
+    """CPU µs, writes and bytes per call of ``rpc`` over ``calls`` requests after the warm-up, ``batch`` of them
+    arriving together (in one read, as concurrent callers' requests do)."""
     tree = Inventory.build(MockSettings()).tree(range(MockSettings().gpus))
     resource = tree.resources[0]
     server = ResourceServer(resource, FixedBackend(tree), ServerSettings())
     await server.update(tree.of(resource), tree)
-    device = tree.of(resource)[0].id
-    message = bytes(api.AllocateRequest(container_requests=[api.ContainerAllocateRequest(devices_ids=[device])]))
-    preface, made = requests("/v1beta1.DevicePlugin/Allocate", message, WARMUP_CALLS + calls)
+    path, message = request_of(rpc, tree)
+    preface, made = requests(path, message, WARMUP_CALLS + calls)
     grpc_server = _Server([server.service], codec=PrecodedCodec())
     protocol = grpc_server._protocol_factory()
     transport = CountingTransport()
@@ -151,9 +164,9 @@ async def measure(calls: int, profile: Path | None, batch: int = 1) -> dict[str,
         profiler.dump_stats(profile)
     protocol.connection_lost(None)
     return {
-        "cpu_us_per_allocate": cpu_s / calls * 1e6,
-        "writes_per_allocate": (transport.writes - writes) / calls,
-        "bytes_per_allocate": (transport.bytes - sent) / calls,
+        "cpu_us_per_call": cpu_s / calls * 1e6,
+        "writes_per_call": (transport.writes - writes) / calls,
+        "bytes_per_call": (transport.bytes - sent) / calls,
     }
 
 
@@ -162,19 +175,26 @@ async def measure(calls: int, profile: Path | None, batch: int = 1) -> dict[str,
 @click.option("--batch", type=click.IntRange(1, 100), default=1, show_default=True, help="Requests per read.")
 @click.option("--loop", type=click.Choice(["uvloop", "asyncio"]), default="uvloop", show_default=True)
 @click.option("--profile", type=click.Path(dir_okay=False, path_type=Path), help="Write a cProfile of the calls.")
-def main(calls: int, batch: int, loop: str, profile: Path | None) -> None:
-    """Print the serving side's CPU time, writes and bytes per Allocate."""
+@click.option(
+    "--rpc",
+    type=click.Choice(["allocate", "preferred"]),
+    default="allocate",
+    show_default=True,
+    help="Allocate of one GPU, or GetPreferredAllocation of one of eight.",
+)
+def main(calls: int, batch: int, loop: str, profile: Path | None, rpc: str) -> None:
+    """Print the serving side's CPU time, writes and bytes per call (Allocate unless --rpc says otherwise)."""
     # The plugin logs each RPC at debug; serve runs at warning.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     if loop == "uvloop":
         import uvloop
 
-        figures = uvloop.run(measure(calls, profile, batch))
+        figures = uvloop.run(measure(calls, profile, batch, rpc))
     else:
-        figures = asyncio.run(measure(calls, profile, batch))
+        figures = asyncio.run(measure(calls, profile, batch, rpc))
     click.echo(
-        f"{figures['cpu_us_per_allocate']:.1f} µs CPU, {figures['writes_per_allocate']:.2f} writes, "
-        f"{figures['bytes_per_allocate']:.0f} bytes per Allocate ({calls} calls, {batch} per read, {loop})"
+        f"{figures['cpu_us_per_call']:.1f} µs CPU, {figures['writes_per_call']:.2f} writes, "
+        f"{figures['bytes_per_call']:.0f} bytes per call ({rpc}, {calls} calls, {batch} per read, {loop})"
     )
 
 

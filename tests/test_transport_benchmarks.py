@@ -47,9 +47,16 @@ async def test_server_cpu_answers_every_request() -> None:
     """Fed grpc-go-like Allocate requests, the server answers every one: alone, frame by frame (3 writes); 16
     together, the 15 after the first in one shared write."""
     alone = await measure(160, None)
-    assert alone["writes_per_allocate"] == 3.0
-    assert alone["bytes_per_allocate"] > 100
-    assert alone["cpu_us_per_allocate"] > 0
+    assert alone["writes_per_call"] == 3.0
+    assert alone["bytes_per_call"] > 100
+    assert alone["cpu_us_per_call"] > 0
     together = await measure(160, None, batch=16)
-    assert together["writes_per_allocate"] == 4 / 16
-    assert together["bytes_per_allocate"] == alone["bytes_per_allocate"]
+    assert together["writes_per_call"] == 4 / 16
+    assert together["bytes_per_call"] == alone["bytes_per_call"]
+
+
+async def test_server_cpu_answers_get_preferred_allocation() -> None:
+    """Fed GetPreferredAllocation requests instead, the server answers every one with the same three frames."""
+    figures = await measure(160, None, rpc="preferred")
+    assert figures["writes_per_call"] == 3.0
+    assert figures["cpu_us_per_call"] > 0

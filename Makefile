@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint proto check-proto bench bench-compare gokubelet nvidia-plugin e2e e2e-dra clean
+.PHONY: demo test lint proto check-proto bench bench-compare gokubelet nvidia-plugin e2e e2e-dra bench-dra-baseline clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,14 @@ e2e: $(STAMP)
 e2e-dra: $(STAMP)
 	deploy/e2e/setup.sh
 	$(BIN)/python deploy/e2e/run_dra.py
+
+# The Kubernetes DRA example driver's kubelet plugin (benchmarks/draexample/build.sh: Go modules, cached) beside ours,
+# both on a real kube-apiserver from the e2e cache: NodePrepareResources and NodeUnprepareResources p50/p99 of each,
+# written to benchmarks/results/cluster/dra-baseline.json. Needs Go and the Kubernetes build (first run: minutes).
+bench-dra-baseline: $(STAMP)
+	deploy/e2e/build-k8s.sh >/dev/null
+	benchmarks/draexample/build.sh
+	$(BIN)/python -m benchmarks.dra_baseline
 
 clean:
 	rm -rf $(VENV) build dist benchmarks/gokubelet/bin benchmarks/gokubelet/build benchmarks/nvidia/bin \

@@ -17,11 +17,13 @@ import fcntl
 import functools
 import json
 import os
+import queue
 import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -748,3 +750,63 @@ def running(bin_dir: Path, work: Path, log: Log, **options: Any) -> Iterator[Clu
         cluster.stop()
         for s, handler in old.items():
             signal.signal(s, handler)
+
+
+class PodWatch:
+    """`kubectl get pods -l SELECTOR --watch`, each event's pod state read with the time it arrived.
+
+    One watch for a series of pods: the events stream from the API server as they happen, so a pod's start is seen
+    within the event's delivery, not a polling interval (and no kubectl process is started per look)."""
+
+    #: name, phase, then each container's `started`, one line an event.
+    TEMPLATE = '{.metadata.name} {.status.phase} {.status.containerStatuses[*].started}{"\\n"}'
+
+    def __init__(self, cluster: Cluster, selector: str) -> None:
+        cmd = [str(cluster.bin / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", "get", "pods", "-l", selector]
+        self.proc = subprocess.Popen(
+            [*cmd, "--watch", "-o", f"jsonpath={self.TEMPLATE}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
+        self.events: queue.Queue[tuple[float, list[str]]] = queue.Queue()
+        self.reader = threading.Thread(target=self._read, name="pod-watch", daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.events.put((time.monotonic(), line.split()))
+
+    def wait_started(self, name: str, timeout: float) -> float:
+        """The monotonic time of the first event showing pod `name` Running with every container started."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                at, fields = self.events.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(f"pod {name} not Running with its containers started within {timeout:g} s") from None
+            if fields[:2] == [name, "Running"] and len(fields) > 2 and all(f == "true" for f in fields[2:]):
+                return at
+
+    def stop(self) -> None:
+        """Ends the watch by its PID."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.reader.join(timeout=5)
+
+
+@contextlib.contextmanager
+def watching_pods(cluster: Cluster, selector: str) -> Iterator[PodWatch]:
+    """A PodWatch for the block's length."""
+    watch = PodWatch(cluster, selector)
+    try:
+        yield watch
+    finally:
+        watch.stop()

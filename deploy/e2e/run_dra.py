@@ -5,7 +5,11 @@ The same cluster (deploy/e2e/cluster.py), but with containerd 1.7 built from Go 
 plugin and containerd injects the CDI spec the plugin wrote for each. Scenarios, in order: a pod from the example
 ResourceClaimTemplate (CEL on attributes and memory) sees what its claim's CDI spec injects; a claim of two GPUs; an
 XID takes an allocated GPU out of the ResourceSlice; a plugin restart keeps the prepared claim and pod deletion
-unprepares it; a kubelet restart. Figures go to benchmarks/results/cluster/e2e-dra.json (from a clean tree only).
+unprepares it; a kubelet restart; a ResourceClaim shared by the two containers of a pod (deploy/dra/shared-claim.yaml):
+both see its GPU; pod start, creation to container started, of 10 pods one after another with a claim, then (the DRA
+plugin replaced by the device plugin of deploy/overlays/mock, as `make e2e` deploys it) of 10 with
+`nvidia.com/gpu: 1`. Figures (and the pod-start samples) go to benchmarks/results/cluster/e2e-dra.json (from a clean
+tree only).
 
     sudo .venv/bin/python deploy/e2e/run_dra.py [--only a,b] [--keep-work]
 
@@ -16,6 +20,7 @@ runs no kube-proxy, so the `kubernetes` Service's ClusterIP leads nowhere.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +44,8 @@ DRIVER = "gpu.gpuplugin.dev"
 CDI_DIR = Path("/var/run/cdi")
 CHECKPOINT = clusterlib.KUBELET_ROOT / "plugins" / DRIVER / "checkpoint.json"
 RESULTS = ROOT / "benchmarks/results/cluster/e2e-dra.json"
+#: Pods started one after another for each kind of request in the pod-start scenario.
+POD_STARTS = 10
 
 
 def host_api_daemonset(objects: list[dict[str, Any]], port: int) -> list[dict[str, Any]]:
@@ -88,7 +95,7 @@ class DraE2E(dp.E2E):
     def __init__(self, c: clusterlib.Cluster, work: Path) -> None:
         super().__init__(c, None, work)
         self.claim_pods: dict[str, dict[str, Any]] = {}
-        # What was seen not to work yet, reported and written with the figures, not failed on.
+        self.samples: dict[str, list[float]] = {}
 
     # Helpers.
     def slice_devices(self) -> dict[str, dict[str, Any]]:
@@ -101,8 +108,12 @@ class DraE2E(dp.E2E):
             for d in s["spec"].get("devices", [])
         }
 
-    def claim_pod(self, name: str, template: str) -> dict[str, Any]:
-        """A busybox pod holding one claim from `template`, printing what it sees, then sleeping."""
+    def claim_pod(
+        self, name: str, template: str = "", *, claim: str = "", containers: tuple[str, ...] = ("main",)
+    ) -> dict[str, Any]:
+        """A busybox pod holding one claim, from `template` or the ResourceClaim `claim`, named by each of its
+        `containers`, each printing what it sees, then sleeping."""
+        source = {"resourceClaimName": claim} if claim else {"resourceClaimTemplateName": template}
         return {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -112,7 +123,7 @@ class DraE2E(dp.E2E):
                 "automountServiceAccountToken": False,
                 "containers": [
                     {
-                        "name": "main",
+                        "name": container,
                         "image": dp.BUSYBOX,
                         "imagePullPolicy": "Never",
                         "command": [
@@ -123,10 +134,26 @@ class DraE2E(dp.E2E):
                         ],
                         "resources": {"claims": [{"name": "gpu"}]},
                     }
+                    for container in containers
                 ],
-                "resourceClaims": [{"name": "gpu", "resourceClaimTemplateName": template}],
+                "resourceClaims": [{"name": "gpu", **source}],
             },
         }
+
+    def container_sees(self, pod: str, container: str) -> tuple[list[str], list[str]]:
+        """What a claim pod's container printed: its NVIDIA_VISIBLE_DEVICES IDs and its /dev/nvidia* nodes."""
+        text = wait_for(
+            f"{pod}/{container}'s log",
+            lambda: self.c.kubectl("logs", pod, "-c", container, timeout=20) or None,
+            20,
+        )
+        return visible_devices(text), sorted(line for line in text.splitlines()[1:] if line.startswith("nvidia"))
+
+    def claim_spec(self, uid: str) -> Path:
+        """The one CDI spec the plugin wrote for claim `uid`."""
+        specs = sorted(CDI_DIR.glob(f"*{uid}*.json"))
+        check(len(specs) == 1, f"one CDI spec for claim {uid} in {CDI_DIR}, found {[p.name for p in specs]}")
+        return specs[0]
 
     def start_claim_pod(self, name: str, template: str, want: int) -> dict[str, Any]:
         """Starts a claim pod; checks that it got `want` devices and sees what its claim's CDI spec injects."""
@@ -143,18 +170,9 @@ class DraE2E(dp.E2E):
         )
         devices = self.slice_devices()
         allocated = [devices[r["device"]] for r in results]
-        uid = claim["metadata"]["uid"]
-        specs = sorted(CDI_DIR.glob(f"*{uid}*.json"))
-        check(len(specs) == 1, f"one CDI spec for claim {uid} in {CDI_DIR}, found {[p.name for p in specs]}")
-        spec = json.loads(specs[0].read_text())
-        injected = spec_env(spec).get("NVIDIA_VISIBLE_DEVICES", "")
-        text = wait_for(
-            f"{name}'s log",
-            lambda: self.c.kubectl("logs", name, "-c", "main", timeout=20) or None,
-            20,
-        )
-        visible = visible_devices(text)
-        nodes = sorted(line for line in text.splitlines()[1:] if line.startswith("nvidia"))
+        spec_file = self.claim_spec(claim["metadata"]["uid"])
+        injected = spec_env(json.loads(spec_file.read_text())).get("NVIDIA_VISIBLE_DEVICES", "")
+        visible, nodes = self.container_sees(name, "main")
         check(
             bool(visible) and visible == [v for v in injected.split(",") if v],
             f"{name} sees NVIDIA_VISIBLE_DEVICES={visible}, its claim's CDI spec injects {injected!r}",
@@ -169,7 +187,7 @@ class DraE2E(dp.E2E):
             f"  {name}: claim {claim_name} → {', '.join(r['device'] for r in results)}; container sees "
             f"NVIDIA_VISIBLE_DEVICES={','.join(visible)} and /dev/{', /dev/'.join(nodes)} ({running:.2f} s)"
         )
-        info = {"pod": pod, "claim": claim, "devices": allocated, "spec": specs[0], "running_s": running}
+        info = {"pod": pod, "claim": claim, "devices": allocated, "spec": spec_file, "running_s": running}
         self.claim_pods[name] = info
         return info
 
@@ -296,6 +314,104 @@ class DraE2E(dp.E2E):
         wait_for("every claim's CDI spec removed", lambda: not list(CDI_DIR.glob(f"*{DRIVER}*claim*")), 30)
         log(f"  claim-two deleted → unprepared in {gone:.2f} s")
 
+    def s6_shared_claim(self) -> None:
+        """deploy/dra/shared-claim.yaml: one ResourceClaim named by both containers of a pod; both see its one GPU,
+        the NVIDIA_VISIBLE_DEVICES its CDI spec injects; the pod's deletion unprepares it."""
+        docs = [d for d in yaml.safe_load_all((ROOT / "deploy/dra/shared-claim.yaml").read_text()) if d]
+        claim_doc = next(d for d in docs if d["kind"] == "ResourceClaim")
+        containers = tuple(c["name"] for c in next(d for d in docs if d["kind"] == "Pod")["spec"]["containers"])
+        name = claim_doc["metadata"]["name"]
+        self.c.kubectl("apply", "--validate=strict", "-f", "-", input=json.dumps(claim_doc))
+        t0 = time.monotonic()
+        self.apply(self.claim_pod("shared", claim=name, containers=containers))
+        self.running_pods("app=shared", 1, timeout=90)
+        running = time.monotonic() - t0
+        claim = self.c.kubectl_json("get", "resourceclaim", name)
+        results = claim["status"]["allocation"]["devices"]["results"]
+        check(
+            len(results) == 1 and results[0]["driver"] == DRIVER,
+            f"claim {name}: allocated {results}, expected one device of {DRIVER}",
+        )
+        reserved = [r["name"] for r in claim["status"].get("reservedFor", [])]
+        check(reserved == ["shared"], f"claim {name} is reserved for {reserved}, expected the pod shared alone")
+        uid = claim["metadata"]["uid"]
+        spec_file = self.claim_spec(uid)
+        injected = spec_env(json.loads(spec_file.read_text())).get("NVIDIA_VISIBLE_DEVICES", "")
+        device = self.slice_devices()[results[0]["device"]]
+        check(
+            injected in {str(attribute(device, "uuid")), str(attribute(device, "index"))},
+            f"claim {name}'s CDI spec injects NVIDIA_VISIBLE_DEVICES={injected!r}, not its device {device['name']}",
+        )
+        seen = {container: self.container_sees("shared", container) for container in containers}
+        for container, (visible, nodes) in seen.items():
+            check(
+                visible == [injected],
+                f"shared/{container} sees NVIDIA_VISIBLE_DEVICES={visible}, its claim's CDI spec injects {injected!r}",
+            )
+            check(len(nodes) == 1, f"shared/{container} sees device nodes {nodes}, expected one")
+        check(
+            len({tuple(nodes) for _, nodes in seen.values()}) == 1,
+            f"the containers of shared see different device nodes: {seen}",
+        )
+        self.figures["shared_claim_pod_apply_to_running_s"] = running
+        log(
+            f"  shared: claim {name} → {results[0]['device']}; containers {' and '.join(containers)} both see "
+            f"NVIDIA_VISIBLE_DEVICES={injected} and /dev/{seen[containers[0]][1][0]} ({running:.2f} s)"
+        )
+        self.c.kubectl("delete", "pod", "shared", "--wait=false")
+        wait_for(f"claim {uid}'s CDI spec removed", lambda: not spec_file.exists(), 60, 0.05)
+        self.c.kubectl("delete", "resourceclaim", name, "--wait=true", timeout=60)
+        log("  shared deleted → its claim unprepared, CDI spec removed")
+
+    def time_pod_starts(self, label: str, pod: Callable[[str], dict[str, Any]]) -> list[float]:
+        """Creates POD_STARTS pods one after another, each deleted (gone) before the next; the seconds from each
+        pod's creation (kubectl create returned) to the watch showing it Running with its container started."""
+        samples = []
+        with clusterlib.watching_pods(self.c, f"e2e={label}") as watch:
+            # The watch lists what matches (nothing) before it follows changes; give it time to start.
+            time.sleep(1.0)
+            for number in range(POD_STARTS):
+                name = f"{label}-{number}"
+                obj = pod(name)
+                obj["metadata"]["labels"]["e2e"] = label
+                self.c.kubectl("create", "-f", "-", input=json.dumps(obj))
+                created = time.monotonic()
+                samples.append(watch.wait_started(name, 90) - created)
+                self.delete_and_wait(f"pod/{name}")
+        return samples
+
+    def s7_pod_start(self) -> None:
+        """Pod start with a DRA claim (this driver) beside pod start with nvidia.com/gpu: 1 (the device plugin, as
+        `make e2e` deploys it), on this cluster in this run; one plugin at a time (both take the node's lock)."""
+
+        def with_claim(name: str) -> dict[str, Any]:
+            obj = self.gpu_pod(name, {"main": 1})
+            obj["spec"]["containers"][0]["resources"] = {"claims": [{"name": "gpu"}]}
+            obj["spec"]["resourceClaims"] = [{"name": "gpu", "resourceClaimTemplateName": "one-large-gpu"}]
+            return obj
+
+        dra = self.time_pod_starts("start-claim", with_claim)
+        log(f"  DRA claim: pod created → container started, median {statistics.median(dra):.2f} s of {len(dra)}")
+        self.c.kubectl("-n", NS, "delete", "daemonset", "gpuplugin", "--wait=true", timeout=90)
+        wait_for(
+            "the DRA plugin's pods gone",
+            lambda: not self.c.kubectl("-n", NS, "get", "pods", "-l", dp.PLUGIN_SELECTOR, "-o", "name").strip(),
+            60,
+        )
+        self.c.kubectl("apply", "--validate=strict", "-k", str(ROOT / "deploy/overlays/mock"))
+        self.wait_plugin_ready(90)
+        self.wait_allocatable(dp.MOCK_GPUS, 60)
+        device_plugin = self.time_pod_starts("start-gpu", lambda name: self.gpu_pod(name, {"main": 1}))
+        log(
+            f"  {dp.GPU}: 1: pod created → container started, median {statistics.median(device_plugin):.2f} s of"
+            f" {len(device_plugin)}"
+        )
+        self.samples.update(pod_start_dra_claim_s=dra, pod_start_device_plugin_s=device_plugin)
+        self.figures.update(
+            pod_start_dra_claim_median_s=statistics.median(dra),
+            pod_start_device_plugin_median_s=statistics.median(device_plugin),
+        )
+
     def diagnostics(self) -> None:
         """What helps to see why a scenario failed."""
         super().diagnostics()
@@ -313,6 +429,8 @@ SCENARIOS: list[tuple[str, Callable[[DraE2E], None]]] = [
     ("c XID on an allocated GPU", DraE2E.s3_xid),
     ("d plugin restart, then unprepare", DraE2E.s4_plugin_restart),
     ("e kubelet restart", DraE2E.s5_kubelet_restart),
+    ("f a claim shared by two containers", DraE2E.s6_shared_claim),
+    ("g pod start: a DRA claim beside nvidia.com/gpu: 1", DraE2E.s7_pod_start),
 ]
 
 
@@ -333,6 +451,7 @@ def main() -> int:
     failed: list[str] = []
     passed: list[str] = []
     figures: dict[str, float] = {}
+    samples: dict[str, list[float]] = {}
     try:
         t0 = time.monotonic()
         with clusterlib.running(bin_dir, work / "cluster", log, containerd_bin=containerd_bin, cdi=True) as c:
@@ -341,6 +460,7 @@ def main() -> int:
             log(f"cluster up in {timings['cluster_start_s']:.1f} s (containerd {version}, CDI on)")
             e2e = DraE2E(c, work)
             e2e.figures = figures
+            e2e.samples = samples
             t0 = time.monotonic()
             e2e.load_images(images.ImageBuilder(bin_dir.parent.parent, work / "images", log))
             timings["images_s"] = time.monotonic() - t0
@@ -356,6 +476,7 @@ def main() -> int:
     report = {
         "figures_s": {k: round(v, 3) for k, v in figures.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
+        "samples_s": {k: [round(x, 3) for x in v] for k, v in samples.items()},
     }
     if not failed and not only and not commit.endswith("-dirty"):
         args.results.parent.mkdir(parents=True, exist_ok=True)

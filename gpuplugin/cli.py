@@ -266,6 +266,27 @@ def main() -> None:
     help="DRA: the driver name of the node's ResourceSlices and of the claims it prepares. Default: gpu.gpuplugin.dev.",
 )
 @click.option(
+    "--dra-partitionable-devices",
+    type=click.Choice(["auto", "on", "off"]),
+    envvar="GPUPLUGIN_DRA_PARTITIONABLE_DEVICES",
+    help="DRA: a partitioned GPU as its partitions and the whole GPU sharing counters (gate DRAPartitionableDevices); "
+    "off: partitions alone. auto: where the API server keeps the counters. Default: auto.",
+)
+@click.option(
+    "--dra-device-taints",
+    type=click.Choice(["auto", "on", "off"]),
+    envvar="GPUPLUGIN_DRA_DEVICE_TAINTS",
+    help="DRA: an unhealthy device stays in the slice, tainted (gate DRADeviceTaints); off: it leaves the slice. "
+    "auto: where the API server keeps the taints. Default: auto.",
+)
+@click.option(
+    "--dra-taint-effect",
+    type=click.Choice(["NoSchedule", "NoExecute"]),
+    envvar="GPUPLUGIN_DRA_TAINT_EFFECT",
+    help="DRA: the effect of an unhealthy device's taint; NoExecute also evicts the pods using it. "
+    "Default: NoSchedule.",
+)
+@click.option(
     "--kube-api-server",
     envvar="GPUPLUGIN_KUBE_API_SERVER",
     help="DRA: the API server's URL (kubectl proxy, tests). Default: the in-cluster service account, else KUBECONFIG.",
@@ -315,7 +336,7 @@ def serve_dra(settings: PluginSettings, params: Mapping[str, Any]) -> None:
     the CDI spec directory from the config); its modules, and the API client, load only here."""
     from gpuplugin.daemon.dra import DraDaemon
     from gpuplugin.dra.checkpoint import CheckpointCorrupt
-    from gpuplugin.dra.driver import DEFAULT_DRIVER_NAME, DEFAULT_PLUGINS_DIR, DriverSettings
+    from gpuplugin.dra.driver import DEFAULT_DRIVER_NAME, DEFAULT_PLUGINS_DIR, DriverSettings, GateMode, TaintEffect
 
     node = params.get("node_name")
     if not node:
@@ -327,6 +348,9 @@ def serve_dra(settings: PluginSettings, params: Mapping[str, Any]) -> None:
             plugins_dir=params.get("kubelet_plugins_dir") or DEFAULT_PLUGINS_DIR,
             plugins_registry_dir=settings.manager.server.plugins_registry_dir,
             cdi_dir=settings.cdi.spec_dir,
+            partitionable_devices=params.get("dra_partitionable_devices") or GateMode.AUTO,
+            device_taints=params.get("dra_device_taints") or GateMode.AUTO,
+            taint_effect=params.get("dra_taint_effect") or TaintEffect.NO_SCHEDULE,
         )
         daemon = DraDaemon(settings, driver, api_server=params.get("kube_api_server"))
     except ValueError as exc:

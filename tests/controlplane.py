@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,18 +119,24 @@ def _port_open(port: int) -> bool:
 
 
 @contextlib.contextmanager
-def control_plane() -> Iterator[ControlPlane]:
-    """etcd, kube-apiserver (token authentication, RBAC) and kube-scheduler, stopped when the block ends."""
+def control_plane(feature_gates: Sequence[str] = (), runtime_config: Sequence[str] = ()) -> Iterator[ControlPlane]:
+    """etcd, kube-apiserver (token authentication, RBAC) and kube-scheduler, stopped when the block ends; both
+    with ``feature_gates`` (gate names) turned on, the API server also serving the ``runtime_config`` API versions
+    (``resource.k8s.io/v1alpha3``: the scheduler waits for DeviceTaintRules when DRADeviceTaints is on)."""
     with tempfile.TemporaryDirectory(prefix="gp-k8s-") as tmp:
         plane = ControlPlane(Path(tmp))
         try:
-            _start(plane)
+            _start(
+                plane,
+                [f"--feature-gates={','.join(f'{gate}=true' for gate in feature_gates)}"] if feature_gates else [],
+                runtime_config,
+            )
             yield plane
         finally:
             plane.stop()
 
 
-def _start(plane: ControlPlane) -> None:
+def _start(plane: ControlPlane, gates: list[str], runtime_config: Sequence[str]) -> None:
     work = plane.work
     subprocess.run(["openssl", "genrsa", "-out", str(work / "sa.key"), "2048"], capture_output=True, check=True)
     subprocess.run(
@@ -179,6 +185,8 @@ def _start(plane: ControlPlane) -> None:
             f"--service-account-signing-key-file={work / 'sa.key'}",
             "--service-cluster-ip-range=10.96.78.0/24",
             "--profiling=false",
+            *gates,
+            *([f"--runtime-config={','.join(f'{api}=true' for api in runtime_config)}"] if runtime_config else []),
         ],
     )
     plane.wait("kube-apiserver", lambda: _readyz(plane.url))
@@ -194,6 +202,7 @@ def _start(plane: ControlPlane) -> None:
             "--leader-elect=false",
             "--bind-address=127.0.0.1",
             f"--secure-port={scheduler}",
+            *gates,
         ],
     )
     plane.wait("kube-scheduler", lambda: _port_open(scheduler))

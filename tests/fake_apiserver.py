@@ -38,6 +38,8 @@ class FakeApiServer:
     nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
     slices: dict[str, dict[str, Any]] = field(default_factory=dict)
     claims: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    gates: frozenset[str] = frozenset()
+    """The alpha DRA gates on; as with Kubernetes 1.34's defaults, none, so their fields are dropped."""
     down: bool = False
     requests: list[str] = field(default_factory=list)
     url: str = ""
@@ -95,7 +97,15 @@ class FakeApiServer:
         body = json.loads(await request.read())
         if body["metadata"]["name"] != request.match_info["name"]:
             return status(400, "BadRequest", "name mismatch")
-        self.slices[request.match_info["name"]] = body
+        if "DRAPartitionableDevices" not in self.gates:
+            body["spec"].pop("sharedCounters", None)
+            for device in body["spec"].get("devices", []):
+                device.pop("consumesCounters", None)
+        if "DRADeviceTaints" not in self.gates:
+            for device in body["spec"].get("devices", []):
+                device.pop("taints", None)
+        if request.query.get("dryRun") != "All":
+            self.slices[request.match_info["name"]] = body
         return reply(body)
 
     async def _delete_slice(self, request: web.Request) -> web.Response:

@@ -34,6 +34,7 @@ from gpuplugin.dra.claimspec import spec_path
 from gpuplugin.dra.driver import DriverSettings
 from gpuplugin.dra.names import device_names
 from gpuplugin.dra.node import DraDriver
+from gpuplugin.dra.slices import SliceShape
 from gpuplugin.testing.dra import DraKubelet
 from tests import controlplane
 from tests.controlplane import ADMIN_TOKEN, ControlPlane, available, control_plane
@@ -143,11 +144,8 @@ async def published(admin: AsyncClient) -> list[str]:
     return [d.name for s in [s async for s in admin.list(ResourceSlice)] for d in (s.spec.devices or [])]
 
 
-async def schedule(admin: AsyncClient, name: str, template: str) -> dict[str, Any]:
-    """A claim made from the example ``template`` and a pod using it; the claim (as JSON) once the scheduler
-    allocated it."""
-    templates = yaml.safe_load_all((DRA / "claim-template.yaml").read_text())
-    spec = next(t for t in templates if t["metadata"]["name"] == template)["spec"]["spec"]
+async def claim_and_pod(admin: AsyncClient, name: str, spec: dict[str, Any]) -> None:
+    """A claim ``name`` with ``spec`` and a pod of the same name using it, in the default namespace."""
     claim_doc = {
         "apiVersion": "resource.k8s.io/v1",
         "kind": "ResourceClaim",
@@ -155,7 +153,6 @@ async def schedule(admin: AsyncClient, name: str, template: str) -> dict[str, An
         "spec": spec,
     }
     await admin.create(cast(ResourceClaim, from_dict(claim_doc)))
-    requests = [r["name"] for r in spec["devices"]["requests"]]
     pod_doc = {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -166,6 +163,15 @@ async def schedule(admin: AsyncClient, name: str, template: str) -> dict[str, An
         },
     }
     await admin.create(cast(Pod, from_dict(pod_doc)))
+
+
+async def schedule(admin: AsyncClient, name: str, template: str) -> dict[str, Any]:
+    """A claim made from the example ``template`` and a pod using it; the claim (as JSON) once the scheduler
+    allocated it."""
+    templates = yaml.safe_load_all((DRA / "claim-template.yaml").read_text())
+    spec = next(t for t in templates if t["metadata"]["name"] == template)["spec"]["spec"]
+    await claim_and_pod(admin, name, spec)
+    requests = [r["name"] for r in spec["devices"]["requests"]]
 
     async def allocated() -> dict[str, Any] | None:
         claim: dict[str, Any] = (await admin.get(ResourceClaim, name, namespace="default")).to_dict()
@@ -195,7 +201,7 @@ async def test_a_claim_is_allocated_by_the_scheduler_from_our_slices_and_prepare
 ) -> None:
     """Slices published under the driver's own RBAC; the scheduler allocates the example template's claim (CEL on
     product name and memory) for a pod; the plugin prepares it from the real allocation; an XID on that GPU takes
-    it out of the slice."""
+    it out of the slice, as the API server's DRADeviceTaints gate is off (it drops taints)."""
     async with cluster_node(plane, workdir) as (admin, driver, kubelet):
         names = list(device_names(driver.tree))
         assert await eventually(lambda: _equal(published(admin), names))
@@ -230,12 +236,17 @@ async def test_a_claim_for_two_gpus_on_one_numa_node_gets_both_in_one_cdi_device
 
 
 async def test_partitions_are_allocated_by_profile_and_prepared(plane: ControlPlane, workdir: Path) -> None:
-    """With the partitioned backend the slice holds its partitions; the example partition claim (CEL on the
-    profile) gets one 1g.18gb partition, prepared with that partition in the CDI spec."""
+    """With the partitioned backend, and the API server's DRAPartitionableDevices gate off (it drops shared
+    counters), the slice holds the partitions alone, without their whole GPUs and without counters; the example
+    partition claim (CEL on the profile) gets one 1g.18gb partition, prepared with that partition in the CDI
+    spec."""
     async with cluster_node(plane, workdir, "partitioned", layout="all-1g.18gb") as (admin, driver, kubelet):
-        names = list(device_names(driver.tree))
+        names = [name for name, device in device_names(driver.tree).items() if device.instance is not None]
         assert len(names) == 14
         assert await eventually(lambda: _equal(published(admin), names))
+        assert isinstance(driver.publisher, SlicePublisher)
+        assert driver.publisher.shape == SliceShape(counters=False, taints=False)
+        assert not any([s.spec.sharedCounters async for s in admin.list(ResourceSlice)])
         claim = await schedule(admin, "small", "one-small-partition")
         (result,) = results(claim)
         partition = device_names(driver.tree)[result["device"]]

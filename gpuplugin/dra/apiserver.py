@@ -24,8 +24,17 @@ from gpuplugin.core.errors import ConfigError, shorten
 from gpuplugin.core.model import DeviceTree
 from gpuplugin.core.tasks import TaskSet
 from gpuplugin.dra.claims import Allocation, ClaimRef, ClaimUnavailable, allocation_of
-from gpuplugin.dra.driver import DriverSettings
-from gpuplugin.dra.slices import build_slices, slice_devices
+from gpuplugin.dra.driver import DriverSettings, GateMode
+from gpuplugin.dra.slices import (
+    NO_REASONS,
+    Reasons,
+    SliceContent,
+    SliceShape,
+    gates_kept,
+    probe_slice,
+    render_slices,
+    slice_contents,
+)
 
 log = structlog.get_logger("gpuplugin.dra.apiserver")
 
@@ -97,10 +106,12 @@ class ApiClaimSource:
 
 
 class SlicePublisher:
-    """Keeps the node's ResourceSlices equal to the healthy devices of the last tree given; a TreeSink.
+    """Keeps the node's ResourceSlices equal to the last tree given; a TreeSink.
 
     Each change is a new pool generation, applied server-side slice by slice, then slices no longer needed are
-    deleted. A failure is kept in ``problem`` and retried in the background until a publication succeeds.
+    deleted. A failure is kept in ``problem`` and retried in the background until a publication succeeds. The shape
+    (counters for partitions, taints for unhealthy devices) is settled at the first publication: a setting ``auto``
+    asks the API server with a dry run whether it keeps the gated fields.
     """
 
     def __init__(
@@ -118,7 +129,10 @@ class SlicePublisher:
         self._reconciling: asyncio.Task[None] | None = None
         self._names: set[str] = set()
         self._tree: DeviceTree | None = None
-        self._published: list[dict[str, Any]] | None = None
+        self._reasons: Reasons = NO_REASONS
+        self.shape: SliceShape | None = None
+        """The shape the slices take; None until the first publication settled it."""
+        self._published: list[SliceContent] | None = None
         self._generation: int | None = None
         self._owner: Mapping[str, str] | None = None
         self._lock = asyncio.Lock()
@@ -131,9 +145,11 @@ class SlicePublisher:
         self.checks = 0
         """Checks of the API server's slices against the last publication, done."""
 
-    async def publish(self, tree: DeviceTree) -> None:
+    async def publish(self, tree: DeviceTree, reasons: Reasons = NO_REASONS) -> None:
+        """Publish ``tree``; ``reasons`` says why each open fault is open, for the taints of unhealthy devices."""
         async with self._lock:
             self._tree = tree
+            self._reasons = reasons
             await self._publish_logged()
         self._retry_if_needed()
         if self._reconciling is None:
@@ -193,8 +209,10 @@ class SlicePublisher:
 
     async def _publish(self) -> None:
         assert self._tree is not None
-        devices = slice_devices(self._tree)
-        if devices == self._published:
+        if self.shape is None:
+            self.shape = await self._cluster_shape()
+        contents = slice_contents(self._tree, self.shape, self._reasons)
+        if contents == self._published:
             return
         if self._owner is None:
             node = await self._client.get(Node, self.settings.node_name)
@@ -206,7 +224,7 @@ class SlicePublisher:
             # A restarted plugin continues after what it published before: consumers keep the highest generation.
             self._generation = max(existing.values(), default=0)
         generation = self._generation + 1
-        wanted = build_slices(self._tree, self.settings, generation, self._owner or None)
+        wanted = render_slices(contents, self.settings, generation, self._owner or None)
         for obj in wanted:
             resource = cast(ResourceSlice, ResourceSlice.from_dict(obj))
             await self._client.apply(resource, field_manager=FIELD_MANAGER, force=True)
@@ -214,10 +232,38 @@ class SlicePublisher:
         for name in sorted(existing.keys() - names):
             await self._client.delete(ResourceSlice, name)
         self._generation = generation
-        self._published = devices
+        self._published = contents
         self._names = names
         self.publications += 1
-        log.info("ResourceSlices published", node=self.settings.node_name, generation=generation, devices=len(devices))
+        devices = sum(len(content.devices) for content in contents)
+        log.info("ResourceSlices published", node=self.settings.node_name, generation=generation, devices=devices)
+
+    async def _cluster_shape(self) -> SliceShape:
+        """The shape the settings ask for; for ``auto``, what a dry run of ``probe_slice`` shows the API server
+        keeps (a feature gate that is off drops its fields silently: publishing them anyway would lose the counters
+        that keep a whole GPU and its partitions apart)."""
+        settings = self.settings
+        counters = settings.partitionable_devices is GateMode.ON
+        taints = settings.device_taints is GateMode.ON
+        if GateMode.AUTO in (settings.partitionable_devices, settings.device_taints):
+            probe = cast(ResourceSlice, ResourceSlice.from_dict(probe_slice(settings)))
+            answer = await self._client.apply(probe, field_manager=FIELD_MANAGER, force=True, dry_run=True)
+            kept_counters, kept_taints = gates_kept(answer.to_dict())
+            if settings.partitionable_devices is GateMode.AUTO:
+                counters = kept_counters
+                if not counters:
+                    log.info(
+                        "the API server drops shared counters (gate DRAPartitionableDevices off); "
+                        "partitions are published as devices of their own"
+                    )
+            if settings.device_taints is GateMode.AUTO:
+                taints = kept_taints
+                if not taints:
+                    log.info(
+                        "the API server drops device taints (gate DRADeviceTaints off); "
+                        "unhealthy devices leave the slice"
+                    )
+        return SliceShape(counters, taints, settings.taint_effect, settings.taint_key)
 
     async def _existing(self) -> dict[str, int]:
         """This node's slices of this driver on the API server: name → pool generation."""

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from types import MappingProxyType
 from typing import Protocol
 
 import structlog
 
 from gpuplugin.core.backend import Backend, HealthChanged, InventoryChanged
-from gpuplugin.core.model import DeviceTree
+from gpuplugin.core.model import DeviceTree, Health
 from gpuplugin.core.tasks import TaskSet
 from gpuplugin.devices.health import OpenFaults
 from gpuplugin.dra.claims import ClaimSource
 from gpuplugin.dra.driver import DriverSettings
 from gpuplugin.dra.plugin import DraPlugin
+from gpuplugin.dra.slices import FaultKey, Reasons, with_whole_gpus
 
 log = structlog.get_logger("gpuplugin.dra.node")
 
@@ -23,7 +25,8 @@ log = structlog.get_logger("gpuplugin.dra.node")
 class Publisher(Protocol):
     """Where every tree goes besides the kubelet (``SlicePublisher``: the API server's ResourceSlices)."""
 
-    async def publish(self, tree: DeviceTree) -> None: ...
+    async def publish(self, tree: DeviceTree, reasons: Reasons) -> None:
+        """Publish ``tree``; ``reasons`` says why each open fault is open."""
 
     async def reconcile(self) -> None:
         """Publish again if what the API server holds is not what was last published."""
@@ -32,7 +35,8 @@ class Publisher(Protocol):
 
 
 class DraDriver:
-    """Runs ``backend`` for DRA: ``tree`` is what it discovered with every fault still open marked Unhealthy."""
+    """Runs ``backend`` for DRA: ``tree`` is what it discovered with every fault still open marked Unhealthy, and the
+    whole GPU of each GPU served as placed partitions (published where counters keep them apart)."""
 
     def __init__(
         self,
@@ -49,6 +53,7 @@ class DraDriver:
         self.discovered = DeviceTree()
         self.tree = DeviceTree()
         self._faults = OpenFaults()
+        self._reasons: dict[FaultKey, str] = {}
         self._tasks = TaskSet("dra")
         self._lock = asyncio.Lock()
 
@@ -80,17 +85,21 @@ class DraDriver:
     async def apply(self, discovered: DeviceTree) -> None:
         async with self._lock:
             self.discovered = discovered
-            self.tree = dataclasses.replace(discovered, devices=self._faults.fold(discovered.devices))
+            self.tree = with_whole_gpus(dataclasses.replace(discovered, devices=self._faults.fold(discovered.devices)))
             # The kubelet first: a slow API server must not hold back what the node itself reports.
             await self.plugin.tree_changed()
             if self.publisher is not None:
-                await self.publisher.publish(self.tree)
+                await self.publisher.publish(self.tree, MappingProxyType(dict(self._reasons)))
 
     async def on_health(self, event: HealthChanged) -> None:
         discovered = self._faults.record(event, self.discovered)
         if discovered is None:
             return
         self.discovered = discovered
+        if event.health is Health.HEALTHY:
+            self._reasons.pop((event.gpu, event.instance), None)
+        else:
+            self._reasons[(event.gpu, event.instance)] = event.reason
         log.info("health changed", gpu=event.gpu, instance=event.instance, health=str(event.health), xid=event.xid)
         await self.apply(self.discovered)
 

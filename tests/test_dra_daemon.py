@@ -313,3 +313,22 @@ async def test_a_change_that_cannot_apply_live_is_refused_with_one_line(workdir:
         assert (await node.get("/readyz"))[0] == 200
         write_atomically(node.config, config(gpus=1))
         await node.until(lambda: len(node.api.devices()) == 1)
+
+
+async def test_a_backend_that_does_not_start_is_refused_and_the_old_one_serves_again(workdir: Path) -> None:
+    """A reloaded backend section whose backend fails to start (its mock file is missing): one error line, the
+    backend of the running config started again, its devices published and the node ready."""
+    async with dra_node(workdir, config()) as node:
+        missing = workdir / "missing.yaml"
+        with structlog.testing.capture_logs() as logs:
+            write_atomically(node.config, config().replace("    gpus: 2\n", f"    gpus: 3\n    config: {missing}\n"))
+            await node.until(lambda: node.daemon.refused == 1)
+        errors = [e for e in logs if e["log_level"] == "error"]
+        assert [e["event"] for e in errors] == [
+            "config refused: its backend does not start; back to the current config"
+        ]
+        assert str(missing) in errors[0]["error"]
+        await node.until(lambda: not node.daemon.not_ready_reasons())
+        assert node.daemon.settings.backend_options == {"gpus": 2} and node.daemon.reloads == 0
+        assert len(node.api.devices()) == 2
+        assert (await node.get("/readyz"))[0] == 200

@@ -273,8 +273,10 @@ class DraDaemon(SupervisedDaemon):
     async def _sighup(self, watcher: ConfigWatcher | None) -> None:
         if watcher is not None:
             await watcher.check()
-        if self.driver is not None:
-            await self.driver.rediscover()
+        # Not while a reload replaces the backend: the one rediscovered would be the one being closed.
+        async with self._reloading:
+            if self.driver is not None:
+                await self.driver.rediscover()
 
     async def reload(self, text: str) -> None:
         """Apply a new config text: a new backend where the backend or health sections changed. A bad config, or

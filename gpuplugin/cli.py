@@ -22,7 +22,7 @@ from gpuplugin.core.errors import shorten
 from gpuplugin.core.instance import InstanceLockError
 from gpuplugin.core.tasks import TaskFailing
 from gpuplugin.daemon import logs
-from gpuplugin.daemon.agent import Daemon, served_tree, settings_from_text
+from gpuplugin.daemon.agent import Daemon, node_process, served_tree, settings_from_text
 from gpuplugin.daemon.probes import ProbeServerError
 from gpuplugin.daemon.settings import LOG_FORMATS, LOG_LEVELS, ConfigError, Overrides, PluginSettings, read_config
 from gpuplugin.devices.health import MAX_QUIET_PERIOD_S
@@ -301,7 +301,8 @@ def serve(**params: Any) -> None:
     """Serve the backend's devices to the kubelet until SIGTERM or SIGINT.
 
     The config file is reloaded when it changes and on SIGHUP, which also rediscovers the devices. With
-    --kubelet-api dra the devices are served through DRA instead, and SIGHUP only rediscovers them.
+    --kubelet-api dra the devices are served through DRA instead; a reload there applies the backend and health
+    sections only.
     """
     overrides = overrides_from(
         params,
@@ -312,14 +313,14 @@ def serve(**params: Any) -> None:
     settings, text = load_settings(params.get("config"), overrides)
     logs.configure(settings.log_format, settings.log_level)
     if params.get("kubelet_api") == "dra":
-        serve_dra(settings, params)
+        serve_dra(settings, params, text, overrides)
         return
     try:
         daemon = Daemon(settings, config=params.get("config"), config_text=text, overrides=overrides)
     except ValueError as exc:
         fail(f"backend {settings.backend}: {exc}", 2)
     try:
-        with asyncio.Runner(loop_factory=loop_factory(params.get("event_loop") or "auto")) as runner:
+        with node_process(loop_factory(params.get("event_loop") or "auto")) as runner:
             runner.run(daemon.run(asyncio.Event()))
     except (BackendUnavailable, ProbeServerError, InstanceLockError, TaskFailing) as exc:
         fail(str(exc))
@@ -331,7 +332,7 @@ def serve(**params: Any) -> None:
         fail(f"backend {settings.backend}: {exc}", 2)
 
 
-def serve_dra(settings: PluginSettings, params: Mapping[str, Any]) -> None:
+def serve_dra(settings: PluginSettings, params: Mapping[str, Any], text: str | None, overrides: Overrides) -> None:
     """``serve --kubelet-api dra``: the DRA daemon on the same settings (the kubelet's plugin-watcher directory and
     the CDI spec directory from the config); its modules, and the API client, load only here."""
     from gpuplugin.daemon.dra import DraDaemon
@@ -352,14 +353,21 @@ def serve_dra(settings: PluginSettings, params: Mapping[str, Any]) -> None:
             device_taints=params.get("dra_device_taints") or GateMode.AUTO,
             taint_effect=params.get("dra_taint_effect") or TaintEffect.NO_SCHEDULE,
         )
-        daemon = DraDaemon(settings, driver, api_server=params.get("kube_api_server"))
+        daemon = DraDaemon(
+            settings,
+            driver,
+            api_server=params.get("kube_api_server"),
+            config=params.get("config"),
+            config_text=text,
+            overrides=overrides,
+        )
     except ValueError as exc:
         # ConfigError too: what DRA mode does not do yet, named.
         fail(str(exc), 2)
     try:
-        with asyncio.Runner(loop_factory=loop_factory(params.get("event_loop") or "auto")) as runner:
+        with node_process(loop_factory(params.get("event_loop") or "auto")) as runner:
             runner.run(daemon.run(asyncio.Event()))
-    except (BackendUnavailable, InstanceLockError, TaskFailing, CheckpointCorrupt) as exc:
+    except (BackendUnavailable, ProbeServerError, InstanceLockError, TaskFailing, CheckpointCorrupt) as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"DRA plugin: {exc.strerror or exc}: {exc.filename or ''}")

@@ -134,17 +134,6 @@ def test_bad_dra_flags_are_refused_with_one_line(args: list[str], message: str, 
     assert message in line
 
 
-def test_probes_are_refused_in_dra_mode(tmp_path: Path) -> None:
-    """``--metrics-address`` with DRA mode is refused with one line, not silently left unserved."""
-    result = CliRunner().invoke(
-        main,
-        ["serve", "--backend", "mock", "--kubelet-api", "dra", "--node-name", "n", "--metrics-address", ":9400"],
-    )
-    assert result.exit_code == 2
-    (line,) = result.output.strip().splitlines()
-    assert "--metrics-address (plugin.metricsAddress): not served with --kubelet-api dra yet" in line
-
-
 def test_sharing_is_refused_in_dra_mode(tmp_path: Path) -> None:
     """A config asking for time-slicing is refused in DRA mode with one line naming the section."""
     config = tmp_path / "config.yaml"

@@ -132,3 +132,112 @@ def test_lint() -> None:
     assert HELM is not None
     proc = subprocess.run([HELM, "lint", "--strict", str(CHART)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def objects(text: str) -> list[dict[str, Any]]:
+    """Every object of a multi-document YAML, in order."""
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def helm_objects(*sets: str) -> list[dict[str, Any]]:
+    """`helm template gpuplugin` in kube-system, every object (several of a kind)."""
+    assert HELM is not None
+    args = [HELM, "template", "gpuplugin", str(CHART), "--namespace", "kube-system"]
+    for s in sets:
+        args += ["--set", s]
+    return objects(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+
+
+def kustomize_dra() -> list[dict[str, Any]]:
+    """`kubectl kustomize deploy/dra`: DRA mode on the mock overlay."""
+    assert KUBECTL is not None
+    command = [KUBECTL, "kustomize", str(ROOT / "deploy/dra")]
+    return objects(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+def of_kind(objs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    """The objects of ``kind``, by name."""
+    return {o["metadata"]["name"]: o for o in objs if o["kind"] == kind}
+
+
+def test_kubelet_api_dra_renders_the_dra_overlays_daemonset_rbac_and_device_classes() -> None:
+    """kubeletApi=dra renders what deploy/dra does: `--kubelet-api dra`, NODE_NAME, the plugins, plugin-watcher
+    and CDI mounts, the ServiceAccount with its token and the same minimal RBAC, the same DeviceClasses, and both
+    keep the probes and the metrics port, which DRA mode serves."""
+    chart, kust = helm_objects("kubeletApi=dra", "backend=mock"), kustomize_dra()
+    (chart_ds,), (kust_ds,) = of_kind(chart, "DaemonSet").values(), of_kind(kust, "DaemonSet").values()
+    hp, kp = chart_ds["spec"]["template"]["spec"], kust_ds["spec"]["template"]["spec"]
+    hc, kc = hp["containers"][0], kp["containers"][0]
+    assert hc["args"][-2:] == ["--kubelet-api", "dra"] and kc["args"][-2:] == ["--kubelet-api", "dra"]
+    assert hp["serviceAccountName"] == kp["serviceAccountName"] == "gpuplugin-dra"
+    assert hp["automountServiceAccountToken"] is True and kp["automountServiceAccountToken"] is True
+    assert by_name(hc["env"])["NODE_NAME"] == by_name(kc["env"])["NODE_NAME"]
+    chart_mounts, kust_mounts = by_name(hc["volumeMounts"]), by_name(kc["volumeMounts"])
+    chart_volumes, kust_volumes = by_name(hp["volumes"]), by_name(kp["volumes"])
+    for name in ("kubelet-plugins", "plugins-registry", "cdi", "state", "config"):
+        assert chart_mounts[name] == kust_mounts[name], name
+        assert chart_volumes[name].keys() == kust_volumes[name].keys(), name
+    for name in ("kubelet-plugins", "plugins-registry", "cdi", "state"):
+        assert chart_volumes[name]["hostPath"] == kust_volumes[name]["hostPath"], name
+    # What DRA mode does not use is not mounted.
+    assert not {"device-plugins", "pod-resources"} & chart_mounts.keys()
+    for container in (hc, kc):
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert "--metrics-address" in container["args"]
+    for kind in ("ServiceAccount", "ClusterRole", "ClusterRoleBinding"):
+        assert of_kind(chart, kind).keys() == of_kind(kust, kind).keys() == {"gpuplugin-dra"}, kind
+    assert (
+        of_kind(chart, "ClusterRole")["gpuplugin-dra"]["rules"]
+        == of_kind(kust, "ClusterRole")["gpuplugin-dra"]["rules"]
+    )
+    chart_binding = of_kind(chart, "ClusterRoleBinding")["gpuplugin-dra"]
+    kust_binding = of_kind(kust, "ClusterRoleBinding")["gpuplugin-dra"]
+    assert (chart_binding["roleRef"], chart_binding["subjects"]) == (kust_binding["roleRef"], kust_binding["subjects"])
+    assert of_kind(chart, "ServiceAccount")["gpuplugin-dra"]["metadata"]["namespace"] == "kube-system"
+    chart_classes, kust_classes = of_kind(chart, "DeviceClass"), of_kind(kust, "DeviceClass")
+    assert chart_classes.keys() == kust_classes.keys() and len(chart_classes) == 3
+    for name, device_class in chart_classes.items():
+        assert device_class["spec"] == kust_classes[name]["spec"], name
+
+
+def test_the_default_renders_the_device_plugin_without_dra_objects() -> None:
+    """Without kubeletApi the chart renders the device plugin: no API server token, no DRA objects or flags."""
+    chart = helm_objects()
+    assert {o["kind"] for o in chart} == {"ConfigMap", "DaemonSet"}
+    (daemonset,) = of_kind(chart, "DaemonSet").values()
+    spec = daemonset["spec"]["template"]["spec"]
+    assert spec["automountServiceAccountToken"] is False and "serviceAccountName" not in spec
+    assert "--kubelet-api" not in spec["containers"][0]["args"]
+    assert "device-plugins" in by_name(spec["containers"][0]["volumeMounts"])
+
+
+def test_a_driver_name_reaches_the_flags_and_device_classes_and_a_class_can_be_left_out() -> None:
+    """dra.driverName is passed as --dra-driver-name and selected by every DeviceClass; an empty class name makes
+    no such class."""
+    chart = helm_objects("kubeletApi=dra", "dra.driverName=gpu.example.com", "dra.deviceClasses.partition=")
+    (daemonset,) = of_kind(chart, "DaemonSet").values()
+    args = daemonset["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--dra-driver-name") + 1] == "gpu.example.com"
+    classes = of_kind(chart, "DeviceClass")
+    assert classes.keys() == {"gpu.gpuplugin.dev", "whole-gpu.gpuplugin.dev"}
+    for device_class in classes.values():
+        assert 'device.driver == "gpu.example.com"' in device_class["spec"]["selectors"][0]["cel"]["expression"]
+
+
+def test_bad_kubelet_api_is_refused() -> None:
+    """An unknown kubeletApi fails the render with a message naming the choices."""
+    assert HELM is not None
+    proc = subprocess.run(
+        [HELM, "template", "x", str(CHART), "--set", "kubeletApi=csi"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode != 0
+    assert "kubeletApi must be device-plugin or dra" in proc.stderr
+
+
+def test_lint_in_dra_mode() -> None:
+    """helm lint --strict passes with kubeletApi=dra."""
+    assert HELM is not None
+    command = [HELM, "lint", "--strict", str(CHART), "--set", "kubeletApi=dra"]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -8,9 +8,10 @@ re-applies the transforms and sinks, so resources whose devices did not change k
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
@@ -24,7 +25,7 @@ from gpuplugin.core.errors import DevicesRefuseConfig
 from gpuplugin.core.instance import InstanceLock, remove_dead_sockets
 from gpuplugin.core.limits import check_tree
 from gpuplugin.core.model import DeviceTree
-from gpuplugin.core.tasks import Supervisor, TaskFailing, TaskSet, supervising
+from gpuplugin.core.tasks import SupervisionSettings, Supervisor, TaskFailing, TaskSet, supervising
 from gpuplugin.daemon.manager import Manager, ServerFactory, TreeSink, TreeTransform
 from gpuplugin.daemon.reload import ConfigWatcher
 from gpuplugin.daemon.settings import Overrides, PluginSettings, parse_config, resolve
@@ -40,6 +41,44 @@ log = structlog.get_logger("gpuplugin")
 
 #: Worker threads for blocking calls; asyncio's default is one per CPU plus four, up to 32 on big nodes.
 IO_THREADS = 4
+
+
+@contextlib.contextmanager
+def node_process(loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> Iterator[asyncio.Runner]:
+    """The event loop of a node agent's process (``serve``, in either mode), from ``loop_factory`` (None: asyncio's):
+    NVML, file I/O and the API client's set-up go to at most ``IO_THREADS`` threads, and each idle thread costs memory
+    (its malloc arena). The bound belongs to the loop and goes with it: the daemons never set an executor on the loop
+    they run on, which may be someone else's (a test's, where an executor left behind outlives the daemon)."""
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.get_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="gpuplugin-io")
+        )
+        yield runner
+
+
+#: What a daemon handles while it runs; SIGHUP's handler is each daemon's own.
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_HANDLED_SIGNALS = (*_STOP_SIGNALS, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def stop_signals(stop: asyncio.Event) -> Iterator[asyncio.AbstractEventLoop]:
+    """SIGTERM and SIGINT set ``stop`` while the block runs, on the running loop (given to the block). On the way
+    out, whatever the block raised, the handlers of those and of SIGHUP are removed before the daemon closes
+    anything (a second SIGTERM or Ctrl-C during a slow shutdown then acts at once, and a SIGHUP starts no reload in
+    a daemon that is closing), and the ones found at the start are back: the loop's removal would otherwise leave
+    the defaults in place of its runner's own SIGINT handler, on a loop that may outlive the daemon (a test's)."""
+    loop = asyncio.get_running_loop()
+    found = {sig: signal.getsignal(sig) for sig in _HANDLED_SIGNALS}
+    try:
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, stop.set)
+        yield loop
+    finally:
+        for sig, handler in found.items():
+            loop.remove_signal_handler(sig)
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def make_backend(settings: PluginSettings) -> Backend:
@@ -100,7 +139,37 @@ def _changed(new: PluginSettings, old: PluginSettings, names: Iterable[str]) -> 
     return [name for name in names if getattr(new, name) != getattr(old, name)]
 
 
-class Daemon:
+class SupervisedDaemon:
+    """What the daemons of both modes share: the supervisor every task of the process reports to, and ``run``,
+    which ends, once everything is closed, with the failure of a task that kept failing."""
+
+    def __init__(self, supervision: SupervisionSettings) -> None:
+        self.supervisor = Supervisor(supervision, on_give_up=self._give_up)
+        self._stop: asyncio.Event | None = None
+        self.failure: TaskFailing | None = None
+        """The task that kept failing and ended the daemon, if one did."""
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start serving; return once ``stop`` is set and everything is closed. Raises TaskFailing, once everything
+        is closed, when a supervised task kept failing past its grace period."""
+        self._stop = stop
+        # Around everything, signal handlers too: a task a SIGHUP reload starts reports to this supervisor as well.
+        with supervising(self.supervisor):
+            await self._serve(stop)
+        if self.failure is not None:
+            raise self.failure
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        raise NotImplementedError
+
+    def _give_up(self, failure: TaskFailing) -> None:
+        log.critical("stopping: a task keeps failing", task=failure.task, reason=failure.reason)
+        self.failure = failure
+        if self._stop is not None:
+            self._stop.set()
+
+
+class Daemon(SupervisedDaemon):
     """Serves until stopped; reloads its config file when it changes or on SIGHUP."""
 
     def __init__(
@@ -108,6 +177,7 @@ class Daemon:
     ) -> None:
         """``config_text``: the text of ``config`` that ``settings`` come from; the watcher reloads on any other.
         Not read again here: an edit made since would then pass for the text being served, and never apply."""
+        super().__init__(settings.manager.supervision)
         self.settings = settings
         self._config = config
         self._config_text = config_text
@@ -130,11 +200,6 @@ class Daemon:
             sinks=sinks,
             server_factory=server_factory,
         )
-        # Every supervised task of this process reports here (through ``supervising`` in run).
-        self.supervisor = Supervisor(settings.manager.supervision, on_give_up=self._give_up)
-        self._stop: asyncio.Event | None = None
-        self.failure: TaskFailing | None = None
-        """The task that kept failing and ended the daemon, if one did."""
         self.probes: ProbeServer | None = None
         if self.metrics is not None:
             self.metrics.attach(self.manager)
@@ -145,48 +210,21 @@ class Daemon:
         self.reloads = 0
         self.refused = 0
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Start serving; return once ``stop`` is set and everything is closed. Raises TaskFailing, once everything
-        is closed, when a supervised task kept failing past its grace period."""
-        self._stop = stop
-        # Around everything, signal handlers too: a task a SIGHUP reload starts reports to this supervisor as well.
-        with supervising(self.supervisor):
-            await self._serve(stop)
-        if self.failure is not None:
-            raise self.failure
-
     async def _serve(self, stop: asyncio.Event) -> None:
-        loop = asyncio.get_running_loop()
-        # NVML and file I/O go to threads; a few suffice, and each idle thread costs memory (its malloc arena).
-        loop.set_default_executor(ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="gpuplugin-io"))
         watcher = None
         if self._config is not None:
             watcher = ConfigWatcher(self._config, self.reload, initial_text=self._config_text)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._on_sighup, watcher)
-        server = self.settings.manager.server
         instance = InstanceLock(self.settings.state_dir)
         # /readyz names the holder while we wait for it.
         self.manager.instance_lock = instance
         log.info("starting", backend=self.settings.backend, kubelet_dir=str(self.settings.manager.server.kubelet_dir))
         try:
-            if self.probes is not None:
-                # Before the manager: /healthz answers and /readyz says why not ready while we start.
-                await self.probes.start()
-            # One instance per node: wait for (or refuse) another one's lock; nothing is served until it is ours.
-            if await instance.acquire(self.settings.instance_wait_s, stop=stop):
-                await remove_dead_sockets(server.kubelet_dir, server.socket_prefix)
-                # And the plugin-watcher sockets (same names) a killed instance left where the kubelet looks.
-                await remove_dead_sockets(server.plugins_registry_dir, server.socket_prefix)
-                await self.manager.start()
-                if watcher is not None:
-                    self._tasks.supervise(watcher.run, "config watcher")
-            await stop.wait()
+            with stop_signals(stop) as loop:
+                loop.add_signal_handler(signal.SIGHUP, self._on_sighup, watcher)
+                await self._start(stop, instance, watcher)
+                await stop.wait()
         finally:
             log.info("stopping")
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
             await self._tasks.aclose()
             await self.manager.aclose()
             # After the manager: our sockets are gone before the next instance takes over.
@@ -196,11 +234,19 @@ class Daemon:
             self.supervisor.close()
         log.info("stopped")
 
-    def _give_up(self, failure: TaskFailing) -> None:
-        log.critical("stopping: a task keeps failing", task=failure.task, reason=failure.reason)
-        self.failure = failure
-        if self._stop is not None:
-            self._stop.set()
+    async def _start(self, stop: asyncio.Event, instance: InstanceLock, watcher: ConfigWatcher | None) -> None:
+        if self.probes is not None:
+            # Before the manager: /healthz answers and /readyz says why not ready while we start.
+            await self.probes.start()
+        # One instance per node: wait for (or refuse) another one's lock; nothing is served until it is ours.
+        if await instance.acquire(self.settings.instance_wait_s, stop=stop):
+            server = self.settings.manager.server
+            await remove_dead_sockets(server.kubelet_dir, server.socket_prefix)
+            # And the plugin-watcher sockets (same names) a killed instance left where the kubelet looks.
+            await remove_dead_sockets(server.plugins_registry_dir, server.socket_prefix)
+            await self.manager.start()
+            if watcher is not None:
+                self._tasks.supervise(watcher.run, "config watcher")
 
     def _on_sighup(self, watcher: ConfigWatcher | None) -> None:
         log.info("SIGHUP: reloading")

@@ -1,4 +1,5 @@
-"""Prometheus metrics: RPC latency on the hot path, everything else read from the manager when scraped.
+"""Prometheus metrics: RPC latency on the hot path, everything else read from the manager when scraped; in DRA mode
+claim counts and NodePrepareResources latency kept the same way, the rest read from the DRA daemon when scraped.
 
 The Allocate path pays for one observation through the resource server's ``on_rpc`` hook: a bisect and three
 integer additions on plain counters bound once per (resource, method), about a fifth of what a prometheus_client
@@ -12,7 +13,8 @@ from __future__ import annotations
 import platform
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Final
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -49,6 +51,18 @@ RPC_BUCKETS_S: Final = (
 _HEALTHS: Final = tuple(str(h) for h in Health)
 _LE: Final = (*(str(b) for b in RPC_BUCKETS_S), "+Inf")
 _OK: Final = "OK"
+#: NodePrepareResources reads each new claim from the API server and writes its CDI spec and the checkpoint:
+#: milliseconds on a healthy node, seconds when the API server is slow.
+PREPARE_BUCKETS_S: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _cumulative(bounds: Sequence[str], counts: Sequence[int]) -> list[tuple[str, float]]:
+    """Per-bucket counts (not cumulative) as a histogram's cumulative ``le`` buckets."""
+    total, buckets = 0, []
+    for le, count in zip(bounds, counts, strict=True):
+        total += count
+        buckets.append((le, float(total)))
+    return buckets
 
 
 class RpcStats:
@@ -63,11 +77,51 @@ class RpcStats:
         self.codes: dict[str, int] = {_OK: 0}
 
     def cumulative(self) -> list[tuple[str, float]]:
-        total, buckets = 0, []
-        for le, count in zip(_LE, self.buckets, strict=True):
-            total += count
-            buckets.append((le, float(total)))
-        return buckets
+        return _cumulative(_LE, self.buckets)
+
+
+class ClaimStats:
+    """The DRA plugin's claim calls: claims prepared and unprepared, those that failed, and how long each
+    NodePrepareResources took (per bucket, not cumulative). Counted on the event loop only."""
+
+    __slots__ = ("prepare_buckets", "prepare_errors", "prepare_sum_s", "prepared", "unprepare_errors", "unprepared")
+
+    def __init__(self) -> None:
+        self.prepare_buckets = [0] * (len(PREPARE_BUCKETS_S) + 1)
+        self.prepare_sum_s = 0.0
+        self.prepared = 0
+        self.prepare_errors = 0
+        self.unprepared = 0
+        self.unprepare_errors = 0
+
+    def observe_prepare(self, seconds: float, prepared: int, failed: int) -> None:
+        """One NodePrepareResources answered in ``seconds``: ``prepared`` claims without error, ``failed`` with one."""
+        self.prepare_buckets[bisect_left(PREPARE_BUCKETS_S, seconds)] += 1
+        self.prepare_sum_s += seconds
+        self.prepared += prepared
+        self.prepare_errors += failed
+
+    def observe_unprepare(self, unprepared: int, failed: int) -> None:
+        self.unprepared += unprepared
+        self.unprepare_errors += failed
+
+
+@dataclass(frozen=True, slots=True)
+class DraReadings:
+    """The DRA daemon's state at a scrape, read on the event loop."""
+
+    devices: Mapping[str, int] = field(default_factory=dict)
+    """Devices of the served tree by health (only healthy ones are in the ResourceSlices)."""
+    prepared_claims: int = 0
+    """Claims prepared now (in the checkpoint)."""
+    registered: bool = False
+    registrations: int = 0
+    slices_current: bool = False
+    """The API server holds the ResourceSlices of the served tree."""
+    slice_publications: int = 0
+    slice_failures: int = 0
+    ready: bool = False
+    backend: Backend | None = None
 
 
 class Metrics:
@@ -80,6 +134,9 @@ class Metrics:
         self._manager: Manager | None = None
         self._loop_lag: Callable[[], float] | None = None
         self.supervisor: Supervisor | None = None
+        self.claims = ClaimStats()
+        """DRA mode: the plugin's claim calls, counted by the daemon's preparer."""
+        self.dra: Callable[[], DraReadings] | None = None
         self.registry.register(_ManagerCollector(self, version or package_version()))
         # process_* (CPU seconds, resident memory, open file descriptors, start time) and python_info: what an
         # operator graphs first. The process collector reads /proc/self at scrape time, memory not disk.
@@ -93,6 +150,12 @@ class Metrics:
     @property
     def manager(self) -> Manager | None:
         return self._manager
+
+    def attach_dra(self, readings: Callable[[], DraReadings]) -> None:
+        """Report a DRA daemon (``gpuplugin_dra_*``, read through ``readings`` on every scrape) instead of a manager:
+        the device plugin's own series are then left out."""
+        self.dra = readings
+        self.registry.register(_DraCollector(self))
 
     def watch_loop(self, lag_s: Callable[[], float] | None) -> None:
         """Report the event loop's lag (measured by the probe server) as ``gpuplugin_event_loop_lag_seconds``."""
@@ -182,6 +245,10 @@ class _Families:
             labels=("task",),
         )
 
+    def process(self) -> list[Metric]:
+        """What either mode reports: the build, the event loop, the tasks, and the backend's own counters."""
+        return [self.build, self.xid_events, self.backend_errors, self.loop_lag, self.task_restarts]
+
     def all(self) -> list[Metric]:
         return [
             self.rpc_duration,
@@ -228,7 +295,13 @@ class _ManagerCollector:
         manager = self._metrics.manager
         if manager is not None:
             self._read(manager, f)
-        return f.all()
+        dra = self._metrics.dra
+        if dra is None:
+            return f.all()
+        backend = dra().backend
+        if backend is not None:
+            _read_backend(backend, f)
+        return f.process()
 
     @staticmethod
     def _read(manager: Manager, f: _Families) -> None:
@@ -248,15 +321,109 @@ class _ManagerCollector:
             changes[(health, "" if xid is None else xid_label(xid))] += count
         for labels, count in changes.items():
             f.health_changes.add_metric(list(labels), count)
-        backend = manager.backend
-        xids: Counter[tuple[str, str]] = Counter()
-        for key, count in _counts(backend, "xid_counts").items():
-            if isinstance(key, tuple) and len(key) == 2:
-                xids[(xid_label(key[0]), str(key[1]))] += count
-        for labels, count in xids.items():
-            f.xid_events.add_metric(list(labels), count)
-        for kind, count in _counts(backend, "fault_counts").items():
-            f.backend_errors.add_metric([backend.name, str(kind)], count)
+        _read_backend(manager.backend, f)
+
+
+def _read_backend(backend: Backend, f: _Families) -> None:
+    """The backend's XIDs and faults (``xid_counts``, ``fault_counts``), in either mode."""
+    xids: Counter[tuple[str, str]] = Counter()
+    for key, count in _counts(backend, "xid_counts").items():
+        if isinstance(key, tuple) and len(key) == 2:
+            xids[(xid_label(key[0]), str(key[1]))] += count
+    for labels, count in xids.items():
+        f.xid_events.add_metric(list(labels), count)
+    for kind, count in _counts(backend, "fault_counts").items():
+        f.backend_errors.add_metric([backend.name, str(kind)], count)
+
+
+class _DraFamilies:
+    """One scrape's worth of the DRA daemon's metrics, empty until filled."""
+
+    def __init__(self) -> None:
+        self.prepare_duration = HistogramMetricFamily(
+            "gpuplugin_dra_prepare_duration_seconds",
+            "Time to answer a NodePrepareResources call (all its claims), from request decoded to response built.",
+        )
+        self.prepared = CounterMetricFamily(
+            "gpuplugin_dra_claims_prepared", "Claims NodePrepareResources answered without an error."
+        )
+        self.prepare_errors = CounterMetricFamily(
+            "gpuplugin_dra_prepare_errors",
+            "Claims NodePrepareResources answered with an error (not allocated here, unhealthy device, I/O).",
+        )
+        self.unprepared = CounterMetricFamily(
+            "gpuplugin_dra_claims_unprepared", "Claims NodeUnprepareResources answered without an error."
+        )
+        self.unprepare_errors = CounterMetricFamily(
+            "gpuplugin_dra_unprepare_errors", "Claims NodeUnprepareResources answered with an error."
+        )
+        self.prepared_claims = GaugeMetricFamily(
+            "gpuplugin_dra_prepared_claims", "Claims prepared on the node now (kept in the checkpoint)."
+        )
+        self.devices = GaugeMetricFamily(
+            "gpuplugin_dra_devices",
+            "Devices of the node by health; the healthy ones are those published in the ResourceSlices.",
+            labels=("health",),
+        )
+        self.slices_current = GaugeMetricFamily(
+            "gpuplugin_dra_slices_current", "1 when the API server holds the ResourceSlices of the devices served."
+        )
+        self.publications = CounterMetricFamily(
+            "gpuplugin_dra_slice_publications", "ResourceSlice pool generations published to the API server."
+        )
+        self.publish_failures = CounterMetricFamily(
+            "gpuplugin_dra_slice_publish_failures",
+            "Publications of a changed device list, or checks of the slices, that left them unpublished (each then "
+            "retried with backoff).",
+        )
+        self.registrations = CounterMetricFamily(
+            "gpuplugin_dra_registrations",
+            "Times the kubelet reported the DRA plugin registered: the first one and one after each kubelet restart.",
+        )
+        self.registered = GaugeMetricFamily(
+            "gpuplugin_dra_registered", "1 when the kubelet's latest report says the DRA plugin is registered."
+        )
+        self.ready = GaugeMetricFamily(
+            "gpuplugin_dra_ready", "1 when the DRA plugin is registered and the node's ResourceSlices are published."
+        )
+
+    def all(self) -> list[Metric]:
+        return list(vars(self).values())
+
+
+class _DraCollector:
+    """Reads the DRA daemon's state, and the claim counters, at scrape time on the event loop."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> Iterable[Metric]:
+        return _DraFamilies().all()
+
+    def collect(self) -> Iterable[Metric]:
+        f = _DraFamilies()
+        claims = self._metrics.claims
+        bounds = (*(str(b) for b in PREPARE_BUCKETS_S), "+Inf")
+        f.prepare_duration.add_metric([], _cumulative(bounds, claims.prepare_buckets), claims.prepare_sum_s)
+        f.prepared.add_metric([], claims.prepared)
+        f.prepare_errors.add_metric([], claims.prepare_errors)
+        f.unprepared.add_metric([], claims.unprepared)
+        f.unprepare_errors.add_metric([], claims.unprepare_errors)
+        readings = self._metrics.dra
+        if readings is not None:
+            r = readings()
+            f.prepared_claims.add_metric([], r.prepared_claims)
+            counts = dict.fromkeys(_HEALTHS, 0)
+            counts.update(r.devices)
+            for health, count in counts.items():
+                f.devices.add_metric([health], count)
+            f.slices_current.add_metric([], 1 if r.slices_current else 0)
+            f.publications.add_metric([], r.slice_publications)
+            f.publish_failures.add_metric([], r.slice_failures)
+            f.registrations.add_metric([], r.registrations)
+            f.registered.add_metric([], 1 if r.registered else 0)
+            f.ready.add_metric([], 1 if r.ready else 0)
+        return f.all()
 
 
 def xid_label(xid: object) -> str:

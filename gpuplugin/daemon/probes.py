@@ -2,8 +2,9 @@
 
 ``/healthz`` answers 200 while the event loop keeps time (a small task measures how late it runs a timer) and no
 supervised task keeps failing; ``/readyz`` answers 200 only while every resource is served, registered and watched
-by the kubelet (waiting for the kubelet's directory is healthy, but not ready); ``/metrics``
-is the Prometheus exposition. Answers name resources and counts only: nothing from the environment or the config.
+by the kubelet (waiting for the kubelet's directory is healthy, but not ready), or in DRA mode while the plugin is
+registered and the node's ResourceSlices are published; ``/metrics`` is the Prometheus exposition. Answers name
+resources and counts only: nothing from the environment or the config.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("gpuplugin.daemon.probes")
 
 Clock = Callable[[], float]
+NotReady = Callable[[], list[str]]
+"""Why the node is not ready, one short line each; empty when it is."""
 
 _ALLOWED_METHODS = b"GET, HEAD"
 
@@ -142,18 +146,19 @@ class ProbeServer:
 
     def __init__(
         self,
-        manager: Manager,
+        readiness: Manager | NotReady,
         metrics: Metrics,
         settings: ProbeSettings,
         *,
         clock: Clock = time.monotonic,
         supervisor: Supervisor | None = None,
     ) -> None:
-        """``supervisor``: whose failing tasks turn ``/healthz`` red; without one, only the event loop's lag does."""
+        """``readiness``: the device plugin's manager, or what says why the node is not ready (DRA mode).
+        ``supervisor``: whose failing tasks turn ``/healthz`` red; without one, only the event loop's lag does."""
         if settings.address is None:
             raise ValueError("ProbeServer needs settings.address")
         self._address = settings.address
-        self._manager = manager
+        self._not_ready = readiness if callable(readiness) else partial(not_ready_reasons, readiness)
         self._metrics = metrics
         self._settings = settings
         self._supervisor = supervisor
@@ -182,8 +187,8 @@ class ProbeServer:
         return 200, "ok\n"
 
     def readyz(self) -> tuple[int, str]:
-        """200 when every resource is served, registered and watched; 503 naming those that are not."""
-        reasons = not_ready_reasons(self._manager)
+        """200 when the node is ready (every resource served, registered and watched); 503 naming what is not."""
+        reasons = self._not_ready()
         if reasons:
             return 503, "not ready:\n" + "".join(f"{r}\n" for r in reasons)
         return 200, "ready\n"

@@ -56,6 +56,9 @@ class DraDriver:
         self._reasons: dict[FaultKey, str] = {}
         self._tasks = TaskSet("dra")
         self._lock = asyncio.Lock()
+        self._follower: asyncio.Task[None] | None = None
+        self.registrations = 0
+        """Times the kubelet reported the plugin registered (a count for metrics)."""
 
     async def start(self) -> None:
         """Start the backend, publish its devices, serve the plugin, then follow the backend's events."""
@@ -66,9 +69,10 @@ class DraDriver:
         except BaseException:
             await self.backend.aclose()
             raise
-        self._tasks.supervise(self._follow_backend, "backend events")
+        self._follower = self._tasks.supervise(self._follow_backend, "backend events")
 
     def _kubelet_registered(self) -> None:
+        self.registrations += 1
         if self.publisher is not None:
             self._tasks.spawn(self.publisher.reconcile(), "reconcile slices", expect_end=True)
 
@@ -78,6 +82,19 @@ class DraDriver:
         if self.publisher is not None:
             await self.publisher.aclose()
         await self.backend.aclose()
+
+    async def replace_backend(self, backend: Backend) -> None:
+        """Serve ``backend`` instead (a reloaded config): the old one is closed first (both may want the same files
+        and sockets), the new one's devices applied and published; its health starts afresh, as after a restart.
+        Raises what the new backend's start raises, the old one already closed."""
+        if self._follower is not None:
+            self._follower.cancel()
+        await self.backend.aclose()
+        self.backend = backend
+        self._faults.clear()
+        await backend.start()
+        await self.apply(await backend.discover())
+        self._follower = self._tasks.supervise(self._follow_backend, "backend events")
 
     async def rediscover(self) -> None:
         await self.apply(await self.backend.discover())

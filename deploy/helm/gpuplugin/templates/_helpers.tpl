@@ -51,3 +51,7 @@ default
 {{- .Values.config.default -}}
 {{- end -}}
 {{- end -}}
+
+{{- define "gpuplugin.draServiceAccount" -}}
+{{- printf "%s-dra" (include "gpuplugin.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}

@@ -41,6 +41,7 @@ from gpuplugin.dra.claims import ClaimRef, ClaimSource
 from gpuplugin.dra.driver import DriverSettings
 from gpuplugin.dra.node import DraDriver
 from gpuplugin.dra.preparer import ClaimPreparer, ClaimResult
+from gpuplugin.dra.slices import NO_REASONS, Reasons
 
 if TYPE_CHECKING:
     from lightkube import AsyncClient
@@ -81,8 +82,8 @@ class CountedPublisher:
         self.publisher = publisher
         self.failures = 0
 
-    async def publish(self, tree: DeviceTree) -> None:
-        await self.publisher.publish(tree)
+    async def publish(self, tree: DeviceTree, reasons: Reasons = NO_REASONS) -> None:
+        await self.publisher.publish(tree, reasons)
         self._count()
 
     async def reconcile(self) -> None:

@@ -50,8 +50,8 @@ def test_every_object_is_valid_for_the_api() -> None:
 
 def test_the_kustomization_renders_valid_objects_of_dra_mode() -> None:
     """deploy/dra renders the mock overlay's DaemonSet in DRA mode under its service account, with the kubelet's
-    plugins directory mounted and no probes (DRA mode serves none), beside the RBAC and DeviceClasses; every
-    rendered object passes the API's models."""
+    plugins directory mounted and the base's probes on its metrics port (DRA mode serves them), beside the RBAC and
+    DeviceClasses; every rendered object passes the API's models."""
     objects = render(DRA)
     for obj in objects:
         validate(obj)
@@ -65,7 +65,9 @@ def test_the_kustomization_renders_valid_objects_of_dra_mode() -> None:
     context = serve.make_context("serve", list(container["args"]))
     assert context.params["kubelet_api"] == "dra"
     assert {e["name"] for e in container["env"]} >= {"NODE_NAME", "GPUPLUGIN_BACKEND"}
-    assert "livenessProbe" not in container and "readinessProbe" not in container
+    assert context.params["metrics_address"] is not None
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/var/lib/kubelet/plugins", "/var/lib/kubelet/plugins_registry", "/var/run/cdi", "/run/gpuplugin"} <= mounts
     host_paths = {v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}

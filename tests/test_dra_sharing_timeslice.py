@@ -14,6 +14,7 @@ from gpuplugin.dra.claimspec import spec_path
 from gpuplugin.dra.plugin import DraPlugin
 from tests.test_dra import DRIVER, DraNode, dra_node
 from tests.test_dra_sharing import opaque, shared_claim, time_sliced
+from tests.test_mock_control import invoke
 
 
 async def intervals(node: DraNode) -> list[int]:
@@ -112,3 +113,14 @@ async def test_without_the_capability_a_non_default_interval_is_refused(workdir:
             "GPU's time-slice interval (Long); use Default"
         )
         assert response.claims[default.uid].error == ""
+
+
+async def test_gpuplugin_mock_timeslices_prints_each_gpus_interval(workdir: Path) -> None:
+    """``gpuplugin mock timeslices`` prints each GPU's UUID and interval name: Long for a Long claim's GPU."""
+    async with dra_node(workdir) as node:
+        claim = shared_claim(node, opaque(time_sliced("Long")))
+        await node.prepare(claim)
+        result = await invoke("timeslices", "--socket", str(node.backend.settings.control_socket))
+        assert result.exit_code == 0, result.output
+        first, second = (device.id for device in node.tree.devices)
+        assert result.output == f"{first} Long\n{second} Default\n"

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from gpuplugin.devices.mps import ControlDaemonSettings
-from gpuplugin.dra.checkpoint import PreparedClaim, decode, encode
+from gpuplugin.dra.checkpoint import CheckpointCorrupt, PreparedClaim, decode, encode
 from gpuplugin.dra.claims import AllocatedDevice, ClaimRef, OpaqueConfig
 from gpuplugin.dra.claimspec import spec_path
 from gpuplugin.dra.driver import DEFAULT_DRIVER_NAME
@@ -187,7 +187,8 @@ def test_quantities_read_as_kubernetes_writes_them() -> None:
 
 
 def test_the_checkpoint_keeps_a_claims_mps_share_and_daemon(tmp_path: Path) -> None:
-    """An MPS claim's shares, its daemon's GPUs and the GPUs whose interval it set go through the checkpoint."""
+    """An MPS claim's shares, its daemon's GPUs and the GPUs whose interval it set go through the checkpoint; a
+    checkpoint with a share or GPU list out of shape is corrupt."""
     share = MpsShare(30, {"GPU-1": 1024})
     prepared = PreparedClaim(
         ClaimRef("ns", "c", "u-1"),
@@ -200,9 +201,18 @@ def test_the_checkpoint_keeps_a_claims_mps_share_and_daemon(tmp_path: Path) -> N
     content = encode({"u-1": prepared})
     read = decode(content, tmp_path)["u-1"]
     assert (read.mps, read.timeslice_gpus, read.mps_gpus) == ({"gpu": share}, {"GPU-2": "Long"}, ("GPU-1",))
-    assert json.loads(content)["claims"]["u-1"]["mps"] == {
-        "gpu": {"activeThreadPercentage": 30, "pinnedMemoryMiB": {"GPU-1": 1024}}
-    }
+    entry = json.loads(content)["claims"]["u-1"]
+    assert entry["mps"] == {"gpu": {"activeThreadPercentage": 30, "pinnedMemoryMiB": {"GPU-1": 1024}}}
+    for key, value in [
+        ("mpsGpus", "GPU-1"),
+        ("mps", {"gpu": {"activeThreadPercentage": 0, "pinnedMemoryMiB": {}}}),
+        ("mps", {"gpu": {"activeThreadPercentage": None, "pinnedMemoryMiB": {"GPU-1": "1Gi"}}}),
+        ("timeSliceGpus", {"GPU-2": "Forever"}),
+    ]:
+        broken = json.loads(content)
+        broken["claims"]["u-1"][key] = value
+        with pytest.raises(CheckpointCorrupt, match="unreadable checkpoint"):
+            decode(json.dumps(broken).encode(), tmp_path)
 
 
 def test_the_mps_claim_example_is_valid_and_decodes_to_mps_for_our_driver() -> None:

@@ -85,7 +85,7 @@ def decode(content: bytes, path: Path) -> dict[str, PreparedClaim]:
                 check_intervals(entry.get("timeSlicing", {})),
                 decode_shares(entry.get("mps", {})),
                 check_intervals(entry.get("timeSliceGpus", {})),
-                tuple(_text(gpu) for gpu in entry.get("mpsGpus", [])),
+                tuple(_text(gpu) for gpu in _list(entry.get("mpsGpus", []))),
             )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointCorrupt(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
@@ -94,6 +94,12 @@ def decode(content: bytes, path: Path) -> dict[str, PreparedClaim]:
 
 def _device(entry: Any) -> AllocatedDevice:
     return AllocatedDevice(_text(entry["request"]), _text(entry["pool"]), _text(entry["device"]))
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return value
 
 
 def _text(value: Any) -> str:

@@ -26,6 +26,7 @@ from gpuplugin.devices.mps import ControlDaemon
 from gpuplugin.dra.claimspec import spec_path
 from gpuplugin.dra.names import device_names
 from gpuplugin.dra.node import DraDriver
+from gpuplugin.dra.preparer import mps_key
 from gpuplugin.dra.sharing import API_VERSION, INTERVALS, KIND
 from gpuplugin.dra.slices import build_slices
 from gpuplugin.testing.dra import ClaimTable, DraKubelet
@@ -150,13 +151,13 @@ async def test_an_mps_claim_runs_its_daemon_and_holds_a_client_to_its_limit(
     uuid = gpu.attributes.get("uuid") or gpu.gpu
     mps = {"defaultActiveThreadPercentage": 50, "defaultPinnedDeviceMemoryLimit": "2Gi"}
     claim = claims.allocate(DRIVER, NODE, {"gpu": [name]}, config=gpu_config({"strategy": "MPS", "mpsConfig": mps}))
-    daemon = ControlDaemon(claim.uid, dra.plugin.preparer.mps, lambda: None, [uuid])
+    daemon = ControlDaemon(mps_key(claim.uid), dra.plugin.preparer.mps, lambda: None, [uuid])
     try:
         assert (await kubelet.prepare(DRIVER, [claim])).claims[claim.uid].error == ""
         assert await daemon.query("get_server_list") is not None
         (device,) = json.loads(spec_path(dra.settings, claim.uid).read_text())["devices"]
         env = dict(item.split("=", 1) for item in device["containerEdits"]["env"])
-        pipe = str(dra.plugin.preparer.mps.pipe_dir(claim.uid))
+        pipe = str(dra.plugin.preparer.mps.pipe_dir(mps_key(claim.uid)))
         assert env["CUDA_MPS_PIPE_DIRECTORY"] == pipe
         assert (env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"], env["CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"]) == ("50", "0=2048M")
         if importlib.util.find_spec("torch") is not None:

@@ -22,6 +22,7 @@ from gpuplugin.dra.checkpoint import CheckpointCorrupt, PreparedClaim, decode, e
 from gpuplugin.dra.claims import AllocatedDevice, ClaimRef, OpaqueConfig
 from gpuplugin.dra.claimspec import spec_path
 from gpuplugin.dra.driver import DEFAULT_DRIVER_NAME
+from gpuplugin.dra.preparer import mps_key
 from gpuplugin.dra.sharing import MpsShare, claim_sharing, quantity_mib
 from tests.fake_mps_control import PID_FILE
 from tests.fakes import until
@@ -37,7 +38,7 @@ def mps(**config: Any) -> dict[str, Any]:
 
 
 def pipe_dir(node: DraNode, claim: ClaimRef) -> Path:
-    return node.settings.state_dir / "mps" / claim.uid / "pipe"
+    return node.settings.state_dir / "mps" / mps_key(claim.uid) / "pipe"
 
 
 def daemon_pid(node: DraNode, claim: ClaimRef) -> int | None:
@@ -78,7 +79,7 @@ async def test_an_mps_claim_gets_its_daemon_and_its_limits_in_the_spec(workdir: 
         ]["mounts"]
         assert (await node.unprepare(claim)).claims[claim.uid].error == ""
         assert daemon_pid(node, claim) is None
-        assert not (node.settings.state_dir / "mps" / claim.uid).exists()
+        assert not (node.settings.state_dir / "mps" / mps_key(claim.uid)).exists()
 
 
 async def test_mps_without_limits_gives_only_the_pipe_directory(workdir: Path) -> None:
@@ -169,7 +170,7 @@ async def test_a_bad_mps_config_fails_its_claim_with_one_line_naming_the_field(
         message = (await node.prepare(claim)).claims[claim.uid].error
         assert message.startswith(f"claim {claim.namespace}/{claim.name}: config[0].opaque.parameters."), message
         assert error in message and "\n" not in message
-        assert not (node.settings.state_dir / "mps" / claim.uid).exists()
+        assert not (node.settings.state_dir / "mps" / mps_key(claim.uid)).exists()
 
 
 def test_quantities_read_as_kubernetes_writes_them() -> None:

@@ -4,8 +4,8 @@ others alone.
 
 Sharing applied on the node: a time-sliced request's GPUs get its interval (through the backend's TimeSliceControl;
 Default leaves the GPU as it is), back to Default once the last claim holding them goes; MPS requests get one
-control daemon per claim, its pipe and log directories under ``<state dir>/mps/<claim UID>``, quit on unprepare.
-Both are recorded in the checkpoint, so a restarted plugin undoes them too.
+control daemon per claim, its pipe and log directories under ``<state dir>/mps/<hash of the claim UID>``, quit on
+unprepare. Both are recorded in the checkpoint, so a restarted plugin undoes them too.
 
 Idempotent both ways: a claim already prepared answers what it answered before (its spec rewritten if it went
 missing, its MPS daemon started again if it no longer answers), and unpreparing a claim never prepared, or already
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import re
 import shutil
 from collections.abc import Callable, Mapping, Sequence
@@ -238,7 +239,7 @@ class ClaimPreparer:
             log.info("time-slice interval restored", gpu=gpu, interval=DEFAULT_INTERVAL)
 
     def _daemon(self, uid: str, gpus: Sequence[str]) -> ControlDaemon:
-        return ControlDaemon(uid, self.mps, lambda: None, gpus)
+        return ControlDaemon(mps_key(uid), self.mps, lambda: None, gpus)
 
     async def _start_mps(self, claim: ClaimRef, gpus: Sequence[str]) -> None:
         """Launch the claim's MPS control daemon (one already running on its pipe directory is taken as it is)."""
@@ -262,7 +263,7 @@ class ClaimPreparer:
             return
         await self._daemon(uid, gpus).quit()
         try:
-            await asyncio.to_thread(_remove_tree, self.mps.root / uid)
+            await asyncio.to_thread(_remove_tree, self.mps.root / mps_key(uid))
         except OSError as exc:
             raise ClaimRefused(f"cannot remove the claim's MPS directories: {exc.strerror or exc}") from None
         log.info("mps control daemon stopped", uid=uid, gpus=list(gpus))
@@ -287,7 +288,7 @@ class ClaimPreparer:
         return requests
 
     async def _write(self, claim: ClaimRef, requests: Mapping[str, Sequence[Device]], prepared: PreparedClaim) -> None:
-        pipe = self.mps.pipe_dir(claim.uid) if prepared.mps_gpus else None
+        pipe = self.mps.pipe_dir(mps_key(claim.uid)) if prepared.mps_gpus else None
         try:
             await write_claim_spec(self._settings, claim.uid, requests, prepared.sharing, pipe)
         except SpecConflict as exc:
@@ -298,6 +299,13 @@ class ClaimPreparer:
     def _result(self, prepared: PreparedClaim) -> ClaimResult:
         uid = prepared.claim.uid
         return ClaimResult(devices=tuple((d, cdi_device_id(self._settings, uid, d.request)) for d in prepared.devices))
+
+
+def mps_key(uid: str) -> str:
+    """The name of a claim's MPS directories: a hash of its UID, short because the MPS server's sockets live in the
+    pipe directory and a unix socket's path has at most 107 bytes (``/var/lib/kubelet/plugins/<driver>/mps/<key>/
+    pipe/control_privileged`` stays well under with 16 characters, would not with a 36-character UID)."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:16]
 
 
 def _check_ref(claim: ClaimRef) -> None:

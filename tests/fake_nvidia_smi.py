@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-NAMES = ("DEFAULT", "SHORT", "MEDIUM", "LONG")
+NAMES = ("Default", "Short", "Medium", "Long")
 
 
 def main(args: list[str]) -> int:
@@ -31,11 +31,13 @@ def main(args: list[str]) -> int:
         state.write_text(json.dumps(gpus))
         print(f"Set timeslice to {gpus[gpu]} for GPU {gpu}")
         return 0
-    print("+----------------------------------------+")
-    print("| GPU  Policy Name       Value           |")
-    print("|========================================|")
-    print(f"|   0  Timeslice         {NAMES[gpus[gpu]]:<16}|")
-    print("+----------------------------------------+")
+    # As the H200's driver prints it.
+    print("+-------------------------------------+")
+    print("| GPU compute policies:               |")
+    print("| GPU     Name           Value        |")
+    print("|=====================================|")
+    print(f"|   0   Timeslice       {NAMES[gpus[gpu]]:<14}|")
+    print("+-------------------------------------+")
     return 0
 
 

@@ -40,6 +40,7 @@ def smi_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.mark.parametrize(
     ("listing", "interval"),
     [
+        ("| GPU     Name           Value        |\n|   0   Timeslice       Default       |", 0),
         ("|   0  Timeslice         LONG            |", 3),
         ("GPU 0\n    Compute Policy\n        Time Slice : Medium\n", 2),
         ("timeslice=1", 1),

@@ -20,6 +20,7 @@ from gpuplugin.backends.mock import MockBackend
 from gpuplugin.backends.mock import create as create_mock
 from gpuplugin.backends.registry import BackendContext
 from gpuplugin.core.model import DeviceTree
+from gpuplugin.devices.mps import ControlDaemonSettings
 from gpuplugin.dra.claims import ClaimRef
 from gpuplugin.dra.claimspec import spec_path
 from gpuplugin.dra.driver import DriverSettings
@@ -42,6 +43,8 @@ class DraNode:
     claims: ClaimTable
     plugin: DraPlugin
     tree: DeviceTree
+    mps: ControlDaemonSettings | None = None
+    """How claims' MPS control daemons run (tests/fake_mps_control.py in the MPS tests)."""
 
     def names(self) -> list[str]:
         return list(device_names(self.tree))
@@ -63,7 +66,7 @@ class DraNode:
     async def restart(self) -> None:
         await self.plugin.aclose()
         await self.kubelet.wait_gone(DRIVER)
-        self.plugin = DraPlugin(self.settings, lambda: self.tree, self.claims)
+        self.plugin = DraPlugin(self.settings, lambda: self.tree, self.claims, backend=self.backend, mps=self.mps)
         await self.plugin.start()
         await self.kubelet.wait_registered(DRIVER)
 
@@ -79,7 +82,7 @@ def settings_in(directory: Path) -> DriverSettings:
 
 
 @asynccontextmanager
-async def dra_node(directory: Path, gpus: int = 2) -> AsyncIterator[DraNode]:
+async def dra_node(directory: Path, gpus: int = 2, mps: ControlDaemonSettings | None = None) -> AsyncIterator[DraNode]:
     settings = settings_in(directory)
     backend = create_mock(
         BackendContext(options={"control_socket": str(directory / "mock.sock"), "gpus": gpus}, state_dir=directory)
@@ -88,8 +91,8 @@ async def dra_node(directory: Path, gpus: int = 2) -> AsyncIterator[DraNode]:
     claims = ClaimTable()
     try:
         async with DraKubelet(settings.plugins_registry_dir) as kubelet:
-            node = DraNode(settings, backend, kubelet, claims, None, await backend.discover())  # type: ignore[arg-type]
-            node.plugin = DraPlugin(settings, lambda: node.tree, claims)
+            node = DraNode(settings, backend, kubelet, claims, None, await backend.discover(), mps)  # type: ignore[arg-type]
+            node.plugin = DraPlugin(settings, lambda: node.tree, claims, backend=backend, mps=mps)
             await node.plugin.start()
             try:
                 await kubelet.wait_registered(DRIVER)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
+from gpuplugin.devices.mps import ControlDaemonSettings
 from gpuplugin.dra.checkpoint import CheckpointCorrupt, PreparedClaim, decode, encode
 from gpuplugin.dra.claims import AllocatedDevice, ClaimRef, ClaimUnavailable, OpaqueConfig, allocation_of
 from gpuplugin.dra.claimspec import spec_path
@@ -28,8 +30,14 @@ from tests.test_deploy import validate
 from tests.test_dra import DRIVER, NODE, DraNode, cdi_spec, dra_node, env_of
 from tests.test_dra_apiserver import cluster
 from tests.test_dra_fuzz import FUZZ
+from tests.test_mps import FAKE_CONTROL
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "dra" / "shared-claim.yaml"
+
+
+def fake_daemons() -> ControlDaemonSettings:
+    """Claims' MPS control daemons run as tests/fake_mps_control.py."""
+    return ControlDaemonSettings(command=(sys.executable, FAKE_CONTROL))
 
 
 def gpu_config(sharing: Any = None, **extra: Any) -> dict[str, Any]:
@@ -102,16 +110,15 @@ async def test_config_for_another_driver_is_ignored_even_when_it_is_not_ours_to_
 async def test_a_config_applies_to_the_requests_it_names_and_the_last_one_wins(workdir: Path) -> None:
     """A config naming ``train`` shares that request's GPU only; of two configs naming it, the later (the claim's,
     after its class's) sets the interval; one naming no request applies to every request."""
-    async with dra_node(workdir) as node:
-        first, second = node.names()
-        devices = {"train": [first], "eval": [second]}
+    async with dra_node(workdir, gpus=4) as node:
+        first, second, third, fourth = node.names()
         named = shared_claim(
             node,
             opaque(time_sliced("Short"), requests=["train"]),
             opaque(time_sliced("Medium"), requests=["train"]),
-            devices=devices,
+            devices={"train": [first], "eval": [second]},
         )
-        everything = shared_claim(node, opaque(time_sliced("Long")), devices=devices)
+        everything = shared_claim(node, opaque(time_sliced("Long")), devices={"train": [third], "eval": [fourth]})
         response = await node.prepare(named, everything)
         assert all(response.claims[c.uid].error == "" for c in (named, everything))
         env = envs(node, named)
@@ -133,8 +140,12 @@ async def test_a_config_naming_a_request_shares_its_subrequests(workdir: Path) -
     ("parameters", "error"),
     [
         (
-            gpu_config({"strategy": "MPS"}),
-            "config[0].opaque.parameters.sharing.strategy: must be one of TimeSlicing, got 'MPS'",
+            gpu_config({"strategy": "Sometimes"}),
+            "config[0].opaque.parameters.sharing.strategy: must be one of MPS, TimeSlicing, got 'Sometimes'",
+        ),
+        (
+            gpu_config({"strategy": "MPS", "timeSlicingConfig": {}}),
+            "config[0].opaque.parameters.sharing.timeSlicingConfig: only with strategy TimeSlicing, not MPS",
         ),
         (
             time_sliced("Sometimes"),
@@ -179,7 +190,7 @@ async def test_a_pod_with_a_badly_configured_shared_claim_does_not_start(workdir
     """The kubelet does not start a pod whose shared claim failed: the error names the claim and the field."""
     async with dra_node(workdir) as node:
         claim = shared_claim(node, opaque(gpu_config({"strategy": "Sometimes"})))
-        with pytest.raises(PodNotStarted, match=r"sharing\.strategy: must be one of TimeSlicing"):
+        with pytest.raises(PodNotStarted, match=r"sharing\.strategy: must be one of MPS, TimeSlicing"):
             await node.kubelet.start_pod(DRIVER, {"a": [(claim, "gpu")], "b": [(claim, "gpu")]})
 
 
@@ -270,9 +281,10 @@ def parameters() -> st.SearchStrategy[Any]:
 
 
 async def test_any_opaque_parameters_give_a_prepared_claim_or_its_own_error(workdir: Path) -> None:
-    """Whatever our config's parameters are, the claim is prepared (shared exactly when they decode to time-slicing)
-    or gets one line of error, and the good claim of the same call is prepared."""
-    async with dra_node(workdir) as node:
+    """Whatever our config's parameters are, the claim is prepared (time-sliced exactly when they decode to
+    time-slicing, its MPS daemon started when they decode to MPS) or gets one line of error, and the good claim of
+    the same call is prepared."""
+    async with dra_node(workdir, mps=fake_daemons()) as node:
         loop = asyncio.get_running_loop()
         gpu, other = node.names()
         good = node.claim(other)

@@ -113,7 +113,7 @@ def test_valid_requests_parse_into_typed_requests(message: dict[str, Any], parse
     ("message", "error"),
     [
         ([1, 2], "a request is a JSON object, got list"),
-        ({"gpu": 0}, "op: must be one of xid, lose, recover, unplug, plug, status, got None"),
+        ({"gpu": 0}, "op: must be one of xid, lose, recover, unplug, plug, status, timeslices, got None"),
         ({"op": "reboot"}, "op: must be one of"),
         ({"op": "xid", "gpu": 0}, "xid: missing field xid"),
         ({"op": "plug"}, "plug: missing field gpu"),

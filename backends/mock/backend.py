@@ -20,6 +20,7 @@ from gpuplugin.backends.mock.control import (
     PlugRequest,
     RecoverRequest,
     StatusRequest,
+    TimeslicesRequest,
     UnplugRequest,
     XidRequest,
 )
@@ -32,6 +33,7 @@ from gpuplugin.core.backend import (
     BackendUnavailable,
     HealthChanged,
     InventoryChanged,
+    TimeSliceFailed,
 )
 from gpuplugin.core.clock import REAL_CLOCK, Clock
 from gpuplugin.core.model import DeviceTree, Health
@@ -89,6 +91,10 @@ class MockBackend:
         self._partitions: dict[int, frozenset[tuple[int, int]]] = {}
         """Served partitions (GPU instance, compute instance) by GPU index, as a partitioned backend over this one
         reports them; a GPU without any is served whole."""
+        self._timeslices: dict[int, int] = {}
+        """Time-slice intervals set by DRA claims, by GPU index; a GPU not here runs at Default (0)."""
+        self.timeslice_sets = 0
+        """Calls of ``set_timeslice`` that changed nothing or something: what a test counts to see a GPU left alone."""
         self._state = "new"
         if settings is not None:
             self._use(settings)
@@ -208,6 +214,33 @@ class MockBackend:
             )
         return tuple(statuses)
 
+    async def set_timeslice(self, gpu: str, interval: int) -> None:
+        """Record the interval of a present GPU (by UUID); TimeSliceFailed for another or a lost one, as the real
+        command fails on a GPU that does not answer."""
+        index = self._index_of.get(gpu)
+        if index is None or index not in self._present:
+            raise TimeSliceFailed(f"GPU {gpu}: no such GPU on this node")
+        if index in self._lost:
+            raise TimeSliceFailed(f"GPU {gpu}: the GPU does not answer (it fell off the bus)")
+        if not 0 <= interval <= 3:
+            raise TimeSliceFailed(f"GPU {gpu}: time-slice interval {interval} is not 0 to 3")
+        self.timeslice_sets += 1
+        if interval:
+            self._timeslices[index] = interval
+        else:
+            self._timeslices.pop(index, None)
+        log.info("mock time-slice interval", gpu=gpu, interval=interval)
+
+    async def timeslice(self, gpu: str) -> int | None:
+        index = self._index_of.get(gpu)
+        if index is None:
+            raise TimeSliceFailed(f"GPU {gpu}: no such GPU on this node")
+        return self._timeslices.get(index, 0)
+
+    def timeslices(self) -> dict[str, int]:
+        """Every GPU's interval by UUID, as the control ``timeslices`` reports it."""
+        return {d.id: self._timeslices.get(i, 0) for i, d in enumerate(self._require_inventory().devices)}
+
     def partitions_served(self, partitions: Mapping[str, Collection[tuple[int, int]]]) -> None:
         """The partitions now served on each GPU (by UUID), from the partitioned backend slicing this one: a control
         request may name only those."""
@@ -239,6 +272,8 @@ class MockBackend:
                 return {**self._named(gpu), "present": True, "changed": self.plug(gpu)}
             case StatusRequest():
                 return {"gpus": [asdict(s) for s in self.status()]}
+            case TimeslicesRequest():
+                return {"timeslices": self.timeslices()}
 
     def _check_instance(self, gpu: int, instance: tuple[int, int] | None) -> None:
         """A request's partition must be one served on that GPU: on a whole GPU it would change nothing."""

@@ -8,6 +8,7 @@ Requests (``gpu`` is a GPU index, ``instance`` an optional ``[gpu_instance, comp
     {"op": "unplug", "gpu": 0}
     {"op": "plug", "gpu": 0}
     {"op": "status"}
+    {"op": "timeslices"}                                         each GPU's time-slice interval (0 Default … 3 Long)
 
 Answers are ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``; a bad request never closes the connection.
 """
@@ -96,7 +97,14 @@ class StatusRequest:
     """Report every GPU: index, UUID, health, faults, lost, present."""
 
 
-ControlRequest = XidRequest | LoseRequest | RecoverRequest | UnplugRequest | PlugRequest | StatusRequest
+@dataclass(frozen=True, slots=True)
+class TimeslicesRequest:
+    """Report every GPU's time-slice interval, as DRA claims set it (0 Default, 1 Short, 2 Medium, 3 Long)."""
+
+
+ControlRequest = (
+    XidRequest | LoseRequest | RecoverRequest | UnplugRequest | PlugRequest | StatusRequest | TimeslicesRequest
+)
 ControlHandler = Callable[[ControlRequest], dict[str, Any]]
 """Applies a request and returns the answer's fields; raises ControlRequestError for a request it cannot apply."""
 
@@ -108,6 +116,7 @@ _FIELDS: Mapping[str, tuple[frozenset[str], frozenset[str]]] = {
     "unplug": (frozenset({"gpu"}), frozenset()),
     "plug": (frozenset({"gpu"}), frozenset()),
     "status": (frozenset(), frozenset()),
+    "timeslices": (frozenset(), frozenset()),
 }
 OPS = tuple(_FIELDS)
 
@@ -139,6 +148,8 @@ def parse_request(message: object) -> ControlRequest:
             return UnplugRequest(_index(message, "gpu"))
         case "plug":
             return PlugRequest(_index(message, "gpu"))
+        case "timeslices":
+            return TimeslicesRequest()
         case _:
             return StatusRequest()
 

@@ -25,6 +25,7 @@ from gpuplugin.backends.nvml.events import (
 from gpuplugin.backends.nvml.library import LibraryLoader, initialize, preload_library, unavailable_message
 from gpuplugin.backends.nvml.mig import GpuInstanceProfile
 from gpuplugin.backends.nvml.settings import NvmlSettings
+from gpuplugin.backends.nvml.timeslice import ComputePolicy
 from gpuplugin.core.backend import BackendEvent, BackendUnavailable, HealthChanged, InventoryChanged
 from gpuplugin.core.clock import REAL_CLOCK, Backoff, Clock, wait_at_most
 from gpuplugin.core.model import DeviceTree
@@ -86,6 +87,18 @@ class NvmlBackend:
         """XIDs seen, per (XID, action the policy took): for metrics."""
         self.fault_counts: Counter[str] = Counter()
         """Other health observations by kind (``ecc-double-bit``, ``gpu-lost``, ``wait-failing``, …)."""
+        self.compute_policy = ComputePolicy((settings.nvidia_smi,), settings.nvidia_smi_timeout_s)
+        self.timeslices: dict[str, int] = {}
+        """The intervals set through this backend, by GPU UUID (0: set back to Default)."""
+
+    async def set_timeslice(self, gpu: str, interval: int) -> None:
+        """A TimeSliceControl: ``nvidia-smi compute-policy -i <gpu> --set-timeslice=<interval>``."""
+        await self.compute_policy.set_timeslice(gpu, interval)
+        self.timeslices[gpu] = interval
+        log.info("time-slice interval set", gpu=gpu, interval=interval)
+
+    async def timeslice(self, gpu: str) -> int | None:
+        return await self.compute_policy.timeslice(gpu)
 
     async def start(self) -> None:
         """Initialise NVML and discover the GPUs; raises BackendUnavailable unless ``fail_on_init_error`` is off."""

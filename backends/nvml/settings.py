@@ -16,6 +16,8 @@ from gpuplugin.core.model import ContainerSpec, Device
 MAX_EVENT_WAIT_TIMEOUT_MS = 10_000
 #: Longest backoff (seconds) between NVML retries: an hour; longer leaves a repaired node idle for no reason.
 MAX_BACKOFF_S = 3600.0
+#: Longest wait (seconds) for one ``nvidia-smi`` command: it answers in well under a second on a healthy node.
+MAX_NVIDIA_SMI_TIMEOUT_S = 300.0
 #: Most consecutive failed event waits tolerated before every GPU is marked Unhealthy.
 MAX_WAIT_ERROR_THRESHOLD = 1000
 
@@ -67,6 +69,11 @@ class NvmlSettings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_o
     (until a wait succeeds again)."""
     sysfs_root: AbsolutePath = "/sys"
     """Where sysfs is mounted; NUMA nodes are read from ``<sysfs_root>/bus/pci/devices/<bus id>/numa_node``."""
+    nvidia_smi: str = "nvidia-smi"
+    """The ``nvidia-smi`` program (a path, or a name looked up on PATH) that sets and reads GPUs' time-slice
+    intervals for DRA claims (``chroot /driver-root nvidia-smi`` is not needed: give the driver root's path)."""
+    nvidia_smi_timeout_s: Annotated[float, msgspec.Meta(gt=0, le=MAX_NVIDIA_SMI_TIMEOUT_S)] = 30.0
+    """Seconds (above 0, at most 300) one ``nvidia-smi`` command may take before its claim fails."""
     report_mig_devices: bool = False
     """Serve the MIG devices of MIG-enabled GPUs (under ``resource``, each with its GPU and compute instance) and
     read every GPU's GPU-instance profiles, instead of skipping MIG-enabled GPUs. The partitioned backend turns

@@ -24,6 +24,8 @@ __all__ = [
     "InventoryChanged",
     "PreStart",
     "PreferredAllocation",
+    "TimeSliceControl",
+    "TimeSliceFailed",
 ]
 
 
@@ -95,6 +97,25 @@ class PreStart(Protocol):
     """A backend that prepares devices before each container starts (the kubelet gives it 30 s)."""
 
     async def pre_start_container(self, resource: str, device_ids: Sequence[str]) -> None: ...
+
+
+@runtime_checkable
+class TimeSliceControl(Protocol):
+    """A backend that sets how long each process on a GPU runs before the next one (the GPU's compute time slice).
+
+    Intervals are NVIDIA's: 0 Default, 1 Short, 2 Medium, 3 Long (``nvidia-smi compute-policy --set-timeslice``).
+    A backend without this capability serves time-sliced claims at whatever interval the GPU has.
+    """
+
+    async def set_timeslice(self, gpu: str, interval: int) -> None:
+        """Set the interval of the GPU with this UUID; raises TimeSliceFailed with one line saying why."""
+
+    async def timeslice(self, gpu: str) -> int | None:
+        """The interval the GPU reports now (None: it reports none we can read); raises TimeSliceFailed."""
+
+
+class TimeSliceFailed(Exception):
+    """A GPU's time-slice interval could not be set or read; the message names the GPU and the cause."""
 
 
 class BackendUnavailable(Exception):

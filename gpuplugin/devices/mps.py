@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -296,19 +296,25 @@ class DaemonState:
 
 
 class ControlDaemon:
-    """One GPU's ``nvidia-cuda-mps-control -d``: launched, queried, restarted, and quit on its own pipe directory."""
+    """One GPU's ``nvidia-cuda-mps-control -d``: launched, queried, restarted, and quit on its own pipe directory.
 
-    def __init__(self, uuid: str, settings: ControlDaemonSettings, on_change: Callable[[], None]) -> None:
+    ``uuid`` names its directories; ``gpus``, when given, are the GPUs it serves instead of that one (a DRA claim's
+    daemon: its directories are the claim's, its GPUs the claim's)."""
+
+    def __init__(
+        self, uuid: str, settings: ControlDaemonSettings, on_change: Callable[[], None], gpus: Sequence[str] = ()
+    ) -> None:
         self.uuid = uuid
+        self.gpus = tuple(gpus) or (uuid,)
         self.settings = settings
         self.state = DaemonState(uuid)
         self._on_change = on_change
 
     def environment(self) -> dict[str, str]:
-        """The daemon's environment: its GPU alone, its own pipe and log directories."""
+        """The daemon's environment: its GPUs alone, its own pipe and log directories."""
         return {
             **os.environ,
-            "CUDA_VISIBLE_DEVICES": self.uuid,
+            "CUDA_VISIBLE_DEVICES": ",".join(self.gpus),
             PIPE_DIRECTORY: str(self.settings.pipe_dir(self.uuid)),
             LOG_DIRECTORY: str(self.settings.log_dir(self.uuid)),
         }

@@ -17,7 +17,7 @@ import aiofiles.os
 
 from gpuplugin.devices.cdi import write_atomically
 from gpuplugin.dra.claims import AllocatedDevice, ClaimRef
-from gpuplugin.dra.sharing import check_intervals
+from gpuplugin.dra.sharing import ClaimSharing, MpsShare, check_intervals, decode_shares, encode_shares
 
 CHECKPOINT_VERSION = 1
 #: Only the plugin (root) reads it.
@@ -32,6 +32,17 @@ class PreparedClaim:
     devices: tuple[AllocatedDevice, ...]
     time_slicing: Mapping[str, str] = field(default_factory=dict)
     """The time-slice interval of each time-sliced request, to write the same spec again if it goes missing."""
+    mps: Mapping[str, MpsShare] = field(default_factory=dict)
+    """The MPS share of each request served through the claim's MPS server."""
+    timeslice_gpus: Mapping[str, str] = field(default_factory=dict)
+    """The GPUs (by UUID) whose time-slice interval this claim set, with that interval: what goes back to Default
+    once no prepared claim holds it, after a plugin restart too."""
+    mps_gpus: tuple[str, ...] = ()
+    """The GPUs (by UUID) of the claim's MPS control daemon; empty: it has none."""
+
+    @property
+    def sharing(self) -> ClaimSharing:
+        return ClaimSharing(self.time_slicing, self.mps)
 
 
 class CheckpointCorrupt(Exception):
@@ -48,6 +59,9 @@ def encode(claims: Mapping[str, PreparedClaim]) -> bytes:
                 "devices": [{"request": d.request, "pool": d.pool, "device": d.device} for d in prepared.devices],
                 # Only when set: a checkpoint without sharing reads the same in a plugin that knows none.
                 **({"timeSlicing": dict(prepared.time_slicing)} if prepared.time_slicing else {}),
+                **({"timeSliceGpus": dict(prepared.timeslice_gpus)} if prepared.timeslice_gpus else {}),
+                **({"mps": encode_shares(prepared.mps)} if prepared.mps else {}),
+                **({"mpsGpus": list(prepared.mps_gpus)} if prepared.mps_gpus else {}),
             }
             for uid, prepared in sorted(claims.items())
         },
@@ -65,7 +79,14 @@ def decode(content: bytes, path: Path) -> dict[str, PreparedClaim]:
         for uid, entry in document["claims"].items():
             devices = tuple(_device(d) for d in entry["devices"])
             ref = ClaimRef(_text(entry["namespace"]), _text(entry["name"]), uid)
-            claims[uid] = PreparedClaim(ref, devices, check_intervals(entry.get("timeSlicing", {})))
+            claims[uid] = PreparedClaim(
+                ref,
+                devices,
+                check_intervals(entry.get("timeSlicing", {})),
+                decode_shares(entry.get("mps", {})),
+                check_intervals(entry.get("timeSliceGpus", {})),
+                tuple(_text(gpu) for gpu in _list(entry.get("mpsGpus", []))),
+            )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointCorrupt(f"{path}: unreadable checkpoint ({type(exc).__name__}: {exc})") from None
     return claims
@@ -73,6 +94,12 @@ def decode(content: bytes, path: Path) -> dict[str, PreparedClaim]:
 
 def _device(entry: Any) -> AllocatedDevice:
     return AllocatedDevice(_text(entry["request"]), _text(entry["pool"]), _text(entry["device"]))
+
+
+def _list(value: Any) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, got {type(value).__name__}")
+    return value
 
 
 def _text(value: Any) -> str:

@@ -9,17 +9,19 @@ written with the CDI writer's atomic replace and removed on unprepare.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import aiofiles.os
 
-from gpuplugin.core.model import ContainerSpec, Device, merge_specs
+from gpuplugin.core.model import ContainerSpec, Device, Mount, frozen_mapping, merge_specs
 from gpuplugin.devices.cdi import CDI_VERSION, render, write_atomically
+from gpuplugin.devices.mps import MEMORY_LIMIT, PIPE_DIRECTORY, THREAD_PERCENTAGE
 from gpuplugin.devices.strategies import cdi_device_node
 from gpuplugin.dra.driver import CDI_CLASS, DriverSettings
-from gpuplugin.dra.sharing import sharing_env
+from gpuplugin.dra.sharing import MPS, STRATEGY_ENV, ClaimSharing, MpsShare, time_slicing_env
 
 
 def spec_path(settings: DriverSettings, claim_uid: str) -> Path:
@@ -58,25 +60,48 @@ def claim_edits(spec: ContainerSpec, extra_env: Mapping[str, str] | None = None)
     return edits
 
 
+def gpu_uuid(device: Device) -> str:
+    """The UUID of the GPU (or MIG device) ``device`` is: what MPS and ``nvidia-smi`` name it by."""
+    return device.attributes.get("uuid") or device.gpu
+
+
+def mps_client_spec(spec: ContainerSpec, devices: Sequence[Device], share: MpsShare, pipe: Path) -> ContainerSpec:
+    """``spec`` plus what a client of the claim's MPS server needs: the pipe directory (mounted at the same path, so
+    the variable names it on the node and in the container alike) and the request's share. Memory limits name
+    GPUs by their ordinal in the container, the order of the request's devices."""
+    env = {**spec.env, STRATEGY_ENV: MPS, PIPE_DIRECTORY: str(pipe)}
+    if share.thread_percentage is not None:
+        env[THREAD_PERCENTAGE] = str(share.thread_percentage)
+    limits = [
+        f"{ordinal}={share.pinned_mib[uuid]}M"
+        for ordinal, uuid in enumerate(gpu_uuid(device) for device in devices)
+        if uuid in share.pinned_mib
+    ]
+    if limits:
+        env[MEMORY_LIMIT] = ",".join(limits)
+    mount = Mount(host_path=str(pipe), container_path=str(pipe), read_only=False)
+    return dataclasses.replace(spec, env=frozen_mapping(env), mounts=(*spec.mounts, mount))
+
+
 def claim_spec(
     settings: DriverSettings,
     claim_uid: str,
     requests: Mapping[str, Sequence[Device]],
-    time_slicing: Mapping[str, str] | None = None,
+    sharing: ClaimSharing | None = None,
+    mps_pipe: Path | None = None,
 ) -> dict[str, Any]:
-    """The CDI spec of a claim given its devices by request, and the time-slice interval of each time-sliced
-    request; raises SpecConflict when the specs of one request's devices disagree."""
-    sliced = time_slicing or {}
-    devices = [
-        {
-            "name": cdi_device_name(claim_uid, request),
-            "containerEdits": claim_edits(
-                merge_specs(device.spec for device in of_request),
-                sharing_env(sliced[request]) if request in sliced else None,
-            ),
-        }
-        for request, of_request in requests.items()
-    ]
+    """The CDI spec of a claim given its devices by request, how its requests are shared, and the pipe directory of
+    its MPS server (for MPS requests); raises SpecConflict when the specs of one request's devices disagree."""
+    shared = sharing or ClaimSharing()
+    devices = []
+    for request, of_request in requests.items():
+        spec = merge_specs(device.spec for device in of_request)
+        share = shared.mps.get(request)
+        if share is not None and mps_pipe is not None:
+            spec = mps_client_spec(spec, of_request, share, mps_pipe)
+        interval = shared.time_slicing.get(request)
+        extra = time_slicing_env(interval) if interval is not None else None
+        devices.append({"name": cdi_device_name(claim_uid, request), "containerEdits": claim_edits(spec, extra)})
     return {"cdiVersion": CDI_VERSION, "kind": settings.cdi_kind, "devices": devices}
 
 
@@ -84,10 +109,11 @@ async def write_claim_spec(
     settings: DriverSettings,
     claim_uid: str,
     requests: Mapping[str, Sequence[Device]],
-    time_slicing: Mapping[str, str] | None = None,
+    sharing: ClaimSharing | None = None,
+    mps_pipe: Path | None = None,
 ) -> None:
     """Write the claim's spec atomically; raises OSError or SpecConflict."""
-    content = render(claim_spec(settings, claim_uid, requests, time_slicing), "json")
+    content = render(claim_spec(settings, claim_uid, requests, sharing, mps_pipe), "json")
     await aiofiles.os.makedirs(settings.cdi_dir, exist_ok=True)
     await write_atomically(spec_path(settings, claim_uid), content)
 

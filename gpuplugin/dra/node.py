@@ -48,7 +48,7 @@ class DraDriver:
         self.backend = backend
         self.settings = settings
         self.publisher = publisher
-        self.plugin = DraPlugin(settings, lambda: self.tree, claims)
+        self.plugin = DraPlugin(settings, lambda: self.tree, claims, backend=backend)
         self.plugin.registration.on_registered = self._kubelet_registered
         self.discovered = DeviceTree()
         self.tree = DeviceTree()

@@ -11,6 +11,7 @@ import structlog
 from grpclib.server import Server
 
 from gpuplugin.core.model import DeviceTree
+from gpuplugin.devices.mps import ControlDaemonSettings
 from gpuplugin.dra.checkpoint import Checkpoint
 from gpuplugin.dra.claims import ClaimSource
 from gpuplugin.dra.driver import DriverSettings
@@ -25,10 +26,19 @@ log = structlog.get_logger("gpuplugin.dra.plugin")
 class DraPlugin:
     """Serves claims of ``settings.driver_name`` on the devices of the tree ``tree()`` returns when asked."""
 
-    def __init__(self, settings: DriverSettings, tree: Callable[[], DeviceTree], claims: ClaimSource) -> None:
+    def __init__(
+        self,
+        settings: DriverSettings,
+        tree: Callable[[], DeviceTree],
+        claims: ClaimSource,
+        *,
+        backend: object = None,
+        mps: ControlDaemonSettings | None = None,
+    ) -> None:
+        """``backend`` and ``mps``: how claims' sharing is applied on the node (ClaimPreparer)."""
         self.settings = settings
         self.checkpoint = Checkpoint(settings.checkpoint_path)
-        self.preparer = ClaimPreparer(settings, tree, claims, self.checkpoint)
+        self.preparer = ClaimPreparer(settings, tree, claims, self.checkpoint, backend=backend, mps=mps)
         self.health = HealthFeed(tree)
         self.registration = Registration(settings)
         self._server: Server | None = None

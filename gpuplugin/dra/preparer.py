@@ -1,15 +1,25 @@
-"""Preparing and unpreparing claims: each claim's devices resolved in the current tree, its CDI spec written, and
-the checkpoint updated, one claim at a time; a claim that fails gets its error and leaves the others alone.
+"""Preparing and unpreparing claims: each claim's devices resolved in the current tree, its sharing applied, its
+CDI spec written, and the checkpoint updated, one claim at a time; a claim that fails gets its error and leaves the
+others alone.
+
+Sharing applied on the node: a time-sliced request's GPUs get its interval (through the backend's TimeSliceControl;
+Default leaves the GPU as it is), back to Default once the last claim holding them goes; MPS requests get one
+control daemon per claim, its pipe and log directories under ``<state dir>/mps/<hash of the claim UID>``, quit on
+unprepare. Both are recorded in the checkpoint, so a restarted plugin undoes them too.
 
 Idempotent both ways: a claim already prepared answers what it answered before (its spec rewritten if it went
-missing), and unpreparing a claim never prepared, or already unprepared, succeeds.
+missing, its MPS daemon started again if it no longer answers), and unpreparing a claim never prepared, or already
+unprepared, succeeds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import re
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,15 +27,24 @@ from pathlib import Path
 import aiofiles.os
 import structlog
 
+from gpuplugin.core.backend import TimeSliceControl, TimeSliceFailed
 from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.model import Device, DeviceTree, Health, SpecConflict
+from gpuplugin.devices.mps import ControlDaemon, ControlDaemonSettings
 from gpuplugin.devices.strategies import CDI_DEVICE_NAME
 from gpuplugin.dra.checkpoint import Checkpoint, PreparedClaim
 from gpuplugin.dra.claims import AllocatedDevice, ClaimRef, ClaimSource, ClaimUnavailable
-from gpuplugin.dra.claimspec import cdi_device_id, cdi_device_name, remove_claim_spec, spec_path, write_claim_spec
+from gpuplugin.dra.claimspec import (
+    cdi_device_id,
+    cdi_device_name,
+    gpu_uuid,
+    remove_claim_spec,
+    spec_path,
+    write_claim_spec,
+)
 from gpuplugin.dra.driver import DriverSettings
 from gpuplugin.dra.names import device_names
-from gpuplugin.dra.sharing import time_slicing
+from gpuplugin.dra.sharing import DEFAULT_INTERVAL, ClaimSharing, claim_sharing, interval_number
 
 log = structlog.get_logger("gpuplugin.dra.preparer")
 
@@ -54,11 +73,19 @@ class ClaimPreparer:
         tree: Callable[[], DeviceTree],
         claims: ClaimSource,
         checkpoint: Checkpoint,
+        *,
+        backend: object = None,
+        mps: ControlDaemonSettings | None = None,
     ) -> None:
+        """``backend``: what sets time-slice intervals, when it is a TimeSliceControl; ``mps``: how claims' MPS
+        control daemons run (their ``root`` is replaced by ``<state dir>/mps``)."""
         self._settings = settings
         self._tree = tree
         self._claims = claims
         self._checkpoint = checkpoint
+        self._timeslices = backend if isinstance(backend, TimeSliceControl) else None
+        self._backend_name = "this plugin" if backend is None else f"the {getattr(backend, 'name', '')} backend"
+        self.mps = dataclasses.replace(mps or ControlDaemonSettings(), root=settings.state_dir / "mps")
         # One change at a time: the checkpoint is rewritten whole, and a claim prepared and unprepared at once
         # must end in one state or the other.
         self._lock = asyncio.Lock()
@@ -86,6 +113,11 @@ class ClaimPreparer:
                     continue
                 try:
                     _check_ref(claim)
+                    known = self._checkpoint.claims.get(claim.uid)
+                    if known is not None:
+                        # Undone first: a failure keeps the claim recorded, so the kubelet's retry undoes it again.
+                        await self._restore_timeslices(known.timeslice_gpus, claim.uid)
+                        await self._stop_mps(claim.uid, known.mps_gpus)
                     await remove_claim_spec(self._settings, claim.uid)
                     await self._checkpoint.drop(claim.uid)
                 except ClaimRefused as exc:
@@ -101,9 +133,10 @@ class ClaimPreparer:
         _check_ref(claim)
         known = self._checkpoint.claims.get(claim.uid)
         if known is not None:
+            await self._revive_mps(claim, known)
             if await _missing(spec_path(self._settings, claim.uid)) and known.devices:
                 # Prepared before, spec gone (a wiped /var/run): the same devices, written again.
-                await self._write(claim, self._resolve(claim, known.devices), known.time_slicing)
+                await self._write(claim, self._resolve(claim, known.devices), known)
             return self._result(known)
         try:
             allocation = await self._claims.allocation(claim, self._settings.driver_name)
@@ -112,21 +145,128 @@ class ClaimPreparer:
         allocated = allocation.devices
         requests = self._resolve(claim, allocated)
         try:
-            sliced = time_slicing(allocation.configs, list(requests))
+            sharing = claim_sharing(allocation.configs, {r: [gpu_uuid(d) for d in ds] for r, ds in requests.items()})
         except ConfigError as exc:
             raise ClaimRefused(f"claim {_name(claim)}: {exc}") from None
-        if requests:
-            await self._write(claim, requests, sliced)
-        prepared = PreparedClaim(claim, allocated, sliced)
+        timeslice_gpus = self._timeslice_gpus(claim, requests, sharing)
+        mps_gpus = tuple(dict.fromkeys(gpu_uuid(d) for r in sharing.mps for d in requests[r]))
+        prepared = PreparedClaim(claim, allocated, sharing.time_slicing, sharing.mps, timeslice_gpus, mps_gpus)
+        await self._set_timeslices(claim, timeslice_gpus)
         try:
-            await self._checkpoint.put(prepared)
-        except OSError as exc:
-            # Not recorded, so not prepared: no spec may outlive it, or nothing would ever remove it.
-            with contextlib.suppress(OSError):
-                await remove_claim_spec(self._settings, claim.uid)
-            raise ClaimRefused(f"cannot write the checkpoint: {exc.strerror or exc}") from None
+            if mps_gpus:
+                await self._start_mps(claim, mps_gpus)
+            if requests:
+                await self._write(claim, requests, prepared)
+            try:
+                await self._checkpoint.put(prepared)
+            except OSError as exc:
+                # Not recorded, so not prepared: no spec may outlive it, or nothing would ever remove it.
+                with contextlib.suppress(OSError):
+                    await remove_claim_spec(self._settings, claim.uid)
+                raise ClaimRefused(f"cannot write the checkpoint: {exc.strerror or exc}") from None
+        except BaseException:
+            # Nothing of a claim not prepared may stay: its daemon, or an interval no claim holds any more.
+            with contextlib.suppress(ClaimRefused):
+                await self._stop_mps(claim.uid, mps_gpus)
+            with contextlib.suppress(ClaimRefused):
+                await self._restore_timeslices(timeslice_gpus, claim.uid)
+            raise
         log.info("claim prepared", claim=_name(claim), uid=claim.uid, devices=[d.device for d in allocated])
         return self._result(prepared)
+
+    def _timeslice_gpus(
+        self, claim: ClaimRef, requests: Mapping[str, Sequence[Device]], sharing: ClaimSharing
+    ) -> dict[str, str]:
+        """The GPUs whose interval the claim sets (Default sets none), checked against each other and against the
+        intervals other prepared claims hold; refused when the backend cannot set one."""
+        wanted: dict[str, str] = {}
+        for request, interval in sharing.time_slicing.items():
+            if interval == DEFAULT_INTERVAL:
+                continue
+            for device in requests[request]:
+                gpu = gpu_uuid(device)
+                if wanted.setdefault(gpu, interval) != interval:
+                    raise ClaimRefused(
+                        f"claim {_name(claim)}: GPU {gpu} is asked for two time-slice intervals, "
+                        f"{wanted[gpu]} and {interval} (request {request})"
+                    )
+        for gpu, interval in wanted.items():
+            for other in self._checkpoint.claims.values():
+                held = other.timeslice_gpus.get(gpu)
+                if held is not None and held != interval:
+                    raise ClaimRefused(
+                        f"claim {_name(claim)}: GPU {gpu} runs time slices of interval {held} for claim "
+                        f"{_name(other.claim)}; this claim asks {interval}"
+                    )
+        if wanted and self._timeslices is None:
+            interval = next(iter(wanted.values()))
+            raise ClaimRefused(
+                f"claim {_name(claim)}: sharing.timeSlicingConfig.interval: {self._backend_name} cannot "
+                f"set a GPU's time-slice interval ({interval}); use Default"
+            )
+        return wanted
+
+    def _held(self, gpu: str, but: str) -> bool:
+        """Whether a prepared claim other than ``but`` holds an interval on ``gpu``."""
+        return any(gpu in p.timeslice_gpus for uid, p in self._checkpoint.claims.items() if uid != but)
+
+    async def _set_timeslices(self, claim: ClaimRef, wanted: Mapping[str, str]) -> None:
+        """Set each GPU's interval (one already held at it by another claim is left alone); on a failure, the
+        GPUs set so far go back to Default and the claim is refused."""
+        done: dict[str, str] = {}
+        for gpu, interval in wanted.items():
+            if self._held(gpu, claim.uid):
+                continue
+            assert self._timeslices is not None
+            try:
+                await self._timeslices.set_timeslice(gpu, interval_number(interval))
+            except TimeSliceFailed as exc:
+                with contextlib.suppress(ClaimRefused):
+                    await self._restore_timeslices(done, claim.uid)
+                raise ClaimRefused(f"claim {_name(claim)}: {exc}") from None
+            done[gpu] = interval
+            log.info("time-slice interval set", gpu=gpu, interval=interval, claim=_name(claim))
+
+    async def _restore_timeslices(self, gpus: Mapping[str, str], uid: str) -> None:
+        """Put back Default on the GPUs of ``gpus`` that no other prepared claim holds; raises ClaimRefused."""
+        for gpu in gpus:
+            if self._held(gpu, uid) or self._timeslices is None:
+                continue
+            try:
+                await self._timeslices.set_timeslice(gpu, interval_number(DEFAULT_INTERVAL))
+            except TimeSliceFailed as exc:
+                raise ClaimRefused(f"cannot restore the Default time-slice interval: {exc}") from None
+            log.info("time-slice interval restored", gpu=gpu, interval=DEFAULT_INTERVAL)
+
+    def _daemon(self, uid: str, gpus: Sequence[str]) -> ControlDaemon:
+        return ControlDaemon(mps_key(uid), self.mps, lambda: None, gpus)
+
+    async def _start_mps(self, claim: ClaimRef, gpus: Sequence[str]) -> None:
+        """Launch the claim's MPS control daemon (one already running on its pipe directory is taken as it is)."""
+        daemon = self._daemon(claim.uid, gpus)
+        if not await daemon.launch():
+            raise ClaimRefused(
+                f"claim {_name(claim)}: the MPS control daemon of GPUs {','.join(gpus)} did not start: "
+                f"{daemon.state.last_error or 'it did not answer'}"
+            )
+        start_s = round(daemon.state.last_start_s or 0.0, 3)
+        log.info("mps control daemon started", claim=_name(claim), gpus=list(gpus), start_s=start_s)
+
+    async def _revive_mps(self, claim: ClaimRef, known: PreparedClaim) -> None:
+        """A prepared claim asked again: its daemon must answer (it may have died, or the node rebooted)."""
+        if known.mps_gpus and await self._daemon(claim.uid, known.mps_gpus).query("get_server_list") is None:
+            await self._start_mps(claim, known.mps_gpus)
+
+    async def _stop_mps(self, uid: str, gpus: Sequence[str]) -> None:
+        """Quit the claim's daemon and remove its directories; raises ClaimRefused when they cannot go."""
+        if not gpus:
+            return
+        await self._daemon(uid, gpus).quit()
+        try:
+            await asyncio.to_thread(_remove_tree, self.mps.root / mps_key(uid))
+        except OSError as exc:
+            raise ClaimRefused(f"cannot remove the claim's MPS directories: {exc.strerror or exc}") from None
+        log.info("mps control daemon stopped", uid=uid, gpus=list(gpus))
 
     def _resolve(self, claim: ClaimRef, allocated: Sequence[AllocatedDevice]) -> dict[str, list[Device]]:
         """The tree's devices of an allocation by request; refused when one is elsewhere, unknown or unhealthy."""
@@ -147,11 +287,10 @@ class ClaimPreparer:
                 of_request.append(device)
         return requests
 
-    async def _write(
-        self, claim: ClaimRef, requests: Mapping[str, Sequence[Device]], sliced: Mapping[str, str]
-    ) -> None:
+    async def _write(self, claim: ClaimRef, requests: Mapping[str, Sequence[Device]], prepared: PreparedClaim) -> None:
+        pipe = self.mps.pipe_dir(mps_key(claim.uid)) if prepared.mps_gpus else None
         try:
-            await write_claim_spec(self._settings, claim.uid, requests, sliced)
+            await write_claim_spec(self._settings, claim.uid, requests, prepared.sharing, pipe)
         except SpecConflict as exc:
             raise ClaimRefused(f"the claim's devices cannot share a container: {exc}") from None
         except OSError as exc:
@@ -160,6 +299,13 @@ class ClaimPreparer:
     def _result(self, prepared: PreparedClaim) -> ClaimResult:
         uid = prepared.claim.uid
         return ClaimResult(devices=tuple((d, cdi_device_id(self._settings, uid, d.request)) for d in prepared.devices))
+
+
+def mps_key(uid: str) -> str:
+    """The name of a claim's MPS directories: a hash of its UID, short because the MPS server's sockets live in the
+    pipe directory and a unix socket's path has at most 107 bytes (``/var/lib/kubelet/plugins/<driver>/mps/<key>/
+    pipe/control_privileged`` stays well under with 16 characters, would not with a 36-character UID)."""
+    return hashlib.sha256(uid.encode()).hexdigest()[:16]
 
 
 def _check_ref(claim: ClaimRef) -> None:
@@ -171,6 +317,11 @@ def _check_ref(claim: ClaimRef) -> None:
 
 def _name(claim: ClaimRef) -> str:
     return f"{claim.namespace}/{claim.name}"
+
+
+def _remove_tree(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
 
 
 async def _missing(path: Path) -> bool:

@@ -1,7 +1,10 @@
 """``gpuplugin kubelet``: the kubelet simulator as a command, for trying a plugin's ``serve`` locally.
 
 It serves ``kubelet.sock`` in a directory and prints one line per event: a plugin registering, each ListAndWatch
-update, each admission it makes on the plugin (``--admit``), a stream's end, a refused registration.
+update, each admission it makes on the plugin (``--admit``), a stream's end, a refused registration. With
+``--kubelet-api dra`` it is the kubelet's DRA side instead: it watches the directory as the plugins registry, prints
+each DRA plugin's registration and its resource-health updates, and prepares the claim of ``--prepare`` once its
+driver registers (unpreparing it on stop).
 """
 
 from __future__ import annotations
@@ -13,16 +16,21 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 import structlog
+import yaml
 
 from gpuplugin.core.model import is_extended_resource_name
 from gpuplugin.core.tasks import TaskSet
+from gpuplugin.dra.claims import ClaimRef
+from gpuplugin.kubelet.api import v1alpha1
 from gpuplugin.testing.admission import Admission, AdmissionError
+from gpuplugin.testing.dra import HEALTH_SERVICE, Deregistered, DraEvent, DraKubelet, RegisteredPlugin, Rejected
 from gpuplugin.testing.node import (
     DevicesListed,
     KubeletEvent,
@@ -32,11 +40,14 @@ from gpuplugin.testing.node import (
     Restart,
     StreamEnd,
 )
+from gpuplugin.testing.registration_server import RPC_FAILURES
 from gpuplugin.testing.simulator import KubeletSimulator
 
 DEFAULT_DIR = Path("/tmp/gpuplugin-kubelet")
 #: Far more than any node has; a larger count is a typo, and the kubelet would refuse it anyway.
 MAX_ADMIT_COUNT = 4096
+#: Largest claim file read: a ResourceClaim is a few kilobytes; the API server's own limit on an object is 1.5 MiB.
+MAX_CLAIM_FILE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +215,178 @@ async def run(directory: Path, wants: Sequence[Want], every: float | None, say: 
     say("kubelet stopped")
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimFile:
+    """A ``--prepare`` claim: how the kubelet names it, and the driver its allocation is for."""
+
+    claim: ClaimRef
+    driver: str
+
+    def __str__(self) -> str:
+        return f"{self.claim.namespace}/{self.claim.name}"
+
+
+def parse_claim_file(_ctx: click.Context, _param: click.Parameter, value: Path | None) -> ClaimFile | None:
+    """A ResourceClaim (YAML or JSON) with its allocation, as the API server holds it; BadParameter naming the field
+    that is missing or wrong."""
+    if value is None:
+        return None
+    try:
+        with value.open("rb") as f:
+            data = f.read(MAX_CLAIM_FILE_BYTES + 1)
+        if len(data) > MAX_CLAIM_FILE_BYTES:
+            raise click.BadParameter(f"{value}: larger than {MAX_CLAIM_FILE_BYTES} bytes")
+        document = yaml.safe_load(data)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise click.BadParameter(f"{value}: not YAML or JSON ({str(exc).splitlines()[0]})") from None
+    return claim_of(document, str(value))
+
+
+def claim_of(document: Any, source: str) -> ClaimFile:
+    """The claim a ResourceClaim object names, and its driver; BadParameter naming the field."""
+
+    def field(path: str, value: Any) -> Any:
+        if not value:
+            raise click.BadParameter(f"{source}: {path}: missing")
+        return value
+
+    if not isinstance(document, Mapping):
+        raise click.BadParameter(f"{source}: a ResourceClaim is a mapping, got {type(document).__name__}")
+    if document.get("kind", "ResourceClaim") != "ResourceClaim":
+        raise click.BadParameter(f"{source}: kind: must be ResourceClaim, got {document.get('kind')!r}")
+    metadata = field("metadata", document.get("metadata"))
+    names = {key: metadata.get(key) if isinstance(metadata, Mapping) else None for key in ("name", "uid")}
+    namespace = metadata.get("namespace", "default") if isinstance(metadata, Mapping) else None
+    for key, value in {**names, "namespace": namespace}.items():
+        if not isinstance(field(f"metadata.{key}", value), str):
+            raise click.BadParameter(f"{source}: metadata.{key}: must be a string, got {value!r}")
+    results = (((document.get("status") or {}).get("allocation") or {}).get("devices") or {}).get("results")
+    drivers = {r.get("driver") for r in results or () if isinstance(r, Mapping)}
+    if len(drivers) != 1 or not isinstance(driver := next(iter(drivers)), str) or not driver:
+        found = ", ".join(sorted(map(str, drivers))) or "none"
+        raise click.BadParameter(
+            f"{source}: status.allocation.devices.results: must name one driver (the claim allocated), found {found}"
+        )
+    return ClaimFile(ClaimRef(str(namespace), str(names["name"]), str(names["uid"])), driver)
+
+
+def describe_dra(event: DraEvent) -> str:
+    """One line for a registration event of the DRA plugin watcher."""
+    match event:
+        case RegisteredPlugin():
+            return f"registered DRA driver {event.driver} endpoint={event.endpoint} service={event.service}"
+        case Deregistered():
+            return f"deregistered DRA driver {event.driver}"
+        case Rejected():
+            return f"rejected DRA plugin {event.socket}: {event.message}"
+
+
+def describe_health(driver: str, response: v1alpha1.NodeWatchResourcesResponse) -> str:
+    healthy_status = v1alpha1.HealthStatus.HEALTHY
+    unhealthy = [d.device.device_name for d in response.devices if d.device and d.health != healthy_status]
+    healthy = len(response.devices) - len(unhealthy)
+    return (
+        f"resource health {driver}: {len(response.devices)} devices, {healthy} healthy, {len(unhealthy)} not healthy"
+        + (f" ({', '.join(unhealthy)})" if unhealthy else "")
+    )
+
+
+def describe_prepared(claim: ClaimFile, response: Any) -> str:
+    entry = response.claims.get(claim.claim.uid)
+    if entry is None:
+        return f"prepare {claim}: the plugin answered for other claims only"
+    if entry.error:
+        return f"prepare failed {claim}: {entry.error}"
+    devices = "; ".join(
+        f"{','.join(d.request_names)} {d.device_name} cdi {','.join(d.cdi_device_ids)}" for d in entry.devices
+    )
+    return f"prepared {claim}: {devices or 'no devices'}"
+
+
+class DraSession:
+    """What ``--kubelet-api dra`` does on each event: follow the health stream of each registered plugin, and prepare
+    the ``--prepare`` claim when its driver registers."""
+
+    def __init__(self, claim: ClaimFile | None, say: Callable[[str], None]) -> None:
+        self.claim = claim
+        self._say = say
+        self._tasks = TaskSet("kubelet-dra")
+        self.kubelet: DraKubelet | None = None
+        self.prepared = False
+
+    def heard(self, event: DraEvent) -> None:
+        self._say(describe_dra(event))
+        if not isinstance(event, RegisteredPlugin):
+            return
+        if HEALTH_SERVICE in event.services:
+            self._tasks.spawn(self._follow_health(event.driver), f"health {event.driver}", expect_end=True)
+        if self.claim is not None and event.driver == self.claim.driver:
+            self._tasks.spawn(self._prepare(self.claim), "prepare", expect_end=True)
+
+    async def _follow_health(self, driver: str) -> None:
+        assert self.kubelet is not None
+        try:
+            async with self.kubelet.health_stream(driver) as stream:
+                async for response in _messages(stream):
+                    self._say(describe_health(driver, response))
+        except (*RPC_FAILURES, LookupError) as exc:
+            self._say(f"resource health {driver}: stream ended ({type(exc).__name__}: {exc})")
+
+    async def _prepare(self, claim: ClaimFile) -> None:
+        assert self.kubelet is not None
+        try:
+            response = await self.kubelet.prepare(claim.driver, [claim.claim])
+        except (*RPC_FAILURES, KeyError) as exc:
+            self._say(f"prepare failed {claim}: {type(exc).__name__}: {exc}")
+            return
+        self.prepared = True
+        self._say(describe_prepared(claim, response))
+
+    async def unprepare(self) -> None:
+        """On stop: unprepare the claim prepared (its driver still registered), as the kubelet does once a pod goes."""
+        claim = self.claim
+        await self._tasks.aclose()
+        if claim is None or not self.prepared or self.kubelet is None or claim.driver not in self.kubelet.plugins:
+            return
+        try:
+            response = await self.kubelet.unprepare(claim.driver, [claim.claim])
+        except RPC_FAILURES as exc:
+            self._say(f"unprepare failed {claim}: {type(exc).__name__}: {exc}")
+            return
+        entry = response.claims.get(claim.claim.uid)
+        error = entry.error if entry is not None else "the plugin did not answer for it"
+        self._say(f"unprepare failed {claim}: {error}" if error else f"unprepared {claim}")
+
+
+async def _messages(stream: Any) -> AsyncIterator[v1alpha1.NodeWatchResourcesResponse]:
+    while (message := await stream.recv_message()) is not None:
+        yield message
+
+
+async def run_dra(directory: Path, claim: ClaimFile | None, say: Callable[[str], None]) -> None:
+    """Watch ``directory`` as the kubelet's plugins registry until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    session = DraSession(claim, say)
+    try:
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
+        async with DraKubelet(directory, poll_s=0.1, on_event=session.heard) as kubelet:
+            session.kubelet = kubelet
+            say(f"kubelet watching DRA plugins in {directory}; stop with Ctrl-C")
+            try:
+                await stop.wait()
+            finally:
+                await session.unprepare()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+    say("kubelet stopped")
+
+
 def say(line: str) -> None:
     click.echo(f"{time.strftime('%H:%M:%S')} {line}")
 
@@ -232,10 +415,30 @@ def say(line: str) -> None:
     metavar="SECONDS",
     help="Admit the --admit pods again every SECONDS, each replacing its previous pod.",
 )
-def kubelet_cli(directory: Path, wants: list[Want], admit_every: float | None) -> None:
+@click.option(
+    "--kubelet-api",
+    type=click.Choice(["device-plugin", "dra"]),
+    default="device-plugin",
+    show_default=True,
+    help="dra: watch --dir as the plugins registry for DRA plugins (serve --kubelet-api dra with that "
+    "pluginsRegistryDir) instead of serving kubelet.sock.",
+)
+@click.option(
+    "--prepare",
+    "claim",
+    type=click.Path(dir_okay=False, path_type=Path),
+    callback=parse_claim_file,
+    metavar="FILE",
+    help="DRA: a ResourceClaim with its allocation (YAML or JSON, as the API server holds it) to prepare once its "
+    "driver registers, and unprepare on stop.",
+)
+def kubelet_cli(
+    directory: Path, wants: list[Want], admit_every: float | None, kubelet_api: str, claim: ClaimFile | None
+) -> None:
     """Play the kubelet in a directory: print each plugin registration, ListAndWatch update and admission.
 
-    Run `gpuplugin serve --kubelet-dir DIR` against it from another terminal; stop it with Ctrl-C.
+    Run `gpuplugin serve --kubelet-dir DIR` against it from another terminal; stop it with Ctrl-C. With
+    --kubelet-api dra, run `gpuplugin serve --kubelet-api dra` with DIR as its pluginsRegistryDir instead.
     """
     # Events, a plugin's misbehaviour included, go to stdout, one line each; the simulator's own log only says
     # what fails inside it, on stderr.
@@ -243,7 +446,12 @@ def kubelet_cli(directory: Path, wants: list[Want], admit_every: float | None) -
         wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
     )
+    dra = kubelet_api == "dra"
+    if dra and (wants or admit_every is not None):
+        raise click.BadParameter("pods are admitted through the device plugin API only", param_hint="--admit")
+    if claim is not None and not dra:
+        raise click.BadParameter("claims are prepared with --kubelet-api dra only", param_hint="--prepare")
     try:
-        asyncio.run(run(directory, wants, admit_every, say))
+        asyncio.run(run_dra(directory, claim, say) if dra else run(directory, wants, admit_every, say))
     except OSError as exc:
         raise click.BadParameter(f"cannot serve in {directory}: {exc.strerror or exc}", param_hint="--dir") from None

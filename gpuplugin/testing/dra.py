@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,12 +88,34 @@ class RegisteredPlugin:
     """Every service the plugin listed, the optional resource-health one included."""
 
 
-class DraKubelet:
-    """The plugin watcher for DRA plugins and the DRA manager's client; an async context manager."""
+@dataclass(frozen=True, slots=True)
+class Deregistered:
+    """A registered plugin's registration socket went away."""
 
-    def __init__(self, registry_dir: Path, *, poll_s: float = 0.01) -> None:
+    driver: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A plugin offered a registration the kubelet refused; the message is what NotifyRegistrationStatus said."""
+
+    socket: str
+    message: str
+
+
+DraEvent = RegisteredPlugin | Deregistered | Rejected
+
+
+class DraKubelet:
+    """The plugin watcher for DRA plugins and the DRA manager's client; an async context manager. ``on_event`` is
+    called on the loop with each registration, deregistration and rejection, as they happen."""
+
+    def __init__(
+        self, registry_dir: Path, *, poll_s: float = 0.01, on_event: Callable[[DraEvent], None] | None = None
+    ) -> None:
         self.registry_dir = registry_dir
         self._poll_s = poll_s
+        self._on_event = on_event or (lambda _event: None)
         self.plugins: dict[str, RegisteredPlugin] = {}
         self.rejections: list[str] = []
         """The errors NotifyRegistrationStatus reported, in order."""
@@ -197,6 +219,7 @@ class DraKubelet:
                 if driver is not None:
                     await self._update(lambda d=driver: self.plugins.pop(d, None))
                     log.info("DRA plugin deregistered", driver=driver)
+                    self._on_event(Deregistered(driver))
             for name, identity in sockets.items():
                 if name not in seen:
                     seen[name] = identity
@@ -204,6 +227,7 @@ class DraKubelet:
                     if plugin is not None:
                         owners[name] = plugin.driver
                         await self._update(lambda p=plugin: self.plugins.__setitem__(p.driver, p))
+                        self._on_event(plugin)
             await asyncio.sleep(self._poll_s)
 
     async def _update(self, change: Any) -> None:
@@ -224,6 +248,7 @@ class DraKubelet:
             plugin, error = _validate(info)
             if error:
                 self.rejections.append(error)
+                self._on_event(Rejected(str(socket), error))
             status = pluginregistration.RegistrationStatus(plugin_registered=plugin is not None, error=error)
             with contextlib.suppress(*RPC_FAILURES):
                 await stub.notify_registration_status(status, timeout=5.0)

@@ -41,7 +41,8 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture
 async def driver(real_nvml: Any, workdir: Path) -> AsyncIterator[tuple[DraDriver, DraKubelet, ClaimTable]]:
     settings = settings_in(workdir)
-    backend = NvmlBackend(NvmlSettings(event_wait_timeout_ms=500), HealthPolicy(), real_nvml)
+    # The device nodes in the specs too, as for runtimes without the NVIDIA hook: the claim spec names them.
+    backend = NvmlBackend(NvmlSettings(event_wait_timeout_ms=500, pass_device_specs=True), HealthPolicy(), real_nvml)
     claims = ClaimTable()
     started = DraDriver(backend, settings, claims)
     async with DraKubelet(settings.plugins_registry_dir) as kubelet:

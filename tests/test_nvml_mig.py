@@ -5,14 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from gpuplugin.backends.nvml import DeviceIdStrategy, GpuInstanceProfile, NvmlBackend, NvmlSettings
 from gpuplugin.backends.nvml.discovery import discover
 from gpuplugin.backends.nvml.fake import FakeMigDevice, FakeNvml, h200_node, mig_cap_minors, write_mig_capabilities
 from gpuplugin.backends.nvml.mig import read_cap_minor
 from gpuplugin.core.backend import HealthChanged
-from gpuplugin.core.model import DeviceNode, Health
+from gpuplugin.core.model import DeviceNode, DeviceTree, Health
 from gpuplugin.devices.health import HealthPolicy
+from gpuplugin.dra.slices import Placed, placement
 from tests.fakes import next_event, until
 
 MIG_A = "MIG-aaaaaaaa-1111-5111-8111-000000000001"
@@ -20,11 +22,15 @@ MIG_B = "MIG-aaaaaaaa-1111-5111-8111-000000000002"
 
 
 def mig_node(driver_root: Path) -> FakeNvml:
-    """Two H200s; GPU 1 has MIG on with a 4g.71gb (GI 2) and a 3g.71gb (GI 1, two compute instances' worth)."""
+    """Two H200s; GPU 1 has MIG on with a 4g.71gb (GI 2, memory slices 0-3) and a 3g.71gb (GI 1, slices 4-7)
+    holding one compute instance of one slice."""
     fake = h200_node(2)
     gpu = fake.gpus[1]
     gpu.mig_mode = FakeNvml.NVML_DEVICE_MIG_ENABLE
-    gpu.mig_devices = [FakeMigDevice(MIG_A, 2, 0, 4, 71424), FakeMigDevice(MIG_B, 1, 0, 3, 71424, 1)]
+    gpu.mig_devices = [
+        FakeMigDevice(MIG_A, 2, 0, 4, 71424, placement=(0, 4)),
+        FakeMigDevice(MIG_B, 1, 0, 3, 71424, 1, placement=(4, 4)),
+    ]
     write_mig_capabilities(driver_root, gpu)
     fake.nvmlInit()
     return fake
@@ -55,6 +61,62 @@ def test_mig_devices_reported_with_instances_attributes_and_caps(tmp_path: Path)
     )
     assert migs[0].spec.list_env == {"NVIDIA_VISIBLE_DEVICES": MIG_A}
     assert tree.link(fake.gpus[0].uuid, parent.uuid).nvlinks == 18
+
+
+def placements(tree: DeviceTree) -> dict[str, tuple[str | None, ...]]:
+    """Each MIG device's placement attributes, None where one is left out."""
+    keys = ("start_slice", "memory_slices", "compute_slices", "memory_mib")
+    return {d.id: tuple(d.attributes.get(k) for k in keys) for d in tree.devices if d.instance is not None}
+
+
+def test_mig_devices_carry_their_gpu_instance_placement(tmp_path: Path) -> None:
+    """Each MIG device carries its GPU instance's first memory slice and size as NVML places it, its compute
+    instance's compute slices (narrower than its GPU instance for MIG_B) and memory: what DRA's counters read."""
+    fake = mig_node(tmp_path)
+    inventory = discover(fake, NvmlSettings(report_mig_devices=True, driver_root=str(tmp_path)))
+    assert placements(inventory.tree) == {MIG_A: ("0", "4", "4", "71424"), MIG_B: ("4", "4", "1", "71424")}
+    assert [placement(d) for d in inventory.tree.devices if d.instance is not None] == [
+        Placed(start=0, memory_slices=4, compute_slices=4, memory_mib=71424),
+        Placed(start=4, memory_slices=4, compute_slices=1, memory_mib=71424),
+    ]
+    assert not inventory.incomplete
+
+
+@pytest.mark.parametrize(
+    ("call", "code"),
+    [
+        ("nvmlDeviceGetGpuInstanceById", FakeNvml.NVML_ERROR_NOT_FOUND),
+        ("nvmlGpuInstanceGetInfo", FakeNvml.NVML_ERROR_UNKNOWN),
+        ("nvmlGpuInstanceGetInfo", FakeNvml.NVML_ERROR_NOT_SUPPORTED),
+    ],
+)
+def test_unreadable_placement_leaves_the_gpus_mig_devices_flat(tmp_path: Path, call: str, code: int) -> None:
+    """An NVML error reading a GPU instance's placement leaves that GPU's MIG devices without placement (published
+    flat), served Healthy, discovery complete; one debug line says why."""
+    fake = mig_node(tmp_path)
+    fake.gpus[1].errors[call] = code
+    with capture_logs() as logs:
+        inventory = discover(fake, NvmlSettings(report_mig_devices=True, driver_root=str(tmp_path)))
+    assert placements(inventory.tree) == {MIG_A: (None, None, None, "71424"), MIG_B: (None, None, None, "71424")}
+    assert all(d.health is Health.HEALTHY for d in inventory.tree.devices)
+    assert not inventory.incomplete
+    (line,) = [e for e in logs if "placement" in e["event"]]
+    assert line["log_level"] == "debug" and line["uuid"] == MIG_A
+
+
+def test_a_gpu_instance_split_into_compute_instances_leaves_the_gpu_flat(tmp_path: Path) -> None:
+    """Two MIG devices of one GPU instance (two compute instances) share its memory slices, which counters would
+    give to one only: the GPU's MIG devices carry no placement, and no placement is asked for."""
+    fake = mig_node(tmp_path)
+    gpu = fake.gpus[1]
+    gpu.mig_devices = [
+        FakeMigDevice(MIG_A, 1, 0, 3, 71424, 1, placement=(4, 4)),
+        FakeMigDevice(MIG_B, 1, 1, 3, 71424, 2, placement=(4, 4)),
+    ]
+    write_mig_capabilities(tmp_path, gpu)
+    inventory = discover(fake, NvmlSettings(report_mig_devices=True, driver_root=str(tmp_path)))
+    assert placements(inventory.tree) == {MIG_A: (None, None, None, "71424"), MIG_B: (None, None, None, "71424")}
+    assert fake.calls["nvmlDeviceGetGpuInstanceById"] == 0
 
 
 def test_mig_devices_under_index_strategy(tmp_path: Path) -> None:

@@ -246,6 +246,7 @@ def build_mig_device(
     assert parent.minor is not None
     gpu = device_id(settings, parent)
     mig_id = mig.uuid if settings.device_id_strategy is DeviceIdStrategy.UUID else f"{parent.index}:{mig.index}"
+    placed = mig.placement
     values = {
         "uuid": mig.uuid,
         "mig_index": mig.index,
@@ -260,6 +261,10 @@ def build_mig_device(
         "gpu_instance_slices": mig.gpu_instance_slices,
         "compute_instance_slices": mig.compute_instance_slices,
         "memory_mib": mig.memory_mib,
+        # Where it sits and what it takes of its GPU, in the partitioned backend's terms: DRA's counters.
+        "start_slice": None if placed is None else placed.start,
+        "memory_slices": None if placed is None else placed.memory_slices,
+        "compute_slices": None if placed is None else mig.compute_instance_slices,
         "error": mig.error,
     }
     return Device(

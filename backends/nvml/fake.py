@@ -9,9 +9,11 @@ calls before ``nvmlInit`` raise Uninitialized, as NVML does. What can be scripte
   NotSupported), supported event types, NVLink links (remote bus id per link, or NotSupported), and failures:
   ``lost`` (every call on it raises GPU_IS_LOST) or ``errors`` (call name → NVML error code).
 - MIG: each GPU's GPU-instance profiles (``instance_profiles``, an H200's by default; answered whatever the MIG
-  mode, as on a real H200) and its MIG devices (``mig_devices``: UUID, GPU and compute instance, slices, memory),
-  whose handles answer UUID, instance IDs and attributes. ``write_mig_capabilities`` writes the driver's
-  ``/proc/driver/nvidia/capabilities`` files for them under a temporary driver root.
+  mode, as on a real H200) and its MIG devices (``mig_devices``: UUID, GPU and compute instance, slices, memory,
+  the GPU instance's placement), whose handles answer UUID, instance IDs and attributes; the parent's GPU
+  instances answer their placement (``nvmlDeviceGetGpuInstanceById``, ``nvmlGpuInstanceGetInfo``).
+  ``write_mig_capabilities`` writes the driver's ``/proc/driver/nvidia/capabilities`` files for them under a
+  temporary driver root.
 - Topology: the common-ancestor level of each pair of UUIDs (``NVML_TOPOLOGY_SYSTEM`` where not given).
 - The library: ``init_error`` makes ``nvmlInit`` raise that code (LIBRARY_NOT_FOUND, DRIVER_NOT_LOADED, …);
   ``errors`` makes any other call that is not about one GPU raise (``nvmlDeviceGetCount``, ``nvmlEventSetCreate``).
@@ -79,6 +81,9 @@ class FakeMigDevice:
     memory_mib: int
     compute_instance_slices: int | None = None
     """None: the compute instance spans the whole GPU instance."""
+    placement: tuple[int, int] | None = None
+    """Its GPU instance's first memory slice and how many it covers, as ``nvmlGpuInstanceGetInfo`` answers; None
+    makes that call raise NOT_SUPPORTED."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,22 @@ class FakeDeviceAttributes:
     computeInstanceSliceCount: int
     memorySizeMB: int
     multiprocessorCount: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FakeGpuInstancePlacement:
+    """Shaped like ``pynvml.c_nvmlGpuInstancePlacement_t``."""
+
+    start: int
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class FakeGpuInstanceInfo:
+    """Shaped like ``pynvml.c_nvmlGpuInstanceInfo_t`` (the fields the backend reads)."""
+
+    id: int
+    placement: FakeGpuInstancePlacement
 
 
 #: The MIG slots an H100/H200 has.
@@ -134,6 +155,13 @@ class FakeMigHandle:
     parent: str
     """The parent GPU's UUID."""
     uuid: str
+
+
+@dataclass(frozen=True, slots=True)
+class FakeGpuInstanceHandle:
+    parent: str
+    """The parent GPU's UUID."""
+    id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -371,16 +399,22 @@ class FakeNvml:
 
     def _mig(self, call: str, handle: FakeMigHandle) -> FakeMigDevice:
         """The MIG device a handle names; like NVML, a handle outlives neither its parent nor a MIG change."""
+        for mig in self._live_migs(call, handle, FakeMigHandle):
+            if mig.uuid == handle.uuid:
+                return mig
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+
+    def _live_migs(
+        self, call: str, handle: FakeMigHandle | FakeGpuInstanceHandle, kind: type[object]
+    ) -> list[FakeMigDevice]:
+        """The MIG devices of the GPU a MIG-device or GPU-instance handle of ``kind`` hangs from (lock held)."""
         self._enter(call)
-        if not isinstance(handle, FakeMigHandle):
+        if not isinstance(handle, kind):
             raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         for gpu in self.gpus:
             if gpu.uuid == handle.parent:
                 self._check(call, gpu)
-                for mig in gpu.mig_devices if gpu.mig_mode == pynvml.NVML_DEVICE_MIG_ENABLE else ():
-                    if mig.uuid == handle.uuid:
-                        return mig
-                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+                return gpu.mig_devices if gpu.mig_mode == pynvml.NVML_DEVICE_MIG_ENABLE else []
         raise pynvml.NVMLError(pynvml.NVML_ERROR_GPU_IS_LOST)
 
     @staticmethod
@@ -476,6 +510,26 @@ class FakeNvml:
     def nvmlDeviceGetComputeInstanceId(self, device: FakeMigHandle) -> int:
         with self.lock:
             return self._mig("nvmlDeviceGetComputeInstanceId", device).compute_instance_id
+
+    def nvmlDeviceGetGpuInstanceById(self, device: FakeHandle, gpuInstanceId: int) -> FakeGpuInstanceHandle:
+        with self.lock:
+            gpu = self._device("nvmlDeviceGetGpuInstanceById", device)
+            if gpu.mig_mode != pynvml.NVML_DEVICE_MIG_ENABLE:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            if all(mig.gpu_instance_id != gpuInstanceId for mig in gpu.mig_devices):
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+            return FakeGpuInstanceHandle(gpu.uuid, gpuInstanceId)
+
+    def nvmlGpuInstanceGetInfo(self, gpuInstance: FakeGpuInstanceHandle) -> FakeGpuInstanceInfo:
+        with self.lock:
+            migs = self._live_migs("nvmlGpuInstanceGetInfo", gpuInstance, FakeGpuInstanceHandle)
+            # Like NVML, a GPU-instance handle does not outlive its instance (a MIG change).
+            mig = next((m for m in migs if m.gpu_instance_id == gpuInstance.id), None)
+            if mig is None:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+            if mig.placement is None:
+                raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+            return FakeGpuInstanceInfo(mig.gpu_instance_id, FakeGpuInstancePlacement(*mig.placement))
 
     def nvmlDeviceGetAttributes(self, device: FakeMigHandle) -> FakeDeviceAttributes:
         with self.lock:

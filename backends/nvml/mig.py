@@ -5,7 +5,8 @@ Read-only: nothing here creates, destroys or reconfigures instances, and MIG mod
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import MappingProxyType
@@ -57,6 +58,15 @@ class GpuInstanceProfile:
 
 
 @dataclass(frozen=True, slots=True)
+class MigPlacement:
+    """Where a MIG device's GPU instance sits on its GPU (``nvmlGpuInstanceGetInfo``), in memory slices."""
+
+    start: int
+    """Its first memory slice."""
+    memory_slices: int
+
+
+@dataclass(frozen=True, slots=True)
 class MigDeviceRecord:
     """What NVML and the driver's capability files said about one MIG device; ``error`` set: served Unhealthy."""
 
@@ -70,6 +80,8 @@ class MigDeviceRecord:
     memory_mib: int
     gi_cap_minor: int | None = None
     ci_cap_minor: int | None = None
+    placement: MigPlacement | None = None
+    """None where the GPU's MIG devices are published without counters (``with_placements`` says when)."""
     error: str | None = None
 
 
@@ -122,7 +134,39 @@ def read_mig_devices(nvml: Any, settings: NvmlSettings, handle: Any, minor: int)
         except nvml.NVMLError_NotFound:
             continue  # An empty slot.
         records.append(_read_mig_device(nvml, settings, mig, index, minor))
-    return tuple(records)
+    return with_placements(nvml, handle, records)
+
+
+def read_placement(nvml: Any, handle: Any, gpu_instance_id: int) -> MigPlacement:
+    """Where GPU instance ``gpu_instance_id`` of the GPU ``handle`` sits. Blocking; raises NVMLError."""
+    info = nvml.nvmlGpuInstanceGetInfo(nvml.nvmlDeviceGetGpuInstanceById(handle, gpu_instance_id))
+    return MigPlacement(start=int(info.placement.start), memory_slices=int(info.placement.size))
+
+
+def with_placements(nvml: Any, handle: Any, records: Sequence[MigDeviceRecord]) -> tuple[MigDeviceRecord, ...]:
+    """``records`` with their GPU instances' placements, so that DRA gives them their GPU's counters; all of the
+    GPU's without one where any cannot be read or a GPU instance holds several compute instances (they share its
+    memory slices, which counters would hand out to one of them only). All or none: the whole GPU published beside
+    placed MIG devices consumes only the slices they cover, so an unplaced sibling could be allocated with it.
+    Never raises: an NVML error leaves the GPU's MIG devices published flat, as they are without counters."""
+    shared = sorted(gi for gi, count in Counter(r.gpu_instance_id for r in records).items() if count > 1)
+    if shared:
+        log.debug("gpu instances split into compute instances; mig devices published without counters", gis=shared)
+        return tuple(records)
+    placed = []
+    for record in records:
+        try:
+            placement = read_placement(nvml, handle, record.gpu_instance_id)
+        except nvml.NVMLError as error:
+            log.debug(
+                "mig placement unreadable; mig devices published without counters",
+                uuid=record.uuid,
+                gi=record.gpu_instance_id,
+                error=str(error),
+            )
+            return tuple(records)
+        placed.append(replace(record, placement=placement))
+    return tuple(placed)
 
 
 def _read_mig_device(nvml: Any, settings: NvmlSettings, mig: Any, index: int, minor: int) -> MigDeviceRecord:

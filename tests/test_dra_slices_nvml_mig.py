@@ -16,7 +16,6 @@ from gpuplugin.backends.nvml.discovery import discover
 from gpuplugin.backends.nvml.fake import FakeMigDevice, FakeNvml, h200_node, write_mig_capabilities
 from gpuplugin.backends.partitioned import H200_PROFILES, LayoutError, Placement, place
 from gpuplugin.core.model import DeviceTree
-from gpuplugin.dra.names import device_names
 from gpuplugin.dra.slices import build_slices, with_whole_gpus
 from tests.test_deploy import validate
 from tests.test_dra_slices_shapes import COUNTERS, PROFILES, SETTINGS, consumed, partitioned
@@ -85,8 +84,8 @@ def covered(fake: FakeNvml, uuid: str) -> set[int]:
 
 def test_each_mig_enabled_gpu_gets_a_counter_set_its_mig_devices_consume(tmp_path: Path) -> None:
     """With counters: GPU 0 (MIG off) stays in the first slice without counters; each MIG-enabled GPU gets a slice
-    of its own, its counter set named after its whole GPU, each MIG device consuming its memory, compute slices and
-    exactly the memory slices NVML places it on, the whole GPU all of the set."""
+    of its own with one counter set, each MIG device consuming its memory, compute slices and exactly the memory
+    slices NVML places it on; no whole GPU is published for a GPU in MIG mode (CUDA cannot use it)."""
     fake, tree = mig_tree(tmp_path)
     slices = build_slices(tree, SETTINGS, 1, shape=COUNTERS)
     for slice_ in slices:
@@ -98,10 +97,7 @@ def test_each_mig_enabled_gpu_gets_a_counter_set_its_mig_devices_consume(tmp_pat
     for slice_, gpu in zip(shared, fake.gpus[1:], strict=True):
         (counter_set,) = slice_["spec"]["sharedCounters"]
         devices = {d["attributes"]["uuid"]["string"]: d for d in slice_["spec"]["devices"]}
-        assert set(devices) == {gpu.uuid, *(m.uuid for m in gpu.mig_devices)}
-        assert devices[gpu.uuid]["name"] == counter_set["name"]
-        assert devices[gpu.uuid]["consumesCounters"][0]["counters"] == counter_set["counters"]
-        assert counter_set["counters"]["compute-slices"] == {"value": "7"}
+        assert set(devices) == {m.uuid for m in gpu.mig_devices}
         for mig in gpu.mig_devices:
             (consumption,) = devices[mig.uuid]["consumesCounters"]
             assert consumption["counterSet"] == counter_set["name"]
@@ -130,15 +126,18 @@ def test_a_gpu_whose_placement_is_unreadable_is_published_flat(tmp_path: Path) -
     flat_uuids = [d["attributes"]["uuid"]["string"] for d in flat["spec"]["devices"]]
     assert flat_uuids == [fake.gpus[0].uuid, *(m.uuid for m in fake.gpus[1].mig_devices)]
     (counter_set,) = shared["spec"]["sharedCounters"]
-    assert counter_set["name"] == next(n for n, d in device_names(tree).items() if d.id == fake.gpus[2].uuid)
+    consumers = {d["attributes"]["uuid"]["string"]: d["consumesCounters"] for d in shared["spec"]["devices"]}
+    assert consumers.keys() == {m.uuid for m in fake.gpus[2].mig_devices}
+    assert all(c[0]["counterSet"] == counter_set["name"] for c in consumers.values())
 
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.sampled_from(PROFILES), min_size=1, max_size=7))
 def test_real_mig_devices_get_the_counters_simulated_partitions_get(layout: list[str]) -> None:
     """Any layout a GPU takes, with MIG devices where the hardware places it: their counter set and what each
-    consumes are those of the partitioned backend's simulated partitions of that layout, and two devices (MIG
-    devices or the whole GPU) share a memory-slice counter exactly when they cover a common memory slice."""
+    consumes are those of the partitioned backend's simulated partitions of that layout (less the whole GPU, which
+    only simulated partitions publish), and two MIG devices share a memory-slice counter exactly when they cover a
+    common memory slice."""
     try:
         simulated = partitioned(layout, gpus=1)
     except LayoutError:
@@ -154,7 +153,12 @@ def test_real_mig_devices_get_the_counters_simulated_partitions_get(layout: list
         counters = sorted((d["consumesCounters"][0]["counters"] for d in devices), key=str)
         return [s["counters"] for s in slice_["spec"]["sharedCounters"]], counters
 
-    assert shares(real_slice) == shares(simulated_slice)
+    real_sets, real_counters = shares(real_slice)
+    simulated_sets, simulated_counters = shares(simulated_slice)
+    assert real_sets == simulated_sets
+    # The simulated whole GPU consumes the whole set; the real MIG parent is not published.
+    simulated_counters.remove(simulated_sets[0])
+    assert real_counters == simulated_counters
     devices = real_slice["spec"]["devices"]
     for a in devices:
         for b in devices:

@@ -148,13 +148,15 @@ def placement(device: Device) -> Placed | None:
 
 
 def whole_gpus(tree: DeviceTree) -> tuple[Device, ...]:
-    """The whole GPU of each GPU served as placed partitions only, so that a claim may ask for it where counters
-    keep it apart from its partitions: the partitions' spec naming the GPU instead (without the MIG capability
-    nodes), Unhealthy while any of its partitions is."""
+    """The whole GPU of each GPU served as placed simulated partitions only, so that a claim may ask for it where
+    counters keep it apart from its partitions: the partitions' spec naming the GPU instead (without the MIG
+    capability nodes), Unhealthy while any of its partitions is. Not for real MIG devices: with MIG mode on, CUDA
+    cannot use the parent GPU itself, so a claim for it would hold every MIG device and give the pod nothing."""
     served_whole = {device.id for device in tree.devices if device.id == device.gpu}
     partitions: dict[str, list[Device]] = {}
     for device in tree.devices:
-        if device.gpu not in served_whole and placement(device) is not None:
+        simulated = device.attributes.get("simulated") == "true"
+        if device.gpu not in served_whole and simulated and placement(device) is not None:
             partitions.setdefault(device.gpu, []).append(device)
     return tuple(_whole(gpu, parts) for gpu, parts in partitions.items())
 

@@ -108,8 +108,11 @@ class ConfigWatcher:
                 await anext(events)
                 # Drain the burst a symlink swap or an editor's save makes, then read once.
                 while True:
+                    # asyncio.timeout, not wait_for: on Python 3.11 a cancel that lands as wait_for times out comes
+                    # out as TimeoutError, and the watcher would go on watching in a task asked to end.
                     try:
-                        await asyncio.wait_for(anext(events), self._settings.settle_s)
+                        async with asyncio.timeout(self._settings.settle_s):
+                            await anext(events)
                     except TimeoutError:
                         break
                 await self.check()

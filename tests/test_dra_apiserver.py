@@ -81,15 +81,14 @@ async def cluster(directory: Path, gpus: int = 2, **partitioned: Any) -> AsyncIt
             state_dir=directory,
         )
         backend = create_partitioned(context) if partitioned else create_mock(context)
-        driver = DraDriver(backend, settings, ApiClaimSource(client), SlicePublisher(settings, client, clock=clock))
+        publisher = SlicePublisher(settings, client, clock=clock)
+        driver = DraDriver(backend, settings, ApiClaimSource(client), publisher, clock=clock)
         try:
             async with DraKubelet(settings.plugins_registry_dir) as kubelet:
                 await driver.start()
                 try:
                     await kubelet.wait_registered(DRIVER)
                     # The check the registration starts, done: the tests change the API server's slices after it.
-                    publisher = driver.publisher
-                    assert isinstance(publisher, SlicePublisher)
                     await eventually(lambda: publisher.checks >= 1)
                     yield Cluster(api, driver, kubelet, clock)
                 finally:
@@ -157,6 +156,24 @@ async def test_slices_a_starting_kubelet_deleted_are_published_again_when_it_reg
             await eventually(lambda: c.api.devices() == c.names())
             assert isinstance(c.driver.publisher, SlicePublisher)
             assert c.driver.publisher.checks == 2
+        assert c.generations() == {2}
+
+
+async def test_slices_a_starting_kubelet_deletes_seconds_after_registration_come_back_within_a_second(
+    workdir: Path,
+) -> None:
+    """A starting kubelet deletes its node's slices once it has found its Node, which can be after the plugin
+    registered again: the checks every second after a registration publish them again, long before the 30 s check."""
+    async with cluster(workdir) as c:
+        publisher = c.driver.publisher
+        assert isinstance(publisher, SlicePublisher)
+        for _ in range(3):
+            await c.clock.advance(1.0)
+        before = publisher.checks
+        c.api.slices.clear()
+        await c.clock.advance(1.0)
+        await eventually(lambda: c.api.devices() == c.names())
+        assert publisher.checks == before + 1
         assert c.generations() == {2}
 
 

@@ -11,6 +11,7 @@ from typing import Protocol
 import structlog
 
 from gpuplugin.core.backend import Backend, HealthChanged, InventoryChanged
+from gpuplugin.core.clock import REAL_CLOCK, Clock
 from gpuplugin.core.model import DeviceTree, Health
 from gpuplugin.core.tasks import TaskSet
 from gpuplugin.devices.health import OpenFaults
@@ -20,6 +21,12 @@ from gpuplugin.dra.plugin import DraPlugin
 from gpuplugin.dra.slices import FaultKey, Reasons, with_whole_gpus
 
 log = structlog.get_logger("gpuplugin.dra.node")
+
+#: After each registration with the kubelet, the node's slices are checked at once and then every second for this
+#: many seconds. A starting kubelet deletes the node's slices in the background once it has found its Node object,
+#: which can be seconds after the plugin registered with it again; the publisher's own 30 s check would leave the
+#: node without slices until then.
+CHECKS_AFTER_REGISTRATION_S = 15
 
 
 class Publisher(Protocol):
@@ -44,8 +51,11 @@ class DraDriver:
         settings: DriverSettings,
         claims: ClaimSource,
         publisher: Publisher | None = None,
+        *,
+        clock: Clock = REAL_CLOCK,
     ) -> None:
         self.backend = backend
+        self._clock = clock
         self.settings = settings
         self.publisher = publisher
         self.plugin = DraPlugin(settings, lambda: self.tree, claims, backend=backend)
@@ -59,6 +69,7 @@ class DraDriver:
         self._follower: asyncio.Task[None] | None = None
         self.registrations = 0
         """Times the kubelet reported the plugin registered (a count for metrics)."""
+        self._checking: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Start the backend, publish its devices, serve the plugin, then follow the backend's events."""
@@ -74,7 +85,15 @@ class DraDriver:
     def _kubelet_registered(self) -> None:
         self.registrations += 1
         if self.publisher is not None:
-            self._tasks.spawn(self.publisher.reconcile(), "reconcile slices", expect_end=True)
+            if self._checking is not None:
+                self._checking.cancel()
+            self._checking = self._tasks.spawn(self._check_slices(self.publisher), "check slices", expect_end=True)
+
+    async def _check_slices(self, publisher: Publisher) -> None:
+        await publisher.reconcile()
+        for _ in range(CHECKS_AFTER_REGISTRATION_S):
+            await self._clock.sleep(1.0)
+            await publisher.reconcile()
 
     async def aclose(self) -> None:
         await self._tasks.aclose()

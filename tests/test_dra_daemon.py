@@ -33,6 +33,7 @@ from gpuplugin.testing.dra import DraKubelet
 from tests.fake_apiserver import FakeApiServer, fake_apiserver
 from tests.fakes import gpu_tree
 from tests.test_dra import DRIVER, NODE, settings_in
+from tests.test_dra_sharing import gpu_config, opaque
 from tests.test_metrics import Samples, parse, sample
 from tests.test_probes import ask, request
 from tests.test_reliability import FaultyBackend
@@ -271,6 +272,30 @@ async def test_a_backend_change_is_reloaded_rediscovered_and_published(workdir: 
         await node.until(lambda: len(node.api.devices()) == 3)
         assert node.daemon.reloads == 1 and node.daemon.refused == 0
         assert sample(await node.scrape(), "gpuplugin_dra_devices", health="Healthy") == 3
+
+
+async def test_time_sliced_claims_reach_the_backend_with_metrics_on_and_after_a_backend_reload(workdir: Path) -> None:
+    """With /metrics served (its preparer counts claims), a claim time-sliced at Medium is prepared on the mock, which
+    sets intervals; after a reload replaced the backend, a Long one is prepared on the new backend."""
+    async with dra_node(workdir, config()) as node:
+        kubelet = node.kubelet
+        assert kubelet is not None
+
+        async def prepare(uid: str, device: str, interval: str) -> str:
+            node.api.add_claim("ns", uid, uid, [{"request": "gpu", "driver": DRIVER, "pool": NODE, "device": device}])
+            sharing = {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": interval}}
+            allocation = node.api.claims[("ns", uid)]["status"]["allocation"]
+            allocation["devices"]["config"] = [opaque(gpu_config(sharing))]
+            return str((await kubelet.prepare(DRIVER, [ClaimRef("ns", uid, uid)])).claims[uid].error)
+
+        assert await prepare("u-1", node.api.devices()[0], "Medium") == ""
+        driver = node.daemon.driver
+        assert driver is not None
+        old = driver.backend
+        write_atomically(node.config, config(gpus=3))
+        await node.until(lambda: len(node.api.devices()) == 3)
+        assert driver.backend is not old
+        assert await prepare("u-2", node.api.devices()[2], "Long") == ""
 
 
 async def test_a_health_change_restarts_the_backend(workdir: Path) -> None:

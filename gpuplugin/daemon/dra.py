@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
     from gpuplugin.daemon.metrics import ClaimStats, DraReadings, Metrics
     from gpuplugin.daemon.probes import ProbeServer
+    from gpuplugin.devices.mps import ControlDaemonSettings
     from gpuplugin.dra.apiserver import SlicePublisher
 
 log = structlog.get_logger("gpuplugin")
@@ -108,8 +109,11 @@ class MeteredPreparer(ClaimPreparer):
         tree: Callable[[], DeviceTree],
         claims: ClaimSource,
         checkpoint: Checkpoint,
+        *,
+        backend: object = None,
+        mps: ControlDaemonSettings | None = None,
     ) -> None:
-        super().__init__(settings, tree, claims, checkpoint)
+        super().__init__(settings, tree, claims, checkpoint, backend=backend, mps=mps)
         self._stats = stats
 
     async def prepare(self, claims: Sequence[ClaimRef]) -> dict[str, ClaimResult]:
@@ -219,8 +223,15 @@ class DraDaemon(SupervisedDaemon):
         if self.metrics is not None:
             # Before the plugin starts: its service is made then, with the preparer it has.
             plugin = driver.plugin
+            # The same backend (what sets time-slice intervals) and MPS settings as the preparer it replaces.
             plugin.preparer = MeteredPreparer(
-                self.metrics.claims, self.driver_settings, lambda: driver.tree, claims, plugin.checkpoint
+                self.metrics.claims,
+                self.driver_settings,
+                lambda: driver.tree,
+                claims,
+                plugin.checkpoint,
+                backend=driver.backend,
+                mps=plugin.preparer.mps,
             )
         await driver.start()
         if watcher is not None:

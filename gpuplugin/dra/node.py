@@ -110,6 +110,7 @@ class DraDriver:
             self._follower.cancel()
         await self.backend.aclose()
         self.backend = backend
+        self.plugin.preparer.use_backend(backend)
         self._faults.clear()
         await backend.start()
         await self.apply(await backend.discover())

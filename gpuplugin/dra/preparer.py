@@ -83,12 +83,16 @@ class ClaimPreparer:
         self._tree = tree
         self._claims = claims
         self._checkpoint = checkpoint
-        self._timeslices = backend if isinstance(backend, TimeSliceControl) else None
-        self._backend_name = "this plugin" if backend is None else f"the {getattr(backend, 'name', '')} backend"
+        self.use_backend(backend)
         self.mps = dataclasses.replace(mps or ControlDaemonSettings(), root=settings.state_dir / "mps")
         # One change at a time: the checkpoint is rewritten whole, and a claim prepared and unprepared at once
         # must end in one state or the other.
         self._lock = asyncio.Lock()
+
+    def use_backend(self, backend: object) -> None:
+        """Set time-slice intervals through ``backend`` from now on (a reloaded config's), where it can."""
+        self._timeslices = backend if isinstance(backend, TimeSliceControl) else None
+        self._backend_name = "this plugin" if backend is None else f"the {getattr(backend, 'name', '')} backend"
 
     async def prepare(self, claims: Sequence[ClaimRef]) -> dict[str, ClaimResult]:
         """A result for every claim, by UID (a claim named twice is prepared once)."""

@@ -22,7 +22,7 @@ from gpuplugin.core.errors import shorten
 from gpuplugin.core.instance import InstanceLockError
 from gpuplugin.core.tasks import TaskFailing
 from gpuplugin.daemon import logs
-from gpuplugin.daemon.agent import Daemon, node_process, served_tree, settings_from_text
+from gpuplugin.daemon.agent import Daemon, SupervisedDaemon, node_process, served_tree, settings_from_text
 from gpuplugin.daemon.probes import ProbeServerError
 from gpuplugin.daemon.settings import LOG_FORMATS, LOG_LEVELS, ConfigError, Overrides, PluginSettings, read_config
 from gpuplugin.devices.health import MAX_QUIET_PERIOD_S
@@ -319,11 +319,30 @@ def serve(**params: Any) -> None:
         daemon = Daemon(settings, config=params.get("config"), config_text=text, overrides=overrides)
     except ValueError as exc:
         fail(f"backend {settings.backend}: {exc}", 2)
+    run_daemon(daemon, settings, params)
+
+
+def run_daemon(
+    daemon: SupervisedDaemon,
+    settings: PluginSettings,
+    params: Mapping[str, Any],
+    *,
+    fatal: tuple[type[Exception], ...] = (),
+    os_errors: str | None = None,
+) -> None:
+    """Run a daemon of either mode in a node agent's process until it stops; what ends it early is one line and a
+    non-zero exit. ``fatal``: the mode's own errors beside the shared ones; ``os_errors``: where given, an OSError
+    is a line naming that part instead of a traceback."""
+    ending: tuple[type[Exception], ...] = (BackendUnavailable, ProbeServerError, InstanceLockError, TaskFailing, *fatal)
     try:
         with node_process(loop_factory(params.get("event_loop") or "auto")) as runner:
             runner.run(daemon.run(asyncio.Event()))
-    except (BackendUnavailable, ProbeServerError, InstanceLockError, TaskFailing) as exc:
+    except ending as exc:
         fail(str(exc))
+    except OSError as exc:
+        if os_errors is None:
+            raise
+        fail(f"{os_errors}: {exc.strerror or exc}: {exc.filename or ''}")
     except ConfigError as exc:
         # Found once the devices are known: replicas too many for the kubelet to receive.
         fail(str(exc), 2)
@@ -364,17 +383,7 @@ def serve_dra(settings: PluginSettings, params: Mapping[str, Any], text: str | N
     except ValueError as exc:
         # ConfigError too: what DRA mode does not do yet, named.
         fail(str(exc), 2)
-    try:
-        with node_process(loop_factory(params.get("event_loop") or "auto")) as runner:
-            runner.run(daemon.run(asyncio.Event()))
-    except (BackendUnavailable, ProbeServerError, InstanceLockError, TaskFailing, CheckpointCorrupt) as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(f"DRA plugin: {exc.strerror or exc}: {exc.filename or ''}")
-    except ConfigError as exc:
-        fail(str(exc), 2)
-    except ValueError as exc:
-        fail(f"backend {settings.backend}: {exc}", 2)
+    run_daemon(daemon, settings, params, fatal=(CheckpointCorrupt,), os_errors="DRA plugin")
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:

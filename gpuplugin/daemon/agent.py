@@ -25,7 +25,7 @@ from gpuplugin.core.errors import DevicesRefuseConfig
 from gpuplugin.core.instance import InstanceLock, remove_dead_sockets
 from gpuplugin.core.limits import check_tree
 from gpuplugin.core.model import DeviceTree
-from gpuplugin.core.tasks import SupervisionSettings, Supervisor, TaskFailing, TaskSet, supervising
+from gpuplugin.core.tasks import Supervisor, TaskFailing, TaskSet, supervising
 from gpuplugin.daemon.manager import Manager, ServerFactory, TreeSink, TreeTransform
 from gpuplugin.daemon.reload import ConfigWatcher
 from gpuplugin.daemon.settings import Overrides, PluginSettings, parse_config, resolve
@@ -135,19 +135,48 @@ _RELOADED_SETTINGS = {*_BACKEND_SETTINGS, "sharing", "strategies", "cdi"}
 _RESTART_SETTINGS = tuple(f.name for f in fields(PluginSettings) if f.name not in _RELOADED_SETTINGS)
 
 
-def _changed(new: PluginSettings, old: PluginSettings, names: Iterable[str]) -> list[str]:
+#: The log line of a reload whose new backend does not start.
+BACKEND_REFUSED = "config refused: its backend does not start; back to the current config"
+
+
+def changed_settings(new: PluginSettings, old: PluginSettings, names: Iterable[str]) -> list[str]:
+    """Those of ``names`` whose value differs between ``new`` and ``old``."""
     return [name for name in names if getattr(new, name) != getattr(old, name)]
 
 
 class SupervisedDaemon:
-    """What the daemons of both modes share: the supervisor every task of the process reports to, and ``run``,
-    which ends, once everything is closed, with the failure of a task that kept failing."""
+    """What the daemons of both modes share: the supervisor every task of the process reports to; ``run``, which
+    ends, once everything is closed, with the failure of a task that kept failing; and the config file's reload
+    (its watcher, SIGHUP, the parsing of a new text), each mode applying a new config its own way."""
 
-    def __init__(self, supervision: SupervisionSettings) -> None:
-        self.supervisor = Supervisor(supervision, on_give_up=self._give_up)
+    #: The log line of a SIGHUP.
+    sighup_event = "SIGHUP: reloading"
+
+    def __init__(
+        self,
+        settings: PluginSettings,
+        *,
+        config: Path | None,
+        config_text: str | None,
+        overrides: Overrides,
+        tasks: str,
+    ) -> None:
+        """``config_text``: the text of ``config`` that ``settings`` come from; the watcher reloads on any other.
+        Not read again here: an edit made since would then pass for the text being served, and never apply.
+        ``tasks``: the name the daemon's own tasks carry."""
+        self.supervisor = Supervisor(settings.manager.supervision, on_give_up=self._give_up)
         self._stop: asyncio.Event | None = None
         self.failure: TaskFailing | None = None
         """The task that kept failing and ended the daemon, if one did."""
+        self.settings = settings
+        self._config = config
+        self._config_text = config_text
+        self._overrides = overrides
+        self._tasks = TaskSet(tasks)
+        # One reload at a time, and no rediscovery while one replaces the backend.
+        self._reloading = asyncio.Lock()
+        self.reloads = 0
+        self.refused = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start serving; return once ``stop`` is set and everything is closed. Raises TaskFailing, once everything
@@ -162,6 +191,37 @@ class SupervisedDaemon:
     async def _serve(self, stop: asyncio.Event) -> None:
         raise NotImplementedError
 
+    async def reload(self, text: str) -> None:
+        """Apply a new config text; a bad one is refused with one log line and the current config keeps serving."""
+        raise NotImplementedError
+
+    async def _rediscover(self) -> None:
+        raise NotImplementedError
+
+    def _watcher(self) -> ConfigWatcher | None:
+        """The config file's watcher, where there is a file."""
+        if self._config is None:
+            return None
+        return ConfigWatcher(self._config, self.reload, initial_text=self._config_text)
+
+    async def _parse(self, text: str) -> PluginSettings:
+        """The settings of a new config text, from the same overrides; raises ConfigError."""
+        # In a thread: a megabyte of YAML takes seconds to parse, and /healthz must answer meanwhile.
+        return await asyncio.to_thread(settings_from_text, text, str(self._config), self._overrides)
+
+    def _refuse(self, exc: Exception, event: str = "config refused; the current config keeps serving") -> None:
+        self.refused += 1
+        log.error(event, error=str(exc))
+
+    def _on_sighup(self, watcher: ConfigWatcher | None) -> None:
+        log.info(self.sighup_event)
+        self._tasks.spawn(self._sighup(watcher), "sighup", expect_end=True)
+
+    async def _sighup(self, watcher: ConfigWatcher | None) -> None:
+        if watcher is not None:
+            await watcher.check()
+        await self._rediscover()
+
     def _give_up(self, failure: TaskFailing) -> None:
         log.critical("stopping: a task keeps failing", task=failure.task, reason=failure.reason)
         self.failure = failure
@@ -175,13 +235,7 @@ class Daemon(SupervisedDaemon):
     def __init__(
         self, settings: PluginSettings, *, config: Path | None, overrides: Overrides, config_text: str | None = None
     ) -> None:
-        """``config_text``: the text of ``config`` that ``settings`` come from; the watcher reloads on any other.
-        Not read again here: an edit made since would then pass for the text being served, and never apply."""
-        super().__init__(settings.manager.supervision)
-        self.settings = settings
-        self._config = config
-        self._config_text = config_text
-        self._overrides = overrides
+        super().__init__(settings, config=config, config_text=config_text, overrides=overrides, tasks="daemon")
         transforms, sinks = pipeline(settings)
         # Metrics and the probe server exist only where an address is set: prometheus_client and h11 cost memory
         # and start-up time.
@@ -205,15 +259,9 @@ class Daemon(SupervisedDaemon):
             self.metrics.attach(self.manager)
             self.metrics.watch_tasks(self.supervisor)
             self.probes = ProbeServer(self.manager, self.metrics, settings.probes, supervisor=self.supervisor)
-        self._tasks = TaskSet("daemon")
-        self._reloading = asyncio.Lock()
-        self.reloads = 0
-        self.refused = 0
 
     async def _serve(self, stop: asyncio.Event) -> None:
-        watcher = None
-        if self._config is not None:
-            watcher = ConfigWatcher(self._config, self.reload, initial_text=self._config_text)
+        watcher = self._watcher()
         instance = InstanceLock(self.settings.state_dir)
         # /readyz names the holder while we wait for it.
         self.manager.instance_lock = instance
@@ -248,13 +296,7 @@ class Daemon(SupervisedDaemon):
             if watcher is not None:
                 self._tasks.supervise(watcher.run, "config watcher")
 
-    def _on_sighup(self, watcher: ConfigWatcher | None) -> None:
-        log.info("SIGHUP: reloading")
-        self._tasks.spawn(self._sighup(watcher), "sighup", expect_end=True)
-
-    async def _sighup(self, watcher: ConfigWatcher | None) -> None:
-        if watcher is not None:
-            await watcher.check()
+    async def _rediscover(self) -> None:
         await self.manager.rediscover()
 
     async def reload(self, text: str) -> None:
@@ -262,17 +304,15 @@ class Daemon(SupervisedDaemon):
         async with self._reloading:
             old = self.settings
             try:
-                # In a thread: a megabyte of YAML takes seconds to parse, and /healthz must answer meanwhile.
-                new = await asyncio.to_thread(settings_from_text, text, str(self._config), self._overrides)
-                backend = make_backend(new) if _changed(new, old, _BACKEND_SETTINGS) else None
+                new = await self._parse(text)
+                backend = make_backend(new) if changed_settings(new, old, _BACKEND_SETTINGS) else None
             except (LookupError, ValueError) as exc:  # a ConfigError, an unknown backend, options it refuses
-                self.refused += 1
-                log.error("config refused; the current config keeps serving", error=str(exc))
+                self._refuse(exc)
                 return
             if new == old:
                 log.info("config reloaded; nothing changed")
                 return
-            for name in _changed(new, old, _RESTART_SETTINGS):
+            for name in changed_settings(new, old, _RESTART_SETTINGS):
                 log.warning("config change needs a restart to apply", setting=name)
             transforms, sinks = pipeline(new)
             # Unchanged CDI settings keep their writer: a new one would delete and rewrite the same spec files.
@@ -282,13 +322,11 @@ class Daemon(SupervisedDaemon):
                     transforms=transforms, sinks=None if keep_sinks else sinks, backend=backend
                 )
             except DevicesRefuseConfig as exc:  # found once the devices are known: too many replicas for the kubelet
-                self.refused += 1
-                log.error("config refused; back to the current config", error=str(exc))
+                self._refuse(exc, "config refused; back to the current config")
                 await self._restore(old, backend_replaced=backend is not None, sinks_replaced=not keep_sinks)
                 return
             except (BackendUnavailable, ValueError) as exc:
-                self.refused += 1
-                log.error("config refused: its backend does not start; back to the current config", error=str(exc))
+                self._refuse(exc, BACKEND_REFUSED)
                 await self._restore(old, backend_replaced=backend is not None, sinks_replaced=not keep_sinks)
                 return
             self.settings = new

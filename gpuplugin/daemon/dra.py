@@ -31,8 +31,7 @@ from gpuplugin.core.backend import BackendUnavailable
 from gpuplugin.core.errors import ConfigError
 from gpuplugin.core.instance import InstanceLock
 from gpuplugin.core.model import DeviceTree
-from gpuplugin.core.tasks import TaskSet
-from gpuplugin.daemon.agent import SupervisedDaemon, make_backend, settings_from_text, stop_signals
+from gpuplugin.daemon.agent import BACKEND_REFUSED, SupervisedDaemon, changed_settings, make_backend, stop_signals
 from gpuplugin.daemon.reload import ConfigWatcher
 from gpuplugin.daemon.settings import Overrides, PluginSettings
 from gpuplugin.devices.strategies import DeviceListStrategy
@@ -69,10 +68,6 @@ def check_dra_settings(settings: PluginSettings) -> None:
         raise ConfigError(
             "flags.plugin.deviceListStrategy: not used with --kubelet-api dra (it always names CDI devices)"
         )
-
-
-def _changed(new: PluginSettings, old: PluginSettings, names: Sequence[str]) -> list[str]:
-    return [name for name in names if getattr(new, name) != getattr(old, name)]
 
 
 class CountedPublisher:
@@ -142,6 +137,8 @@ class MeteredPreparer(ClaimPreparer):
 class DraDaemon(SupervisedDaemon):
     """Runs the DRA driver of the node on the configured backend; ``failure`` is set when a task kept failing."""
 
+    sighup_event = "SIGHUP: reloading and rediscovering the devices"
+
     def __init__(
         self,
         settings: PluginSettings,
@@ -154,17 +151,11 @@ class DraDaemon(SupervisedDaemon):
     ) -> None:
         """``config_text``: the text of ``config`` that ``settings`` come from; the watcher reloads on any other."""
         check_dra_settings(settings)
-        super().__init__(settings.manager.supervision)
-        self.settings = settings
+        super().__init__(
+            settings, config=config, config_text=config_text, overrides=overrides or Overrides(), tasks="dra-daemon"
+        )
         self.driver_settings = driver
         self.api_server = api_server
-        self._config = config
-        self._config_text = config_text
-        self._overrides = overrides or Overrides()
-        self._tasks = TaskSet("dra-daemon")
-        self._reloading = asyncio.Lock()
-        self.reloads = 0
-        self.refused = 0
         self.driver: DraDriver | None = None
         """Set once the driver is made (the instance lock is ours)."""
         self.publisher: CountedPublisher | None = None
@@ -182,9 +173,7 @@ class DraDaemon(SupervisedDaemon):
             self.probes = ProbeServer(self.not_ready_reasons, self.metrics, settings.probes, supervisor=self.supervisor)
 
     async def _serve(self, stop: asyncio.Event) -> None:
-        watcher = None
-        if self._config is not None:
-            watcher = ConfigWatcher(self._config, self.reload, initial_text=self._config_text)
+        watcher = self._watcher()
         instance = self._instance = InstanceLock(self.settings.state_dir)
         client: AsyncClient | None = None
         log.info("starting", backend=self.settings.backend, kubelet_api="dra", node=self.driver_settings.node_name)
@@ -278,13 +267,7 @@ class DraDaemon(SupervisedDaemon):
             backend=driver.backend,
         )
 
-    def _on_sighup(self, watcher: ConfigWatcher | None) -> None:
-        log.info("SIGHUP: reloading and rediscovering the devices")
-        self._tasks.spawn(self._sighup(watcher), "sighup", expect_end=True)
-
-    async def _sighup(self, watcher: ConfigWatcher | None) -> None:
-        if watcher is not None:
-            await watcher.check()
+    async def _rediscover(self) -> None:
         # Not while a reload replaces the backend: the one rediscovered would be the one being closed.
         async with self._reloading:
             if self.driver is not None:
@@ -297,16 +280,14 @@ class DraDaemon(SupervisedDaemon):
         async with self._reloading:
             old = self.settings
             try:
-                # In a thread: a megabyte of YAML takes seconds to parse, and /healthz must answer meanwhile.
-                new = await asyncio.to_thread(settings_from_text, text, str(self._config), self._overrides)
+                new = await self._parse(text)
                 check_dra_settings(new)
-                fixed = _changed(new, old, _RESTART_SETTINGS)
+                fixed = changed_settings(new, old, _RESTART_SETTINGS)
                 if fixed:
                     raise ConfigError(f"{', '.join(fixed)}: cannot change while serving in DRA mode; restart to apply")
-                backend = make_backend(new) if _changed(new, old, LIVE_SETTINGS) else None
+                backend = make_backend(new) if changed_settings(new, old, LIVE_SETTINGS) else None
             except (LookupError, ValueError) as exc:  # a ConfigError, an unknown backend, options it refuses
-                self.refused += 1
-                log.error("config refused; the current config keeps serving", error=str(exc))
+                self._refuse(exc)
                 return
             if backend is None:
                 log.info("config reloaded; nothing changed")
@@ -315,8 +296,7 @@ class DraDaemon(SupervisedDaemon):
                 try:
                     await self.driver.replace_backend(backend)
                 except (BackendUnavailable, ValueError) as exc:
-                    self.refused += 1
-                    log.error("config refused: its backend does not start; back to the current config", error=str(exc))
+                    self._refuse(exc, BACKEND_REFUSED)
                     await self.driver.replace_backend(make_backend(old))
                     return
             # Without a driver yet (waiting for the instance lock), it starts on the new settings.

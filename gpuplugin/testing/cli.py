@@ -10,13 +10,14 @@ driver registers (unpreparing it on stop).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from gpuplugin.testing.registration_server import RPC_FAILURES
 from gpuplugin.testing.simulator import KubeletSimulator
 
 DEFAULT_DIR = Path("/tmp/gpuplugin-kubelet")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: Far more than any node has; a larger count is a typo, and the kubelet would refuse it anyway.
 MAX_ADMIT_COUNT = 4096
 #: Largest claim file read: a ResourceClaim is a few kilobytes; the API server's own limit on an object is 1.5 MiB.
@@ -185,12 +187,30 @@ class Admissions:
         self._say(describe_admission(admission, want))
 
 
-async def run(directory: Path, wants: Sequence[Want], every: float | None, say: Callable[[str], None]) -> None:
-    """Serve the simulated kubelet in ``directory`` until SIGINT or SIGTERM."""
+@contextlib.contextmanager
+def stopped_by_signals() -> Iterator[asyncio.Event]:
+    """An event SIGINT and SIGTERM set while the block runs, on the running loop; the handlers go with the block."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
+    try:
+        yield stop
+    finally:
+        for signum in STOP_SIGNALS:
+            loop.remove_signal_handler(signum)
+
+
+async def run(directory: Path, wants: Sequence[Want], every: float | None, say: Callable[[str], None]) -> None:
+    """Serve the simulated kubelet in ``directory`` until SIGINT or SIGTERM."""
+    with stopped_by_signals() as stop:
+        await _serve(directory, wants, every, say, stop)
+    say("kubelet stopped")
+
+
+async def _serve(
+    directory: Path, wants: Sequence[Want], every: float | None, say: Callable[[str], None], stop: asyncio.Event
+) -> None:
     admissions: Admissions | None = None
 
     def heard(event: KubeletEvent) -> None:
@@ -199,20 +219,15 @@ async def run(directory: Path, wants: Sequence[Want], every: float | None, say: 
             admissions.heard(event)
 
     tasks = TaskSet("kubelet-command")
-    try:
-        async with KubeletSimulator(directory, on_event=heard) as kubelet:
-            admissions = Admissions(kubelet, wants, every, say)
-            tasks.spawn(admissions.run(), "admissions")
-            tasks.spawn(admissions.every(), "admit-every", expect_end=True)
-            say(f"kubelet serving {kubelet.socket_path}; stop with Ctrl-C")
-            try:
-                await stop.wait()
-            finally:
-                await tasks.aclose()
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
-    say("kubelet stopped")
+    async with KubeletSimulator(directory, on_event=heard) as kubelet:
+        admissions = Admissions(kubelet, wants, every, say)
+        tasks.spawn(admissions.run(), "admissions")
+        tasks.spawn(admissions.every(), "admit-every", expect_end=True)
+        say(f"kubelet serving {kubelet.socket_path}; stop with Ctrl-C")
+        try:
+            await stop.wait()
+        finally:
+            await tasks.aclose()
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,12 +382,8 @@ async def _messages(stream: Any) -> AsyncIterator[v1alpha1.NodeWatchResourcesRes
 
 async def run_dra(directory: Path, claim: ClaimFile | None, say: Callable[[str], None]) -> None:
     """Watch ``directory`` as the kubelet's plugins registry until SIGINT or SIGTERM."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
     session = DraSession(claim, say)
-    try:
+    with stopped_by_signals() as stop:
         await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True)
         async with DraKubelet(directory, poll_s=0.1, on_event=session.heard) as kubelet:
             session.kubelet = kubelet
@@ -381,9 +392,6 @@ async def run_dra(directory: Path, claim: ClaimFile | None, say: Callable[[str],
                 await stop.wait()
             finally:
                 await session.unprepare()
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
     say("kubelet stopped")
 
 

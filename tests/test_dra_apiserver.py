@@ -31,7 +31,7 @@ from gpuplugin.dra.node import DraDriver
 from gpuplugin.kubelet.api import v1alpha1
 from gpuplugin.testing.dra import DraKubelet
 from tests.fake_apiserver import FakeApiServer, fake_apiserver
-from tests.test_dra import DRIVER, NODE, settings_in
+from tests.test_dra import DRIVER, NODE, served, settings_in
 
 TIMEOUT_S = 5.0
 
@@ -84,15 +84,10 @@ async def cluster(directory: Path, gpus: int = 2, **partitioned: Any) -> AsyncIt
         publisher = SlicePublisher(settings, client, clock=clock)
         driver = DraDriver(backend, settings, ApiClaimSource(client), publisher, clock=clock)
         try:
-            async with DraKubelet(settings.plugins_registry_dir) as kubelet:
-                await driver.start()
-                try:
-                    await kubelet.wait_registered(DRIVER)
-                    # The check the registration starts, done: the tests change the API server's slices after it.
-                    await eventually(lambda: publisher.checks >= 1)
-                    yield Cluster(api, driver, kubelet, clock)
-                finally:
-                    await driver.aclose()
+            async with served(driver) as kubelet:
+                # The check the registration starts, done: the tests change the API server's slices after it.
+                await eventually(lambda: publisher.checks >= 1)
+                yield Cluster(api, driver, kubelet, clock)
         finally:
             await client.close()
 

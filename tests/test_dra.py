@@ -25,6 +25,7 @@ from gpuplugin.dra.claims import ClaimRef
 from gpuplugin.dra.claimspec import spec_path
 from gpuplugin.dra.driver import DriverSettings
 from gpuplugin.dra.names import device_names
+from gpuplugin.dra.node import DraDriver
 from gpuplugin.dra.plugin import DraPlugin
 from gpuplugin.dra.registration import DRA_PLUGIN_TYPE
 from gpuplugin.testing.dra import ClaimTable, DraKubelet
@@ -79,6 +80,18 @@ def settings_in(directory: Path) -> DriverSettings:
         plugins_registry_dir=directory / "plugins_registry",
         cdi_dir=directory / "cdi",
     )
+
+
+@asynccontextmanager
+async def served(driver: DraDriver) -> AsyncIterator[DraKubelet]:
+    """``driver`` started and registered with a simulated kubelet of its settings; closed on leaving."""
+    async with DraKubelet(driver.settings.plugins_registry_dir) as kubelet:
+        await driver.start()
+        try:
+            await kubelet.wait_registered(driver.settings.driver_name)
+            yield kubelet
+        finally:
+            await driver.aclose()
 
 
 @asynccontextmanager

@@ -29,9 +29,10 @@ from gpuplugin.dra.claimspec import spec_path
 from gpuplugin.dra.names import device_names
 from gpuplugin.dra.node import DraDriver
 from gpuplugin.kubelet.api import v1alpha1
+from gpuplugin.kubelet.api.pluginregistration import RegistrationStatus
 from gpuplugin.testing.dra import DraKubelet
 from tests.fake_apiserver import FakeApiServer, fake_apiserver
-from tests.test_dra import DRIVER, NODE, settings_in
+from tests.test_dra import DRIVER, NODE, served, settings_in
 
 TIMEOUT_S = 5.0
 
@@ -84,15 +85,10 @@ async def cluster(directory: Path, gpus: int = 2, **partitioned: Any) -> AsyncIt
         publisher = SlicePublisher(settings, client, clock=clock)
         driver = DraDriver(backend, settings, ApiClaimSource(client), publisher, clock=clock)
         try:
-            async with DraKubelet(settings.plugins_registry_dir) as kubelet:
-                await driver.start()
-                try:
-                    await kubelet.wait_registered(DRIVER)
-                    # The check the registration starts, done: the tests change the API server's slices after it.
-                    await eventually(lambda: publisher.checks >= 1)
-                    yield Cluster(api, driver, kubelet, clock)
-                finally:
-                    await driver.aclose()
+            async with served(driver) as kubelet:
+                # The check the registration starts, done: the tests change the API server's slices after it.
+                await eventually(lambda: publisher.checks >= 1)
+                yield Cluster(api, driver, kubelet, clock)
         finally:
             await client.close()
 
@@ -260,3 +256,16 @@ def test_no_way_to_an_api_server_is_one_line_naming_what_to_set(
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.raises(ConfigError, match=r"^kube API server: .*set --kube-api-server or KUBECONFIG$"):
         api_client()
+
+
+async def test_a_registration_reported_while_the_driver_closes_starts_no_check(workdir: Path) -> None:
+    """A kubelet's registration report reaching a driver that is closing (its socket still served while its tasks
+    end) is taken without error and starts no slice check."""
+    async with cluster(workdir) as c:
+        publisher = c.driver.publisher
+        assert isinstance(publisher, SlicePublisher)
+    checks = publisher.checks
+    c.driver.plugin.registration._on_status(RegistrationStatus(plugin_registered=True))
+    assert c.driver.plugin.registration.registered.is_set()
+    await asyncio.sleep(0)
+    assert publisher.checks == checks

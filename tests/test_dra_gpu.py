@@ -31,7 +31,7 @@ from gpuplugin.dra.sharing import API_VERSION, INTERVALS, KIND
 from gpuplugin.dra.slices import build_slices
 from gpuplugin.testing.dra import ClaimTable, DraKubelet
 from tests.test_deploy import validate
-from tests.test_dra import DRIVER, NODE, settings_in
+from tests.test_dra import DRIVER, NODE, served, settings_in
 from tests.test_nvml_gpu import real_nvml
 
 __all__ = ["real_nvml"]  # the fixture, used by name
@@ -45,13 +45,8 @@ async def driver(real_nvml: Any, workdir: Path) -> AsyncIterator[tuple[DraDriver
     backend = NvmlBackend(NvmlSettings(event_wait_timeout_ms=500, pass_device_specs=True), HealthPolicy(), real_nvml)
     claims = ClaimTable()
     started = DraDriver(backend, settings, claims)
-    async with DraKubelet(settings.plugins_registry_dir) as kubelet:
-        await started.start()
-        try:
-            await kubelet.wait_registered(DRIVER)
-            yield started, kubelet, claims
-        finally:
-            await started.aclose()
+    async with served(started) as kubelet:
+        yield started, kubelet, claims
 
 
 async def test_real_gpus_become_a_valid_slice_with_their_attributes(

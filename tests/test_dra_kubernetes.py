@@ -38,6 +38,7 @@ from gpuplugin.dra.slices import SliceShape
 from gpuplugin.testing.dra import DraKubelet
 from tests import controlplane
 from tests.controlplane import ADMIN_TOKEN, ControlPlane, available, control_plane
+from tests.test_dra import served
 
 DRA = Path(__file__).resolve().parent.parent / "deploy" / "dra"
 NODE = "node-a"
@@ -123,13 +124,8 @@ async def cluster_node(
         )
         publisher = SlicePublisher(settings, driver_client)
         driver = DraDriver(load_factory(backend)(context), settings, ApiClaimSource(driver_client), publisher)
-        async with DraKubelet(settings.plugins_registry_dir) as kubelet:
-            await driver.start()
-            try:
-                await kubelet.wait_registered(DRIVER)
-                yield admin, driver, kubelet
-            finally:
-                await driver.aclose()
+        async with served(driver) as kubelet:
+            yield admin, driver, kubelet
     finally:
         await admin.close()
         if driver_client is not None:

@@ -15,20 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from gpuplugin.devices.mps import ControlDaemonSettings
 from gpuplugin.dra.checkpoint import CheckpointCorrupt, PreparedClaim, decode, encode
 from gpuplugin.dra.claims import AllocatedDevice, ClaimRef, OpaqueConfig
 from gpuplugin.dra.claimspec import spec_path
-from gpuplugin.dra.driver import DEFAULT_DRIVER_NAME
 from gpuplugin.dra.preparer import mps_key
 from gpuplugin.dra.sharing import MpsShare, claim_sharing, quantity_mib
 from tests.fake_mps_control import PID_FILE
 from tests.fakes import until
-from tests.test_deploy import validate
 from tests.test_dra import NODE, DraNode, cdi_spec, dra_node
-from tests.test_dra_sharing import envs, fake_daemons, gpu_config, opaque, shared_claim
+from tests.test_dra_sharing import claim_example, envs, fake_daemons, gpu_config, opaque, shared_claim
 
 MPS_EXAMPLE = Path(__file__).resolve().parent.parent / "deploy" / "dra" / "mps-claim.yaml"
 
@@ -219,16 +216,8 @@ def test_the_checkpoint_keeps_a_claims_mps_share_and_daemon(tmp_path: Path) -> N
 def test_the_mps_claim_example_is_valid_and_decodes_to_mps_for_our_driver() -> None:
     """deploy/dra/mps-claim.yaml: objects the API accepts, a ResourceClaim whose config for our driver decodes to an
     MPS share of 50 % and 16 GiB on its one GPU, and a pod whose two containers name that claim."""
-    found = [doc for doc in yaml.safe_load_all(MPS_EXAMPLE.read_text()) if doc]
-    (claim,) = [o for o in found if o["kind"] == "ResourceClaim"]
-    validate({**claim, "kind": "ResourceClaimTemplate", "spec": {"spec": claim["spec"]}})
-    for obj in found:
-        if obj is not claim:
-            validate(obj)
-    (config,) = claim["spec"]["devices"]["config"]
-    assert config["opaque"]["driver"] == DEFAULT_DRIVER_NAME
+    _, config, pod = claim_example(MPS_EXAMPLE)
     opaque_config = OpaqueConfig(tuple(config["requests"]), config["opaque"]["parameters"])
     assert claim_sharing([opaque_config], {"gpu": ["GPU-1"]}).mps == {"gpu": MpsShare(50, {"GPU-1": 16384})}
-    (pod,) = [o for o in found if o["kind"] == "Pod"]
     names = [c["name"] for container in pod["spec"]["containers"] for c in container["resources"]["claims"]]
     assert names == [pod["spec"]["resourceClaims"][0]["name"]] * 2

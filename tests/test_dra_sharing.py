@@ -318,10 +318,10 @@ async def _awaited(make: Callable[[], Awaitable[Any]]) -> Any:
     return await make()
 
 
-def test_the_shared_claim_example_is_valid_and_time_sliced_for_our_driver() -> None:
-    """deploy/dra/shared-claim.yaml: objects the API accepts, a ResourceClaim whose opaque config for our driver
-    decodes to time-slicing, and a pod whose two containers name that one claim."""
-    found = [doc for doc in yaml.safe_load_all(EXAMPLE.read_text()) if doc]
+def claim_example(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The example's ResourceClaim, its one config (for our driver) and its Pod, every object checked against the
+    API's schemas."""
+    found = [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
     (claim,) = [o for o in found if o["kind"] == "ResourceClaim"]
     # The client names the API group's ResourceClaim otherwise; its spec is a template's, checked as one.
     validate({**claim, "kind": "ResourceClaimTemplate", "spec": {"spec": claim["spec"]}})
@@ -330,10 +330,17 @@ def test_the_shared_claim_example_is_valid_and_time_sliced_for_our_driver() -> N
             validate(obj)
     (config,) = claim["spec"]["devices"]["config"]
     assert config["opaque"]["driver"] == DEFAULT_DRIVER_NAME
+    (pod,) = [o for o in found if o["kind"] == "Pod"]
+    return claim, config, pod
+
+
+def test_the_shared_claim_example_is_valid_and_time_sliced_for_our_driver() -> None:
+    """deploy/dra/shared-claim.yaml: objects the API accepts, a ResourceClaim whose opaque config for our driver
+    decodes to time-slicing, and a pod whose two containers name that one claim."""
+    claim, config, pod = claim_example(EXAMPLE)
     assert interval_of(OpaqueConfig(tuple(config.get("requests", ())), config["opaque"]["parameters"])) is not None
     requests = {r["name"] for r in claim["spec"]["devices"]["requests"]}
     assert set(config.get("requests", requests)) <= requests
-    (pod,) = [o for o in found if o["kind"] == "Pod"]
     (pod_claim,) = pod["spec"]["resourceClaims"]
     assert pod_claim["resourceClaimName"] == claim["metadata"]["name"]
     names = [c["name"] for container in pod["spec"]["containers"] for c in container["resources"]["claims"]]

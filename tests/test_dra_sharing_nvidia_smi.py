@@ -21,7 +21,7 @@ from gpuplugin.devices.health import HealthPolicy
 from gpuplugin.dra.names import device_names
 from gpuplugin.dra.node import DraDriver
 from gpuplugin.testing.dra import ClaimTable, DraKubelet
-from tests.test_dra import DRIVER, NODE, settings_in
+from tests.test_dra import DRIVER, NODE, served, settings_in
 from tests.test_dra_sharing import opaque, time_sliced
 
 FAKE_SMI = str(Path(__file__).with_name("fake_nvidia_smi.py"))
@@ -91,13 +91,8 @@ async def nvml_dra(workdir: Path, smi_state: Path) -> AsyncIterator[tuple[DraDri
     backend = NvmlBackend(NvmlSettings(driver_root="/nonexistent", nvidia_smi=FAKE_SMI), HealthPolicy(), h200_node(1))
     claims = ClaimTable()
     driver = DraDriver(backend, settings, claims)
-    async with DraKubelet(settings.plugins_registry_dir) as kubelet:
-        await driver.start()
-        try:
-            await kubelet.wait_registered(DRIVER)
-            yield driver, kubelet, claims
-        finally:
-            await driver.aclose()
+    async with served(driver) as kubelet:
+        yield driver, kubelet, claims
 
 
 async def test_a_long_claim_on_the_nvml_backend_sets_and_restores_its_gpu(

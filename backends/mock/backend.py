@@ -34,6 +34,7 @@ from gpuplugin.core.backend import (
     HealthChanged,
     InventoryChanged,
     TimeSliceFailed,
+    check_timeslice_interval,
 )
 from gpuplugin.core.clock import REAL_CLOCK, Clock
 from gpuplugin.core.model import DeviceTree, Health
@@ -222,8 +223,7 @@ class MockBackend:
             raise TimeSliceFailed(f"GPU {gpu}: no such GPU on this node")
         if index in self._lost:
             raise TimeSliceFailed(f"GPU {gpu}: the GPU does not answer (it fell off the bus)")
-        if not 0 <= interval <= 3:
-            raise TimeSliceFailed(f"GPU {gpu}: time-slice interval {interval} is not 0 to 3")
+        check_timeslice_interval(gpu, interval)
         self.timeslice_sets += 1
         if interval:
             self._timeslices[index] = interval

@@ -12,6 +12,7 @@ import click
 
 from gpuplugin.backends.mock.control import ControlUnavailable, control
 from gpuplugin.backends.mock.settings import DEFAULT_CONTROL_SOCKET
+from gpuplugin.core.backend import TIMESLICE_INTERVALS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -145,17 +146,13 @@ def status(as_json: bool, socket_path: Path) -> None:
         )
 
 
-#: NVIDIA's names of the time-slice intervals, by number.
-_INTERVALS = ("Default", "Short", "Medium", "Long")
-
-
 @mock_cli.command()
 @_socket_option
 def timeslices(socket_path: Path) -> None:
     """Show every mock GPU's time-slice interval, as DRA claims set it."""
     answer: dict[str, int] = _request(socket_path, {"op": "timeslices"})["timeslices"]
     for uuid, interval in answer.items():
-        click.echo(f"{uuid} {_INTERVALS[interval]}")
+        click.echo(f"{uuid} {TIMESLICE_INTERVALS[interval]}")
 
 
 def _yes(flag: bool) -> str:

@@ -13,10 +13,8 @@ import contextlib
 import re
 from collections.abc import Sequence
 
-from gpuplugin.core.backend import TimeSliceFailed
+from gpuplugin.core.backend import TIMESLICE_INTERVALS, TimeSliceFailed, check_timeslice_interval
 
-#: NVIDIA's names of the intervals, by number.
-INTERVAL_NAMES = ("Default", "Short", "Medium", "Long")
 _LINE = re.compile(r"time\s*-?\s*slice", re.IGNORECASE)
 _VALUE = re.compile(r"\b(default|short|medium|long|[0-3])\b", re.IGNORECASE)
 
@@ -31,7 +29,7 @@ def parse_timeslice(listing: str) -> int | None:
         if value is None:
             continue
         word = value[1].lower()
-        return int(word) if word.isdigit() else [n.lower() for n in INTERVAL_NAMES].index(word)
+        return int(word) if word.isdigit() else [n.lower() for n in TIMESLICE_INTERVALS].index(word)
     return None
 
 
@@ -44,8 +42,7 @@ class ComputePolicy:
 
     async def set_timeslice(self, gpu: str, interval: int) -> None:
         """Set the GPU's interval; raises TimeSliceFailed naming the GPU and the command's first line of error."""
-        if not 0 <= interval < len(INTERVAL_NAMES):
-            raise TimeSliceFailed(f"GPU {gpu}: time-slice interval {interval} is not 0 to {len(INTERVAL_NAMES) - 1}")
+        check_timeslice_interval(gpu, interval)
         await self._run(gpu, f"--set-timeslice={interval}")
 
     async def timeslice(self, gpu: str) -> int | None:

@@ -24,8 +24,10 @@ __all__ = [
     "InventoryChanged",
     "PreStart",
     "PreferredAllocation",
+    "TIMESLICE_INTERVALS",
     "TimeSliceControl",
     "TimeSliceFailed",
+    "check_timeslice_interval",
 ]
 
 
@@ -116,6 +118,16 @@ class TimeSliceControl(Protocol):
 
 class TimeSliceFailed(Exception):
     """A GPU's time-slice interval could not be set or read; the message names the GPU and the cause."""
+
+
+TIMESLICE_INTERVALS = ("Default", "Short", "Medium", "Long")
+"""NVIDIA's names of the time-slice intervals, by number."""
+
+
+def check_timeslice_interval(gpu: str, interval: int) -> None:
+    """Raise TimeSliceFailed unless ``interval`` is one of NVIDIA's numbers."""
+    if not 0 <= interval < len(TIMESLICE_INTERVALS):
+        raise TimeSliceFailed(f"GPU {gpu}: time-slice interval {interval} is not 0 to {len(TIMESLICE_INTERVALS) - 1}")
 
 
 class BackendUnavailable(Exception):

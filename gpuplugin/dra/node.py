@@ -96,6 +96,9 @@ class DraDriver:
             await publisher.reconcile()
 
     async def aclose(self) -> None:
+        # The registration socket is still served while the tasks end: a report from the kubelet then must start
+        # no slice check (the closing task set refuses new tasks, and the kubelet would get an error back).
+        self.plugin.registration.on_registered = None
         await self._tasks.aclose()
         await self.plugin.aclose()
         if self.publisher is not None:

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from collections import Counter
-from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,19 +33,15 @@ from gpuplugin.daemon.agent import BACKEND_REFUSED, SupervisedDaemon, changed_se
 from gpuplugin.daemon.reload import ConfigWatcher
 from gpuplugin.daemon.settings import Overrides, PluginSettings
 from gpuplugin.devices.strategies import DeviceListStrategy
-from gpuplugin.dra.checkpoint import Checkpoint
-from gpuplugin.dra.claims import ClaimRef, ClaimSource
 from gpuplugin.dra.driver import DriverSettings
 from gpuplugin.dra.node import DraDriver
-from gpuplugin.dra.preparer import ClaimPreparer, ClaimResult
 from gpuplugin.dra.slices import NO_REASONS, Reasons
 
 if TYPE_CHECKING:
     from lightkube import AsyncClient
 
-    from gpuplugin.daemon.metrics import ClaimStats, DraReadings, Metrics
+    from gpuplugin.daemon.metrics import DraReadings, Metrics
     from gpuplugin.daemon.probes import ProbeServer
-    from gpuplugin.devices.mps import ControlDaemonSettings
     from gpuplugin.dra.apiserver import SlicePublisher
 
 log = structlog.get_logger("gpuplugin")
@@ -92,46 +86,6 @@ class CountedPublisher:
 
     async def aclose(self) -> None:
         await self.publisher.aclose()
-
-
-class MeteredPreparer(ClaimPreparer):
-    """The claim preparer, counting its claims in ``stats`` and timing each NodePrepareResources."""
-
-    def __init__(
-        self,
-        stats: ClaimStats,
-        settings: DriverSettings,
-        tree: Callable[[], DeviceTree],
-        claims: ClaimSource,
-        checkpoint: Checkpoint,
-        *,
-        backend: object = None,
-        mps: ControlDaemonSettings | None = None,
-    ) -> None:
-        super().__init__(settings, tree, claims, checkpoint, backend=backend, mps=mps)
-        self._stats = stats
-
-    async def prepare(self, claims: Sequence[ClaimRef]) -> dict[str, ClaimResult]:
-        began = time.perf_counter()
-        try:
-            results = await super().prepare(claims)
-        except Exception:
-            # The kubelet gets UNKNOWN for every claim of the call.
-            self._stats.observe_prepare(time.perf_counter() - began, 0, len({c.uid for c in claims}))
-            raise
-        failed = sum(1 for result in results.values() if result.error)
-        self._stats.observe_prepare(time.perf_counter() - began, len(results) - failed, failed)
-        return results
-
-    async def unprepare(self, claims: Sequence[ClaimRef]) -> dict[str, str]:
-        try:
-            errors = await super().unprepare(claims)
-        except Exception:
-            self._stats.observe_unprepare(0, len({c.uid for c in claims}))
-            raise
-        failed = sum(1 for error in errors.values() if error)
-        self._stats.observe_unprepare(len(errors) - failed, failed)
-        return errors
 
 
 class DraDaemon(SupervisedDaemon):
@@ -210,18 +164,8 @@ class DraDaemon(SupervisedDaemon):
         self.publisher = CountedPublisher(SlicePublisher(self.driver_settings, client))
         driver = self.driver = DraDriver(make_backend(self.settings), self.driver_settings, claims, self.publisher)
         if self.metrics is not None:
-            # Before the plugin starts: its service is made then, with the preparer it has.
-            plugin = driver.plugin
-            # The same backend (what sets time-slice intervals) and MPS settings as the preparer it replaces.
-            plugin.preparer = MeteredPreparer(
-                self.metrics.claims,
-                self.driver_settings,
-                lambda: driver.tree,
-                claims,
-                plugin.checkpoint,
-                backend=driver.backend,
-                mps=plugin.preparer.mps,
-            )
+            # The preparer tells the metrics of every NodePrepareResources and NodeUnprepareResources.
+            driver.plugin.preparer.observer = self.metrics.claims
         await driver.start()
         if watcher is not None:
             self._tasks.supervise(watcher.run, "config watcher")

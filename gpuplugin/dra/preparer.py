@@ -20,9 +20,11 @@ import dataclasses
 import hashlib
 import re
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import aiofiles.os
 import structlog
@@ -64,8 +66,17 @@ class ClaimRefused(Exception):
     """This claim cannot be prepared; the message is what the kubelet shows in the pod's events."""
 
 
+class ClaimObserver(Protocol):
+    """What counts claims (the DRA metrics): told the outcome of every prepare and unprepare call."""
+
+    def observe_prepare(self, seconds: float, prepared: int, failed: int) -> None: ...
+
+    def observe_unprepare(self, unprepared: int, failed: int) -> None: ...
+
+
 class ClaimPreparer:
-    """Prepares claims of one driver on one node from the tree ``tree()`` returns at the time of the call."""
+    """Prepares claims of one driver on one node from the tree ``tree()`` returns at the time of the call;
+    ``observer``, where set, is told the outcome of every call."""
 
     def __init__(
         self,
@@ -88,6 +99,7 @@ class ClaimPreparer:
         # One change at a time: the checkpoint is rewritten whole, and a claim prepared and unprepared at once
         # must end in one state or the other.
         self._lock = asyncio.Lock()
+        self.observer: ClaimObserver | None = None
 
     def use_backend(self, backend: object) -> None:
         """Set time-slice intervals through ``backend`` from now on (a reloaded config's), where it can."""
@@ -96,6 +108,33 @@ class ClaimPreparer:
 
     async def prepare(self, claims: Sequence[ClaimRef]) -> dict[str, ClaimResult]:
         """A result for every claim, by UID (a claim named twice is prepared once)."""
+        began = time.perf_counter()
+        try:
+            results = await self._prepare_all(claims)
+        except Exception:
+            if self.observer is not None:
+                # The kubelet gets UNKNOWN for every claim of the call.
+                self.observer.observe_prepare(time.perf_counter() - began, 0, len({c.uid for c in claims}))
+            raise
+        if self.observer is not None:
+            failed = sum(1 for result in results.values() if result.error)
+            self.observer.observe_prepare(time.perf_counter() - began, len(results) - failed, failed)
+        return results
+
+    async def unprepare(self, claims: Sequence[ClaimRef]) -> dict[str, str]:
+        """An error (empty: none) for every claim, by UID."""
+        try:
+            errors = await self._unprepare_all(claims)
+        except Exception:
+            if self.observer is not None:
+                self.observer.observe_unprepare(0, len({c.uid for c in claims}))
+            raise
+        if self.observer is not None:
+            failed = sum(1 for error in errors.values() if error)
+            self.observer.observe_unprepare(len(errors) - failed, failed)
+        return errors
+
+    async def _prepare_all(self, claims: Sequence[ClaimRef]) -> dict[str, ClaimResult]:
         results: dict[str, ClaimResult] = {}
         async with self._lock:
             for claim in claims:
@@ -108,8 +147,7 @@ class ClaimPreparer:
                     results[claim.uid] = ClaimResult(error=str(exc))
         return results
 
-    async def unprepare(self, claims: Sequence[ClaimRef]) -> dict[str, str]:
-        """An error (empty: none) for every claim, by UID."""
+    async def _unprepare_all(self, claims: Sequence[ClaimRef]) -> dict[str, str]:
         errors: dict[str, str] = {}
         async with self._lock:
             for claim in claims:

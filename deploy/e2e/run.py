@@ -31,10 +31,15 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The checkout's root, for benchmarks.provenance: results files name their commit as every benchmark's do.
+if str(Path(__file__).resolve().parents[2]) not in sys.path:
+    sys.path.insert(1, str(Path(__file__).resolve().parents[2]))
 
 import cluster as clusterlib
 import images
 import podresources
+
+from benchmarks.provenance import measured_commit
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = ROOT / "deploy/e2e"
@@ -567,14 +572,6 @@ def build(script: str) -> tuple[Path, float]:
     return Path(proc.stdout.strip().splitlines()[-1]), time.monotonic() - t0
 
 
-def git_commit() -> str:
-    """The checkout's commit (with -dirty when it has changes)."""
-    proc = subprocess.run(
-        ["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=ROOT, capture_output=True, text=True, check=False
-    )
-    return proc.stdout.strip() or "unknown"
-
-
 def parse_args(doc: str | None, results: Path, only_help: str) -> argparse.Namespace:
     """The command line of an e2e entry: --only, --keep-work, --results."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -653,7 +650,7 @@ def main() -> int:
         args.results.write_text(
             json.dumps(
                 {
-                    "commit": git_commit(),
+                    "commit": measured_commit(),
                     "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     "kubernetes": bin_dir.parent.name.removeprefix("k8s-"),
                     "figures_s": {k: round(v, 3) for k, v in figures.items()},

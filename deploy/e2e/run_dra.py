@@ -38,6 +38,8 @@ import images
 import run as dp
 from run import check, log, wait_for
 
+from benchmarks.provenance import measured_commit
+
 ROOT = dp.ROOT
 NS = dp.NS
 DRIVER = "gpu.gpuplugin.dev"
@@ -472,7 +474,7 @@ def main() -> int:
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(work / "images")], check=False)
     timings["total_s"] = time.monotonic() - dp.START
-    commit = dp.git_commit()
+    commit = measured_commit()
     report = {
         "figures_s": {k: round(v, 3) for k, v in figures.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},

@@ -3,7 +3,11 @@ attributes, what a test container prints, a CDI spec's environment. The cluster 
 
 from __future__ import annotations
 
+import json
 import sys
+from pathlib import Path
+
+import pytest
 
 from tests.test_e2e_tools import ROOT, load
 
@@ -61,3 +65,16 @@ def test_spec_env_merges_spec_and_device_edits() -> None:
         "devices": [{"name": "d", "containerEdits": {"env": ["NVIDIA_VISIBLE_DEVICES=GPU-a,GPU-b"]}}],
     }
     assert run_dra.spec_env(spec) == {"A": "1", "NVIDIA_VISIBLE_DEVICES": "GPU-a,GPU-b"}
+
+
+def test_results_are_written_only_from_a_clean_checkout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An e2e's figures go to its results file under the commit measured; a changed checkout writes nothing."""
+    path = tmp_path / "cluster/e2e.json"
+    monkeypatch.setattr(run_dra.dp, "measured_commit", lambda: "a" * 40 + "-dirty")
+    assert not run_dra.dp.write_results(path, {"figures_s": {"x_s": 1.0}})
+    assert not path.exists()
+    monkeypatch.setattr(run_dra.dp, "measured_commit", lambda: "a" * 40)
+    assert run_dra.dp.write_results(path, {"figures_s": {"x_s": 1.0}})
+    written = json.loads(path.read_text())
+    assert written["commit"] == "a" * 40
+    assert written["figures_s"] == {"x_s": 1.0}

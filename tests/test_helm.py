@@ -45,13 +45,22 @@ def docs(text: str) -> dict[str, dict[str, Any]]:
     return {d["kind"]: d for d in yaml.safe_load_all(text) if d}
 
 
-def helm_template(*sets: str) -> dict[str, dict[str, Any]]:
-    """`helm template gpuplugin` in kube-system, with `--set` values."""
+TEMPLATE = ("template", "gpuplugin", str(CHART), "--namespace", "kube-system")
+LINT = ("lint", "--strict", str(CHART))
+
+
+def helm(command: tuple[str, ...], *sets: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """helm with the chart (TEMPLATE or LINT) and `--set` values."""
     assert HELM is not None
-    args = [HELM, "template", "gpuplugin", str(CHART), "--namespace", "kube-system"]
+    args = [HELM, *command]
     for s in sets:
         args += ["--set", s]
-    return docs(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+    return subprocess.run(args, capture_output=True, text=True, check=check)
+
+
+def helm_template(*sets: str) -> dict[str, dict[str, Any]]:
+    """`helm template gpuplugin` in kube-system, with `--set` values."""
+    return docs(helm(TEMPLATE, *sets).stdout)
 
 
 def kustomize(overlay: str) -> dict[str, dict[str, Any]]:
@@ -119,18 +128,14 @@ def test_nvidia_style_values() -> None:
 
 def test_bad_backend_is_refused() -> None:
     """An unknown backend fails the render with a message naming the choices."""
-    assert HELM is not None
-    proc = subprocess.run(
-        [HELM, "template", "x", str(CHART), "--set", "backend=cuda"], capture_output=True, text=True, check=False
-    )
+    proc = helm(TEMPLATE, "backend=cuda", check=False)
     assert proc.returncode != 0
     assert "backend must be mock, nvml or partitioned" in proc.stderr
 
 
 def test_lint() -> None:
     """helm lint --strict passes."""
-    assert HELM is not None
-    proc = subprocess.run([HELM, "lint", "--strict", str(CHART)], capture_output=True, text=True, check=False)
+    proc = helm(LINT, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -141,11 +146,7 @@ def objects(text: str) -> list[dict[str, Any]]:
 
 def helm_objects(*sets: str) -> list[dict[str, Any]]:
     """`helm template gpuplugin` in kube-system, every object (several of a kind)."""
-    assert HELM is not None
-    args = [HELM, "template", "gpuplugin", str(CHART), "--namespace", "kube-system"]
-    for s in sets:
-        args += ["--set", s]
-    return objects(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
+    return objects(helm(TEMPLATE, *sets).stdout)
 
 
 def kustomize_dra() -> list[dict[str, Any]]:
@@ -227,17 +228,12 @@ def test_a_driver_name_reaches_the_flags_and_device_classes_and_a_class_can_be_l
 
 def test_bad_kubelet_api_is_refused() -> None:
     """An unknown kubeletApi fails the render with a message naming the choices."""
-    assert HELM is not None
-    proc = subprocess.run(
-        [HELM, "template", "x", str(CHART), "--set", "kubeletApi=csi"], capture_output=True, text=True, check=False
-    )
+    proc = helm(TEMPLATE, "kubeletApi=csi", check=False)
     assert proc.returncode != 0
     assert "kubeletApi must be device-plugin or dra" in proc.stderr
 
 
 def test_lint_in_dra_mode() -> None:
     """helm lint --strict passes with kubeletApi=dra."""
-    assert HELM is not None
-    command = [HELM, "lint", "--strict", str(CHART), "--set", "kubeletApi=dra"]
-    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    proc = helm(LINT, "kubeletApi=dra", check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

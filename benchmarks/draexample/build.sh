@@ -8,8 +8,9 @@
 # DRA_EXAMPLE_VERSION picks another release; K8S_VERSION the Kubernetes release its k8s.io modules are set to (the
 # cluster's). The default v0.2.1 is the newest the Go module proxy serves and is written against Kubernetes 1.34
 # (resource.k8s.io/v1, the v1 DRA gRPC service). It requires k8s.io/kubernetes, whose staging modules
-# (k8s.io/api, ...) are local `replace`s there, so this module replaces each with the published v0.X.Y.
+# (k8s.io/api, ...) are local `replace`s there: deploy/e2e/k8s-staging-replaces.sh gives the published ones.
 set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 [[ -x /usr/local/go/bin/go ]] && PATH="/usr/local/go/bin:$PATH"
 
 case "${1:-}" in
@@ -40,26 +41,14 @@ if ! command -v go >/dev/null 2>&1; then
 	exit 1
 fi
 
-staging="v0.${K8S_VERSION#v1.}"
 src="$DIR/src"
 rm -rf "$src"
 mkdir -p "$src" "$DIR/bin"
 cd "$src"
 export GOFLAGS="-mod=mod -buildvcs=false"
-go mod download -json "k8s.io/kubernetes@$K8S_VERSION" >/dev/null
-modfile="$(go env GOMODCACHE)/cache/download/k8s.io/kubernetes/@v/$K8S_VERSION.mod"
-{
-	printf 'module gpuplugin.bench/draexample\n\ngo 1.24\n\nrequire (\n\t%s %s\n\tk8s.io/kubernetes %s\n)\n\nreplace (\n' \
-		"$module" "$VERSION" "$K8S_VERSION"
-	sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' "$modfile" |
-		while read -r m; do echo "	$m => $m $staging"; done
-	echo ")"
-} >go.mod.new
-grep -q '=> k8s.io/api ' go.mod.new || {
-	echo "no staging modules found in $modfile" >&2
-	exit 1
-}
-mv go.mod.new go.mod
+replaces="$("$here/../../deploy/e2e/k8s-staging-replaces.sh" "$K8S_VERSION")"
+printf 'module gpuplugin.bench/draexample\n\ngo 1.24\n\nrequire (\n\t%s %s\n\tk8s.io/kubernetes %s\n)\n\n%s\n' \
+	"$module" "$VERSION" "$K8S_VERSION" "$replaces" >go.mod
 printf '//go:build tools\n\npackage tools\n\nimport _ "%s/cmd/dra-example-kubeletplugin"\n' "$module" >tools.go
 
 start=$(date +%s)

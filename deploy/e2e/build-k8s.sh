@@ -5,9 +5,10 @@
 #   deploy/e2e/build-k8s.sh            # prints the bin directory on its last line
 #   K8S_VERSION=v1.34.4 E2E_CACHE=~/.cache/gpuplugin-e2e deploy/e2e/build-k8s.sh
 #
-# k8s.io/kubernetes keeps its staging modules (k8s.io/api, k8s.io/client-go, ...) as local `replace`s, so a module
-# that requires it must replace each of them with the published v0.X.Y of the same release.
+# k8s.io/kubernetes keeps its staging modules as local `replace`s: deploy/e2e/k8s-staging-replaces.sh gives the
+# module that requires it the published ones of the same release.
 set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # The machine's Go (1.24 or later is needed), ahead of an older one that Debian's packages may have put on PATH.
 [[ -x /usr/local/go/bin/go ]] && PATH="/usr/local/go/bin:$PATH"
 
@@ -26,23 +27,12 @@ if have_all; then
     exit 0
 fi
 
-staging="0.${K8S_VERSION#v1.}"
-staging="v${staging}"
 src="$DIR/src"
 mkdir -p "$src" "$BIN"
 cd "$src"
 
-# Every staging module k8s.io/kubernetes replaces with a local path, read from its go.mod in the module cache.
-GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$K8S_VERSION" > /dev/null
-modfile="$(go env GOMODCACHE)/cache/download/k8s.io/kubernetes/@v/$K8S_VERSION.mod"
-{
-    printf 'module gpuplugin.e2e/k8s\n\ngo 1.24\n\nrequire k8s.io/kubernetes %s\n\nreplace (\n' "$K8S_VERSION"
-    sed -n 's#^[[:space:]]*\(k8s.io/[a-z0-9-]*\) => ./staging/.*#\1#p' "$modfile" \
-        | while read -r m; do echo "	$m => $m $staging"; done
-    echo ")"
-} > go.mod.new
-grep -q '=> k8s.io/api ' go.mod.new || { echo "no staging modules found in $modfile" >&2; exit 1; }
-mv go.mod.new go.mod
+replaces="$("$here/k8s-staging-replaces.sh" "$K8S_VERSION")"
+printf 'module gpuplugin.e2e/k8s\n\ngo 1.24\n\nrequire k8s.io/kubernetes %s\n\n%s\n' "$K8S_VERSION" "$replaces" > go.mod
 
 cat > tools.go <<'GO'
 //go:build tools

@@ -4,7 +4,7 @@ Builds (or takes from the cache) Kubernetes, etcd and helm from Go modules, make
 debootstrap and the project's wheels, starts the cluster (deploy/e2e/cluster.py) and runs the scenarios in order,
 each an assertion with a message that says what was expected and what was seen. Figures (manifest applied to
 plugin pod running, kubelet restart to allocatable back, ...) are printed and written to
-benchmarks/results/cluster/e2e.json.
+benchmarks/results/cluster/e2e.json (from a clean tree only).
 
     sudo .venv/bin/python deploy/e2e/run.py [--only 1,2] [--keep-work]
 
@@ -31,10 +31,15 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The checkout's root, for benchmarks.provenance: results files name their commit as every benchmark's do.
+if str(Path(__file__).resolve().parents[2]) not in sys.path:
+    sys.path.insert(1, str(Path(__file__).resolve().parents[2]))
 
 import cluster as clusterlib
 import images
 import podresources
+
+from benchmarks.provenance import measured_commit
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = ROOT / "deploy/e2e"
@@ -567,12 +572,18 @@ def build(script: str) -> tuple[Path, float]:
     return Path(proc.stdout.strip().splitlines()[-1]), time.monotonic() - t0
 
 
-def git_commit() -> str:
-    """The checkout's commit (with -dirty when it has changes)."""
-    proc = subprocess.run(
-        ["git", "describe", "--always", "--dirty", "--abbrev=40"], cwd=ROOT, capture_output=True, text=True, check=False
-    )
-    return proc.stdout.strip() or "unknown"
+def write_results(path: Path, figures: dict[str, Any]) -> bool:
+    """Writes a passed run's figures under the commit measured and the date; only from a clean checkout (results name
+    the commit they measured, and a changed tree is none), else says why nothing was written."""
+    commit = measured_commit()
+    if commit.endswith("-dirty"):
+        log(f"figures not written to {path}: the checkout has changes ({commit})")
+        return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = {"commit": commit, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **figures}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    log(f"figures written to {path}")
+    return True
 
 
 def parse_args(doc: str | None, results: Path, only_help: str) -> argparse.Namespace:
@@ -649,21 +660,14 @@ def main() -> int:
     total = time.monotonic() - START
     timings["total_s"] = total
     if not failed and not only:
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        args.results.write_text(
-            json.dumps(
-                {
-                    "commit": git_commit(),
-                    "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    "kubernetes": bin_dir.parent.name.removeprefix("k8s-"),
-                    "figures_s": {k: round(v, 3) for k, v in figures.items()},
-                    "timings_s": {k: round(v, 1) for k, v in timings.items()},
-                },
-                indent=2,
-            )
-            + "\n"
+        write_results(
+            args.results,
+            {
+                "kubernetes": bin_dir.parent.name.removeprefix("k8s-"),
+                "figures_s": {k: round(v, 3) for k, v in figures.items()},
+                "timings_s": {k: round(v, 1) for k, v in timings.items()},
+            },
         )
-        log(f"figures written to {args.results}")
     print(
         json.dumps(
             {

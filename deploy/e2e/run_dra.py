@@ -472,24 +472,21 @@ def main() -> int:
     finally:
         subprocess.run(["rm", "-rf", "--one-file-system", str(work / "images")], check=False)
     timings["total_s"] = time.monotonic() - dp.START
-    commit = dp.git_commit()
     report = {
         "figures_s": {k: round(v, 3) for k, v in figures.items()},
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "samples_s": {k: [round(x, 3) for x in v] for k, v in samples.items()},
     }
-    if not failed and not only and not commit.endswith("-dirty"):
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        result = {
-            "commit": commit,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "kubernetes": bin_dir.parent.name.removeprefix("k8s-"),
-            "containerd": containerd_bin.parent.name.removeprefix("containerd-"),
-            "containerd_cold_build_s": float(cold.read_text()) if cold.exists() else None,
-            **report,
-        }
-        args.results.write_text(json.dumps(result, indent=2) + "\n")
-        log(f"figures written to {args.results}")
+    if not failed and not only:
+        dp.write_results(
+            args.results,
+            {
+                "kubernetes": bin_dir.parent.name.removeprefix("k8s-"),
+                "containerd": containerd_bin.parent.name.removeprefix("containerd-"),
+                "containerd_cold_build_s": float(cold.read_text()) if cold.exists() else None,
+                **report,
+            },
+        )
     print(json.dumps(report, indent=2))
     return dp.finish("e2e-dra", work, passed, failed, keep_work=args.keep_work)
 
